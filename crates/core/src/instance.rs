@@ -1,0 +1,241 @@
+//! Provisioning instances: ID scope, service host names, access policies and linked hubs.
+
+use crate::model::AllocationPolicy;
+use serde::{Deserialize, Serialize};
+
+/// A right of a shared access policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Right {
+    /// Admin API (instances, linked hubs, policies, certificates).
+    ServiceConfig,
+    /// Read enrollments and groups.
+    EnrollmentRead,
+    /// Write enrollments and groups.
+    EnrollmentWrite,
+    /// Read registration records.
+    RegistrationStatusRead,
+    /// Delete registration records.
+    RegistrationStatusWrite,
+}
+
+impl Right {
+    /// All rights.
+    pub const ALL: [Right; 5] = [
+        Right::ServiceConfig,
+        Right::EnrollmentRead,
+        Right::EnrollmentWrite,
+        Right::RegistrationStatusRead,
+        Right::RegistrationStatusWrite,
+    ];
+    /// Name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Right::ServiceConfig => "ServiceConfig",
+            Right::EnrollmentRead => "EnrollmentRead",
+            Right::EnrollmentWrite => "EnrollmentWrite",
+            Right::RegistrationStatusRead => "RegistrationStatusRead",
+            Right::RegistrationStatusWrite => "RegistrationStatusWrite",
+        }
+    }
+}
+
+/// A shared access policy.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub struct AccessPolicy {
+    /// Policy name (`skn`).
+    pub name: String,
+    /// Base64 primary key.
+    pub primary_key: String,
+    /// Base64 secondary key.
+    pub secondary_key: String,
+    /// Rights.
+    pub rights: Vec<Right>,
+}
+
+impl std::fmt::Debug for AccessPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessPolicy")
+            .field("name", &self.name)
+            .field("rights", &self.rights)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AccessPolicy {
+    /// A policy with every right and fresh keys.
+    pub fn owner(name: &str) -> Self {
+        AccessPolicy {
+            name: name.to_string(),
+            primary_key: crate::sas::generate_key(),
+            secondary_key: crate::sas::generate_key(),
+            rights: Right::ALL.to_vec(),
+        }
+    }
+    /// Does it grant `r`?
+    pub fn has(&self, r: Right) -> bool {
+        self.rights.contains(&r)
+    }
+    /// The policy with keys hidden.
+    pub fn redacted(&self) -> Self {
+        AccessPolicy {
+            primary_key: "<redacted>".into(),
+            secondary_key: "<redacted>".into(),
+            ..self.clone()
+        }
+    }
+}
+
+fn default_weight() -> u32 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+
+/// A linked hub.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub struct LinkedHub {
+    /// Host name devices are told (`assignedHub`).
+    pub host: String,
+    /// Adapter kind: `registry` (built in), `mosquitto`, `azure-iothub`, `webhook`.
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// Weight for hashed allocation (1..=1000).
+    #[serde(default = "default_weight")]
+    pub allocation_weight: u32,
+    /// Whether allocation may pick it.
+    #[serde(default = "yes")]
+    pub apply_allocation_policy: bool,
+    /// Region name (e.g. `eastus`), for geoLatency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// Adapter connection string or URL (secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_string: Option<String>,
+    /// Maximum number of devices allocation may place on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_devices: Option<u64>,
+    /// Adapter-specific options.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub options: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_kind() -> String {
+    "registry".to_string()
+}
+
+impl LinkedHub {
+    /// A built-in registry hub.
+    pub fn registry(host: &str) -> Self {
+        LinkedHub {
+            host: host.to_string(),
+            kind: default_kind(),
+            allocation_weight: 1,
+            apply_allocation_policy: true,
+            location: None,
+            connection_string: None,
+            max_devices: None,
+            options: Default::default(),
+        }
+    }
+    /// The hub with secrets hidden.
+    pub fn redacted(&self) -> Self {
+        let mut h = self.clone();
+        if h.connection_string.is_some() {
+            h.connection_string = Some("<redacted>".into());
+        }
+        h
+    }
+}
+
+/// How the register call answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegisterResponse {
+    /// `202 assigning` with an operation id; the first poll has the result (Azure's behaviour).
+    #[default]
+    Accepted,
+    /// `200 assigned` directly when the work is done in time.
+    Immediate,
+}
+
+/// A provisioning instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub struct Instance {
+    /// Name.
+    pub name: String,
+    /// ID scope.
+    pub id_scope: String,
+    /// Service-API host names this instance answers to.
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    /// Access policies.
+    #[serde(default)]
+    pub access_policy: Vec<AccessPolicy>,
+    /// Linked hubs.
+    #[serde(default)]
+    pub linked_hub: Vec<LinkedHub>,
+    /// Default allocation policy (not `custom`).
+    #[serde(default)]
+    pub allocation_policy: AllocationPolicy,
+    /// Register response mode.
+    #[serde(default)]
+    pub register_response: RegisterResponse,
+}
+
+impl Instance {
+    /// Find an access policy by name.
+    pub fn policy(&self, name: &str) -> Option<&AccessPolicy> {
+        self.access_policy.iter().find(|p| p.name == name)
+    }
+    /// Find a linked hub by host (case-insensitive).
+    pub fn hub(&self, host: &str) -> Option<&LinkedHub> {
+        self.linked_hub
+            .iter()
+            .find(|h| h.host.eq_ignore_ascii_case(host))
+    }
+    /// The instance with secrets hidden.
+    pub fn redacted(&self) -> Self {
+        Instance {
+            access_policy: self
+                .access_policy
+                .iter()
+                .map(AccessPolicy::redacted)
+                .collect(),
+            linked_hub: self.linked_hub.iter().map(LinkedHub::redacted).collect(),
+            ..self.clone()
+        }
+    }
+    /// Validate invariants.
+    pub fn validate(&self) -> Result<(), String> {
+        crate::ids::InstanceName::parse(&self.name).map_err(|e| e.to_string())?;
+        crate::ids::IdScope::parse(&self.id_scope).map_err(|e| e.to_string())?;
+        if self.allocation_policy == AllocationPolicy::Custom {
+            return Err(format!(
+                "instance '{}': 'custom' cannot be the default allocation policy",
+                self.name
+            ));
+        }
+        for p in &self.access_policy {
+            if !crate::sas::valid_key(&p.primary_key) || !crate::sas::valid_key(&p.secondary_key) {
+                return Err(format!(
+                    "access policy '{}': keys must be base64 of 16 to 64 bytes",
+                    p.name
+                ));
+            }
+        }
+        for h in &self.linked_hub {
+            crate::ids::HubHost::parse(&h.host).map_err(|e| e.to_string())?;
+            if !(1..=1000).contains(&h.allocation_weight) {
+                return Err(format!(
+                    "linked hub '{}': allocation_weight must be 1 to 1000",
+                    h.host
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,230 @@
+//! The storage port: a small document store with compare-and-swap on ETags, indexed filters and
+//! cursor paging, plus an append-only audit log.
+//!
+//! Contract for implementers:
+//! - Every collection is partitioned by `scope` (the instance name; "" for global collections).
+//! - Ids are case-insensitive: the store keys documents by `id.to_lowercase()` and keeps `id` as
+//!   given.
+//! - `put` and `delete` are atomic with their [`Expect`] check. A write that returned `Ok` is
+//!   durable (survives a process crash). Implementations may batch concurrent writes into one
+//!   commit (group commit) but must not acknowledge before the commit.
+//! - `query` returns documents in key order strictly after the cursor, at most `limit`, and a
+//!   `next` cursor only when more may follow. Filters use indexes (designed for 1,000,000
+//!   documents per scope).
+
+use async_trait::async_trait;
+
+/// The collections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Collection {
+    /// Provisioning instances (scope "").
+    Instance,
+    /// Individual enrollments.
+    Enrollment,
+    /// Enrollment groups.
+    Group,
+    /// Registration records.
+    Registration,
+    /// Device identities of the built-in registry hub (scope = hub host).
+    HubDevice,
+    /// CA certificates of an instance.
+    Certificate,
+    /// Revoked certificate thumbprints / serials of an instance.
+    DenyList,
+}
+
+impl Collection {
+    /// All collections.
+    pub const ALL: [Collection; 7] = [
+        Collection::Instance,
+        Collection::Enrollment,
+        Collection::Group,
+        Collection::Registration,
+        Collection::HubDevice,
+        Collection::Certificate,
+        Collection::DenyList,
+    ];
+    /// Stable name used in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Collection::Instance => "instance",
+            Collection::Enrollment => "enrollment",
+            Collection::Group => "group",
+            Collection::Registration => "registration",
+            Collection::HubDevice => "hubdevice",
+            Collection::Certificate => "certificate",
+            Collection::DenyList => "denylist",
+        }
+    }
+}
+
+/// Indexed attributes of a document, used by filters.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DocIndex {
+    /// Provisioning status or registration status.
+    pub status: Option<String>,
+    /// Attestation type.
+    pub kind: Option<String>,
+    /// Enrollment group id (registrations), or hub (registrations' assigned hub is in `hub`).
+    pub group: Option<String>,
+    /// Assigned hub (registrations).
+    pub hub: Option<String>,
+}
+
+/// A stored document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Doc {
+    /// The id as given (the key is its lowercase form).
+    pub id: String,
+    /// The document's ETag (opaque).
+    pub etag: String,
+    /// JSON text.
+    pub body: String,
+    /// Indexed attributes.
+    pub index: DocIndex,
+}
+
+/// Condition for a write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// No condition.
+    Any,
+    /// The document must not exist.
+    Absent,
+    /// The document must exist with this ETag.
+    Etag(String),
+    /// The document must exist.
+    Present,
+}
+
+/// A filter on indexed attributes; `None` matches anything.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Filter {
+    /// Status equals.
+    pub status: Option<String>,
+    /// Attestation type equals.
+    pub kind: Option<String>,
+    /// Group equals (case-insensitive).
+    pub group: Option<String>,
+    /// Hub equals.
+    pub hub: Option<String>,
+    /// Key starts with (lowercased by the store).
+    pub id_prefix: Option<String>,
+}
+
+/// One page of a query.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Page {
+    /// Documents in key order.
+    pub docs: Vec<Doc>,
+    /// Cursor for the next page, when more may follow.
+    pub next: Option<String>,
+}
+
+/// An audit log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AuditEntry {
+    /// Sequence number assigned by the store (ignored on append).
+    pub seq: i64,
+    /// Azure-format timestamp.
+    pub timestamp: String,
+    /// Instance name ("" for global).
+    pub instance: String,
+    /// Who: the access policy, "config", "device" or "system".
+    pub actor: String,
+    /// What: e.g. `enrollment.create`, `registration.assigned`.
+    pub action: String,
+    /// Kind of the target (enrollment, group, registration, ...).
+    pub target_kind: String,
+    /// Target id.
+    pub target_id: String,
+    /// JSON before (secrets redacted).
+    pub before: Option<String>,
+    /// JSON after (secrets redacted).
+    pub after: Option<String>,
+}
+
+/// An audit query.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AuditQuery {
+    /// Instance.
+    pub instance: Option<String>,
+    /// Entries at or after this timestamp (Azure format compares lexically).
+    pub since: Option<String>,
+    /// Target id equals (case-insensitive).
+    pub target_id: Option<String>,
+    /// Action starts with.
+    pub action_prefix: Option<String>,
+    /// Entries with seq greater than this.
+    pub after_seq: Option<i64>,
+    /// At most this many (oldest first).
+    pub limit: usize,
+}
+
+/// Store failures.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The [`Expect`] condition did not hold. `current` is the current ETag, if the document
+    /// exists.
+    #[error("condition failed (current etag: {current:?})")]
+    Conflict {
+        /// Current ETag.
+        current: Option<String>,
+    },
+    /// The backend is unreachable or failed; retryable.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data could not be decoded.
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+}
+
+/// The storage port.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Engine name (`sqlite`, `postgres`), for logs and metrics.
+    fn engine(&self) -> &'static str;
+    /// Is the store reachable?
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// Get one document.
+    async fn get(&self, c: Collection, scope: &str, id: &str) -> Result<Option<Doc>, StoreError>;
+    /// Create or replace a document under a condition.
+    async fn put(
+        &self,
+        c: Collection,
+        scope: &str,
+        doc: Doc,
+        expect: Expect,
+    ) -> Result<(), StoreError>;
+    /// Delete a document under a condition; returns the deleted document, `None` if absent
+    /// (absent with `Expect::Etag`/`Present` is a `Conflict { current: None }`).
+    async fn delete(
+        &self,
+        c: Collection,
+        scope: &str,
+        id: &str,
+        expect: Expect,
+    ) -> Result<Option<Doc>, StoreError>;
+    /// Query a page.
+    async fn query(
+        &self,
+        c: Collection,
+        scope: &str,
+        filter: &Filter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page, StoreError>;
+    /// Count matching documents.
+    async fn count(&self, c: Collection, scope: &str, filter: &Filter) -> Result<u64, StoreError>;
+    /// Delete every document of a scope in a collection (instance deletion).
+    async fn delete_scope(&self, c: Collection, scope: &str) -> Result<u64, StoreError>;
+    /// Append to the audit log.
+    async fn append_audit(&self, entry: AuditEntry) -> Result<(), StoreError>;
+    /// Read the audit log.
+    async fn list_audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError>;
+}
+
+/// A fresh opaque ETag.
+pub fn new_etag() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
