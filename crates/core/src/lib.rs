@@ -10,6 +10,7 @@
 
 pub mod allocation;
 pub mod clock;
+pub mod device;
 pub mod error;
 pub mod hub;
 pub mod ids;

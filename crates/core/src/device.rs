@@ -1,0 +1,108 @@
+//! The device-facing port: the registration use cases as every transport (HTTPS, MQTT, MQTT
+//! over WebSocket) sees them. Front ends translate their wire format into a [`DeviceRequest`]
+//! and render the [`DeviceResponse`] or [`WireError`]; they hold no registration logic.
+
+use crate::model::{DeviceRegistration, DeviceRegistrationState, RegistrationOperationStatus};
+use crate::wire::WireError;
+use async_trait::async_trait;
+
+/// The transport a request arrived on (a small fixed set, used as a metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// HTTPS.
+    Https,
+    /// MQTT over TLS.
+    Mqtt,
+    /// MQTT over WebSocket.
+    MqttWs,
+    /// AMQP (reserved).
+    Amqp,
+}
+
+impl Transport {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Https => "https",
+            Transport::Mqtt => "mqtt",
+            Transport::MqttWs => "mqtt-ws",
+            Transport::Amqp => "amqp",
+        }
+    }
+}
+
+/// What the device presented to prove its identity.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub enum DeviceCredential {
+    /// A SAS token (`SharedAccessSignature sr=...`).
+    Sas(String),
+    /// The TLS client certificate chain, DER, leaf first.
+    Certificates(Vec<Vec<u8>>),
+    /// Nothing.
+    #[default]
+    None,
+}
+
+impl std::fmt::Debug for DeviceCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceCredential::Sas(_) => f.write_str("Sas(<redacted>)"),
+            DeviceCredential::Certificates(c) => write!(f, "Certificates(len={})", c.len()),
+            DeviceCredential::None => f.write_str("None"),
+        }
+    }
+}
+
+/// A device request, transport-independent.
+#[derive(Debug, Clone)]
+pub struct DeviceRequest {
+    /// ID scope from the path / username.
+    pub id_scope: String,
+    /// Registration id from the path / username / client id.
+    pub registration_id: String,
+    /// Credential.
+    pub credential: DeviceCredential,
+    /// Parsed body (lenient).
+    pub body: DeviceRegistration,
+    /// Transport.
+    pub transport: Transport,
+    /// api-version, when sent.
+    pub api_version: Option<String>,
+    /// `forceRegistration=true`.
+    pub force_registration: bool,
+}
+
+/// A successful device-API answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceResponse {
+    /// 200 (final) or 202 (still assigning).
+    pub status: u16,
+    /// Body.
+    pub body: RegistrationOperationStatus,
+    /// Seconds the device should wait before polling.
+    pub retry_after: Option<u32>,
+}
+
+/// Why an MQTT CONNECT is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectRefusal {
+    /// CONNACK 4: bad user name or password (malformed).
+    BadUsernameOrPassword,
+    /// CONNACK 5: not authorized.
+    NotAuthorized,
+    /// CONNACK 3: server unavailable (retryable).
+    ServerUnavailable,
+}
+
+/// The registration use cases.
+#[async_trait]
+pub trait DeviceService: Send + Sync + 'static {
+    /// `PUT /{idScope}/registrations/{registrationId}/register` and its MQTT equivalent.
+    async fn register(&self, req: DeviceRequest) -> Result<DeviceResponse, WireError>;
+    /// `GET .../operations/{operationId}` and its MQTT equivalent.
+    async fn operation_status(&self, req: DeviceRequest, operation_id: &str) -> Result<DeviceResponse, WireError>;
+    /// `POST /{idScope}/registrations/{registrationId}`: the device's own registration state.
+    async fn registration_status(&self, req: DeviceRequest) -> Result<DeviceRegistrationState, WireError>;
+    /// Check credentials at MQTT CONNECT (SAS tokens; X.509 is checked at register time).
+    async fn authorize_connect(&self, id_scope: &str, registration_id: &str, credential: &DeviceCredential) -> Result<(), ConnectRefusal>;
+}
