@@ -1,0 +1,579 @@
+//! The PostgreSQL engine: tokio-postgres behind a deadpool pool.
+//!
+//! Every conditional write is one statement whose `WHERE`/`ON CONFLICT` carries the condition, so
+//! the check and the write are atomic without explicit transactions or row locks. When a write
+//! matches no row, a follow-up `SELECT` finds the current ETag for the `Conflict`; if that read
+//! races with another writer and the condition would now hold, the write is retried.
+//! PostgreSQL batches concurrent commits itself (group commit in the WAL writer).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use dps_core::store::{
+    AuditEntry, AuditQuery, Collection, Doc, DocIndex, Expect, Filter, Page, Store, StoreError,
+};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::NoTls;
+
+use crate::migrate::{self, SCHEMA_VERSION};
+use crate::sql::{self, Dialect, Param};
+use crate::{redact_url, OpenError};
+
+/// PostgreSQL tuning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresOptions {
+    /// Most connections in the pool.
+    pub pool_size: usize,
+    /// Schema to use (sets `search_path`); created if missing. `None` uses the server default.
+    /// Only `[a-z0-9_]` is accepted.
+    pub schema: Option<String>,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        PostgresOptions {
+            pool_size: 16,
+            schema: None,
+        }
+    }
+}
+
+/// The PostgreSQL implementation of [`Store`]. TLS is not supported yet (`NoTls`).
+pub struct PostgresStore {
+    pool: Pool,
+    url: String,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+/// Arbitrary constant for `pg_advisory_xact_lock`, serializing concurrent migrators.
+const MIGRATION_LOCK: i64 = 0x6470_735f_6d69_6772; // "dps_migr"
+
+fn pg_err(e: tokio_postgres::Error) -> StoreError {
+    use tokio_postgres::error::SqlState;
+    match e.code() {
+        Some(c) if *c == SqlState::DATA_CORRUPTED || *c == SqlState::INDEX_CORRUPTED => {
+            StoreError::Corrupt(format!("postgres: {e}"))
+        }
+        _ => StoreError::Unavailable(format!("postgres: {e}")),
+    }
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+    StoreError::Unavailable(format!("postgres pool: {e}"))
+}
+
+fn row_to_doc(r: &tokio_postgres::Row) -> Result<(Doc, String), StoreError> {
+    let g = |i: usize| -> Result<Option<String>, StoreError> {
+        r.try_get(i)
+            .map_err(|e| StoreError::Corrupt(format!("postgres row: {e}")))
+    };
+    let req = |i: usize| -> Result<String, StoreError> {
+        r.try_get(i)
+            .map_err(|e| StoreError::Corrupt(format!("postgres row: {e}")))
+    };
+    Ok((
+        Doc {
+            id: req(0)?,
+            etag: req(1)?,
+            body: req(2)?,
+            index: DocIndex {
+                status: g(3)?,
+                kind: g(4)?,
+                group: g(5)?,
+                hub: g(6)?,
+            },
+        },
+        req(7)?,
+    ))
+}
+
+fn to_pg(params: &[Param]) -> Vec<Box<dyn ToSql + Sync + Send>> {
+    params
+        .iter()
+        .map(|p| -> Box<dyn ToSql + Sync + Send> {
+            match p {
+                Param::Text(s) => Box::new(s.clone()),
+                Param::Int(i) => Box::new(*i),
+            }
+        })
+        .collect()
+}
+
+fn refs(params: &[Box<dyn ToSql + Sync + Send>]) -> Vec<&(dyn ToSql + Sync)> {
+    params
+        .iter()
+        .map(|b| b.as_ref() as &(dyn ToSql + Sync))
+        .collect()
+}
+
+impl PostgresStore {
+    /// Connect with default options and migrate.
+    pub async fn open(url: &str) -> Result<Self, OpenError> {
+        Self::open_with(url, PostgresOptions::default()).await
+    }
+
+    /// Connect with options and migrate.
+    pub async fn open_with(url: &str, opts: PostgresOptions) -> Result<Self, OpenError> {
+        let redacted = redact_url(url);
+        let mut cfg: tokio_postgres::Config =
+            url.parse().map_err(|source| OpenError::PostgresUrl {
+                url: redacted.clone(),
+                source,
+            })?;
+        if cfg.get_connect_timeout().is_none() {
+            cfg.connect_timeout(Duration::from_secs(10));
+        }
+        if let Some(schema) = &opts.schema {
+            if schema.is_empty()
+                || !schema
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                return Err(OpenError::InvalidOption {
+                    url: redacted,
+                    reason: format!("schema `{schema}` must be non-empty [a-z0-9_]"),
+                });
+            }
+            // Create the schema on a plain connection before the pool pins search_path to it.
+            let (client, conn) =
+                cfg.connect(NoTls)
+                    .await
+                    .map_err(|source| OpenError::Postgres {
+                        url: redacted.clone(),
+                        source,
+                    })?;
+            let task = tokio::spawn(conn);
+            client
+                .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+                .await
+                .map_err(|source| OpenError::Postgres {
+                    url: redacted.clone(),
+                    source,
+                })?;
+            drop(client);
+            let _ = task.await;
+            cfg.options(format!("-c search_path={schema}"));
+        }
+        let mgr = Manager::from_config(
+            cfg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(opts.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(Duration::from_secs(10)))
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .build()
+            .map_err(|e| OpenError::PostgresPool {
+                url: redacted.clone(),
+                reason: e.to_string(),
+            })?;
+        let store = PostgresStore {
+            pool,
+            url: redacted,
+        };
+        store.migrate().await?;
+        tracing::info!(url = %store.url, "postgres store open");
+        Ok(store)
+    }
+
+    /// The URL, password redacted.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn migrate(&self) -> Result<(), OpenError> {
+        let pool_fail = |e: deadpool_postgres::PoolError| OpenError::PostgresPool {
+            url: self.url.clone(),
+            reason: e.to_string(),
+        };
+        let fail = |version, e: tokio_postgres::Error| OpenError::Migration {
+            engine: "postgres",
+            location: self.url.clone(),
+            version,
+            reason: e.to_string(),
+        };
+        let mut client = self.pool.get().await.map_err(pool_fail)?;
+        let tx = client.transaction().await.map_err(|e| fail(0, e))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(|e| fail(0, e))?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version BIGINT PRIMARY KEY, name TEXT NOT NULL,
+                applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+        )
+        .await
+        .map_err(|e| fail(0, e))?;
+        let current: i64 = tx
+            .query_one(
+                "SELECT COALESCE(MAX(version), 0)::BIGINT FROM schema_migrations",
+                &[],
+            )
+            .await
+            .map_err(|e| fail(0, e))?
+            .get(0);
+        if current > SCHEMA_VERSION {
+            return Err(OpenError::SchemaTooNew {
+                engine: "postgres",
+                location: self.url.clone(),
+                found: current,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        for m in migrate::POSTGRES.iter().filter(|m| m.version > current) {
+            tx.batch_execute(m.sql)
+                .await
+                .map_err(|e| fail(m.version, e))?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                &[&m.version, &m.name],
+            )
+            .await
+            .map_err(|e| fail(m.version, e))?;
+            tracing::info!(
+                version = m.version,
+                name = m.name,
+                "postgres migration applied"
+            );
+        }
+        tx.commit().await.map_err(|e| fail(SCHEMA_VERSION, e))
+    }
+
+    /// The schema version recorded in the database.
+    pub async fn schema_version(&self) -> Result<i64, StoreError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let row = client
+            .query_one(
+                "SELECT COALESCE(MAX(version), 0)::BIGINT FROM schema_migrations",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?;
+        row.try_get(0)
+            .map_err(|e| StoreError::Corrupt(format!("postgres row: {e}")))
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(pool_err)
+    }
+}
+
+async fn current_etag(
+    client: &deadpool_postgres::Object,
+    c: Collection,
+    scope: &str,
+    key: &str,
+) -> Result<Option<String>, StoreError> {
+    let stmt = client
+        .prepare_cached("SELECT etag FROM docs WHERE collection = $1 AND scope = $2 AND key = $3")
+        .await
+        .map_err(pg_err)?;
+    let row = client
+        .query_opt(&stmt, &[&c.as_str(), &scope, &key])
+        .await
+        .map_err(pg_err)?;
+    row.map(|r| r.try_get::<_, String>(0))
+        .transpose()
+        .map_err(|e| StoreError::Corrupt(format!("postgres row: {e}")))
+}
+
+/// How many times a conditional write is retried when its follow-up read raced with another
+/// writer. Each retry needs a concurrent change, so this is never reached in practice.
+const RACE_RETRIES: usize = 16;
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn engine(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client.simple_query("SELECT 1").await.map_err(pg_err)?;
+        Ok(())
+    }
+
+    async fn get(&self, c: Collection, scope: &str, id: &str) -> Result<Option<Doc>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT id, etag, body, status, kind, grp, hub, key FROM docs
+                 WHERE collection = $1 AND scope = $2 AND key = $3",
+            )
+            .await
+            .map_err(pg_err)?;
+        let key = sql::key_of(id);
+        let row = client
+            .query_opt(&stmt, &[&c.as_str(), &scope, &key])
+            .await
+            .map_err(pg_err)?;
+        row.map(|r| row_to_doc(&r).map(|(d, _)| d)).transpose()
+    }
+
+    async fn put(
+        &self,
+        c: Collection,
+        scope: &str,
+        doc: Doc,
+        expect: Expect,
+    ) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let key = sql::key_of(&doc.id);
+        let grp = doc.index.group.as_deref().map(str::to_lowercase);
+        let coll = c.as_str();
+        let values: [&(dyn ToSql + Sync); 10] = [
+            &coll,
+            &scope,
+            &key,
+            &doc.id,
+            &doc.etag,
+            &doc.body,
+            &doc.index.status,
+            &doc.index.kind,
+            &grp,
+            &doc.index.hub,
+        ];
+        const INSERT: &str =
+            "INSERT INTO docs (collection, scope, key, id, etag, body, status, kind, grp, hub)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+        const UPDATE: &str = "UPDATE docs SET id = $4, etag = $5, body = $6, status = $7,
+             kind = $8, grp = $9, hub = $10
+             WHERE collection = $1 AND scope = $2 AND key = $3";
+        let mut last = None;
+        for _ in 0..RACE_RETRIES {
+            match &expect {
+                Expect::Any => {
+                    let stmt = client
+                        .prepare_cached(&format!(
+                            "{INSERT} ON CONFLICT (collection, scope, key) DO UPDATE SET
+                             id = EXCLUDED.id, etag = EXCLUDED.etag, body = EXCLUDED.body,
+                             status = EXCLUDED.status, kind = EXCLUDED.kind, grp = EXCLUDED.grp,
+                             hub = EXCLUDED.hub"
+                        ))
+                        .await
+                        .map_err(pg_err)?;
+                    client.execute(&stmt, &values).await.map_err(pg_err)?;
+                    return Ok(());
+                }
+                Expect::Absent => {
+                    let stmt = client
+                        .prepare_cached(&format!(
+                            "{INSERT} ON CONFLICT (collection, scope, key) DO NOTHING"
+                        ))
+                        .await
+                        .map_err(pg_err)?;
+                    if client.execute(&stmt, &values).await.map_err(pg_err)? == 1 {
+                        return Ok(());
+                    }
+                    // Deleted since the insert saw it: try again.
+                    last = current_etag(&client, c, scope, &key).await?;
+                    if last.is_some() {
+                        break;
+                    }
+                }
+                Expect::Etag(e) => {
+                    let stmt = client
+                        .prepare_cached(&format!("{UPDATE} AND etag = $11"))
+                        .await
+                        .map_err(pg_err)?;
+                    let mut with_etag = values.to_vec();
+                    with_etag.push(e);
+                    if client.execute(&stmt, &with_etag).await.map_err(pg_err)? == 1 {
+                        return Ok(());
+                    }
+                    last = current_etag(&client, c, scope, &key).await?;
+                    if last.as_ref() != Some(e) {
+                        break;
+                    }
+                }
+                Expect::Present => {
+                    let stmt = client.prepare_cached(UPDATE).await.map_err(pg_err)?;
+                    if client.execute(&stmt, &values).await.map_err(pg_err)? == 1 {
+                        return Ok(());
+                    }
+                    last = None;
+                    break;
+                }
+            }
+        }
+        Err(StoreError::Conflict { current: last })
+    }
+
+    async fn delete(
+        &self,
+        c: Collection,
+        scope: &str,
+        id: &str,
+        expect: Expect,
+    ) -> Result<Option<Doc>, StoreError> {
+        let client = self.client().await?;
+        let key = sql::key_of(id);
+        let coll = c.as_str();
+        const DELETE: &str = "DELETE FROM docs WHERE collection = $1 AND scope = $2 AND key = $3";
+        const RETURNING: &str = "RETURNING id, etag, body, status, kind, grp, hub, key";
+        let mut last = None;
+        for _ in 0..RACE_RETRIES {
+            match &expect {
+                Expect::Any | Expect::Present => {
+                    let stmt = client
+                        .prepare_cached(&format!("{DELETE} {RETURNING}"))
+                        .await
+                        .map_err(pg_err)?;
+                    let row = client
+                        .query_opt(&stmt, &[&coll, &scope, &key])
+                        .await
+                        .map_err(pg_err)?;
+                    return match row {
+                        Some(r) => Ok(Some(row_to_doc(&r)?.0)),
+                        None if expect == Expect::Present => {
+                            Err(StoreError::Conflict { current: None })
+                        }
+                        None => Ok(None),
+                    };
+                }
+                Expect::Absent => {
+                    return match current_etag(&client, c, scope, &key).await? {
+                        Some(cur) => Err(StoreError::Conflict { current: Some(cur) }),
+                        None => Ok(None),
+                    };
+                }
+                Expect::Etag(e) => {
+                    let stmt = client
+                        .prepare_cached(&format!("{DELETE} AND etag = $4 {RETURNING}"))
+                        .await
+                        .map_err(pg_err)?;
+                    let row = client
+                        .query_opt(&stmt, &[&coll, &scope, &key, e])
+                        .await
+                        .map_err(pg_err)?;
+                    if let Some(r) = row {
+                        return Ok(Some(row_to_doc(&r)?.0));
+                    }
+                    last = current_etag(&client, c, scope, &key).await?;
+                    if last.as_ref() != Some(e) {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(StoreError::Conflict { current: last })
+    }
+
+    async fn query(
+        &self,
+        c: Collection,
+        scope: &str,
+        filter: &Filter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let limit = sql::page_limit(limit);
+        let built = sql::query(Dialect::Postgres, c, scope, filter, after, limit);
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(&built.sql).await.map_err(pg_err)?;
+        let params = to_pg(&built.params);
+        let rows = client.query(&stmt, &refs(&params)).await.map_err(pg_err)?;
+        let rows = rows.iter().map(row_to_doc).collect::<Result<Vec<_>, _>>()?;
+        Ok(crate::sqlite::page_from_rows(rows, limit))
+    }
+
+    async fn count(&self, c: Collection, scope: &str, filter: &Filter) -> Result<u64, StoreError> {
+        let built = sql::count(Dialect::Postgres, c, scope, filter);
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(&built.sql).await.map_err(pg_err)?;
+        let params = to_pg(&built.params);
+        let row = client
+            .query_one(&stmt, &refs(&params))
+            .await
+            .map_err(pg_err)?;
+        let n: i64 = row
+            .try_get(0)
+            .map_err(|e| StoreError::Corrupt(format!("postgres row: {e}")))?;
+        u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("negative count {n}")))
+    }
+
+    async fn delete_scope(&self, c: Collection, scope: &str) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("DELETE FROM docs WHERE collection = $1 AND scope = $2")
+            .await
+            .map_err(pg_err)?;
+        client
+            .execute(&stmt, &[&c.as_str(), &scope])
+            .await
+            .map_err(pg_err)
+    }
+
+    async fn append_audit(&self, e: AuditEntry) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let ts = if e.timestamp.is_empty() {
+            dps_core::clock::azure_timestamp(time::OffsetDateTime::now_utc())
+        } else {
+            e.timestamp.clone()
+        };
+        let target_key = sql::key_of(&e.target_id);
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO audit (ts, instance, actor, action, target_kind, target_id,
+                                    target_key, before, after)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            )
+            .await
+            .map_err(pg_err)?;
+        client
+            .execute(
+                &stmt,
+                &[
+                    &ts,
+                    &e.instance,
+                    &e.actor,
+                    &e.action,
+                    &e.target_kind,
+                    &e.target_id,
+                    &target_key,
+                    &e.before,
+                    &e.after,
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(())
+    }
+
+    async fn list_audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
+        let built = sql::audit(Dialect::Postgres, q);
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(&built.sql).await.map_err(pg_err)?;
+        let params = to_pg(&built.params);
+        let rows = client.query(&stmt, &refs(&params)).await.map_err(pg_err)?;
+        rows.iter()
+            .map(|r| {
+                let corrupt =
+                    |e: tokio_postgres::Error| StoreError::Corrupt(format!("postgres row: {e}"));
+                Ok(AuditEntry {
+                    seq: r.try_get(0).map_err(corrupt)?,
+                    timestamp: r.try_get(1).map_err(corrupt)?,
+                    instance: r.try_get(2).map_err(corrupt)?,
+                    actor: r.try_get(3).map_err(corrupt)?,
+                    action: r.try_get(4).map_err(corrupt)?,
+                    target_kind: r.try_get(5).map_err(corrupt)?,
+                    target_id: r.try_get(6).map_err(corrupt)?,
+                    before: r.try_get(7).map_err(corrupt)?,
+                    after: r.try_get(8).map_err(corrupt)?,
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,234 @@
+//! SQL shared by both engines: the filter and paging clauses, and the audit query. Only the
+//! placeholder syntax differs between SQLite (`?N`) and PostgreSQL (`$N`).
+
+use dps_core::store::{AuditQuery, Collection, Filter};
+
+/// Largest page a single `query` returns; larger limits are clamped (callers page on).
+pub(crate) const MAX_PAGE: usize = 10_000;
+/// Audit entries returned when `AuditQuery::limit` is 0.
+pub(crate) const DEFAULT_AUDIT_LIMIT: usize = 100;
+
+/// Columns read for a document, in the order `row_to_doc` expects.
+pub(crate) const DOC_COLUMNS: &str = "id, etag, body, status, kind, grp, hub, key";
+/// Columns read for an audit entry.
+pub(crate) const AUDIT_COLUMNS: &str =
+    "seq, ts, instance, actor, action, target_kind, target_id, before, after";
+
+/// The storage key of an id.
+pub(crate) fn key_of(id: &str) -> String {
+    id.to_lowercase()
+}
+
+/// Exclusive upper bound of the range of strings starting with `prefix`, so that a prefix match
+/// is a range scan on an index (never `LIKE` with user input). U+10FFFF is the largest scalar
+/// value, so it sorts after every other continuation in bytewise (UTF-8) order.
+pub(crate) fn prefix_upper(prefix: &str) -> String {
+    format!("{prefix}\u{10FFFF}")
+}
+
+/// Clamp a requested page size.
+pub(crate) fn page_limit(limit: usize) -> usize {
+    limit.clamp(1, MAX_PAGE)
+}
+
+/// Clamp a requested audit limit.
+pub(crate) fn audit_limit(limit: usize) -> usize {
+    if limit == 0 {
+        DEFAULT_AUDIT_LIMIT
+    } else {
+        limit.min(MAX_PAGE)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// A bound parameter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Param {
+    Text(String),
+    Int(i64),
+}
+
+/// A statement with its parameters.
+#[derive(Debug, Clone)]
+pub(crate) struct Built {
+    pub(crate) sql: String,
+    pub(crate) params: Vec<Param>,
+}
+
+struct Builder {
+    dialect: Dialect,
+    clauses: Vec<String>,
+    params: Vec<Param>,
+}
+
+impl Builder {
+    fn new(dialect: Dialect) -> Self {
+        Builder {
+            dialect,
+            clauses: Vec::new(),
+            params: Vec::new(),
+        }
+    }
+
+    fn bind(&mut self, p: Param) -> String {
+        self.params.push(p);
+        let n = self.params.len();
+        match self.dialect {
+            Dialect::Sqlite => format!("?{n}"),
+            Dialect::Postgres => format!("${n}"),
+        }
+    }
+
+    fn eq(&mut self, column: &str, value: String) {
+        let ph = self.bind(Param::Text(value));
+        self.clauses.push(format!("{column} = {ph}"));
+    }
+
+    fn prefix(&mut self, column: &str, prefix: String) {
+        let upper = prefix_upper(&prefix);
+        let lo = self.bind(Param::Text(prefix));
+        let hi = self.bind(Param::Text(upper));
+        self.clauses
+            .push(format!("{column} >= {lo} AND {column} < {hi}"));
+    }
+
+    fn where_sql(&self) -> String {
+        if self.clauses.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", self.clauses.join(" AND "))
+        }
+    }
+}
+
+fn docs_filter(d: Dialect, c: Collection, scope: &str, filter: &Filter) -> Builder {
+    let mut b = Builder::new(d);
+    b.eq("collection", c.as_str().to_owned());
+    b.eq("scope", scope.to_owned());
+    if let Some(s) = &filter.status {
+        b.eq("status", s.clone());
+    }
+    if let Some(k) = &filter.kind {
+        b.eq("kind", k.clone());
+    }
+    if let Some(g) = &filter.group {
+        b.eq("grp", g.to_lowercase());
+    }
+    if let Some(h) = &filter.hub {
+        b.eq("hub", h.clone());
+    }
+    if let Some(p) = filter.id_prefix.as_deref().filter(|p| !p.is_empty()) {
+        b.prefix("key", key_of(p));
+    }
+    b
+}
+
+/// `SELECT` of one page: keys strictly after the cursor, in key order, `limit + 1` rows so the
+/// caller can tell whether more follow.
+pub(crate) fn query(
+    d: Dialect,
+    c: Collection,
+    scope: &str,
+    filter: &Filter,
+    after: Option<&str>,
+    limit: usize,
+) -> Built {
+    let mut b = docs_filter(d, c, scope, filter);
+    if let Some(cursor) = after {
+        let ph = b.bind(Param::Text(key_of(cursor)));
+        b.clauses.push(format!("key > {ph}"));
+    }
+    let where_sql = b.where_sql();
+    let lim = b.bind(Param::Int(i64::try_from(limit + 1).unwrap_or(i64::MAX)));
+    Built {
+        sql: format!("SELECT {DOC_COLUMNS} FROM docs{where_sql} ORDER BY key LIMIT {lim}"),
+        params: b.params,
+    }
+}
+
+/// `SELECT count(*)` of matching documents.
+pub(crate) fn count(d: Dialect, c: Collection, scope: &str, filter: &Filter) -> Built {
+    let b = docs_filter(d, c, scope, filter);
+    Built {
+        sql: format!("SELECT count(*) FROM docs{}", b.where_sql()),
+        params: b.params,
+    }
+}
+
+/// `SELECT` of audit entries, oldest first.
+pub(crate) fn audit(d: Dialect, q: &AuditQuery) -> Built {
+    let mut b = Builder::new(d);
+    if let Some(i) = &q.instance {
+        b.eq("instance", i.clone());
+    }
+    if let Some(since) = &q.since {
+        let ph = b.bind(Param::Text(since.clone()));
+        b.clauses.push(format!("ts >= {ph}"));
+    }
+    if let Some(t) = &q.target_id {
+        b.eq("target_key", key_of(t));
+    }
+    if let Some(a) = q.action_prefix.as_deref().filter(|a| !a.is_empty()) {
+        b.prefix("action", a.to_owned());
+    }
+    if let Some(seq) = q.after_seq {
+        let ph = b.bind(Param::Int(seq));
+        b.clauses.push(format!("seq > {ph}"));
+    }
+    let where_sql = b.where_sql();
+    let lim = b.bind(Param::Int(
+        i64::try_from(audit_limit(q.limit)).unwrap_or(i64::MAX),
+    ));
+    Built {
+        sql: format!("SELECT {AUDIT_COLUMNS} FROM audit{where_sql} ORDER BY seq LIMIT {lim}"),
+        params: b.params,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_uses_range_not_like_and_numbered_placeholders() {
+        let f = Filter {
+            status: Some("enabled".into()),
+            group: Some("GrP".into()),
+            id_prefix: Some("AbC".into()),
+            ..Filter::default()
+        };
+        let b = query(
+            Dialect::Postgres,
+            Collection::Enrollment,
+            "s",
+            &f,
+            Some("X"),
+            10,
+        );
+        assert_eq!(
+            b.sql,
+            "SELECT id, etag, body, status, kind, grp, hub, key FROM docs WHERE collection = $1 \
+             AND scope = $2 AND status = $3 AND grp = $4 AND key >= $5 AND key < $6 AND key > $7 \
+             ORDER BY key LIMIT $8"
+        );
+        assert_eq!(b.params[3], Param::Text("grp".into()));
+        assert_eq!(b.params[4], Param::Text("abc".into()));
+        assert_eq!(b.params[6], Param::Text("x".into()));
+        assert_eq!(b.params[7], Param::Int(11));
+        let s = query(Dialect::Sqlite, Collection::Enrollment, "s", &f, None, 10);
+        assert!(s.sql.contains("?6") && !s.sql.contains('$'));
+    }
+
+    #[test]
+    fn limits_are_clamped() {
+        assert_eq!(page_limit(0), 1);
+        assert_eq!(page_limit(1_000_000), MAX_PAGE);
+        assert_eq!(audit_limit(0), DEFAULT_AUDIT_LIMIT);
+        assert_eq!(audit_limit(5), 5);
+    }
+}

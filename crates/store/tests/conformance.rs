@@ -1,0 +1,920 @@
+//! The store conformance suite: every test runs against SQLite (in a temp dir) and, when
+//! `DPS_TEST_POSTGRES_URL` is set, against PostgreSQL in a fresh schema `t_<uuid>` per test.
+//!
+//! Run: `cargo test -p dps-store --test conformance`
+//! With PostgreSQL: `DPS_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test cargo test -p dps-store --test conformance`
+
+use std::collections::HashSet;
+use std::io::Write as _;
+use std::sync::Arc;
+
+use dps_core::store::{
+    AuditEntry, AuditQuery, Collection, Doc, DocIndex, Expect, Filter, Store, StoreError,
+};
+use dps_store::{Backend, PostgresOptions, PostgresStore, SqliteStore, SCHEMA_VERSION};
+
+const E: Collection = Collection::Enrollment;
+
+fn doc(id: &str, etag: &str) -> Doc {
+    Doc {
+        id: id.to_owned(),
+        etag: etag.to_owned(),
+        body: format!(r#"{{"registrationId":"{id}"}}"#),
+        index: DocIndex::default(),
+    }
+}
+
+fn indexed(id: &str, status: &str, kind: &str, group: &str, hub: &str) -> Doc {
+    Doc {
+        index: DocIndex {
+            status: Some(status.into()),
+            kind: Some(kind.into()),
+            group: Some(group.into()),
+            hub: Some(hub.into()),
+        },
+        ..doc(id, "e")
+    }
+}
+
+fn conflict(current: Option<&str>) -> StoreError {
+    StoreError::Conflict {
+        current: current.map(str::to_owned),
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Harness
+
+struct Ctx {
+    backend: Backend,
+    cleanup: Option<(String, String)>, // (base url, schema) to drop
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Ctx {
+    fn store(&self) -> Arc<dyn Store> {
+        self.backend.store()
+    }
+
+    async fn finish(self) {
+        let Ctx {
+            backend, cleanup, ..
+        } = self;
+        drop(backend);
+        if let Some((url, schema)) = cleanup {
+            if let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                tokio::spawn(conn);
+                let _ = client
+                    .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                    .await;
+            }
+        }
+    }
+}
+
+fn sqlite_ctx() -> Ctx {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("sub/dps.sqlite3")).unwrap();
+    Ctx {
+        backend: Backend::Sqlite(Arc::new(store)),
+        cleanup: None,
+        _dir: Some(dir),
+    }
+}
+
+async fn postgres_ctx() -> Option<Ctx> {
+    let Ok(url) = std::env::var("DPS_TEST_POSTGRES_URL") else {
+        // Written to the real stderr (not `eprintln!`, which the test harness captures), so the
+        // skip is visible in a normal `cargo test` run.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: DPS_TEST_POSTGRES_URL not set (postgres conformance test)"
+        );
+        return None;
+    };
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let opts = PostgresOptions {
+        pool_size: 16,
+        schema: Some(schema.clone()),
+    };
+    let store = PostgresStore::open_with(&url, opts)
+        .await
+        .unwrap_or_else(|e| panic!("cannot open postgres store: {e}"));
+    Some(Ctx {
+        backend: Backend::Postgres(Arc::new(store)),
+        cleanup: Some((url, schema)),
+        _dir: None,
+    })
+}
+
+/// Declare conformance tests: each `async fn name(ctx: &Ctx)` gets `sqlite::name` and
+/// `postgres::name`.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let ctx = super::sqlite_ctx();
+                    super::$name(&ctx).await;
+                    ctx.finish().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let Some(ctx) = super::postgres_ctx().await else { return };
+                    super::$name(&ctx).await;
+                    ctx.finish().await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    migrations_are_current_after_open,
+    ping_succeeds,
+    put_then_get_round_trips_and_ids_are_case_insensitive,
+    get_of_missing_doc_is_none,
+    put_expect_absent_conflicts_with_current_etag,
+    put_expect_etag_match_succeeds_and_mismatch_reports_current,
+    put_expect_present_requires_existing_doc,
+    put_expect_any_creates_and_replaces,
+    delete_with_every_expect_variant,
+    scopes_and_collections_are_separate,
+    paging_2500_docs_by_100_yields_each_once_in_key_order,
+    page_next_only_when_more_may_follow,
+    filter_by_status,
+    filter_by_kind,
+    filter_by_group_is_case_insensitive,
+    filter_by_hub,
+    filter_by_id_prefix_is_a_case_insensitive_prefix,
+    filters_combine_with_paging,
+    count_matches_filters,
+    delete_scope_removes_only_that_scope,
+    audit_append_and_list_with_every_filter,
+    concurrent_absent_puts_on_one_id_exactly_one_wins,
+    concurrent_puts_on_distinct_ids_all_succeed,
+    concurrent_etag_updates_never_lose_a_write,
+);
+
+// ------------------------------------------------------------------------------------------------
+// Tests
+
+async fn migrations_are_current_after_open(ctx: &Ctx) {
+    assert_eq!(ctx.backend.schema_version().await.unwrap(), SCHEMA_VERSION);
+    assert!(ctx.backend.migrations_current().await.unwrap());
+}
+
+async fn ping_succeeds(ctx: &Ctx) {
+    ctx.store().ping().await.unwrap();
+    assert!(["sqlite", "postgres"].contains(&ctx.store().engine()));
+}
+
+async fn put_then_get_round_trips_and_ids_are_case_insensitive(ctx: &Ctx) {
+    let s = ctx.store();
+    let d = indexed("Device-One", "enabled", "x509", "grp1", "hub.example");
+    s.put(E, "inst", d.clone(), Expect::Absent).await.unwrap();
+    for id in ["Device-One", "device-one", "DEVICE-ONE"] {
+        let got = s.get(E, "inst", id).await.unwrap().unwrap();
+        assert_eq!(got, d, "get({id})");
+    }
+    // A differently-cased id addresses the same document.
+    let err = s
+        .put(E, "inst", doc("DEVICE-one", "x"), Expect::Absent)
+        .await
+        .unwrap_err();
+    assert_eq!(err, conflict(Some("e")));
+    // Replacing keeps the id as given.
+    s.put(E, "inst", doc("DEVICE-one", "f"), Expect::Etag("e".into()))
+        .await
+        .unwrap();
+    let got = s.get(E, "inst", "device-one").await.unwrap().unwrap();
+    assert_eq!(got.id, "DEVICE-one");
+    assert_eq!(got.etag, "f");
+    assert_eq!(got.index, DocIndex::default());
+}
+
+async fn get_of_missing_doc_is_none(ctx: &Ctx) {
+    assert_eq!(ctx.store().get(E, "inst", "nope").await.unwrap(), None);
+}
+
+async fn put_expect_absent_conflicts_with_current_etag(ctx: &Ctx) {
+    let s = ctx.store();
+    s.put(E, "i", doc("a", "e1"), Expect::Absent).await.unwrap();
+    let err = s
+        .put(E, "i", doc("a", "e2"), Expect::Absent)
+        .await
+        .unwrap_err();
+    assert_eq!(err, conflict(Some("e1")));
+    assert_eq!(s.get(E, "i", "a").await.unwrap().unwrap().etag, "e1");
+}
+
+async fn put_expect_etag_match_succeeds_and_mismatch_reports_current(ctx: &Ctx) {
+    let s = ctx.store();
+    // Missing document: conflict without a current ETag.
+    let err = s
+        .put(E, "i", doc("a", "e1"), Expect::Etag("zz".into()))
+        .await
+        .unwrap_err();
+    assert_eq!(err, conflict(None));
+    assert_eq!(s.get(E, "i", "a").await.unwrap(), None);
+
+    s.put(E, "i", doc("a", "e1"), Expect::Absent).await.unwrap();
+    s.put(E, "i", doc("a", "e2"), Expect::Etag("e1".into()))
+        .await
+        .unwrap();
+    let err = s
+        .put(E, "i", doc("a", "e3"), Expect::Etag("e1".into()))
+        .await
+        .unwrap_err();
+    assert_eq!(err, conflict(Some("e2")));
+    assert_eq!(s.get(E, "i", "a").await.unwrap().unwrap().etag, "e2");
+}
+
+async fn put_expect_present_requires_existing_doc(ctx: &Ctx) {
+    let s = ctx.store();
+    let err = s
+        .put(E, "i", doc("a", "e1"), Expect::Present)
+        .await
+        .unwrap_err();
+    assert_eq!(err, conflict(None));
+    assert_eq!(s.get(E, "i", "a").await.unwrap(), None);
+    s.put(E, "i", doc("a", "e1"), Expect::Any).await.unwrap();
+    s.put(E, "i", doc("a", "e2"), Expect::Present)
+        .await
+        .unwrap();
+    assert_eq!(s.get(E, "i", "a").await.unwrap().unwrap().etag, "e2");
+}
+
+async fn put_expect_any_creates_and_replaces(ctx: &Ctx) {
+    let s = ctx.store();
+    s.put(E, "i", doc("a", "e1"), Expect::Any).await.unwrap();
+    let mut d = indexed("A", "disabled", "tpm", "G", "h");
+    d.etag = "e2".into();
+    d.body = "{\"x\":1}".into();
+    s.put(E, "i", d.clone(), Expect::Any).await.unwrap();
+    let got = s.get(E, "i", "a").await.unwrap().unwrap();
+    assert_eq!(got.id, "A");
+    assert_eq!(got.etag, "e2");
+    assert_eq!(got.body, d.body);
+    assert_eq!(got.index.status.as_deref(), Some("disabled"));
+    // The group index is stored lowercased (filters on it are case-insensitive).
+    assert_eq!(got.index.group.as_deref(), Some("g"));
+}
+
+async fn delete_with_every_expect_variant(ctx: &Ctx) {
+    let s = ctx.store();
+    // Absent documents.
+    assert_eq!(s.delete(E, "i", "a", Expect::Any).await.unwrap(), None);
+    assert_eq!(s.delete(E, "i", "a", Expect::Absent).await.unwrap(), None);
+    assert_eq!(
+        s.delete(E, "i", "a", Expect::Present).await.unwrap_err(),
+        conflict(None)
+    );
+    assert_eq!(
+        s.delete(E, "i", "a", Expect::Etag("e".into()))
+            .await
+            .unwrap_err(),
+        conflict(None)
+    );
+
+    // Etag mismatch, then match.
+    s.put(E, "i", doc("A", "e1"), Expect::Absent).await.unwrap();
+    assert_eq!(
+        s.delete(E, "i", "a", Expect::Etag("no".into()))
+            .await
+            .unwrap_err(),
+        conflict(Some("e1"))
+    );
+    assert_eq!(
+        s.delete(E, "i", "a", Expect::Absent).await.unwrap_err(),
+        conflict(Some("e1"))
+    );
+    let gone = s
+        .delete(E, "i", "A", Expect::Etag("e1".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(gone, doc("A", "e1"));
+    assert_eq!(s.get(E, "i", "a").await.unwrap(), None);
+
+    // Present and Any return the deleted document.
+    s.put(E, "i", doc("b", "e1"), Expect::Absent).await.unwrap();
+    assert_eq!(
+        s.delete(E, "i", "B", Expect::Present).await.unwrap(),
+        Some(doc("b", "e1"))
+    );
+    s.put(E, "i", doc("c", "e1"), Expect::Absent).await.unwrap();
+    assert_eq!(
+        s.delete(E, "i", "c", Expect::Any).await.unwrap(),
+        Some(doc("c", "e1"))
+    );
+    assert_eq!(s.count(E, "i", &Filter::default()).await.unwrap(), 0);
+}
+
+async fn scopes_and_collections_are_separate(ctx: &Ctx) {
+    let s = ctx.store();
+    s.put(E, "one", doc("a", "1"), Expect::Absent)
+        .await
+        .unwrap();
+    s.put(E, "two", doc("a", "2"), Expect::Absent)
+        .await
+        .unwrap();
+    s.put(Collection::Group, "one", doc("a", "3"), Expect::Absent)
+        .await
+        .unwrap();
+    assert_eq!(s.get(E, "one", "a").await.unwrap().unwrap().etag, "1");
+    assert_eq!(s.get(E, "two", "a").await.unwrap().unwrap().etag, "2");
+    assert_eq!(
+        s.get(Collection::Group, "one", "a")
+            .await
+            .unwrap()
+            .unwrap()
+            .etag,
+        "3"
+    );
+    assert_eq!(
+        s.get(Collection::Registration, "one", "a").await.unwrap(),
+        None
+    );
+}
+
+async fn put_many(s: &Arc<dyn Store>, scope: &str, docs: Vec<Doc>) {
+    let mut tasks = Vec::new();
+    for chunk in docs.chunks(docs.len().div_ceil(32).max(1)) {
+        let s = s.clone();
+        let scope = scope.to_owned();
+        let chunk = chunk.to_vec();
+        tasks.push(tokio::spawn(async move {
+            for d in chunk {
+                s.put(E, &scope, d, Expect::Absent).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+async fn collect_all(s: &Arc<dyn Store>, scope: &str, filter: &Filter, limit: usize) -> Vec<Doc> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = s
+            .query(E, scope, filter, cursor.as_deref(), limit)
+            .await
+            .unwrap();
+        assert!(page.docs.len() <= limit);
+        out.extend(page.docs);
+        match page.next {
+            Some(n) => cursor = Some(n),
+            None => break,
+        }
+    }
+    out
+}
+
+async fn paging_2500_docs_by_100_yields_each_once_in_key_order(ctx: &Ctx) {
+    let s = ctx.store();
+    // Mixed case and non-sequential insertion order.
+    let ids: Vec<String> = (0..2500)
+        .map(|i| {
+            let n = (i * 7919) % 2500;
+            if n % 3 == 0 {
+                format!("Dev-{n:05}")
+            } else {
+                format!("dev-{n:05}")
+            }
+        })
+        .collect();
+    put_many(&s, "i", ids.iter().map(|id| doc(id, "e")).collect()).await;
+    put_many(&s, "other", vec![doc("dev-00001", "x")]).await;
+
+    let mut pages = 0;
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = s
+            .query(E, "i", &Filter::default(), cursor.as_deref(), 100)
+            .await
+            .unwrap();
+        pages += 1;
+        assert!(page.docs.len() <= 100);
+        seen.extend(page.docs.into_iter().map(|d| d.id));
+        match page.next {
+            Some(n) => cursor = Some(n),
+            None => break,
+        }
+    }
+    assert!(pages == 25 || pages == 26, "pages = {pages}");
+    assert_eq!(seen.len(), 2500);
+    let keys: Vec<String> = seen.iter().map(|i| i.to_lowercase()).collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted, "key order");
+    assert_eq!(keys.iter().collect::<HashSet<_>>().len(), 2500, "each once");
+    let expected: HashSet<String> = ids.into_iter().collect();
+    assert_eq!(seen.into_iter().collect::<HashSet<_>>(), expected);
+}
+
+async fn page_next_only_when_more_may_follow(ctx: &Ctx) {
+    let s = ctx.store();
+    let empty = s.query(E, "i", &Filter::default(), None, 10).await.unwrap();
+    assert!(empty.docs.is_empty());
+    assert_eq!(empty.next, None);
+    put_many(
+        &s,
+        "i",
+        (0..10).map(|i| doc(&format!("d{i}"), "e")).collect(),
+    )
+    .await;
+    let exact = s.query(E, "i", &Filter::default(), None, 10).await.unwrap();
+    assert_eq!(exact.docs.len(), 10);
+    assert_eq!(exact.next, None);
+    let first = s.query(E, "i", &Filter::default(), None, 4).await.unwrap();
+    assert_eq!(first.docs.len(), 4);
+    assert_eq!(first.next.as_deref(), Some("d3"));
+    // The cursor is exclusive.
+    let second = s
+        .query(E, "i", &Filter::default(), Some("d3"), 4)
+        .await
+        .unwrap();
+    assert_eq!(second.docs[0].id, "d4");
+    let last = s
+        .query(E, "i", &Filter::default(), Some("d7"), 4)
+        .await
+        .unwrap();
+    assert_eq!(last.docs.len(), 2);
+    assert_eq!(last.next, None);
+}
+
+/// 40 docs: status alternates, kind cycles 3, group cycles 4 (mixed case), hub cycles 5.
+async fn seed_indexed(s: &Arc<dyn Store>) -> Vec<Doc> {
+    let docs: Vec<Doc> = (0..40)
+        .map(|i| {
+            indexed(
+                &format!("{}-{i:02}", if i < 20 { "alpha" } else { "Beta" }),
+                if i % 2 == 0 { "enabled" } else { "disabled" },
+                ["x509", "tpm", "symmetricKey"][i % 3],
+                ["G0", "g1", "G2", "g3"][i % 4],
+                &format!("hub{}", i % 5),
+            )
+        })
+        .collect();
+    put_many(s, "i", docs.clone()).await;
+    put_many(s, "other", docs.clone()).await;
+    docs
+}
+
+fn ids(docs: &[Doc]) -> Vec<String> {
+    let mut v: Vec<String> = docs.iter().map(|d| d.id.clone()).collect();
+    v.sort_by_key(|a| a.to_lowercase());
+    v
+}
+
+async fn check_filter(
+    s: &Arc<dyn Store>,
+    all: &[Doc],
+    filter: Filter,
+    pred: impl Fn(&Doc) -> bool,
+) {
+    let expected: Vec<Doc> = all.iter().filter(|d| pred(d)).cloned().collect();
+    assert!(
+        !expected.is_empty(),
+        "filter {filter:?} should match something"
+    );
+    let got = collect_all(s, "i", &filter, 7).await;
+    assert_eq!(ids(&got), ids(&expected), "filter {filter:?}");
+    assert_eq!(
+        s.count(E, "i", &filter).await.unwrap(),
+        expected.len() as u64,
+        "count {filter:?}"
+    );
+}
+
+async fn filter_by_status(ctx: &Ctx) {
+    let s = ctx.store();
+    let all = seed_indexed(&s).await;
+    let f = Filter {
+        status: Some("disabled".into()),
+        ..Filter::default()
+    };
+    check_filter(&s, &all, f, |d| {
+        d.index.status.as_deref() == Some("disabled")
+    })
+    .await;
+}
+
+async fn filter_by_kind(ctx: &Ctx) {
+    let s = ctx.store();
+    let all = seed_indexed(&s).await;
+    let f = Filter {
+        kind: Some("tpm".into()),
+        ..Filter::default()
+    };
+    check_filter(&s, &all, f, |d| d.index.kind.as_deref() == Some("tpm")).await;
+}
+
+async fn filter_by_group_is_case_insensitive(ctx: &Ctx) {
+    let s = ctx.store();
+    let all = seed_indexed(&s).await;
+    for g in ["g2", "G2"] {
+        let f = Filter {
+            group: Some(g.into()),
+            ..Filter::default()
+        };
+        check_filter(&s, &all, f, |d| d.index.group.as_deref() == Some("G2")).await;
+    }
+}
+
+async fn filter_by_hub(ctx: &Ctx) {
+    let s = ctx.store();
+    let all = seed_indexed(&s).await;
+    let f = Filter {
+        hub: Some("hub3".into()),
+        ..Filter::default()
+    };
+    check_filter(&s, &all, f, |d| d.index.hub.as_deref() == Some("hub3")).await;
+}
+
+async fn filter_by_id_prefix_is_a_case_insensitive_prefix(ctx: &Ctx) {
+    let s = ctx.store();
+    let all = seed_indexed(&s).await;
+    // Characters that would be wildcards in LIKE must be literal.
+    s.put(E, "i", doc("be%x", "e"), Expect::Absent)
+        .await
+        .unwrap();
+    s.put(E, "i", doc("be_y", "e"), Expect::Absent)
+        .await
+        .unwrap();
+    let f = Filter {
+        id_prefix: Some("BETA-2".into()),
+        ..Filter::default()
+    };
+    check_filter(&s, &all, f, |d| d.id.to_lowercase().starts_with("beta-2")).await;
+    let f = Filter {
+        id_prefix: Some("be%".into()),
+        ..Filter::default()
+    };
+    let got = collect_all(&s, "i", &f, 10).await;
+    assert_eq!(ids(&got), vec!["be%x".to_owned()]);
+    let f = Filter {
+        id_prefix: Some("zzz".into()),
+        ..Filter::default()
+    };
+    assert!(collect_all(&s, "i", &f, 10).await.is_empty());
+}
+
+async fn filters_combine_with_paging(ctx: &Ctx) {
+    let s = ctx.store();
+    let all = seed_indexed(&s).await;
+    let f = Filter {
+        status: Some("enabled".into()),
+        kind: Some("x509".into()),
+        id_prefix: Some("alpha".into()),
+        ..Filter::default()
+    };
+    check_filter(&s, &all, f, |d| {
+        d.index.status.as_deref() == Some("enabled")
+            && d.index.kind.as_deref() == Some("x509")
+            && d.id.starts_with("alpha")
+    })
+    .await;
+}
+
+async fn count_matches_filters(ctx: &Ctx) {
+    let s = ctx.store();
+    assert_eq!(s.count(E, "i", &Filter::default()).await.unwrap(), 0);
+    seed_indexed(&s).await;
+    assert_eq!(s.count(E, "i", &Filter::default()).await.unwrap(), 40);
+    assert_eq!(s.count(E, "other", &Filter::default()).await.unwrap(), 40);
+    assert_eq!(s.count(E, "none", &Filter::default()).await.unwrap(), 0);
+    let f = Filter {
+        status: Some("enabled".into()),
+        hub: Some("hub0".into()),
+        ..Filter::default()
+    };
+    // i % 2 == 0 && i % 5 == 0 → i ∈ {0, 10, 20, 30}
+    assert_eq!(s.count(E, "i", &f).await.unwrap(), 4);
+}
+
+async fn delete_scope_removes_only_that_scope(ctx: &Ctx) {
+    let s = ctx.store();
+    seed_indexed(&s).await;
+    s.put(Collection::Group, "i", doc("g", "e"), Expect::Absent)
+        .await
+        .unwrap();
+    assert_eq!(s.delete_scope(E, "i").await.unwrap(), 40);
+    assert_eq!(s.count(E, "i", &Filter::default()).await.unwrap(), 0);
+    assert_eq!(s.count(E, "other", &Filter::default()).await.unwrap(), 40);
+    assert!(s.get(Collection::Group, "i", "g").await.unwrap().is_some());
+    assert_eq!(s.delete_scope(E, "i").await.unwrap(), 0);
+}
+
+fn entry(ts: &str, instance: &str, action: &str, target: &str) -> AuditEntry {
+    AuditEntry {
+        seq: 0,
+        timestamp: ts.into(),
+        instance: instance.into(),
+        actor: "policy".into(),
+        action: action.into(),
+        target_kind: "enrollment".into(),
+        target_id: target.into(),
+        before: None,
+        after: Some(format!("{{\"id\":\"{target}\"}}")),
+    }
+}
+
+async fn audit_append_and_list_with_every_filter(ctx: &Ctx) {
+    let s = ctx.store();
+    let entries = [
+        entry(
+            "2026-01-01T00:00:00.0000000Z",
+            "a",
+            "enrollment.create",
+            "Dev1",
+        ),
+        entry(
+            "2026-01-02T00:00:00.0000000Z",
+            "a",
+            "enrollment.update",
+            "dev1",
+        ),
+        entry(
+            "2026-01-03T00:00:00.0000000Z",
+            "b",
+            "enrollment.create",
+            "dev2",
+        ),
+        entry(
+            "2026-01-04T00:00:00.0000000Z",
+            "a",
+            "registration.assigned",
+            "DEV1",
+        ),
+        entry("2026-01-05T00:00:00.0000000Z", "a", "enrollment_x", "dev3"),
+    ];
+    for e in entries.iter().cloned() {
+        s.append_audit(e).await.unwrap();
+    }
+    let all = s
+        .list_audit(&AuditQuery {
+            limit: 100,
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 5);
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq), "oldest first");
+    for (got, want) in all.iter().zip(entries.iter()) {
+        assert_eq!(
+            AuditEntry {
+                seq: 0,
+                ..got.clone()
+            },
+            *want
+        );
+    }
+    let seqs = |v: Vec<AuditEntry>| v.into_iter().map(|e| e.seq).collect::<Vec<_>>();
+    let q = |f: fn(&mut AuditQuery)| {
+        let mut q = AuditQuery {
+            limit: 100,
+            ..AuditQuery::default()
+        };
+        f(&mut q);
+        q
+    };
+    let s_ = &s;
+    let run = |q: AuditQuery| async move { seqs(s_.list_audit(&q).await.unwrap()) };
+    let at = |i: &[usize]| i.iter().map(|&i| all[i].seq).collect::<Vec<_>>();
+
+    assert_eq!(
+        run(q(|q| q.instance = Some("a".into()))).await,
+        at(&[0, 1, 3, 4])
+    );
+    assert_eq!(
+        run(q(|q| q.since = Some("2026-01-03T00:00:00.0000000Z".into()))).await,
+        at(&[2, 3, 4])
+    );
+    assert_eq!(
+        run(q(|q| q.target_id = Some("dEv1".into()))).await,
+        at(&[0, 1, 3])
+    );
+    assert_eq!(
+        run(q(|q| q.action_prefix = Some("enrollment.".into()))).await,
+        at(&[0, 1, 2])
+    );
+    let after = all[1].seq;
+    let mut aq = q(|_| {});
+    aq.after_seq = Some(after);
+    assert_eq!(run(aq).await, at(&[2, 3, 4]));
+    assert_eq!(run(q(|q| q.limit = 2)).await, at(&[0, 1]));
+    assert_eq!(
+        run(q(|q| {
+            q.instance = Some("a".into());
+            q.target_id = Some("DEV1".into());
+            q.action_prefix = Some("enrollment".into());
+        }))
+        .await,
+        at(&[0, 1])
+    );
+    // Limit 0 means the default (100), not "nothing".
+    assert_eq!(run(q(|q| q.limit = 0)).await.len(), 5);
+
+    // An empty timestamp is filled in by the store.
+    s.append_audit(entry("", "c", "x", "y")).await.unwrap();
+    let c = s
+        .list_audit(&AuditQuery {
+            instance: Some("c".into()),
+            limit: 10,
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap();
+    assert!(c[0].timestamp.ends_with('Z') && c[0].timestamp.len() > 20);
+}
+
+async fn concurrent_absent_puts_on_one_id_exactly_one_wins(ctx: &Ctx) {
+    let s = ctx.store();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = if i % 2 == 0 { "Racer" } else { "racer" };
+            s.put(E, "i", doc(id, &format!("e{i}")), Expect::Absent)
+                .await
+        }));
+    }
+    let mut winners = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await.unwrap() {
+            Ok(()) => winners.push(format!("e{i}")),
+            Err(StoreError::Conflict { current: Some(_) }) => {}
+            Err(e) => panic!("unexpected error {e:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one winner");
+    assert_eq!(
+        s.get(E, "i", "RACER").await.unwrap().unwrap().etag,
+        winners[0]
+    );
+}
+
+async fn concurrent_puts_on_distinct_ids_all_succeed(ctx: &Ctx) {
+    let s = ctx.store();
+    let mut tasks = Vec::new();
+    for t in 0..64 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..20 {
+                s.put(E, "i", doc(&format!("t{t}-{i}"), "e"), Expect::Absent)
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(s.count(E, "i", &Filter::default()).await.unwrap(), 64 * 20);
+}
+
+/// Read-modify-write with `Expect::Etag` from many tasks: every successful update is counted,
+/// so the final counter equals the number of successes.
+async fn concurrent_etag_updates_never_lose_a_write(ctx: &Ctx) {
+    let s = ctx.store();
+    s.put(E, "i", doc("counter", "0"), Expect::Absent)
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut wins = 0u64;
+            for _ in 0..10 {
+                loop {
+                    let cur = s.get(E, "i", "counter").await.unwrap().unwrap();
+                    let n: u64 = cur.etag.parse().unwrap();
+                    let next = doc("counter", &(n + 1).to_string());
+                    match s.put(E, "i", next, Expect::Etag(cur.etag)).await {
+                        Ok(()) => {
+                            wins += 1;
+                            break;
+                        }
+                        Err(StoreError::Conflict { .. }) => continue,
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+            }
+            wins
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert_eq!(total, 160);
+    assert_eq!(s.get(E, "i", "counter").await.unwrap().unwrap().etag, "160");
+}
+
+// ------------------------------------------------------------------------------------------------
+// SQLite-only and open() tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_acknowledged_writes_survive_drop_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dps.sqlite3");
+    {
+        let s: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+        put_many(
+            &s,
+            "i",
+            (0..500).map(|i| doc(&format!("d{i}"), "e")).collect(),
+        )
+        .await;
+        s.put(E, "i", doc("d0", "e2"), Expect::Etag("e".into()))
+            .await
+            .unwrap();
+        s.delete(E, "i", "d1", Expect::Any).await.unwrap();
+        s.append_audit(entry("t", "i", "a", "d0")).await.unwrap();
+    }
+    let s = dps_store::open(path.to_str().unwrap(), dir.path())
+        .await
+        .unwrap();
+    assert_eq!(s.count(E, "i", &Filter::default()).await.unwrap(), 499);
+    assert_eq!(s.get(E, "i", "d0").await.unwrap().unwrap().etag, "e2");
+    assert_eq!(s.get(E, "i", "d1").await.unwrap(), None);
+    let audit = s
+        .list_audit(&AuditQuery {
+            limit: 10,
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(audit.len(), 1);
+}
+
+#[tokio::test]
+async fn sqlite_acknowledged_writes_survive_without_clean_shutdown() {
+    // The store is leaked (no Drop, no close, no checkpoint): what was acknowledged must be in
+    // the WAL and visible to a new opener.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dps.sqlite3");
+    let s = SqliteStore::open(&path).unwrap();
+    s.put(E, "i", doc("kept", "e"), Expect::Absent)
+        .await
+        .unwrap();
+    std::mem::forget(s);
+    let s2 = SqliteStore::open(&path).unwrap();
+    assert!(s2.get(E, "i", "kept").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn open_with_empty_url_uses_data_dir_and_sqlite_url_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let s = dps_store::open("", &data).await.unwrap();
+    assert_eq!(s.engine(), "sqlite");
+    s.put(E, "", doc("x", "e"), Expect::Absent).await.unwrap();
+    assert!(data.join("dps.sqlite3").exists());
+    drop(s);
+    let url = format!(
+        "sqlite://{}?synchronous=normal",
+        dir.path().join("other/db.sqlite3").display()
+    );
+    let s = dps_store::open(&url, &data).await.unwrap();
+    s.put(E, "", doc("y", "e"), Expect::Absent).await.unwrap();
+    assert!(dir.path().join("other/db.sqlite3").exists());
+}
+
+#[tokio::test]
+async fn open_rejects_unknown_scheme_without_creating_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = dps_store::open("mysql://root:hunter2@localhost/dps", dir.path())
+        .await
+        .err()
+        .expect("unknown scheme must fail");
+    let msg = err.to_string();
+    assert!(msg.contains("mysql://root:***@localhost/dps"), "{msg}");
+    assert!(!msg.contains("hunter2"), "{msg}");
+    assert!(msg.contains("postgres://"), "{msg}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[tokio::test]
+async fn open_reports_unreachable_postgres_without_password() {
+    let err = dps_store::open(
+        "postgres://u:topsecret@127.0.0.1:1/db?connect_timeout=2",
+        std::path::Path::new("/nonexistent"),
+    )
+    .await
+    .err()
+    .expect("port 1 must fail");
+    let msg = err.to_string();
+    assert!(!msg.contains("topsecret"), "{msg}");
+    assert!(msg.contains("127.0.0.1:1"), "{msg}");
+}
