@@ -1,0 +1,159 @@
+//! The device API over HTTPS (protocol digest §3): register, operation status and the
+//! registration status lookup, translated to [`DeviceService`] calls.
+
+use crate::app::App;
+use crate::http::{error_response, json_response, param, query_params, read_body, PeerCerts};
+use axum::body::Body;
+use axum::http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use dps_core::device::{DeviceCredential, DeviceRequest, DeviceResponse, DeviceService, Transport};
+use dps_core::model::DeviceRegistration;
+use dps_core::wire::{codes, WireError};
+use std::sync::Arc;
+
+fn api_version_ok(v: &str) -> bool {
+    let b = v.as_bytes();
+    let date = b.len() >= 10
+        && b[..4].iter().all(u8::is_ascii_digit)
+        && b[4] == b'-'
+        && b[5..7].iter().all(u8::is_ascii_digit)
+        && b[7] == b'-'
+        && b[8..10].iter().all(u8::is_ascii_digit);
+    date && (v.len() == 10 || &v[10..] == "-preview")
+}
+
+/// Check `api-version` (any `YYYY-MM-DD[-preview]`).
+pub fn check_api_version(params: &[(String, String)]) -> Result<String, Response<Body>> {
+    match param(params, "api-version") {
+        Some(v) if api_version_ok(v) => Ok(v.to_string()),
+        Some(v) => Err(error_response(&WireError::new(
+            codes::INVALID_ARGUMENT,
+            format!("unsupported api-version '{v}'; expected YYYY-MM-DD[-preview]"),
+        ))),
+        None => Err(error_response(&WireError::new(
+            codes::INVALID_ARGUMENT,
+            "the api-version query parameter is required",
+        ))),
+    }
+}
+
+fn render(resp: DeviceResponse) -> Response<Body> {
+    let mut r = json_response(
+        StatusCode::from_u16(resp.status).unwrap_or(StatusCode::OK),
+        &resp.body,
+    );
+    if let Some(ra) = resp.retry_after {
+        r.headers_mut().insert(
+            "retry-after",
+            HeaderValue::from_str(&ra.to_string()).expect("digits"),
+        );
+    }
+    r
+}
+
+/// Handle `/{idScope}/registrations/...`.
+pub async fn handle(
+    app: &Arc<App>,
+    req: Request<Body>,
+    segs: &[String],
+    l: &[&str],
+) -> Response<Body> {
+    let params = query_params(req.uri());
+    let api_version = match check_api_version(&params) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let credential = match req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(sas) => DeviceCredential::Sas(sas.to_string()),
+        None => {
+            let certs = req
+                .extensions()
+                .get::<PeerCerts>()
+                .map(|c| c.0.as_ref().clone())
+                .unwrap_or_default();
+            if certs.is_empty() {
+                DeviceCredential::None
+            } else {
+                DeviceCredential::Certificates(certs)
+            }
+        }
+    };
+    let method = req.method().clone();
+    let force = param(&params, "forceRegistration").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let body = match read_body(req.into_body(), app.max_body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let mk = |body: DeviceRegistration| DeviceRequest {
+        id_scope: segs[0].clone(),
+        registration_id: segs[2].clone(),
+        credential: credential.clone(),
+        body,
+        transport: Transport::Https,
+        api_version: Some(api_version.clone()),
+        force_registration: force,
+    };
+    let parse = |b: &[u8]| {
+        DeviceRegistration::parse_lenient(b).map_err(|e| {
+            error_response(&WireError::new(
+                codes::INVALID_ARGUMENT,
+                format!("the request body is not a valid DeviceRegistration: {e}"),
+            ))
+        })
+    };
+    match (method, l.len()) {
+        (Method::PUT, 4) if l[3] == "register" => {
+            let reg = match parse(&body) {
+                Ok(r) => r,
+                Err(r) => return r,
+            };
+            match app.engine.register(mk(reg)).await {
+                Ok(resp) => render(resp),
+                Err(w) => error_response(&w),
+            }
+        }
+        (Method::GET, 5) if l[3] == "operations" => match app
+            .engine
+            .operation_status(mk(DeviceRegistration::default()), &segs[4])
+            .await
+        {
+            Ok(resp) => render(resp),
+            Err(w) => error_response(&w),
+        },
+        (Method::POST, 3) => {
+            let reg = match parse(&body) {
+                Ok(r) => r,
+                Err(r) => return r,
+            };
+            match app.engine.registration_status(mk(reg)).await {
+                Ok(state) => json_response(StatusCode::OK, &state),
+                Err(w) => error_response(&w),
+            }
+        }
+        (m, _) => error_response(&WireError::new(
+            codes::NOT_FOUND,
+            format!("no device API route for {m} {}", segs.join("/")),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn api_versions() {
+        for v in [
+            "2019-03-31",
+            "2021-06-01",
+            "2025-07-01-preview",
+            "2018-09-01-preview",
+        ] {
+            assert!(super::api_version_ok(v), "{v}");
+        }
+        for v in ["", "2019", "2019-03-31-beta", "abcd-ef-gh"] {
+            assert!(!super::api_version_ok(v), "{v}");
+        }
+    }
+}

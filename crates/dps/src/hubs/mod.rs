@@ -1,0 +1,172 @@
+//! Linked-hub adapters and hub health.
+//!
+//! [`HubSet`] builds one adapter per linked hub from its `kind`, and tracks each hub's health
+//! (recent failures, latency) so that allocation can skip a failing hub while another is
+//! eligible and come back to it once it recovers (a half-open trial after a cool-down).
+
+pub mod registry;
+
+use dps_core::hub::{HubAdapter, HubError};
+use dps_core::instance::LinkedHub;
+use dps_core::store::Store;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Failures in a row after which a hub counts as unhealthy.
+pub const UNHEALTHY_AFTER: u32 = 3;
+/// How long an unhealthy hub is skipped before a trial registration is allowed.
+pub const COOL_DOWN: Duration = Duration::from_secs(15);
+
+/// Health of one hub.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    /// Consecutive failures.
+    pub consecutive_failures: u32,
+    /// Total failures.
+    pub failures: u64,
+    /// Total successes.
+    pub successes: u64,
+    /// When the last failure happened.
+    pub last_failure: Option<Instant>,
+    /// Last failure message.
+    pub last_error: Option<String>,
+    /// Smoothed latency in milliseconds.
+    pub latency_ms: f64,
+    /// The hub refused our credentials (rotated keys): reported loudly.
+    pub credentials_refused: bool,
+}
+
+impl Health {
+    /// Should allocation avoid this hub right now?
+    pub fn unhealthy(&self) -> bool {
+        self.consecutive_failures >= UNHEALTHY_AFTER
+            && self.last_failure.is_some_and(|t| t.elapsed() < COOL_DOWN)
+    }
+}
+
+/// The adapters and health of all linked hubs.
+pub struct HubSet {
+    store: Arc<dyn Store>,
+    http: reqwest::Client,
+    adapters: Mutex<HashMap<String, (LinkedHub, Arc<dyn HubAdapter>)>>,
+    health: Mutex<HashMap<String, Health>>,
+}
+
+/// An unknown hub kind.
+#[derive(Debug, thiserror::Error)]
+#[error("linked hub '{host}': unknown kind '{kind}' (known: registry)")]
+pub struct UnknownKind {
+    /// Hub host.
+    pub host: String,
+    /// Kind given.
+    pub kind: String,
+}
+
+impl HubSet {
+    /// A new set.
+    pub fn new(store: Arc<dyn Store>, http: reqwest::Client) -> Self {
+        HubSet {
+            store,
+            http,
+            adapters: Mutex::new(HashMap::new()),
+            health: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Check that a linked hub's kind is supported.
+    pub fn validate(hub: &LinkedHub) -> Result<(), UnknownKind> {
+        match hub.kind.as_str() {
+            "registry" => Ok(()),
+            other => Err(UnknownKind {
+                host: hub.host.clone(),
+                kind: other.to_string(),
+            }),
+        }
+    }
+
+    fn build(&self, hub: &LinkedHub) -> Result<Arc<dyn HubAdapter>, UnknownKind> {
+        let _ = &self.http;
+        match hub.kind.as_str() {
+            "registry" => Ok(Arc::new(registry::RegistryHub::new(
+                self.store.clone(),
+                &hub.host,
+            ))),
+            other => Err(UnknownKind {
+                host: hub.host.clone(),
+                kind: other.to_string(),
+            }),
+        }
+    }
+
+    /// The adapter for a linked hub (built on first use, rebuilt when its settings change).
+    pub fn adapter(&self, hub: &LinkedHub) -> Result<Arc<dyn HubAdapter>, HubError> {
+        let key = hub.host.to_ascii_lowercase();
+        let mut map = self.adapters.lock().expect("hub map lock");
+        if let Some((cfg, a)) = map.get(&key) {
+            if cfg == hub {
+                return Ok(a.clone());
+            }
+        }
+        let a = self.build(hub).map_err(|e| HubError::Rejected {
+            hub: hub.host.clone(),
+            message: e.to_string(),
+        })?;
+        map.insert(key, (hub.clone(), a.clone()));
+        Ok(a)
+    }
+
+    /// Is this hub unhealthy now?
+    pub fn unhealthy(&self, host: &str) -> bool {
+        self.health
+            .lock()
+            .expect("health lock")
+            .get(&host.to_ascii_lowercase())
+            .is_some_and(Health::unhealthy)
+    }
+
+    /// Record the outcome of a hub call.
+    pub fn record(&self, host: &str, started: Instant, result: &Result<(), HubError>) {
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let mut map = self.health.lock().expect("health lock");
+        let h = map.entry(host.to_ascii_lowercase()).or_default();
+        h.latency_ms = if h.successes + h.failures == 0 {
+            ms
+        } else {
+            h.latency_ms * 0.8 + ms * 0.2
+        };
+        let outcome = match result {
+            Ok(()) => {
+                h.consecutive_failures = 0;
+                h.successes += 1;
+                h.credentials_refused = false;
+                "success"
+            }
+            Err(e) => {
+                h.consecutive_failures += 1;
+                h.failures += 1;
+                h.last_failure = Some(Instant::now());
+                h.last_error = Some(e.to_string());
+                if matches!(e, HubError::Unauthorized { .. }) {
+                    if !h.credentials_refused {
+                        tracing::error!(hub = host, error = %e, "linked hub refuses dps's credentials: were its keys rotated? Update the linked hub's connection string");
+                    }
+                    h.credentials_refused = true;
+                }
+                "failure"
+            }
+        };
+        metrics::histogram!("dps_hub_call_duration_seconds", "result" => outcome)
+            .record(ms / 1000.0);
+        metrics::gauge!("dps_hub_healthy", "hub" => host.to_ascii_lowercase())
+            .set(if h.unhealthy() { 0.0 } else { 1.0 });
+    }
+
+    /// A snapshot of every hub's health.
+    pub fn health_snapshot(&self) -> Vec<(String, Health)> {
+        let map = self.health.lock().expect("health lock");
+        let mut v: Vec<_> = map.iter().map(|(k, h)| (k.clone(), h.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+}

@@ -1,0 +1,24 @@
+//! dps: an open, Azure-compatible Device Provisioning Service.
+//!
+//! This crate is the server: configuration, TLS, the HTTPS router (device API, Azure service
+//! API, admin API, MQTT over WebSocket), the MQTT listener, the registration engine, the
+//! linked-hub adapters and start-up. The domain lives in `dps-core`, storage in `dps-store`,
+//! the MQTT session in `dps-mqtt`.
+
+pub mod admin_api;
+pub mod app;
+pub mod audit;
+pub mod certificates;
+pub mod config;
+pub mod device_api;
+pub mod engine;
+pub mod http;
+pub mod hubs;
+pub mod instances;
+pub mod metrics;
+pub mod mqtt_front;
+pub mod repo;
+pub mod server;
+pub mod service_api;
+pub mod tls;
+pub(crate) mod x509_attest;

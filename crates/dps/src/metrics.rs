@@ -1,0 +1,54 @@
+//! Metric names and descriptions. Labels come from small fixed sets (instance, hub, protocol,
+//! attestation, result) and never carry device ids.
+
+/// Describe every metric (shown as `# HELP` lines).
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!("RegistrationAttempts", "Device registrations attempted after attestation (Azure Monitor name), by instance, hub, protocol, attestation and result");
+    describe_counter!(
+        "DeviceAssignments",
+        "Devices assigned to a hub (Azure Monitor name)"
+    );
+    describe_counter!(
+        "AttestationAttempts",
+        "Device attestations (Azure Monitor name), by result"
+    );
+    describe_histogram!(
+        "dps_register_duration_seconds",
+        Unit::Seconds,
+        "Latency of the register call as the device sees it"
+    );
+    describe_histogram!(
+        "dps_assignment_duration_seconds",
+        Unit::Seconds,
+        "Time from attestation to the final registration record"
+    );
+    describe_histogram!(
+        "dps_hub_call_duration_seconds",
+        Unit::Seconds,
+        "Latency of linked-hub calls"
+    );
+    describe_histogram!(
+        "dps_http_request_duration_seconds",
+        Unit::Seconds,
+        "HTTPS request latency by API area"
+    );
+    describe_gauge!(
+        "dps_registrations_in_flight",
+        "Registrations being processed on this node"
+    );
+    describe_gauge!(
+        "dps_hub_healthy",
+        "1 when the linked hub is healthy, 0 while allocation avoids it"
+    );
+    describe_gauge!("dps_mqtt_connections", "Open MQTT connections");
+    describe_counter!(
+        "dps_tls_handshakes_total",
+        "TLS handshakes by listener and result"
+    );
+    describe_histogram!(
+        "dps_store_operation_duration_seconds",
+        Unit::Seconds,
+        "Store operation latency"
+    );
+}

@@ -1,0 +1,123 @@
+//! The MQTT listeners: MQTT over TLS (own accept loop, peer chain captured) and MQTT over
+//! WebSocket (upgraded on the HTTPS listener), both served by `dps_mqtt` over the engine.
+
+use crate::app::App;
+use axum::extract::ws::{Message, WebSocket};
+use dps_core::device::{DeviceService, Transport};
+use futures::{SinkExt, StreamExt};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+static MQTT_CONNECTIONS: AtomicUsize = AtomicUsize::new(0);
+
+struct ConnGuard;
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let n = MQTT_CONNECTIONS.fetch_sub(1, Ordering::SeqCst) - 1;
+        metrics::gauge!("dps_mqtt_connections").set(n as f64);
+    }
+}
+
+fn conn_guard(max: usize) -> Option<ConnGuard> {
+    let n = MQTT_CONNECTIONS.fetch_add(1, Ordering::SeqCst) + 1;
+    let g = ConnGuard;
+    if n > max {
+        return None;
+    }
+    metrics::gauge!("dps_mqtt_connections").set(n as f64);
+    Some(g)
+}
+
+/// Serve MQTT over TLS.
+pub async fn serve_mqtt(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    app: Arc<App>,
+    handshake_timeout: Duration,
+    max_connections: usize,
+) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "MQTT accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let Some(_guard) = conn_guard(max_connections) else {
+                tracing::warn!(%peer, "MQTT connection refused: max_mqtt_connections reached");
+                return;
+            };
+            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    metrics::counter!("dps_tls_handshakes_total", "listener" => "mqtt", "result" => "failure").increment(1);
+                    tracing::debug!(%peer, error = %e, "MQTT TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    metrics::counter!("dps_tls_handshakes_total", "listener" => "mqtt", "result" => "timeout").increment(1);
+                    return;
+                }
+            };
+            metrics::counter!("dps_tls_handshakes_total", "listener" => "mqtt", "result" => "success").increment(1);
+            let certs: Vec<Vec<u8>> = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| c.iter().map(|c| c.to_vec()).collect())
+                .unwrap_or_default();
+            let svc: Arc<dyn DeviceService> = app.engine.clone();
+            if let Err(e) = dps_mqtt::serve_connection(
+                tls,
+                certs,
+                Transport::Mqtt,
+                svc,
+                app.mqtt_limits.clone(),
+            )
+            .await
+            {
+                tracing::debug!(%peer, error = %e, "MQTT connection closed");
+            }
+        });
+    }
+}
+
+/// Serve MQTT over an upgraded WebSocket.
+pub async fn serve_ws(app: Arc<App>, socket: WebSocket, certs: Vec<Vec<u8>>) {
+    let Some(_guard) = conn_guard(usize::MAX) else {
+        return;
+    };
+    let (sink, stream) = socket.split();
+    let stream = stream
+        .take_while(|m| futures::future::ready(!matches!(m, Ok(Message::Close(_)))))
+        .filter_map(|m| async move {
+            match m {
+                Ok(Message::Binary(b)) => Some(Ok(b)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            }
+        });
+    let sink = sink.with(|b: bytes::Bytes| async move { Ok::<_, axum::Error>(Message::Binary(b)) });
+    let svc: Arc<dyn DeviceService> = app.engine.clone();
+    if let Err(e) = dps_mqtt::serve_ws_messages(
+        Box::pin(stream),
+        Box::pin(sink),
+        certs,
+        Transport::MqttWs,
+        svc,
+        app.mqtt_limits.clone(),
+    )
+    .await
+    {
+        tracing::debug!(error = %e, "MQTT over WebSocket closed");
+    }
+}

@@ -1,0 +1,233 @@
+//! Typed access to the store: enrollments, groups, registration records, instances, hub
+//! devices, CA certificates and the deny list, as JSON documents with indexed attributes.
+
+use dps_core::model::{EnrollmentGroup, IndividualEnrollment, RegistrationRecord};
+use dps_core::store::{Collection, Doc, DocIndex, Expect, Filter, Page, Store, StoreError};
+use dps_core::{Error, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::sync::Arc;
+
+/// Typed repository over a [`Store`].
+#[derive(Clone)]
+pub struct Repo {
+    /// The store.
+    pub store: Arc<dyn Store>,
+}
+
+fn decode<T: DeserializeOwned>(doc: &Doc) -> Result<T> {
+    serde_json::from_str(&doc.body)
+        .map_err(|e| Error::Store(StoreError::Corrupt(format!("{}: {e}", doc.id))))
+}
+
+fn encode<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("model types always serialize")
+}
+
+/// Index attributes of an individual enrollment.
+pub fn enrollment_index(e: &IndividualEnrollment) -> DocIndex {
+    DocIndex {
+        status: Some(
+            e.settings
+                .provisioning_status
+                .unwrap_or_default()
+                .as_str()
+                .to_string(),
+        ),
+        kind: Some(e.settings.attestation.kind.as_str().to_string()),
+        group: None,
+        hub: None,
+    }
+}
+
+/// Index attributes of a group.
+pub fn group_index(g: &EnrollmentGroup) -> DocIndex {
+    DocIndex {
+        status: Some(
+            g.settings
+                .provisioning_status
+                .unwrap_or_default()
+                .as_str()
+                .to_string(),
+        ),
+        kind: Some(g.settings.attestation.kind.as_str().to_string()),
+        group: None,
+        hub: None,
+    }
+}
+
+/// Index attributes of a registration record.
+pub fn registration_index(r: &RegistrationRecord) -> DocIndex {
+    DocIndex {
+        status: r.state.status.map(|s| s.as_str().to_string()),
+        kind: r.attestation.map(|a| a.as_str().to_string()),
+        group: r
+            .enrollment_group_id
+            .as_ref()
+            .map(|g| g.to_ascii_lowercase()),
+        hub: r
+            .state
+            .assigned_hub
+            .as_ref()
+            .map(|h| h.to_ascii_lowercase()),
+    }
+}
+
+impl Repo {
+    /// Wrap a store.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Repo { store }
+    }
+
+    /// Get and decode.
+    pub async fn get<T: DeserializeOwned>(
+        &self,
+        c: Collection,
+        scope: &str,
+        id: &str,
+    ) -> Result<Option<(T, String)>> {
+        match self.store.get(c, scope, id).await? {
+            Some(doc) => Ok(Some((decode(&doc)?, doc.etag))),
+            None => Ok(None),
+        }
+    }
+
+    /// Encode and put.
+    pub async fn put<T: Serialize>(
+        &self,
+        c: Collection,
+        scope: &str,
+        id: &str,
+        etag: &str,
+        v: &T,
+        index: DocIndex,
+        expect: Expect,
+    ) -> Result<(), StoreError> {
+        self.store
+            .put(
+                c,
+                scope,
+                Doc {
+                    id: id.to_string(),
+                    etag: etag.to_string(),
+                    body: encode(v),
+                    index,
+                },
+                expect,
+            )
+            .await
+    }
+
+    /// Query and decode a page.
+    pub async fn query<T: DeserializeOwned>(
+        &self,
+        c: Collection,
+        scope: &str,
+        filter: &Filter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<(T, String)>, Option<String>)> {
+        let Page { docs, next } = self.store.query(c, scope, filter, after, limit).await?;
+        let mut out = Vec::with_capacity(docs.len());
+        for d in &docs {
+            out.push((decode(d)?, d.etag.clone()));
+        }
+        Ok((out, next))
+    }
+
+    /// All documents matching a filter (for small collections: groups, certificates).
+    pub async fn all<T: DeserializeOwned>(
+        &self,
+        c: Collection,
+        scope: &str,
+        filter: &Filter,
+    ) -> Result<Vec<(T, String)>> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let (items, next) = self
+                .query::<T>(c, scope, filter, after.as_deref(), 500)
+                .await?;
+            out.extend(items);
+            match next {
+                Some(n) => after = Some(n),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// An individual enrollment with its etag.
+    pub async fn enrollment(
+        &self,
+        instance: &str,
+        id: &str,
+    ) -> Result<Option<IndividualEnrollment>> {
+        Ok(self
+            .get::<IndividualEnrollment>(Collection::Enrollment, instance, id)
+            .await?
+            .map(|(mut e, etag)| {
+                e.settings.etag = Some(etag);
+                e
+            }))
+    }
+
+    /// A group with its etag.
+    pub async fn group(&self, instance: &str, id: &str) -> Result<Option<EnrollmentGroup>> {
+        Ok(self
+            .get::<EnrollmentGroup>(Collection::Group, instance, id)
+            .await?
+            .map(|(mut g, etag)| {
+                g.settings.etag = Some(etag);
+                g
+            }))
+    }
+
+    /// Groups of one attestation type.
+    pub async fn groups_of_kind(&self, instance: &str, kind: &str) -> Result<Vec<EnrollmentGroup>> {
+        let filter = Filter {
+            kind: Some(kind.to_string()),
+            ..Default::default()
+        };
+        Ok(self
+            .all::<EnrollmentGroup>(Collection::Group, instance, &filter)
+            .await?
+            .into_iter()
+            .map(|(mut g, etag)| {
+                g.settings.etag = Some(etag);
+                g
+            })
+            .collect())
+    }
+
+    /// A registration record with its etag.
+    pub async fn registration(
+        &self,
+        instance: &str,
+        id: &str,
+    ) -> Result<Option<(RegistrationRecord, String)>> {
+        self.get::<RegistrationRecord>(Collection::Registration, instance, id)
+            .await
+    }
+
+    /// Write a registration record (unconditional; callers serialize per device).
+    pub async fn put_registration(
+        &self,
+        instance: &str,
+        rec: &mut RegistrationRecord,
+    ) -> Result<()> {
+        let etag = dps_core::store::new_etag();
+        rec.state.etag = Some(etag.clone());
+        let id = rec.state.registration_id.clone();
+        self.put(
+            Collection::Registration,
+            instance,
+            &id,
+            &etag,
+            rec,
+            registration_index(rec),
+            Expect::Any,
+        )
+        .await?;
+        Ok(())
+    }
+}

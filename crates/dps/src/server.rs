@@ -1,0 +1,339 @@
+//! Start-up: configuration, store, instances, TLS, listeners, and the `run.json` file that
+//! tells tools where everything is.
+
+use crate::app::App;
+use crate::config::Config;
+use crate::engine::{Engine, EngineSettings};
+use crate::hubs::HubSet;
+use crate::instances::Instances;
+use crate::repo::Repo;
+use anyhow::{anyhow, Context};
+use axum::routing::get;
+use dps_core::clock::SystemClock;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// What a started server exposes.
+pub struct Server {
+    /// Bound HTTPS address.
+    pub https: SocketAddr,
+    /// Bound MQTT address.
+    pub mqtt: Option<SocketAddr>,
+    /// Bound admin address.
+    pub admin: Option<SocketAddr>,
+    /// The CA devices must trust (development CA), if generated.
+    pub ca_path: Option<PathBuf>,
+    /// `(name, id scope, owner connection string)` per instance.
+    pub instances: Vec<(String, String, Option<String>)>,
+    /// The application.
+    pub app: Arc<App>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process-wide Prometheus recorder.
+pub fn metrics_handle() -> PrometheusHandle {
+    METRICS
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ])
+                .expect("static buckets")
+                .build_recorder();
+            let handle = recorder.handle();
+            // A test binary may have installed one already; then ours just is not global.
+            let _ = metrics::set_global_recorder(recorder);
+            crate::metrics::describe();
+            handle
+        })
+        .clone()
+}
+
+async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
+    let sa: SocketAddr = addr
+        .parse()
+        .with_context(|| format!("listen.{what} = '{addr}' is not a socket address"))?;
+    match TcpListener::bind(sa).await {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(anyhow!(
+            "cannot bind listen.{what} = {sa}: permission denied. Ports below 1024 need root or \
+             `sudo setcap cap_net_bind_service=+ep $(which dps)`; or choose another port with \
+             --{what} / DPS_LISTEN__{} (Azure's SDKs need 443 and 8883; several cannot change port)",
+            what.to_uppercase()
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            Err(anyhow!("cannot bind listen.{what} = {sa}: the address is already in use by another process"))
+        }
+        Err(e) => Err(anyhow!("cannot bind listen.{what} = {sa}: {e}")),
+    }
+}
+
+fn connection_string(inst: &dps_core::instance::Instance) -> Option<String> {
+    let p = inst
+        .access_policy
+        .iter()
+        .find(|p| p.name == "provisioningserviceowner")
+        .or_else(|| {
+            inst.access_policy
+                .iter()
+                .find(|p| p.has(dps_core::instance::Right::ServiceConfig))
+        })?;
+    let host = inst.hostnames.first()?;
+    Some(format!(
+        "HostName={host};SharedAccessKeyName={};SharedAccessKey={}",
+        p.name, p.primary_key
+    ))
+}
+
+/// Start everything; returns once every listener is bound.
+pub async fn start(cfg: Config) -> anyhow::Result<Server> {
+    let metrics = metrics_handle();
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
+    let backend = dps_store::open_backend(&cfg.store, &cfg.data_dir)
+        .await
+        .context("opening the store")?;
+    let store = backend.store();
+    let repo = Repo::new(store.clone());
+    let instances = Arc::new(
+        Instances::load(repo.clone())
+            .await
+            .map_err(|e| anyhow!("loading instances: {e}"))?,
+    );
+
+    // Apply the instances declared in the config; make sure at least `default` exists.
+    let declared: Vec<_> = if cfg.instances.is_empty() && instances.list().is_empty() {
+        vec![crate::config::InstanceConfig {
+            name: "default".into(),
+            id_scope: None,
+            hostnames: None,
+            access_policy: vec![],
+            linked_hub: vec![dps_core::instance::LinkedHub::registry("hub.localhost")],
+            allocation_policy: Default::default(),
+            register_response: Default::default(),
+        }]
+    } else {
+        cfg.instances.clone()
+    };
+    let audit = crate::audit::Audit::new(store.clone());
+    for ic in &declared {
+        let stored = instances.by_name(&ic.name);
+        let inst = ic.resolve(stored.as_deref());
+        if stored.as_deref() != Some(&inst) {
+            let before = instances
+                .put(&inst)
+                .await
+                .map_err(|e| anyhow!("instance '{}': {e}", ic.name))?;
+            let action = if before.is_some() {
+                "instance.update"
+            } else {
+                "instance.create"
+            };
+            audit
+                .record(
+                    &inst.name,
+                    "config",
+                    action,
+                    "instance",
+                    &inst.name,
+                    before.as_ref().map(|b| b.redacted()).as_ref(),
+                    Some(&inst.redacted()),
+                )
+                .await;
+        }
+    }
+
+    let pki = crate::tls::load_or_generate(
+        &cfg.data_dir,
+        cfg.tls
+            .as_ref()
+            .map(|t| (t.cert.as_path(), t.key.as_path())),
+    )?;
+    let https_tls = crate::tls::server_config(&pki, &[b"h2", b"http/1.1"])?;
+    let mqtt_tls = crate::tls::server_config(&pki, &[])?;
+
+    let http_client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(cfg.limits.webhook_timeout_ms))
+        .build()
+        .context("building the HTTP client")?;
+    let hubs = Arc::new(HubSet::new(store.clone(), http_client.clone()));
+    let settings = EngineSettings {
+        node_location: cfg.location.clone(),
+        inline_wait: Duration::from_millis(cfg.limits.register_wait_ms),
+        webhook_timeout: Duration::from_millis(cfg.limits.webhook_timeout_ms),
+        max_inflight: cfg.limits.max_inflight_registrations,
+        ..EngineSettings::default()
+    };
+    let engine = Engine::new(
+        repo.clone(),
+        instances.clone(),
+        hubs,
+        Arc::new(SystemClock),
+        settings,
+        http_client,
+    );
+    match engine.recover().await {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            count = n,
+            "recovered registrations interrupted by a previous stop"
+        ),
+        Err(e) => return Err(anyhow!("recovering interrupted registrations: {e}")),
+    }
+    let app = Arc::new(App {
+        engine,
+        instances: instances.clone(),
+        repo,
+        admin_instance: cfg.admin_instance.clone(),
+        max_body: cfg.limits.max_body_bytes,
+        mqtt_limits: dps_mqtt::MqttLimits::default(),
+        listening: Default::default(),
+        backend,
+    });
+
+    let handshake = Duration::from_millis(cfg.limits.tls_handshake_timeout_ms);
+    let mut tasks = Vec::new();
+    let https = bind(&cfg.listen.https, "https").await?;
+    let https_addr = https.local_addr()?;
+    tasks.push(tokio::spawn(crate::http::serve_https(
+        https,
+        tokio_rustls::TlsAcceptor::from(https_tls),
+        app.clone(),
+        handshake,
+    )));
+    let mqtt_addr = if cfg.listen.mqtt.is_empty() {
+        None
+    } else {
+        let l = bind(&cfg.listen.mqtt, "mqtt").await?;
+        let a = l.local_addr()?;
+        tasks.push(tokio::spawn(crate::mqtt_front::serve_mqtt(
+            l,
+            tokio_rustls::TlsAcceptor::from(mqtt_tls),
+            app.clone(),
+            handshake,
+            cfg.limits.max_mqtt_connections,
+        )));
+        Some(a)
+    };
+    let admin_addr = if cfg.listen.admin.is_empty() {
+        None
+    } else {
+        let l = bind(&cfg.listen.admin, "admin").await?;
+        let a = l.local_addr()?;
+        let router = admin_router(app.clone(), metrics);
+        tasks.push(tokio::spawn(async move {
+            let _ = axum::serve(l, router).await;
+        }));
+        Some(a)
+    };
+    // Nodes sharing a store pick up instance changes made elsewhere.
+    {
+        let instances = instances.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                if let Err(e) = instances.reload().await {
+                    tracing::warn!(error = %e, "reloading instances failed");
+                }
+            }
+        }));
+    }
+    app.listening.store(true, Ordering::SeqCst);
+    let list = instances
+        .list()
+        .iter()
+        .map(|i| (i.name.clone(), i.id_scope.clone(), connection_string(i)))
+        .collect();
+    let server = Server {
+        https: https_addr,
+        mqtt: mqtt_addr,
+        admin: admin_addr,
+        ca_path: pki.ca_path.clone(),
+        instances: list,
+        app,
+        tasks,
+    };
+    write_run_json(&cfg, &server)?;
+    Ok(server)
+}
+
+fn write_run_json(cfg: &Config, s: &Server) -> anyhow::Result<()> {
+    let v = serde_json::json!({
+        "https": s.https.to_string(),
+        "mqtt": s.mqtt.map(|a| a.to_string()),
+        "admin": s.admin.map(|a| a.to_string()),
+        "ca": s.ca_path.as_ref().map(|p| std::fs::canonicalize(p).unwrap_or(p.clone()).display().to_string()),
+        "instances": s.instances.iter().map(|(n, scope, cs)| serde_json::json!({"name": n, "id_scope": scope, "connection_string": cs})).collect::<Vec<_>>(),
+    });
+    let path = cfg.data_dir.join("run.json");
+    let tmp = cfg.data_dir.join("run.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&v)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    }
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn admin_router(app: Arc<App>, metrics: PrometheusHandle) -> axum::Router {
+    let ready_app = app.clone();
+    axum::Router::new()
+        .route("/metrics", get(move || async move { metrics.render() }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let app = ready_app.clone();
+                async move {
+                    let store_ok = app.repo.store.ping().await.is_ok();
+                    let migrations = app.backend.migrations_current().await.unwrap_or(false);
+                    let listening = app.listening.load(Ordering::SeqCst);
+                    let body = serde_json::json!({"store": store_ok, "migrations_current": migrations, "listeners_bound": listening});
+                    let status = if store_ok && migrations && listening { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
+                    (status, axum::Json(body))
+                }
+            }),
+        )
+}
+
+/// Print what an operator needs on start.
+pub fn print_banner(s: &Server) {
+    println!("dps {} is running", env!("CARGO_PKG_VERSION"));
+    println!("  https (device + service API): {}", s.https);
+    if let Some(m) = s.mqtt {
+        println!("  mqtt:                         {m}");
+    }
+    if let Some(a) = s.admin {
+        println!("  admin (metrics, health):      http://{a}");
+    }
+    if let Some(ca) = &s.ca_path {
+        println!("  CA certificate devices must trust: {}", ca.display());
+    }
+    for (name, scope, cs) in &s.instances {
+        println!("  instance '{name}': ID scope {scope}");
+        if let Some(cs) = cs {
+            println!("    connection string: {cs}");
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! TLS: the development CA and server certificate, and the server configuration.
+//!
+//! Devices present client certificates that are validated against *enrollments*, not against
+//! system roots, so the server requests a client certificate without requiring one
+//! ([`AcceptAnyClientCert`]) and hands the presented chain to attestation. The verifier still
+//! checks the handshake signature: a device certificate presented without its private key is
+//! refused.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName as RDn, ServerConfig, SignatureScheme};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// TLS setup failures, naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A PEM file holds nothing usable.
+    #[error("{path}: {what}")]
+    Pem {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// Certificate generation failed.
+    #[error("generating the development certificates: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The crypto provider (aws-lc-rs only).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// The server's certificate material.
+pub struct ServerPki {
+    /// PEM chain.
+    pub cert_pem: String,
+    /// PEM key.
+    pub key_pem: String,
+    /// Path of the CA devices must trust (the development CA), if generated.
+    pub ca_path: Option<PathBuf>,
+}
+
+fn read(path: &Path) -> Result<String, TlsError> {
+    std::fs::read_to_string(path).map_err(|source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn write(path: &Path, contents: &str, secret: bool) -> Result<(), TlsError> {
+    let io = |source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::write(path, contents).map_err(io)?;
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    }
+    let _ = secret;
+    Ok(())
+}
+
+/// Load the configured files, or create (once) and reuse the development CA and a server
+/// certificate for `localhost`, `127.0.0.1` and `::1` in `data_dir`.
+pub fn load_or_generate(
+    data_dir: &Path,
+    files: Option<(&Path, &Path)>,
+) -> Result<ServerPki, TlsError> {
+    if let Some((cert, key)) = files {
+        return Ok(ServerPki {
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+            ca_path: None,
+        });
+    }
+    std::fs::create_dir_all(data_dir).map_err(|source| TlsError::Io {
+        path: data_dir.to_path_buf(),
+        source,
+    })?;
+    let ca_cert = data_dir.join("ca.pem");
+    let ca_key = data_dir.join("ca.key");
+    let srv_cert = data_dir.join("server.pem");
+    let srv_key = data_dir.join("server.key");
+    if ca_cert.exists() && ca_key.exists() && srv_cert.exists() && srv_key.exists() {
+        return Ok(ServerPki {
+            cert_pem: read(&srv_cert)?,
+            key_pem: read(&srv_key)?,
+            ca_path: Some(ca_cert),
+        });
+    }
+    let (ca_pem, ca_key_pem, cert_pem, key_pem) = generate_dev_pki()?;
+    write(&ca_cert, &ca_pem, false)?;
+    write(&ca_key, &ca_key_pem, true)?;
+    write(&srv_cert, &cert_pem, false)?;
+    write(&srv_key, &key_pem, true)?;
+    tracing::info!(ca = %ca_cert.display(), "generated a development CA and server certificate");
+    Ok(ServerPki {
+        cert_pem,
+        key_pem,
+        ca_path: Some(ca_cert),
+    })
+}
+
+/// Generate an ECDSA P-256 CA and a server certificate signed by it:
+/// `(ca_pem, ca_key_pem, server_chain_pem, server_key_pem)`.
+pub fn generate_dev_pki() -> Result<(String, String, String, String), TlsError> {
+    let now = time::OffsetDateTime::now_utc();
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "dps development CA");
+    dn.push(DnType::OrganizationName, "dps");
+    ca.distinguished_name = dn;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca.not_before = now - time::Duration::days(1);
+    ca.not_after = now + time::Duration::days(3650);
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, &ca_key);
+
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(vec!["localhost".to_string()])?;
+    p.subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+    p.subject_alt_names
+        .push(SanType::IpAddress("::1".parse().expect("ip")));
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "localhost");
+    p.distinguished_name = dn;
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.not_before = now - time::Duration::days(1);
+    p.not_after = now + time::Duration::days(825);
+    let cert = p.signed_by(&key, &issuer)?;
+    Ok((
+        ca_cert.pem(),
+        ca_key.serialize_pem(),
+        format!("{}{}", cert.pem(), ca_cert.pem()),
+        key.serialize_pem(),
+    ))
+}
+
+/// Parse a PEM chain.
+pub fn parse_chain(pem: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
+    let certs = certs.map_err(|e| TlsError::Pem {
+        path: path.to_path_buf(),
+        what: format!("bad PEM certificate: {e}"),
+    })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            path: path.to_path_buf(),
+            what: "no certificate found".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Parse a PEM private key.
+pub fn parse_key(pem: &str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Pem {
+        path: path.to_path_buf(),
+        what: format!("no usable private key: {e}"),
+    })
+}
+
+/// Requests a client certificate, accepts any chain (attestation decides), but verifies the
+/// handshake signature (proof of possession of the private key).
+#[derive(Debug)]
+pub struct AcceptAnyClientCert {
+    provider: Arc<CryptoProvider>,
+}
+
+impl AcceptAnyClientCert {
+    /// With the given provider's signature algorithms.
+    pub fn new(provider: Arc<CryptoProvider>) -> Self {
+        AcceptAnyClientCert { provider }
+    }
+}
+
+impl ClientCertVerifier for AcceptAnyClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+    fn root_hint_subjects(&self) -> &[RDn] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The server configuration, with ALPN `alpn` (e.g. h2 + http/1.1 for HTTPS, none for MQTT).
+pub fn server_config(pki: &ServerPki, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let chain = parse_chain(&pki.cert_pem, Path::new("server certificate"))?;
+    let key = parse_key(&pki.key_pem, Path::new("server key"))?;
+    let mut cfg = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_client_cert_verifier(Arc::new(AcceptAnyClientCert::new(provider)))
+        .with_single_cert(chain, key)?;
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
