@@ -1,0 +1,4 @@
+//! Integration tests: the real server in-process on port 0.
+
+mod support;
+mod smoke;
