@@ -313,6 +313,16 @@ pub async fn put_enrollment(
         .await
         .map_err(|s| map_store(s, "enrollment", rid.as_str(), &expect))?;
     e.settings.etag = Some(etag);
+    if let Some(old) = &existing {
+        if old.settings.enabled() != e.settings.enabled() {
+            app.engine.enrollment_status_changed(
+                &inst.name,
+                Some(rid.as_str()),
+                None,
+                e.settings.enabled(),
+            );
+        }
+    }
     let action = if existing.is_some() {
         "enrollment.update"
     } else {
@@ -378,6 +388,16 @@ pub async fn put_group(
         .map_err(|s| map_store(s, "enrollment group", gid.as_str(), &expect))?;
     app.engine.invalidate_groups(&inst.name);
     g.settings.etag = Some(etag);
+    if let Some(old) = &existing {
+        if old.settings.enabled() != g.settings.enabled() {
+            app.engine.enrollment_status_changed(
+                &inst.name,
+                None,
+                Some(gid.as_str()),
+                g.settings.enabled(),
+            );
+        }
+    }
     let action = if existing.is_some() {
         "group.update"
     } else {
@@ -422,6 +442,13 @@ async fn delete_doc(
     };
     if c == Collection::Group {
         app.engine.invalidate_groups(&caller.instance.name);
+    }
+    if c == Collection::Registration {
+        if let Ok(rec) = serde_json::from_str::<RegistrationRecord>(&old.body) {
+            app.engine
+                .registration_deleted(&caller.instance.name, &rec)
+                .await;
+        }
     }
     let before: serde_json::Value = serde_json::from_str(&old.body).unwrap_or_default();
     let action = match c {
