@@ -2,3 +2,4 @@
 
 mod support;
 mod smoke;
+mod service_api;
