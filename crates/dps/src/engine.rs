@@ -355,8 +355,16 @@ impl Engine {
             })
     }
 
-    pub(crate) fn clock(&self) -> &dyn Clock {
-        self.clock.as_ref()
+    pub(crate) fn now(&self) -> time::OffsetDateTime {
+        self.clock.now()
+    }
+
+    pub(crate) async fn groups_of(
+        &self,
+        instance: &str,
+        kind: &str,
+    ) -> Result<Arc<Vec<EnrollmentGroup>>> {
+        self.groups(instance, kind).await
     }
 
     // ---------------------------------------------------------------- responses

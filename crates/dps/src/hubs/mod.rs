@@ -4,7 +4,10 @@
 //! (recent failures, latency) so that allocation can skip a failing hub while another is
 //! eligible and come back to it once it recovers (a half-open trial after a cool-down).
 
+pub mod azure;
+pub mod mosquitto;
 pub mod registry;
+pub mod webhook;
 
 use dps_core::hub::{HubAdapter, HubError};
 use dps_core::instance::LinkedHub;
@@ -77,7 +80,7 @@ impl HubSet {
     /// Check that a linked hub's kind is supported.
     pub fn validate(hub: &LinkedHub) -> Result<(), UnknownKind> {
         match hub.kind.as_str() {
-            "registry" => Ok(()),
+            "registry" | "mosquitto" | "azure-iothub" | "webhook" => Ok(()),
             other => Err(UnknownKind {
                 host: hub.host.clone(),
                 kind: other.to_string(),
@@ -86,12 +89,14 @@ impl HubSet {
     }
 
     fn build(&self, hub: &LinkedHub) -> Result<Arc<dyn HubAdapter>, UnknownKind> {
-        let _ = &self.http;
         match hub.kind.as_str() {
             "registry" => Ok(Arc::new(registry::RegistryHub::new(
                 self.store.clone(),
                 &hub.host,
             ))),
+            "mosquitto" => Ok(Arc::new(mosquitto::MosquittoHub::new(hub))),
+            "azure-iothub" => Ok(Arc::new(azure::AzureIotHub::new(hub, &self.http))),
+            "webhook" => Ok(Arc::new(webhook::WebhookHub::new(hub, &self.http))),
             other => Err(UnknownKind {
                 host: hub.host.clone(),
                 kind: other.to_string(),

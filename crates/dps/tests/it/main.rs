@@ -1,5 +1,6 @@
 //! Integration tests: the real server in-process on port 0.
 
-mod support;
-mod smoke;
 mod service_api;
+mod smoke;
+mod support;
+mod x509;
