@@ -4,3 +4,4 @@ mod service_api;
 mod smoke;
 mod support;
 mod x509;
+mod auth;
