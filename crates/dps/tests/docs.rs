@@ -1,0 +1,204 @@
+//! Keeps the operator documentation honest: `docs/openapi.json` must be valid OpenAPI JSON with
+//! the main paths, and every configuration key must be documented in `docs/configuration.md`.
+//! No server is started.
+
+use figment::providers::Format as _;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn read(rel: &str) -> String {
+    let p = repo_root().join(rel);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
+}
+
+#[test]
+fn openapi_json_is_valid_and_has_the_main_paths() {
+    let text = read("docs/openapi.json");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("docs/openapi.json is JSON");
+    assert_eq!(v["openapi"], "3.0.3", "OpenAPI version");
+    assert!(v["info"]["title"].is_string(), "info.title");
+    let paths = v["paths"].as_object().expect("paths object");
+    for p in [
+        // device API
+        "/{idScope}/registrations/{registrationId}/register",
+        "/{idScope}/registrations/{registrationId}/operations/{operationId}",
+        "/{idScope}/registrations/{registrationId}",
+        // Azure service API
+        "/enrollments",
+        "/enrollments/query",
+        "/enrollments/{registrationId}",
+        "/enrollments/{registrationId}/attestationmechanism",
+        "/enrollmentGroups",
+        "/enrollmentGroups/query",
+        "/enrollmentGroups/{enrollmentGroupId}",
+        "/enrollmentGroups/{enrollmentGroupId}/attestationmechanism",
+        "/registrations/{registrationId}",
+        "/registrations/{enrollmentGroupId}/query",
+        // admin API
+        "/admin/instances",
+        "/admin/instances/{name}",
+        "/admin/instances/{name}/stats",
+        "/admin/instances/{name}/linkedHubs",
+        "/admin/instances/{name}/linkedHubs/{host}",
+        "/admin/instances/{name}/accessPolicies",
+        "/admin/instances/{name}/accessPolicies/{policy}",
+        "/admin/instances/{name}/hubs/{host}/devices",
+        "/admin/instances/{name}/hubs/{host}/devices/{deviceId}",
+        "/admin/audit",
+    ] {
+        assert!(paths.contains_key(p), "docs/openapi.json lacks path {p}");
+    }
+    let schemas = v["components"]["schemas"]
+        .as_object()
+        .expect("components.schemas");
+    for s in [
+        "IndividualEnrollment",
+        "EnrollmentGroup",
+        "AttestationMechanism",
+        "DeviceRegistrationState",
+        "RegistrationOperationStatus",
+        "ErrorBody",
+        "BulkEnrollmentOperation",
+        "BulkEnrollmentOperationResult",
+        "Instance",
+        "LinkedHub",
+        "AccessPolicy",
+    ] {
+        assert!(
+            schemas.contains_key(s),
+            "docs/openapi.json lacks schema {s}"
+        );
+    }
+    // Every $ref points at a schema that exists.
+    fn refs(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    if k == "$ref" {
+                        if let Some(s) = x.as_str() {
+                            out.push(s.to_string());
+                        }
+                    } else {
+                        refs(x, out);
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(&v, &mut all);
+    for r in all {
+        let name = r
+            .strip_prefix("#/components/schemas/")
+            .or_else(|| r.strip_prefix("#/components/parameters/"))
+            .or_else(|| r.strip_prefix("#/components/responses/"))
+            .unwrap_or_else(|| panic!("unexpected $ref {r}"));
+        let section = r.split('/').nth(2).expect("section");
+        assert!(
+            v["components"][section].get(name).is_some(),
+            "dangling $ref {r}"
+        );
+    }
+    let sec = &v["components"]["securitySchemes"];
+    assert!(
+        sec.as_object().is_some_and(|m| m
+            .values()
+            .any(|s| s["type"] == "apiKey" && s["in"] == "header" && s["name"] == "Authorization")),
+        "an apiKey security scheme in the Authorization header"
+    );
+}
+
+/// Every key of a JSON value tree, with the table it sits in (for nested objects).
+fn collect_keys(v: &serde_json::Value, out: &mut BTreeSet<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                out.insert(k.clone());
+                collect_keys(x, out);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|x| collect_keys(x, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn every_configuration_key_is_documented() {
+    use dps::config::{Config, InstanceConfig, PolicyConfig, TlsFiles};
+    use dps_core::instance::LinkedHub;
+
+    let mut keys = BTreeSet::new();
+    // The built-in defaults (every top-level key and every key of the nested tables).
+    let mut cfg = Config::default();
+    cfg.tls = Some(TlsFiles {
+        cert: "server.pem".into(),
+        key: "server.key".into(),
+    });
+    cfg.location = Some("westeurope".into());
+    // One instance with every optional field set, so that skipped-when-empty keys show up.
+    let mut hub = LinkedHub::registry("hub.example.net");
+    hub.location = Some("eastus".into());
+    hub.connection_string = Some("x".into());
+    hub.max_devices = Some(1);
+    hub.options
+        .insert("x".into(), serde_json::Value::Bool(true));
+    cfg.instances.push(InstanceConfig {
+        name: "default".into(),
+        id_scope: Some("0ne00000A0A".into()),
+        hostnames: Some(vec!["localhost".into()]),
+        access_policy: vec![PolicyConfig {
+            name: "p".into(),
+            primary_key: Some("a".into()),
+            secondary_key: Some("b".into()),
+            rights: vec![],
+        }],
+        linked_hub: vec![hub],
+        allocation_policy: Default::default(),
+        register_response: Default::default(),
+    });
+    collect_keys(
+        &serde_json::to_value(&cfg).expect("config serializes"),
+        &mut keys,
+    );
+
+    // The complete example config (instance, access_policy and linked_hub tables as written).
+    let example = repo_root().join("config/dps.example.toml");
+    let raw: serde_json::Value =
+        figment::Figment::from(figment::providers::Toml::file_exact(&example))
+            .extract()
+            .expect("the example config parses");
+    collect_keys(&raw, &mut keys);
+
+    let doc = read("docs/configuration.md");
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|k| {
+            // Option keys under linked_hub.options are free-form; "x" above is ours.
+            k.as_str() != "x" && !doc.contains(&format!("`{k}`"))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/configuration.md does not document these configuration keys (write them as `key`): {missing:?}"
+    );
+    for table in [
+        "[listen]",
+        "[tls]",
+        "[log]",
+        "[limits]",
+        "[[instance]]",
+        "[[instance.access_policy]]",
+        "[[instance.linked_hub]]",
+    ] {
+        assert!(
+            doc.contains(table),
+            "docs/configuration.md does not mention the table {table}"
+        );
+    }
+}
