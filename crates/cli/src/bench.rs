@@ -832,6 +832,11 @@ impl Report {
 
 async fn scrape(admin_url: &str) -> Result<BTreeMap<String, f64>> {
     let base = admin_url.trim_end_matches('/');
+    let base = if base.contains("://") {
+        base.to_string()
+    } else {
+        format!("http://{base}")
+    };
     let url = if base.ends_with("/metrics") {
         base.to_string()
     } else {
@@ -880,7 +885,8 @@ fn metric_deltas(
         .iter()
         .filter_map(|(k, v)| {
             let d = v - before.get(k).copied().unwrap_or(0.0);
-            (d != 0.0 && !k.ends_with("_sum")).then(|| (k.clone(), d))
+            let name = k.split('{').next().unwrap_or(k);
+            (d != 0.0 && !name.ends_with("_sum")).then(|| (k.clone(), d))
         })
         .collect()
 }

@@ -224,10 +224,16 @@ impl Service {
                 .header("Content-Type", "application/json; charset=utf-8")
                 .body(serde_json::to_vec(b)?);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| anyhow!("{method} {url}: {}", error_chain(&e)))?;
+        let resp = req.send().await.map_err(|e| {
+            let chain = error_chain(&e);
+            let hint = if chain.contains("UnknownIssuer") {
+                " (the server's certificate is not trusted: pass --ca-file with its CA, \
+                     e.g. dps-data/ca.pem)"
+            } else {
+                ""
+            };
+            anyhow!("{method} {url}: {chain}{hint}")
+        })?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let bytes = resp
@@ -391,5 +397,79 @@ mod tests {
         );
         let e = ApiError::from_body(StatusCode::BAD_GATEWAY, b"");
         assert!(e.to_string().starts_with("Bad Gateway"));
+    }
+}
+
+#[cfg(test)]
+mod paging_tests {
+    use super::*;
+    use axum::http::HeaderMap as AxHeaders;
+    use axum::routing::post;
+    use axum::Json;
+
+    /// A fake service API: 7 items, pages of `x-ms-max-item-count`, continuation = next index.
+    async fn query(headers: AxHeaders) -> (AxHeaders, Json<Value>) {
+        let auth = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        assert!(
+            auth.starts_with("SharedAccessSignature sr=h%2Eexample&") && auth.contains("skn=p"),
+            "{auth}"
+        );
+        let n: usize = headers
+            .get("x-ms-max-item-count")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100)
+            .min(3);
+        let start: usize = headers
+            .get("x-ms-continuation")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let end = (start + n).min(7);
+        let items: Vec<Value> = (start..end).map(json_item).collect();
+        let mut h = AxHeaders::new();
+        h.insert("x-ms-item-type", "enrollment".parse().unwrap());
+        if end < 7 {
+            h.insert("x-ms-continuation", end.to_string().parse().unwrap());
+        }
+        (h, Json(Value::Array(items)))
+    }
+
+    fn json_item(i: usize) -> Value {
+        serde_json::json!({"registrationId": format!("d{i}")})
+    }
+
+    #[tokio::test]
+    async fn query_follows_continuations_and_respects_top() {
+        let app = axum::Router::new().route("/enrollments/query", post(query));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let conn = ConnectionString::parse(
+            "HostName=h.example;SharedAccessKeyName=p;SharedAccessKey=a2V5a2V5a2V5a2V5",
+        )
+        .unwrap();
+        let svc = Service::new(conn, Some(&format!("http://{addr}")), None).unwrap();
+        let q = serde_json::json!({"query": "SELECT * FROM enrollments"});
+        let all = svc
+            .query_all(&svc_path("/enrollments/query", &[]), &q, None)
+            .await
+            .unwrap();
+        let ids: Vec<&str> = all
+            .iter()
+            .map(|v| v["registrationId"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["d0", "d1", "d2", "d3", "d4", "d5", "d6"]);
+        let top = svc
+            .query_all(&svc_path("/enrollments/query", &[]), &q, Some(4))
+            .await
+            .unwrap();
+        assert_eq!(top.len(), 4);
+        // A 404 from the fake becomes an ApiError.
+        let e = svc.get("/nope").await.unwrap_err();
+        assert_eq!(e.downcast_ref::<ApiError>().unwrap().status, 404);
     }
 }
