@@ -99,4 +99,64 @@ mod tests {
             fuzz_entry(&data);
         }
     }
+
+    /// A valid device conversation, then random byte flips, truncations and insertions.
+    #[test]
+    fn mutated_sessions_do_not_panic() {
+        use bytes::BytesMut;
+        use rumqttc::mqttbytes::v4::{Connect, Packet, Publish, Subscribe};
+        use rumqttc::mqttbytes::QoS;
+        let mut c = Connect::new("dev1");
+        c.set_login(
+            "0ne1/registrations/dev1/api-version=2019-03-31",
+            "SharedAccessSignature x",
+        );
+        let mut sub = Subscribe::new("$dps/registrations/res/#", QoS::AtLeastOnce);
+        sub.pkid = 1;
+        let mut reg = Publish::new(
+            "$dps/registrations/PUT/iotdps-register/?$rid=1",
+            QoS::AtLeastOnce,
+            br#"{"registrationId":"dev1","payload":{"a":[1,2]}}"#.to_vec(),
+        );
+        reg.pkid = 2;
+        let poll = Publish::new(
+            "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=2&operationId=4.a.b",
+            QoS::AtMostOnce,
+            b" ".to_vec(),
+        );
+        let mut base = BytesMut::new();
+        for p in [
+            Packet::Connect(c),
+            Packet::Subscribe(sub),
+            Packet::Publish(reg),
+            Packet::PingReq,
+            Packet::Publish(poll),
+            Packet::Disconnect,
+        ] {
+            p.write(&mut base, usize::MAX).unwrap();
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for ctl in 0..=255u8 {
+            let mut data = vec![ctl];
+            data.extend_from_slice(&base);
+            fuzz_entry(&data); // unmutated: full conversation
+        }
+        for _ in 0..50_000 {
+            let mut data = vec![rng.random::<u8>()];
+            data.extend_from_slice(&base);
+            for _ in 0..rng.random_range(1..4) {
+                if data.len() < 2 {
+                    break;
+                }
+                let i = rng.random_range(1..data.len());
+                match rng.random_range(0..4) {
+                    0 => data[i] = rng.random(),
+                    1 => data[i] ^= 1 << rng.random_range(0..8),
+                    2 => data.truncate(i),
+                    _ => data.insert(i, rng.random()),
+                }
+            }
+            fuzz_entry(&data);
+        }
+    }
 }
