@@ -731,6 +731,7 @@ struct Presented<'d> {
     sha256: String,
     subject_raw: Vec<u8>,
     issuer_raw: Vec<u8>,
+    issuer: String,
 }
 
 impl<'d> Presented<'d> {
@@ -742,6 +743,7 @@ impl<'d> Presented<'d> {
             sha256: sha256_thumbprint(der),
             subject_raw: c.subject().as_raw().to_vec(),
             issuer_raw: c.issuer().as_raw().to_vec(),
+            issuer: c.issuer().to_string(),
         })
     }
 }
@@ -858,6 +860,16 @@ fn search<'a>(
     let top = &presented[chain_top(chain)];
     let leaf = &presented[0];
     for cand in candidates {
+        // Cheap pre-filter on the stored info (same DER always renders the same name), so that
+        // many groups do not cost a decode each.
+        if let Source::Signing(X509CertificateWithInfo {
+            info: Some(info), ..
+        }) = cand.source
+        {
+            if !info.subject_name.is_empty() && info.subject_name != top.issuer {
+                continue;
+            }
+        }
         let Some(der) = cand.der() else { continue };
         if der.as_ref() == leaf.der || presented.iter().any(|p| p.der == der.as_ref()) {
             continue;
