@@ -5,3 +5,4 @@ mod smoke;
 mod support;
 mod x509;
 mod auth;
+mod registration;
