@@ -225,9 +225,11 @@ impl MosquittoHub {
             .get_or_init(|| async move { Arc::new(start(s)) })
             .await
             .clone();
-        // Wait for the link (bounded); fail fast while it is known to be down.
+        // Wait for the link (bounded); while it is known to be down, wait only a short grace
+        // (a reconnect in progress) and then fail fast.
         let mut rx = conn.state.clone();
         let timeout = self.settings()?.timeout;
+        let grace = tokio::time::Instant::now() + timeout.min(Duration::from_secs(1));
         let r = tokio::time::timeout(timeout, async {
             loop {
                 let st = rx.borrow_and_update().clone();
@@ -236,7 +238,10 @@ impl MosquittoHub {
                     Link::Down {
                         unauthorized,
                         message,
-                    } => return Err((unauthorized, message)),
+                    } => match tokio::time::timeout_at(grace, rx.changed()).await {
+                        Ok(Ok(())) => continue,
+                        _ => return Err((unauthorized, message)),
+                    },
                     Link::Connecting => {}
                 }
                 if rx.changed().await.is_err() {
@@ -301,27 +306,68 @@ impl MosquittoHub {
     }
 
     /// Grant the admin client the right to publish retained twins (idempotent, once per link).
+    ///
+    /// The role `dps-twin-writer` gets `publishClientSend` on `{topic_prefix}/+/twin/#` and
+    /// `{twin_topic_prefix}/#`, and is added to the admin client. Mosquitto disconnects a client
+    /// whose roles change (the admin included), so after adding the role we wait for the link
+    /// to come back. Operators may pre-grant the role; then nothing is changed.
     async fn ensure_admin(&self, conn: &Conn) -> Result<(), HubError> {
         let mut ready = conn.admin_ready.lock().await;
         if *ready {
             return Ok(());
         }
         let s = self.settings()?;
+        let acls = [
+            format!("{}/+/twin/#", s.topic_prefix),
+            format!("{}/#", s.twin_prefix),
+        ];
         let mut cmds = vec![
             json!({"command": "createRole", "rolename": ADMIN_TWIN_ROLE, "textname": "dps: publish retained device twins"}),
-            json!({"command": "addRoleACL", "rolename": ADMIN_TWIN_ROLE, "acltype": "publishClientSend", "topic": format!("{}/+/twin/#", s.topic_prefix), "allow": true}),
-            json!({"command": "addRoleACL", "rolename": ADMIN_TWIN_ROLE, "acltype": "publishClientSend", "topic": format!("{}/#", s.twin_prefix), "allow": true}),
         ];
-        if let Some(u) = &s.username {
-            cmds.push(
-                json!({"command": "addClientRole", "username": u, "rolename": ADMIN_TWIN_ROLE}),
-            );
+        for t in &acls {
+            cmds.push(json!({"command": "addRoleACL", "rolename": ADMIN_TWIN_ROLE, "acltype": "publishClientSend", "topic": t, "allow": true}));
         }
-        for r in self.exec(conn, cmds).await? {
-            if let Some(e) = error_of(&r) {
+        if let Some(u) = &s.username {
+            cmds.push(json!({"command": "getClient", "username": u}));
+        }
+        let answers = self.exec(conn, cmds).await?;
+        for r in &answers {
+            if let Some(e) = error_of(r) {
                 if !benign(e) {
-                    tracing::warn!(hub = %self.host, command = %r["command"], error = %e, "mosquitto: could not grant dps the right to publish twins");
+                    tracing::warn!(hub = %self.host, command = %r["command"], error = %e, "mosquitto: could not prepare the twin-writer role");
                 }
+            }
+        }
+        let has_role = |v: &Value| {
+            v.pointer("/data/client/roles")
+                .and_then(Value::as_array)
+                .is_some_and(|a| a.iter().any(|r| r["rolename"] == ADMIN_TWIN_ROLE))
+        };
+        if let (Some(u), Some(me)) = (&s.username, answers.last()) {
+            if error_of(me).is_none() && !has_role(me) {
+                // The broker kicks us when our roles change: the answer may never come.
+                let _ = self
+                    .exec(
+                        conn,
+                        vec![json!({"command": "addClientRole", "username": u, "rolename": ADMIN_TWIN_ROLE})],
+                    )
+                    .await;
+                let mut rx = conn.state.clone();
+                let up = tokio::time::timeout(s.timeout, async {
+                    loop {
+                        if matches!(*rx.borrow_and_update(), Link::Up) {
+                            return true;
+                        }
+                        if rx.changed().await.is_err() {
+                            return false;
+                        }
+                    }
+                })
+                .await;
+                if !matches!(up, Ok(true)) {
+                    return Err(self.unreachable("the broker did not take the admin client back after granting it the twin-writer role"));
+                }
+                tracing::info!(hub = %self.host, "mosquitto: granted the admin client the '{ADMIN_TWIN_ROLE}' role");
             }
         }
         *ready = true;
@@ -592,6 +638,7 @@ impl HubAdapter for MosquittoHub {
         self.check_id(device_id)?;
         let topic = format!("{}/{device_id}", self.settings()?.twin_prefix);
         let conn = self.conn().await?;
+        self.ensure_admin(&conn).await?;
         conn.shared
             .retained
             .lock()
@@ -645,6 +692,7 @@ impl HubAdapter for MosquittoHub {
     async fn set_enabled(&self, device_id: &str, enabled: bool) -> Result<(), HubError> {
         self.check_id(device_id)?;
         let conn = self.conn().await?;
+        self.ensure_admin(&conn).await?;
         let cmd = if enabled {
             "enableClient"
         } else {
@@ -663,6 +711,7 @@ impl HubAdapter for MosquittoHub {
         self.check_id(device_id)?;
         let s = self.settings()?;
         let conn = self.conn().await?;
+        self.ensure_admin(&conn).await?;
         let r = self
             .exec(
                 &conn,

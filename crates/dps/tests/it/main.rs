@@ -6,3 +6,8 @@ mod support;
 mod x509;
 mod auth;
 mod registration;
+mod support_iothub;
+mod hubs_azure;
+mod hubs_webhook;
+mod hubs_failures;
+mod hubs_mosquitto;
