@@ -11,3 +11,4 @@ mod hubs_azure;
 mod hubs_webhook;
 mod hubs_failures;
 mod hubs_mosquitto;
+mod vectors;

@@ -725,40 +725,36 @@ struct Webhook {
     seen: Arc<Mutex<Vec<Value>>>,
 }
 
+type Replier = Arc<dyn Fn(&Value) -> Reply + Send + Sync>;
+type HookState = (Arc<Mutex<Vec<Value>>>, Replier);
+
 /// A real HTTP webhook on 127.0.0.1:0 that records each request body and answers with `reply`.
 async fn webhook(reply: impl Fn(&Value) -> Reply + Send + Sync + 'static) -> Webhook {
     let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let reply = Arc::new(reply);
-    let state = (seen.clone(), reply);
-    let app = axum::Router::new().route(
-        "/alloc",
-        axum::routing::post(
-            |axum::extract::State((seen, reply)): axum::extract::State<(
-                Arc<Mutex<Vec<Value>>>,
-                Arc<dyn Fn(&Value) -> Reply + Send + Sync>,
-            )>,
-             body: axum::body::Bytes| async move {
-                let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                seen.lock().unwrap().push(v.clone());
-                let r = reply(&v);
-                let (status, text) = match r {
-                    Reply::Json(st, b) => (st, b.to_string()),
-                    Reply::Text(st, t) => (st, t.to_string()),
-                    Reply::Hang => std::future::pending().await,
-                };
-                axum::response::Response::builder()
-                    .status(status)
-                    .header("content-type", "application/json")
-                    .body(axum::body::Body::from(text))
-                    .unwrap()
-            },
-        ),
-    );
-    let state: (
-        Arc<Mutex<Vec<Value>>>,
-        Arc<dyn Fn(&Value) -> Reply + Send + Sync>,
-    ) = (state.0, state.1);
-    let app = app.with_state(state);
+    let state: HookState = (seen.clone(), Arc::new(reply));
+    let app = axum::Router::new()
+        .route(
+            "/alloc",
+            axum::routing::post(
+                |axum::extract::State((seen, reply)): axum::extract::State<HookState>,
+                 body: axum::body::Bytes| async move {
+                    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    seen.lock().unwrap().push(v.clone());
+                    let (status, text) = match reply(&v) {
+                        Reply::Json(st, b) => (st, b.to_string()),
+                        Reply::Text(st, t) => (st, t.to_string()),
+                        // Never answers: the server's webhook timeout must end the wait.
+                        Reply::Hang => std::future::pending().await,
+                    };
+                    axum::response::Response::builder()
+                        .status(status)
+                        .header("content-type", "application/json")
+                        .body(axum::body::Body::from(text))
+                        .unwrap()
+                },
+            ),
+        )
+        .with_state(state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
