@@ -38,7 +38,8 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 DATA_DIR=$(mktemp -d "${TMPDIR:-/tmp}/dps-interop.XXXXXX")
-export DPS_DATA_DIR=$DATA_DIR
+export DPS_DATA_DIR=$DATA_DIR  # also passed as --data-dir below
+export NO_COLOR=1             # plain server log
 export DPS_RUN_JSON=$DATA_DIR/run.json
 SERVER_LOG=$DATA_DIR/server.log
 SERVER_PID=
@@ -84,8 +85,8 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # ---- start the server and wait until it is ready (run.json + /healthz), with a deadline ----
-log "starting $DPS_BIN serve --config $CONFIG (data dir $DATA_DIR)"
-"$DPS_BIN" serve --config "$CONFIG" >"$SERVER_LOG" 2>&1 &
+log "starting $DPS_BIN serve --config $CONFIG --data-dir $DATA_DIR"
+"$DPS_BIN" serve --config "$CONFIG" --data-dir "$DATA_DIR" >"$SERVER_LOG" 2>&1 &
 SERVER_PID=$!
 
 healthz() {

@@ -57,8 +57,10 @@ export function runInfo() {
 /** Fails early, with a useful message, when the CA is not trusted. */
 export function checkEnvironment() {
   const info = runInfo();
-  if (!process.env.NODE_EXTRA_CA_CERTS) {
-    throw new Error(`NODE_EXTRA_CA_CERTS is not set; run with NODE_EXTRA_CA_CERTS=${info.ca}`);
+  const extra = process.env.NODE_EXTRA_CA_CERTS;
+  const ca = readFileSync(info.ca, 'utf8').trim();
+  if (!extra || !existsSync(extra) || !readFileSync(extra, 'utf8').includes(ca)) {
+    throw new Error(`NODE_EXTRA_CA_CERTS (${extra}) does not contain the server CA; run with NODE_EXTRA_CA_CERTS=${info.ca}`);
   }
   const inst = (info.instances || []).find((i) => i.name === 'default');
   assert.ok(inst, 'run.json lists the "default" instance');
@@ -124,6 +126,18 @@ export async function createSymGroup(svc, groupId, opts = {}) {
   return { group: responseBody, primaryKey, secondaryKey };
 }
 
+/**
+ * runBulkEnrollmentOperation through its callback form: in 1.11.2 the promise form never settles
+ * (the SDK only calls back when the caller passed a callback).
+ */
+export function runBulk(svc, bulkOperation) {
+  return new Promise((resolve, reject) => {
+    svc.runBulkEnrollmentOperation(bulkOperation, (err, responseBody, httpResponse) => {
+      if (err) reject(err); else resolve({ responseBody, httpResponse });
+    });
+  });
+}
+
 /** Best-effort clean-up, never fails a test. */
 export async function quietly(fn) {
   try { await fn(); } catch { /* ignore */ }
@@ -134,7 +148,9 @@ export async function drainQuery(query, maxPages = 1000) {
   const items = [];
   const pages = [];
   while (query.hasMoreResults) {
-    const { responseBody, httpResponse } = await query.next();
+    // The promise form of Query.next() ignores query.continuationToken (SDK quirk: only the
+    // callback form falls back to it), so pass the token explicitly.
+    const { responseBody, httpResponse } = await query.next(query.continuationToken);
     assert.ok(Array.isArray(responseBody), `query page is a JSON array (got ${JSON.stringify(responseBody)})`);
     items.push(...responseBody);
     pages.push({ count: responseBody.length, headers: httpResponse.headers });

@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import {
   OWNER_CS, OWNER_SECONDARY_CS, READER_CS, WRONG_KEY_CS, UNKNOWN_POLICY_CS, HUBS, TEST_TIMEOUT,
   checkEnvironment, uid, randomKey, deriveKey, service, symIndividual, symGroup, createSymEnrollment,
-  createSymGroup, drainQuery, quietly, registerSym, assertAssigned, errorStatus,
+  createSymGroup, drainQuery, runBulk, quietly, registerSym, assertAssigned, errorStatus,
   makeSelfSignedCert,
 } from './lib.mjs';
 
@@ -168,7 +168,7 @@ describe('service SDK: individual enrollments', () => {
   it('bulk create, then bulk create again (errors reported per item), then bulk delete', T, async () => {
     const ids = [uid('svc-bulk'), uid('svc-bulk'), uid('svc-bulk')];
     const enrollments = ids.map((id) => symIndividual(id, { primaryKey: randomKey(), secondaryKey: randomKey() }));
-    const { responseBody: r1 } = await svc.runBulkEnrollmentOperation({ mode: 'create', enrollments });
+    const { responseBody: r1 } = await runBulk(svc, { mode: 'create', enrollments });
     assert.equal(r1.isSuccessful, true, `bulk create: ${JSON.stringify(r1)}`);
     assert.ok(!r1.errors || r1.errors.length === 0, `no errors: ${JSON.stringify(r1.errors)}`);
     for (const id of ids) {
@@ -177,7 +177,7 @@ describe('service SDK: individual enrollments', () => {
     }
     // create of an existing enrollment fails for that item only
     const fresh = uid('svc-bulk');
-    const { responseBody: r2 } = await svc.runBulkEnrollmentOperation({
+    const { responseBody: r2 } = await runBulk(svc, {
       mode: 'create',
       enrollments: [enrollments[0], symIndividual(fresh, { primaryKey: randomKey(), secondaryKey: randomKey() })],
     });
@@ -187,9 +187,9 @@ describe('service SDK: individual enrollments', () => {
     assert.equal(typeof r2.errors[0].errorCode, 'number');
     await svc.getIndividualEnrollment(fresh); // the other item went through
     // bulk delete
-    const { responseBody: r3 } = await svc.runBulkEnrollmentOperation({
+    const { responseBody: r3 } = await runBulk(svc, {
       mode: 'delete',
-      enrollments: [...ids, fresh].map((id) => ({ registrationId: id })),
+      enrollments: [...enrollments, symIndividual(fresh)],
     });
     assert.equal(r3.isSuccessful, true, `bulk delete: ${JSON.stringify(r3)}`);
     for (const id of [...ids, fresh]) await rejects(svc.getIndividualEnrollment(id), undefined, 404);
@@ -329,7 +329,7 @@ describe('service SDK: authorization', () => {
     assertErrorBody(err, 401);
     await rejects(reader.deleteIndividualEnrollment(id), 'UnauthorizedError', 401);
     await rejects(reader.createOrUpdateEnrollmentGroup(symGroup(uid('svc-rd-g'))), 'UnauthorizedError', 401);
-    await rejects(reader.runBulkEnrollmentOperation({ mode: 'create', enrollments: [symIndividual(uid('svc-rd'))] }), 'UnauthorizedError', 401);
+    await rejects(runBulk(reader, { mode: 'create', enrollments: [symIndividual(uid('svc-rd'))] }), 'UnauthorizedError', 401);
     await owner.getIndividualEnrollment(id); // not deleted by the reader
     await owner.deleteIndividualEnrollment(id);
   });
