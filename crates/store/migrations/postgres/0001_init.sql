@@ -13,10 +13,12 @@ CREATE TABLE docs (
     hub        TEXT NULL COLLATE "C",
     PRIMARY KEY (collection, scope, key)
 );
-CREATE INDEX docs_status ON docs (collection, scope, status, key);
-CREATE INDEX docs_kind   ON docs (collection, scope, kind, key);
-CREATE INDEX docs_grp    ON docs (collection, scope, grp, key);
-CREATE INDEX docs_hub    ON docs (collection, scope, hub, key);
+-- Partial indexes: documents without the attribute (e.g. enrollments have no hub) cost no
+-- index write; `x = $1` implies `x IS NOT NULL`, so filters still use them.
+CREATE INDEX docs_status ON docs (collection, scope, status, key) WHERE status IS NOT NULL;
+CREATE INDEX docs_kind   ON docs (collection, scope, kind, key) WHERE kind IS NOT NULL;
+CREATE INDEX docs_grp    ON docs (collection, scope, grp, key) WHERE grp IS NOT NULL;
+CREATE INDEX docs_hub    ON docs (collection, scope, hub, key) WHERE hub IS NOT NULL;
 
 CREATE TABLE audit (
     seq         BIGSERIAL PRIMARY KEY,
