@@ -100,9 +100,21 @@ pub trait DeviceService: Send + Sync + 'static {
     /// `PUT /{idScope}/registrations/{registrationId}/register` and its MQTT equivalent.
     async fn register(&self, req: DeviceRequest) -> Result<DeviceResponse, WireError>;
     /// `GET .../operations/{operationId}` and its MQTT equivalent.
-    async fn operation_status(&self, req: DeviceRequest, operation_id: &str) -> Result<DeviceResponse, WireError>;
+    async fn operation_status(
+        &self,
+        req: DeviceRequest,
+        operation_id: &str,
+    ) -> Result<DeviceResponse, WireError>;
     /// `POST /{idScope}/registrations/{registrationId}`: the device's own registration state.
-    async fn registration_status(&self, req: DeviceRequest) -> Result<DeviceRegistrationState, WireError>;
+    async fn registration_status(
+        &self,
+        req: DeviceRequest,
+    ) -> Result<DeviceRegistrationState, WireError>;
     /// Check credentials at MQTT CONNECT (SAS tokens; X.509 is checked at register time).
-    async fn authorize_connect(&self, id_scope: &str, registration_id: &str, credential: &DeviceCredential) -> Result<(), ConnectRefusal>;
+    async fn authorize_connect(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+        credential: &DeviceCredential,
+    ) -> Result<(), ConnectRefusal>;
 }

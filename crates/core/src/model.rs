@@ -759,6 +759,11 @@ pub struct RegistrationRecord {
     /// The current operation id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operation_id: Option<String>,
+    /// Earlier operation ids of this device (most recent last, at most 16), so that a device
+    /// polling an operation that a concurrent or retried registration superseded still gets the
+    /// current answer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_operations: Vec<String>,
     /// The group that admitted the device, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enrollment_group_id: Option<String>,
@@ -775,6 +780,9 @@ pub struct RegistrationRecord {
     /// write and the record write is finished on restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<PendingAssignment>,
+    /// For a retryable failure: how long the device should wait (e.g. the hub's own Retry-After).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u32>,
     /// Transport of the last attempt (`https`, `mqtt`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<String>,

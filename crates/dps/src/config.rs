@@ -102,6 +102,9 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Concurrent MQTT connections (beyond: refused).
     pub max_mqtt_connections: usize,
+    /// A registration still `assigning` this long after it started is considered interrupted
+    /// (crash) and marked failed-retryable (ms).
+    pub recovery_after_ms: u64,
 }
 
 impl Default for Limits {
@@ -113,6 +116,7 @@ impl Default for Limits {
             tls_handshake_timeout_ms: 10_000,
             max_body_bytes: 96 * 1024,
             max_mqtt_connections: 100_000,
+            recovery_after_ms: 60_000,
         }
     }
 }

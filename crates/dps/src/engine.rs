@@ -383,7 +383,7 @@ impl Engine {
             if let Some(code) = rec.state.error_code {
                 if code / 1000 >= 429 {
                     // Retryable: the device is told to retry, not that it failed.
-                    let retry_after = if code == codes::THROTTLED { 5 } else { 5 };
+                    let retry_after = rec.retry_after.unwrap_or(5);
                     return Err(Error::HubUnavailable(if code == codes::THROTTLED {
                         HubError::Throttled {
                             hub: rec.state.assigned_hub.clone().unwrap_or_default(),
@@ -467,7 +467,8 @@ impl Engine {
         struct Guard<'a>(&'a AtomicUsize);
         impl Drop for Guard<'_> {
             fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::SeqCst);
+                let n = self.0.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
+                metrics::gauge!("dps_registrations_in_flight").set(n as f64);
             }
         }
         let _guard = Guard(&self.inflight);
@@ -556,6 +557,8 @@ impl Engine {
                 ..Default::default()
             },
             operation_id: None,
+            recent_operations: Vec::new(),
+            retry_after: None,
             enrollment_group_id: None,
             attestation: None,
             hub_history: Vec::new(),
@@ -563,7 +566,11 @@ impl Engine {
             pending: None,
             transport: None,
         });
-        rec.operation_id = Some(op.to_string());
+        if let Some(prev) = rec.operation_id.replace(op.to_string()) {
+            rec.recent_operations.push(prev);
+            let excess = rec.recent_operations.len().saturating_sub(16);
+            rec.recent_operations.drain(..excess);
+        }
         rec.enrollment_group_id = adm.group_id();
         rec.attestation = Some(adm.attestation);
         rec.transport = Some(transport.as_str().to_string());
@@ -770,6 +777,7 @@ impl Engine {
         rec.state.payload = webhook_payload;
         rec.state.last_updated_date_time_utc = Some(ts(self.clock.as_ref()));
         rec.reason = None;
+        rec.retry_after = None;
         rec.pending = None;
         self.repo.put_registration(&inst.name, &mut rec).await?;
         self.audit
@@ -864,6 +872,11 @@ impl Engine {
                 codes::HUB_UNREACHABLE,
                 "The IoT hub is unavailable; retry later",
             ),
+        };
+        rec.retry_after = match &e {
+            HubError::Throttled { retry_after, .. } => Some(*retry_after),
+            HubError::Unreachable { .. } => Some(5),
+            _ => None,
         };
         self.fail(inst, rec, before, code, message, e.to_string(), labels)
             .await
@@ -1095,7 +1108,10 @@ impl Engine {
             .await?
             .map(|(r, _)| r);
         match rec {
-            Some(rec) if rec.operation_id.as_deref() == Some(op) => {
+            Some(rec)
+                if rec.operation_id.as_deref() == Some(op)
+                    || rec.recent_operations.iter().any(|o| o == op) =>
+            {
                 if rec.state.status == Some(RegistrationStatus::Assigning) {
                     return Ok(self.assigning_response(
                         op,
@@ -1253,7 +1269,11 @@ impl Engine {
     /// Finish what a crash interrupted: records left `assigning` (with a pending assignment)
     /// become `failed` with a retryable code, keeping the pending hub in their history so that the
     /// next registration updates or moves that identity instead of orphaning it.
-    pub async fn recover(&self) -> Result<usize> {
+    ///
+    /// Only records whose pending assignment started more than `older_than` ago are touched, so
+    /// that nodes sharing a store do not fail each other's registrations in flight.
+    pub async fn recover(&self, older_than: Duration) -> Result<usize> {
+        let cutoff = azure_timestamp(self.clock.now() - older_than);
         let mut n = 0;
         for inst in self.instances.list() {
             let filter = dps_core::store::Filter {
@@ -1269,6 +1289,19 @@ impl Engine {
                 )
                 .await?;
             for (mut rec, _) in stuck {
+                let started = rec
+                    .pending
+                    .as_ref()
+                    .map(|p| p.started.clone())
+                    .or(rec.state.last_updated_date_time_utc.clone())
+                    .unwrap_or_default();
+                if started > cutoff {
+                    continue;
+                }
+                let _lock = self
+                    .lock_for(&inst.name, &rec.state.registration_id.to_ascii_lowercase())
+                    .lock()
+                    .await;
                 let reason = match &rec.pending {
                     Some(p) => format!("interrupted while writing identity '{}' on hub '{}'; the device must register again", p.device_id, p.hub),
                     None => "interrupted; the device must register again".to_string(),
@@ -1312,11 +1345,10 @@ fn log_wire(e: &Error, what: &str, rid: &str) -> WireError {
 impl DeviceService for Engine {
     async fn register(&self, req: DeviceRequest) -> std::result::Result<DeviceResponse, WireError> {
         let span = tracing::info_span!("register", registration_id = %req.registration_id, id_scope = %req.id_scope, transport = req.transport.as_str(), operation_id = tracing::field::Empty);
-        let _e = span.enter();
         let started = Instant::now();
         let rid = req.registration_id.clone();
         let transport = req.transport.as_str();
-        let r = self.register_inner(req).await;
+        let r = tracing::Instrument::instrument(self.register_inner(req), span.clone()).await;
         let result = match &r {
             Ok((_, outcome)) => *outcome,
             Err(_) => "error",

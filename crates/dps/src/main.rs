@@ -1,62 +1,32 @@
-//! The `dps` binary: `dps serve` runs the server; every other command is the operator CLI.
+//! The `dps` binary: `dps serve` runs the server; every other command is the operator CLI
+//! (`dps-cli`), which talks to a running server through its service and admin APIs.
 
 use clap::Parser;
 use dps::config::{Config, ListenOverrides, LogOverride, Overrides};
+use dps_cli::{Cli, Command, LogFormat};
 use std::process::ExitCode;
 
-#[derive(Parser)]
-#[command(
-    name = "dps",
-    version,
-    about = "dps: an open, Azure-compatible Device Provisioning Service"
-)]
-enum Cmd {
-    /// Run the server.
-    Serve(ServeArgs),
-}
-
-#[derive(clap::Args)]
-struct ServeArgs {
-    /// Config file (TOML).
-    #[arg(long, env = "DPS_CONFIG")]
-    config: Option<std::path::PathBuf>,
-    /// Data directory.
-    #[arg(long)]
-    data_dir: Option<std::path::PathBuf>,
-    /// Store URL.
-    #[arg(long)]
-    store: Option<String>,
-    /// HTTPS listen address.
-    #[arg(long)]
-    https: Option<String>,
-    /// MQTT listen address.
-    #[arg(long)]
-    mqtt: Option<String>,
-    /// Admin listen address.
-    #[arg(long)]
-    admin: Option<String>,
-    /// This node's location.
-    #[arg(long)]
-    location: Option<String>,
-    /// human or json.
-    #[arg(long)]
-    log_format: Option<String>,
-}
-
 fn main() -> ExitCode {
-    let Cmd::Serve(a) = Cmd::parse();
-    let overrides = Overrides {
-        data_dir: a.data_dir,
-        store: a.store,
-        location: a.location,
-        listen: ListenOverrides {
-            https: a.https,
-            mqtt: a.mqtt,
-            admin: a.admin,
-        },
-        log: a.log_format.map(|format| LogOverride { format }),
-    };
-    serve(a.config, overrides)
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(a) => {
+            let overrides = Overrides {
+                data_dir: a.data_dir,
+                store: a.store,
+                location: a.location,
+                listen: ListenOverrides {
+                    https: a.https,
+                    mqtt: a.mqtt,
+                    admin: a.admin,
+                },
+                log: matches!(cli.log_format, LogFormat::Json).then(|| LogOverride {
+                    format: "json".into(),
+                }),
+            };
+            serve(a.config, overrides)
+        }
+        _ => dps_cli::run(cli),
+    }
 }
 
 fn serve(config: Option<std::path::PathBuf>, overrides: Overrides) -> ExitCode {
@@ -87,11 +57,33 @@ fn serve(config: Option<std::path::PathBuf>, overrides: Overrides) -> ExitCode {
             }
         };
         dps::server::print_banner(&server);
-        let _ = tokio::signal::ctrl_c().await;
+        shutdown_signal().await;
         tracing::info!("shutting down");
         drop(server);
         ExitCode::SUCCESS
     })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 fn init_logging(cfg: &Config) {

@@ -189,7 +189,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         settings,
         http_client,
     );
-    match engine.recover().await {
+    let recovery_after = Duration::from_millis(cfg.limits.recovery_after_ms);
+    match engine.recover(recovery_after).await {
         Ok(0) => {}
         Ok(n) => tracing::warn!(
             count = n,
@@ -243,6 +244,24 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         }));
         Some(a)
     };
+    // Registrations interrupted by a crash (here or on another node) are finished periodically.
+    {
+        let engine = app.engine.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(recovery_after.max(Duration::from_secs(1)));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                match engine.recover(recovery_after).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::warn!(count = n, "recovered interrupted registrations"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "recovering interrupted registrations failed")
+                    }
+                }
+            }
+        }));
+    }
     // Nodes sharing a store pick up instance changes made elsewhere.
     {
         let instances = instances.clone();

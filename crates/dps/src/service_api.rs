@@ -476,7 +476,8 @@ async fn delete_doc(
 pub fn parse_query(text: &str, params: &[(String, String)]) -> Result<Filter, Error> {
     let mut f = Filter::default();
     let t = text.trim();
-    if !t.is_empty() {
+    // The Node and Python service SDKs send `{"query": "*"}`.
+    if !t.is_empty() && t != "*" {
         let lower = t.to_ascii_lowercase();
         if !lower.starts_with("select") {
             return Err(Error::invalid(format!("unsupported query '{t}': only SELECT * FROM ... [WHERE field = 'value' AND ...] is supported")));

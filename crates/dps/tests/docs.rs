@@ -135,12 +135,14 @@ fn every_configuration_key_is_documented() {
 
     let mut keys = BTreeSet::new();
     // The built-in defaults (every top-level key and every key of the nested tables).
-    let mut cfg = Config::default();
-    cfg.tls = Some(TlsFiles {
-        cert: "server.pem".into(),
-        key: "server.key".into(),
-    });
-    cfg.location = Some("westeurope".into());
+    let mut cfg = Config {
+        tls: Some(TlsFiles {
+            cert: "server.pem".into(),
+            key: "server.key".into(),
+        }),
+        location: Some("westeurope".into()),
+        ..Config::default()
+    };
     // One instance with every optional field set, so that skipped-when-empty keys show up.
     let mut hub = LinkedHub::registry("hub.example.net");
     hub.location = Some("eastus".into());

@@ -58,7 +58,7 @@ pub struct HubSet {
 
 /// An unknown hub kind.
 #[derive(Debug, thiserror::Error)]
-#[error("linked hub '{host}': unknown kind '{kind}' (known: registry)")]
+#[error("linked hub '{host}': unknown kind '{kind}' (known: registry, mosquitto, azure-iothub, webhook)")]
 pub struct UnknownKind {
     /// Hub host.
     pub host: String,

@@ -1131,7 +1131,6 @@ async fn twenty_concurrent_register_requests_of_one_id_produce_one_identity_and_
 }
 
 #[tokio::test]
-#[ignore = "server bug: concurrent registrations of one id overwrite the record's operationId, so polling the earlier operations answers 404 404203 instead of the shared result"]
 async fn twenty_concurrent_registrations_of_one_id_produce_one_identity_and_consistent_answers() {
     let s = TestServer::spawn().await;
     let key = s.enroll("conc-1", json!({})).await;

@@ -1305,7 +1305,6 @@ async fn the_service_api_error_headers_carry_the_request_id_and_error_code() {
 }
 
 #[tokio::test]
-#[ignore = "server bug: the query body {\"query\":\"*\"} that the Node and Python service SDKs send is refused with 400 400004"]
 async fn the_star_query_the_node_and_python_sdks_send_lists_everything() {
     let s = TestServer::spawn().await;
     s.enroll("star-1", json!({})).await;

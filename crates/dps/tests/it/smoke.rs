@@ -8,6 +8,9 @@ async fn an_individual_symmetric_key_device_registers_and_is_assigned() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["status"], "assigned");
     let hub = r.body["registrationState"]["assignedHub"].as_str().unwrap();
-    assert!(hub == "hub-a.example.net" || hub == "hub-b.example.net", "{hub}");
+    assert!(
+        hub == "hub-a.example.net" || hub == "hub-b.example.net",
+        "{hub}"
+    );
     assert_eq!(r.body["registrationState"]["deviceId"], "smoke-dev-1");
 }

@@ -826,14 +826,12 @@ async fn the_python_service_sdk_requests_replay_with_the_headers_and_bodies_it_n
 }
 
 #[tokio::test]
-#[ignore = "server bug: the query body {\"query\":\"*\"} that the Node and Python service SDKs send is refused with 400 400004"]
 async fn the_node_service_sdk_enrollment_queries_replay() {
     let problems = replay_service("node", Some(&["query-individual", "query-group"])).await;
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
 #[tokio::test]
-#[ignore = "server bug: the query body {\"query\":\"*\"} that the Node and Python service SDKs send is refused with 400 400004"]
 async fn the_python_service_sdk_enrollment_queries_replay() {
     let problems = replay_service("py", Some(&["query-individual", "query-group"])).await;
     assert!(problems.is_empty(), "{}", problems.join("\n"));

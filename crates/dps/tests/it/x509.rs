@@ -470,7 +470,7 @@ async fn a_certificate_presented_without_its_private_key_is_refused_at_the_tls_l
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let outcome = async {
         let mut tls = connector.connect(name, tcp).await?;
-        tls.write_all(format!("GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes())
+        tls.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
             .await?;
         let mut buf = vec![0u8; 1024];
         let n = tls.read(&mut buf).await?;
