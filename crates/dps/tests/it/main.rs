@@ -5,6 +5,7 @@ mod hubs_azure;
 mod hubs_failures;
 mod hubs_mosquitto;
 mod hubs_webhook;
+mod observability;
 mod registration;
 mod service_api;
 mod smoke;
