@@ -117,6 +117,10 @@ pub struct LinkedHub {
     /// Maximum number of devices allocation may place on it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_devices: Option<u64>,
+    /// Maximum new assignments per second allocation may send to it (token bucket, burst of one
+    /// second's worth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_registrations_per_second: Option<u32>,
     /// Adapter-specific options.
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub options: serde_json::Map<String, serde_json::Value>,
@@ -137,6 +141,7 @@ impl LinkedHub {
             location: None,
             connection_string: None,
             max_devices: None,
+            max_registrations_per_second: None,
             options: Default::default(),
         }
     }

@@ -669,6 +669,7 @@ impl Engine {
             {
                 Ok(x) => x,
                 Err(f) => {
+                    rec.retry_after = (f.code == codes::THROTTLED).then_some(1);
                     return self
                         .fail(
                             &inst,
@@ -679,7 +680,7 @@ impl Engine {
                             f.reason,
                             labels,
                         )
-                        .await
+                        .await;
                 }
             },
         };
@@ -946,6 +947,53 @@ impl Engine {
                 .collect();
             if !healthy.is_empty() {
                 candidates = healthy;
+            }
+        }
+        // Rate limits beyond Azure: hubs whose max_registrations_per_second is used up are
+        // skipped while another is eligible; when all are, the device is told to retry.
+        if candidates
+            .iter()
+            .any(|h| h.max_registrations_per_second.is_some())
+        {
+            let chosen_first = match policy {
+                AllocationPolicy::Custom => None,
+                _ => allocation::choose(
+                    policy,
+                    adm.registration_id.as_str(),
+                    self.settings.node_location.as_deref(),
+                    &candidates,
+                )
+                .ok(),
+            };
+            if let Some(first) = chosen_first {
+                if !self.hubs.take_rate_token(first) {
+                    let others: Vec<&LinkedHub> = candidates
+                        .iter()
+                        .copied()
+                        .filter(|h| h.host != first.host)
+                        .collect();
+                    let next = allocation::choose(
+                        policy,
+                        adm.registration_id.as_str(),
+                        self.settings.node_location.as_deref(),
+                        &others,
+                    )
+                    .ok()
+                    .filter(|h| self.hubs.take_rate_token(h));
+                    return match next {
+                        Some(h) => Ok((h.clone(), None, None)),
+                        None => Err(Failure {
+                            code: codes::THROTTLED,
+                            message: "The linked hubs' provisioning rate is exhausted; retry later"
+                                .into(),
+                            reason: format!(
+                                "max_registrations_per_second reached on {}",
+                                first.host
+                            ),
+                        }),
+                    };
+                }
+                return Ok((first.clone(), None, None));
             }
         }
         if policy == AllocationPolicy::Custom {

@@ -54,6 +54,7 @@ pub struct HubSet {
     http: reqwest::Client,
     adapters: Mutex<HashMap<String, (LinkedHub, Arc<dyn HubAdapter>)>>,
     health: Mutex<HashMap<String, Health>>,
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
 }
 
 /// An unknown hub kind.
@@ -74,6 +75,7 @@ impl HubSet {
             http,
             adapters: Mutex::new(HashMap::new()),
             health: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::new()),
         }
     }
 
@@ -119,6 +121,27 @@ impl HubSet {
         })?;
         map.insert(key, (hub.clone(), a.clone()));
         Ok(a)
+    }
+
+    /// Take one assignment token from the hub's rate limit (`max_registrations_per_second`);
+    /// `true` when the hub has no limit or a token was available.
+    pub fn take_rate_token(&self, hub: &LinkedHub) -> bool {
+        let Some(rate) = hub.max_registrations_per_second.filter(|r| *r > 0) else {
+            return true;
+        };
+        let mut buckets = self.buckets.lock().expect("bucket lock");
+        let (tokens, at) = buckets
+            .entry(hub.host.to_ascii_lowercase())
+            .or_insert((rate as f64, Instant::now()));
+        let now = Instant::now();
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate as f64).min(rate as f64);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 
     /// Is this hub unhealthy now?

@@ -8,6 +8,7 @@ mod hubs_mosquitto;
 mod hubs_webhook;
 mod observability;
 mod registration;
+mod registration_limits;
 mod service_api;
 mod smoke;
 mod support;
