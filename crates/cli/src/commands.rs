@@ -905,6 +905,42 @@ async fn audit(g: &Globals, svc: &Service, c: AuditCommand) -> Result<()> {
 async fn certificate(g: &Globals, svc: &Service, c: CertificateCommand) -> Result<()> {
     let base = |i: &str| format!("/admin/instances/{}/certificates", enc(i));
     match c {
+        CertificateCommand::Deny {
+            value,
+            kind,
+            reason,
+            instance,
+        } => {
+            let i = resolve_instance(svc, instance).await?;
+            let path = format!("/admin/instances/{}/denylist/{}", enc(&i), enc(&value));
+            svc.call(
+                Method::PUT,
+                &path,
+                Some(&json!({"kind": kind, "reason": reason})),
+                &[],
+            )
+            .await?;
+            done(g, format!("{kind} {value} is denied"));
+        }
+        CertificateCommand::Undeny { value, instance } => {
+            let i = resolve_instance(svc, instance).await?;
+            let path = format!("/admin/instances/{}/denylist/{}", enc(&i), enc(&value));
+            svc.call(Method::DELETE, &path, None, &[]).await?;
+            done(g, format!("{value} removed from the deny list"));
+        }
+        CertificateCommand::DenyList { instance } => {
+            let i = resolve_instance(svc, instance).await?;
+            let v = svc
+                .get(&format!("/admin/instances/{}/denylist", enc(&i)))
+                .await?;
+            let items = v.as_array().cloned().unwrap_or_default();
+            emit_list(
+                g,
+                &items,
+                &["KIND", "VALUE", "REASON", "ADDED"],
+                &[&["/kind"], &["/value"], &["/reason"], &["/created"]],
+            );
+        }
         CertificateCommand::List { instance } => {
             let i = resolve_instance(svc, instance).await?;
             let v = svc.get(&base(&i)).await?;

@@ -579,6 +579,35 @@ pub enum CertificateCommand {
         #[arg(long)]
         instance: Option<String>,
     },
+    /// Revoke device certificates: add a SHA-1/SHA-256 thumbprint or a serial number to the
+    /// instance deny list (checked on every X.509 registration).
+    Deny {
+        /// Thumbprint or serial number (hex).
+        value: String,
+        /// What the value is.
+        #[arg(long, value_parser = ["thumbprint", "serial"], default_value = "thumbprint")]
+        kind: String,
+        /// Why (kept in the deny list and the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Instance (default: the connection string's).
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Remove an entry from the deny list.
+    Undeny {
+        /// Thumbprint or serial number (hex), as added.
+        value: String,
+        /// Instance (default: the connection string's).
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// List the deny list.
+    DenyList {
+        /// Instance (default: the connection string's).
+        #[arg(long)]
+        instance: Option<String>,
+    },
     /// Prove possession with a certificate whose CN is the code, signed by the CA.
     Verify {
         /// Certificate name.

@@ -1,6 +1,7 @@
 //! Integration tests: the real server in-process on port 0.
 
 mod auth;
+mod cli;
 mod device_client;
 mod hubs_azure;
 mod hubs_failures;

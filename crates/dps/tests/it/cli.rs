@@ -1,0 +1,174 @@
+//! The `dps` CLI binary against the real server: exit codes, JSON output, and error messages.
+
+use crate::support::*;
+use std::process::Command;
+
+struct Cli<'a> {
+    s: &'a TestServer,
+    ca: std::path::PathBuf,
+}
+
+impl<'a> Cli<'a> {
+    fn new(s: &'a TestServer) -> Self {
+        let ca = s.dir.path().join("ca.pem");
+        Cli { s, ca }
+    }
+
+    /// Run `dps <args>` with the owner connection string; returns (success, stdout, stderr).
+    async fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let cs = format!("HostName=localhost;SharedAccessKeyName=provisioningserviceowner;SharedAccessKey={OWNER_KEY}");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dps"));
+        cmd.args(args)
+            .env("DPS_CONNECTION_STRING", cs)
+            .env("DPS_URL", &self.s.base)
+            .env("DPS_CA_FILE", &self.ca)
+            .current_dir(self.s.dir.path());
+        let out = tokio::task::spawn_blocking(move || cmd.output().expect("run dps"))
+            .await
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    async fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--output", "json"];
+        a.extend_from_slice(args);
+        let (ok, out, err) = self.run(&a).await;
+        assert!(ok, "dps {args:?} failed: {err}");
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("dps {args:?} printed no JSON ({e}): {out}"))
+    }
+}
+
+#[tokio::test]
+async fn the_cli_manages_enrollments_and_registers_a_device() {
+    let s = TestServer::spawn().await;
+    let cli = Cli::new(&s);
+    let created = cli
+        .json(&[
+            "enrollment",
+            "create",
+            "cli-dev-1",
+            "--attestation",
+            "symmetricKey",
+        ])
+        .await;
+    let key = created["attestation"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .expect("keys shown on create")
+        .to_string();
+    let list = cli.json(&["enrollment", "list"]).await;
+    assert!(list.to_string().contains("cli-dev-1"), "{list}");
+    let shown = cli.json(&["enrollment", "show", "cli-dev-1"]).await;
+    assert!(
+        shown["attestation"]["symmetricKey"]
+            .get("primaryKey")
+            .is_none(),
+        "keys must not be shown without --show-keys: {shown}"
+    );
+    let hubs = cli.json(&["linked-hub", "list"]).await;
+    assert!(hubs.to_string().contains("hub-a.example.net"), "{hubs}");
+
+    // The field-install check: register, then read the registration record.
+    let port = s.server.https.port().to_string();
+    let endpoint = format!("localhost:{port}");
+    let (ok, out, err) = cli
+        .run(&[
+            "device",
+            "register",
+            "--id-scope",
+            SCOPE,
+            "--registration-id",
+            "cli-dev-1",
+            "--key",
+            &key,
+            "--global-endpoint",
+            &endpoint,
+            "--ca-file",
+            cli.ca.to_str().unwrap(),
+        ])
+        .await;
+    assert!(ok, "register failed: {out} {err}");
+    assert!(out.contains("assigned"), "{out}");
+    let reg = cli.json(&["registration", "show", "cli-dev-1"]).await;
+    assert_eq!(reg["status"], "assigned", "{reg}");
+
+    // A wrong key: the error says why and the exit code is non-zero.
+    let wrong = dps_core::sas::generate_key();
+    let (ok, out, err) = cli
+        .run(&[
+            "device",
+            "register",
+            "--id-scope",
+            SCOPE,
+            "--registration-id",
+            "cli-dev-1",
+            "--key",
+            &wrong,
+            "--global-endpoint",
+            &endpoint,
+            "--ca-file",
+            cli.ca.to_str().unwrap(),
+        ])
+        .await;
+    assert!(!ok, "a wrong key must fail: {out}");
+    assert!(format!("{out}{err}").contains("401002"), "{out} {err}");
+
+    let (ok, _, _) = cli.run(&["enrollment", "delete", "cli-dev-1"]).await;
+    assert!(ok);
+    let (ok, _, err) = cli.run(&["enrollment", "show", "cli-dev-1"]).await;
+    assert!(!ok);
+    assert!(err.contains("404201") || err.contains("not found"), "{err}");
+}
+
+#[tokio::test]
+async fn the_cli_manages_the_certificate_deny_list_and_reads_the_audit_log() {
+    let s = TestServer::spawn().await;
+    let cli = Cli::new(&s);
+    let (ok, _, err) = cli
+        .run(&[
+            "certificate",
+            "deny",
+            "AB:CD:EF:01",
+            "--reason",
+            "stolen device",
+        ])
+        .await;
+    assert!(ok, "{err}");
+    let list = cli.json(&["certificate", "deny-list"]).await;
+    assert_eq!(list[0]["reason"], "stolen device", "{list}");
+    let (ok, _, err) = cli.run(&["certificate", "undeny", "AB:CD:EF:01"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(
+        cli.json(&["certificate", "deny-list"]).await,
+        serde_json::json!([])
+    );
+    let audit = cli.json(&["audit", "list", "--action", "denylist"]).await;
+    assert_eq!(audit.as_array().map(Vec::len), Some(2), "{audit}");
+}
+
+#[tokio::test]
+async fn the_cli_reports_a_bad_connection_string_clearly() {
+    let s = TestServer::spawn().await;
+    let cli = Cli::new(&s);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dps"));
+    cmd.args(["enrollment", "list"])
+        .env(
+            "DPS_CONNECTION_STRING",
+            "HostName=localhost;SharedAccessKeyName=x",
+        )
+        .env("DPS_URL", &s.base)
+        .env("DPS_CA_FILE", &cli.ca);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("SharedAccessKey"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
