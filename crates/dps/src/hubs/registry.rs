@@ -118,11 +118,10 @@ impl HubAdapter for RegistryHub {
         identity: &HubIdentity,
         twin: Option<&TwinState>,
     ) -> Result<(), HubError> {
-        let existing = self.load(&identity.device_id).await?;
-        let twin = match (twin, &existing) {
-            (Some(t), _) => t.for_hub(),
-            (None, Some((d, _))) => d.twin.clone(),
-            (None, None) => TwinState::default(),
+        // The existing twin is read only when it is kept.
+        let twin = match twin {
+            Some(t) => t.for_hub(),
+            None => self.load(&identity.device_id).await?.map(|(d, _)| d.twin).unwrap_or_default(),
         };
         let dev = StoredHubDevice {
             device_id: identity.device_id.clone(),
