@@ -260,8 +260,16 @@ impl Config {
             fig = fig.merge(Toml::file_exact(f));
         }
         fig = fig.merge(Env::prefixed("DPS_").split("__").filter(|k| {
-            let top = k.as_str().split('.').next().unwrap_or("");
-            ENV_KEYS.contains(&top)
+            // Only our config keys: DPS_CONNECTION_STRING, DPS_URL, ... belong to the CLI.
+            let top = k
+                .as_str()
+                .split("__")
+                .next()
+                .unwrap_or("")
+                .split('.')
+                .next()
+                .unwrap_or("");
+            ENV_KEYS.iter().any(|e| top.eq_ignore_ascii_case(e))
         }));
         fig = fig.merge(Serialized::defaults(overrides));
         let mut cfg: Config = fig
@@ -479,6 +487,25 @@ mod tests {
         .unwrap();
         let cfg = Config::load(Some(&f), &Overrides::default()).unwrap();
         assert_eq!(cfg.data_dir, dir.path().join("data"));
+    }
+
+    #[test]
+    fn dps_environment_variables_override_the_file() {
+        // Figment's Jail isolates the process environment for this test.
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "dps.toml",
+                "data_dir = \"from-file\"\n[listen]\nhttps = \"127.0.0.1:1\"\n",
+            )?;
+            jail.set_env("DPS_DATA_DIR", "/tmp/from-env");
+            jail.set_env("DPS_LISTEN__HTTPS", "127.0.0.1:0");
+            jail.set_env("DPS_CONNECTION_STRING", "HostName=x");
+            let cfg = Config::load(Some(Path::new("dps.toml")), &Overrides::default())
+                .expect("config loads");
+            assert_eq!(cfg.data_dir, PathBuf::from("/tmp/from-env"));
+            assert_eq!(cfg.listen.https, "127.0.0.1:0");
+            Ok(())
+        });
     }
 
     #[test]

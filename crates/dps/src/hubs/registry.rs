@@ -121,7 +121,11 @@ impl HubAdapter for RegistryHub {
         // The existing twin is read only when it is kept.
         let twin = match twin {
             Some(t) => t.for_hub(),
-            None => self.load(&identity.device_id).await?.map(|(d, _)| d.twin).unwrap_or_default(),
+            None => self
+                .load(&identity.device_id)
+                .await?
+                .map(|(d, _)| d.twin)
+                .unwrap_or_default(),
         };
         let dev = StoredHubDevice {
             device_id: identity.device_id.clone(),
