@@ -3,9 +3,10 @@
 use crate::service::{enc, svc_path, Service};
 use crate::table::{cell, render, render_object};
 use crate::{
-    AttestationArg, AuditCommand, CertificateCommand, Command, EnrollmentCommand, EnrollmentFields,
-    Globals, GroupCommand, HubCommand, HubDeviceCommand, InstanceCommand, LinkedHubCommand,
-    ListFilters, OutputFormat, RegistrationCommand, ReprovisionArg, StatusArg,
+    AccessPolicyCommand, AttestationArg, AuditCommand, CertificateCommand, Command,
+    EnrollmentCommand, EnrollmentFields, Globals, GroupCommand, HubCommand, HubDeviceCommand,
+    InstanceCommand, LinkedHubCommand, ListFilters, OutputFormat, RegistrationCommand,
+    ReprovisionArg, StatusArg,
 };
 use anyhow::{anyhow, bail, Context, Result};
 use reqwest::Method;
@@ -23,6 +24,7 @@ pub(crate) async fn dispatch(g: &Globals, cmd: Command) -> Result<ExitCode> {
         Command::Hub(HubCommand::Device(c)) => hub_device(g, &svc, c).await,
         Command::Audit(c) => audit(g, &svc, c).await,
         Command::Certificate(c) => certificate(g, &svc, c).await,
+        Command::AccessPolicy(c) => access_policy(g, &svc, c).await,
         _ => bail!("unsupported command"),
     }?;
     Ok(ExitCode::SUCCESS)
@@ -196,6 +198,49 @@ fn count(v: &Value, ptr: &str) -> String {
 
 // ---------- linked hubs ----------
 
+async fn access_policy(g: &Globals, svc: &Service, c: AccessPolicyCommand) -> Result<()> {
+    match c {
+        AccessPolicyCommand::List { instance } => {
+            let i = resolve_instance(svc, instance).await?;
+            let v = svc
+                .get(&format!("/admin/instances/{}/accessPolicies", enc(&i)))
+                .await?;
+            let items = v.as_array().cloned().unwrap_or_default();
+            emit_list(g, &items, &["NAME", "RIGHTS"], &[&["/name"], &["/rights"]]);
+        }
+        AccessPolicyCommand::Add {
+            name,
+            rights,
+            instance,
+        } => {
+            let i = resolve_instance(svc, instance).await?;
+            let path = format!("/admin/instances/{}/accessPolicies/{}", enc(&i), enc(&name));
+            let r = svc
+                .call(Method::PUT, &path, Some(&json!({"rights": rights})), &[])
+                .await?;
+            emit(g, &r.body, |v| {
+                format!(
+                    "access policy '{name}' saved\nconnection string: HostName={};SharedAccessKeyName={name};SharedAccessKey={}",
+                    svc.connection().host_name,
+                    v["primary_key"].as_str().unwrap_or("?")
+                )
+            });
+        }
+        AccessPolicyCommand::Remove { name, instance } => {
+            let i = resolve_instance(svc, instance).await?;
+            svc.call(
+                Method::DELETE,
+                &format!("/admin/instances/{}/accessPolicies/{}", enc(&i), enc(&name)),
+                None,
+                &[],
+            )
+            .await?;
+            done(g, format!("access policy '{name}' removed"));
+        }
+    }
+    Ok(())
+}
+
 async fn linked_hub(g: &Globals, svc: &Service, c: LinkedHubCommand) -> Result<()> {
     match c {
         LinkedHubCommand::List { instance } => {
@@ -214,6 +259,7 @@ async fn linked_hub(g: &Globals, svc: &Service, c: LinkedHubCommand) -> Result<(
                     "APPLY POLICY",
                     "LOCATION",
                     "MAX DEVICES",
+                    "HEALTHY",
                 ],
                 &[
                     &["/host"],
@@ -222,6 +268,7 @@ async fn linked_hub(g: &Globals, svc: &Service, c: LinkedHubCommand) -> Result<(
                     &["/apply_allocation_policy"],
                     &["/location"],
                     &["/max_devices"],
+                    &["/health/healthy"],
                 ],
             );
         }
@@ -234,6 +281,7 @@ async fn linked_hub(g: &Globals, svc: &Service, c: LinkedHubCommand) -> Result<(
             no_apply_allocation_policy,
             connection_string_hub,
             max_devices,
+            max_registrations_per_second,
         } => {
             let i = resolve_instance(svc, instance).await?;
             let mut body = json!({
@@ -250,6 +298,9 @@ async fn linked_hub(g: &Globals, svc: &Service, c: LinkedHubCommand) -> Result<(
             }
             if let Some(m) = max_devices {
                 body["max_devices"] = json!(m);
+            }
+            if let Some(r) = max_registrations_per_second {
+                body["max_registrations_per_second"] = json!(r);
             }
             let r = svc
                 .call(

@@ -93,6 +93,9 @@ pub enum Command {
     /// Linked IoT hubs of an instance (admin API).
     #[command(subcommand)]
     LinkedHub(LinkedHubCommand),
+    /// Shared access policies of an instance (admin API).
+    #[command(subcommand)]
+    AccessPolicy(AccessPolicyCommand),
     /// Individual enrollments.
     #[command(subcommand)]
     Enrollment(EnrollmentCommand),
@@ -209,11 +212,44 @@ pub enum LinkedHubCommand {
         /// At most this many devices.
         #[arg(long)]
         max_devices: Option<u64>,
+        /// At most this many new assignments per second.
+        #[arg(long)]
+        max_registrations_per_second: Option<u32>,
     },
     /// Unlink a hub.
     Remove {
         /// Hub host name.
         host: String,
+        /// Instance (default: the connection string's).
+        #[arg(long)]
+        instance: Option<String>,
+    },
+}
+
+/// `dps access-policy …`
+#[derive(Subcommand, Debug)]
+pub enum AccessPolicyCommand {
+    /// List policies (keys hidden).
+    List {
+        /// Instance (default: the connection string's).
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Create or change a policy; new keys are generated (and printed once) unless given.
+    Add {
+        /// Policy name.
+        name: String,
+        /// Rights: ServiceConfig, EnrollmentRead, EnrollmentWrite, RegistrationStatusRead, RegistrationStatusWrite.
+        #[arg(long, value_delimiter = ',', required = true)]
+        rights: Vec<String>,
+        /// Instance (default: the connection string's).
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Remove a policy.
+    Remove {
+        /// Policy name.
+        name: String,
         /// Instance (default: the connection string's).
         #[arg(long)]
         instance: Option<String>,

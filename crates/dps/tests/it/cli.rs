@@ -151,6 +151,93 @@ async fn the_cli_manages_the_certificate_deny_list_and_reads_the_audit_log() {
 }
 
 #[tokio::test]
+async fn the_cli_manages_access_policies_and_linked_hubs_at_run_time() {
+    let s = TestServer::spawn().await;
+    let cli = Cli::new(&s);
+    let p = cli
+        .json(&[
+            "access-policy",
+            "add",
+            "ops-reader",
+            "--rights",
+            "EnrollmentRead,RegistrationStatusRead",
+        ])
+        .await;
+    assert_eq!(
+        p["rights"],
+        serde_json::json!(["EnrollmentRead", "RegistrationStatusRead"]),
+        "{p}"
+    );
+    let key = p["primary_key"]
+        .as_str()
+        .expect("new key shown once")
+        .to_string();
+    let list = cli.json(&["access-policy", "list"]).await;
+    assert!(
+        list.to_string().contains("ops-reader") && !list.to_string().contains(&key),
+        "{list}"
+    );
+    // The new policy works for reads and is refused for writes.
+    let tok = service_token("localhost", "ops-reader", &key);
+    assert_eq!(
+        s.call(
+            reqwest::Method::POST,
+            "/enrollments/query",
+            Some(&tok),
+            Some(serde_json::json!({"query": "*"})),
+            &[]
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        s.call(
+            reqwest::Method::DELETE,
+            "/enrollments/x",
+            Some(&tok),
+            None,
+            &[]
+        )
+        .await
+        .status,
+        401
+    );
+    let (ok, _, err) = cli.run(&["access-policy", "remove", "ops-reader"]).await;
+    assert!(ok, "{err}");
+
+    let (ok, _, err) = cli
+        .run(&[
+            "linked-hub",
+            "add",
+            "hub-new.example.net",
+            "--weight",
+            "5",
+            "--location",
+            "westus",
+            "--max-registrations-per-second",
+            "50",
+        ])
+        .await;
+    assert!(ok, "{err}");
+    let hubs = cli.json(&["linked-hub", "list"]).await;
+    let new = hubs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == "hub-new.example.net")
+        .expect("hub listed")
+        .clone();
+    assert_eq!(new["allocation_weight"], 5);
+    assert_eq!(new["max_registrations_per_second"], 50);
+    assert_eq!(new["health"]["healthy"], true);
+    let (ok, _, err) = cli
+        .run(&["linked-hub", "remove", "hub-new.example.net"])
+        .await;
+    assert!(ok, "{err}");
+}
+
+#[tokio::test]
 async fn the_cli_reports_a_bad_connection_string_clearly() {
     let s = TestServer::spawn().await;
     let cli = Cli::new(&s);
