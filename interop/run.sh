@@ -132,7 +132,7 @@ declare -a RESULTS=()
 run_node() {
   local -a args=("$@")
   if [[ ${#args[@]} -eq 0 ]]; then
-    args=(service.test.mjs device-http.test.mjs device-mqtt.test.mjs)
+    args=(service.test.mjs device-http.test.mjs device-mqtt.test.mjs device-x509.test.mjs)
   fi
   if [[ ! -d $HERE/node/node_modules ]]; then
     log "interop/node/node_modules missing: run 'npm ci --prefix interop/node'"
@@ -144,10 +144,16 @@ run_node() {
 }
 
 run_python() {
-  log "pytest interop/python $*"
+  # Test files: the default set unless the arguments name one (e.g. test_x509.py or a ::node id).
+  local -a files=(test_provisioning.py test_x509.py test_mosquitto.py)
+  local a
+  for a in "$@"; do
+    if [[ $a == *.py || $a == *.py::* ]]; then files=(); break; fi
+  done
+  log "pytest interop/python $* ${files[*]}"
   local rc=0
   (cd "$HERE/python" && timeout --foreground "$SUITE_TIMEOUT" \
-    python3 -m pytest -v -p no:cacheprovider -rfE "$@" test_provisioning.py) || rc=$?
+    python3 -m pytest -v -p no:cacheprovider -rfE "$@" "${files[@]}") || rc=$?
   if [[ $rc -eq 5 ]]; then
     log "pytest collected no tests (exit code 5): counted as a failure"
   fi

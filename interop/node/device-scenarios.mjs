@@ -15,7 +15,7 @@ const T = { timeout: TEST_TIMEOUT };
  * The SDK reported an authentication refusal: a 401 answer (UnauthorizedError), or over MQTT a
  * refused CONNECT ("Connection refused: Not authorized"), depending on where the server checks.
  */
-function assertRefused(err, transport, { allowNotFound = false } = {}) {
+export function assertRefused(err, transport, { allowNotFound = false } = {}) {
   const st = errorStatus(err);
   const detail = `${err.name}: ${err.message} (status ${st}) ${JSON.stringify(err.result ?? '')}`;
   const unauthorized = err.name === 'UnauthorizedError' || st === 401;

@@ -8,6 +8,7 @@ import { createHmac, randomBytes, X509Certificate } from 'node:crypto';
 import { execFileSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
+import https from 'node:https';
 import { join } from 'node:path';
 import assert from 'node:assert/strict';
 
@@ -247,5 +248,111 @@ export function makeSelfSignedCert(cn) {
     return { cert, key, sha1: hex(x.fingerprint), sha256: hex(x.fingerprint256) };
   } finally {
     rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+// ---- X.509 test PKI (interop/pki.sh: openssl CLI; RSA 2048 or ECDSA P-256) ------------------
+const PKI_SH = new URL('../pki.sh', import.meta.url).pathname;
+const hexFingerprint = (f) => f.replace(/:/g, '').toLowerCase();
+
+/**
+ * A throw-away PKI in a temporary folder. `ca(name, cn, alg, issuer?)` and
+ * `leaf(name, cn, alg, issuer|'-', {expired})` return {cert, key, chain, sha1, sha256}: `chain` is
+ * the PEM bundle a device presents (its certificate, then its issuers without the root).
+ * `dispose()` removes every key.
+ */
+export function makePki() {
+  const dir = mkdtempSync(join(tmpdir(), 'dps-interop-pki-'));
+  const read = (name) => {
+    const cert = readFileSync(join(dir, `${name}.pem`), 'utf8');
+    const x = new X509Certificate(cert);
+    return {
+      cert,
+      key: readFileSync(join(dir, `${name}.key`), 'utf8'),
+      chain: readFileSync(join(dir, `${name}.chain.pem`), 'utf8'),
+      sha1: hexFingerprint(x.fingerprint),
+      sha256: hexFingerprint(x.fingerprint256),
+      x509: x,
+    };
+  };
+  const run = (...args) => execFileSync('bash', [PKI_SH, ...args], { stdio: 'pipe' });
+  return {
+    dir,
+    ca(name, cn, alg, issuer) {
+      run('ca', dir, name, cn, alg, ...(issuer ? [issuer] : []));
+      return read(name);
+    },
+    leaf(name, cn, alg, issuer, { expired = false } = {}) {
+      run('leaf', dir, name, cn, alg, issuer || '-', ...(expired ? ['expired'] : []));
+      return read(name);
+    },
+    dispose() { rmSync(dir, { recursive: true, force: true }); },
+  };
+}
+
+// ---- admin API (our own; same listener, ServiceConfig right, owner SAS token) ----------------
+/** Service/admin API SAS token: sr = the instance's service host name, skn = the policy. */
+export function sasToken(resource, key, policy, ttlSeconds = 3600) {
+  const sr = encodeURIComponent(resource);
+  const se = Math.floor(Date.now() / 1000) + ttlSeconds;
+  const sig = createHmac('sha256', Buffer.from(key, 'base64')).update(`${sr}\n${se}`).digest('base64');
+  return `SharedAccessSignature sr=${sr}&sig=${encodeURIComponent(sig)}&se=${se}&skn=${policy}`;
+}
+
+/**
+ * Calls the dps admin API of the `default` instance (`path` relative to /admin/instances/default,
+ * or absolute when it starts with /admin/); resolves {status, body}.
+ */
+export function adminCall(method, path, body) {
+  const info = runInfo();
+  const data = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
+  return new Promise((resolve, reject) => {
+    const req = https.request({
+      host: HOST, port: 443, method, path: path.startsWith('/admin/') ? path : `/admin/instances/default${path}`,
+      ca: readFileSync(info.ca), timeout: 15000,
+      headers: {
+        Authorization: sasToken(HOST, OWNER_KEY, 'provisioningserviceowner'),
+        Accept: 'application/json',
+        ...(data ? { 'Content-Type': 'application/json', 'Content-Length': data.length } : {}),
+      },
+    }, (res) => {
+      const chunks = [];
+      res.on('data', (c) => chunks.push(c));
+      res.on('end', () => {
+        const raw = Buffer.concat(chunks).toString('utf8');
+        let parsed = raw;
+        try { parsed = raw ? JSON.parse(raw) : null; } catch { /* keep the text */ }
+        resolve({ status: res.statusCode, body: parsed });
+      });
+    });
+    req.on('timeout', () => req.destroy(new Error(`${method} ${path}: timed out`)));
+    req.on('error', reject);
+    if (data) req.write(data);
+    req.end();
+  });
+}
+
+/** An admin call that must succeed (2xx); returns the body. */
+export async function admin(method, path, body) {
+  const r = await adminCall(method, path, body);
+  assert.ok(r.status >= 200 && r.status < 300, `${method} /admin/instances/default${path} -> ${r.status} ${JSON.stringify(r.body)}`);
+  return r.body;
+}
+
+/**
+ * The reason dps recorded for the last refused registration of `registrationId` (audit log,
+ * `registration.refused`; the device itself only gets 401). Polls briefly: the audit entry is
+ * written right after the answer.
+ */
+export async function refusalReason(registrationId, deadlineMs = 3000) {
+  const until = Date.now() + deadlineMs;
+  for (;;) {
+    const q = `/admin/audit?instance=default&action=registration.refused&target=${encodeURIComponent(registrationId)}`;
+    const { status, body } = await adminCall('GET', q);
+    assert.equal(status, 200, `GET ${q} -> ${status} ${JSON.stringify(body)}`);
+    const last = Array.isArray(body) ? body[body.length - 1] : undefined;
+    if (last) return String(last.after?.reason ?? JSON.stringify(last));
+    if (Date.now() > until) assert.fail(`no registration.refused audit entry for ${registrationId}`);
+    await new Promise((r) => setTimeout(r, 100));
   }
 }

@@ -97,16 +97,20 @@ def ca_pem(run_info) -> str:
 class ServiceApi:
     """Minimal client of the dps service API (Azure DPS REST, api-version 2021-10-01)."""
 
-    def __init__(self, ca: str, host: str = HOST, port: int = 443):
+    def __init__(self, ca: str, host: str = HOST, port: int = 443, *, resource: str | None = None,
+                 policy: str = OWNER_POLICY, key: str = OWNER_KEY):
         self.base = f"https://{host}:{port}"
         self.host = host
+        # the SAS token's `sr` selects the instance (default: the host name, i.e. `default`)
+        self.resource = resource or host
+        self.policy, self.key = policy, key
         self.ctx = ssl.create_default_context(cadata=ca)
 
     def call(self, method: str, path: str, body=None, headers=None):
-        url = f"{self.base}{path}?api-version={API_VERSION}"
+        url = f"{self.base}{path}{'&' if '?' in path else '?'}api-version={API_VERSION}"
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(url, data=data, method=method)
-        req.add_header("Authorization", sas_token(self.host, OWNER_KEY, OWNER_POLICY))
+        req.add_header("Authorization", sas_token(self.resource, self.key, self.policy))
         req.add_header("Accept", "application/json")
         if data is not None:
             req.add_header("Content-Type", "application/json; charset=utf-8")
