@@ -138,9 +138,18 @@ run_node() {
     log "interop/node/node_modules missing: run 'npm ci --prefix interop/node'"
     return 1
   fi
-  log "node --test ${args[*]}"
+  # node stops reading options at the first file name: options first, then the files
+  local -a opts=() files=()
+  local a
+  for a in "${args[@]}"; do
+    if [[ $a == -* ]]; then opts+=("$a"); else files+=("$a"); fi
+  done
+  if [[ ${#files[@]} -eq 0 ]]; then
+    files=(service.test.mjs device-http.test.mjs device-mqtt.test.mjs device-x509.test.mjs)
+  fi
+  log "node --test ${opts[*]} ${files[*]}"
   (cd "$HERE/node" && timeout --foreground "$SUITE_TIMEOUT" \
-    node --test --test-concurrency=1 --test-force-exit --test-reporter=spec "${args[@]}")
+    node --test --test-concurrency=1 --test-force-exit --test-reporter=spec "${opts[@]}" "${files[@]}")
 }
 
 run_python() {

@@ -1,4 +1,4 @@
-// X.509 attestation with Azure's Node device SDK (azure-iot-security-x509 + the HTTP and MQTT
+// X.509 attestation with Azure's Node device SDK (azure-iot-security-x509 + the HTTP, MQTT and MqttWs
 // transports): certificates issued by a group's intermediate CA (the device sends its chain), by a
 // verified CA (proof of possession through the admin API), and the negative cases: unenrolled
 // self-signed certificate, CN != registration id, expired certificate, unverified CA, revoked
@@ -196,3 +196,4 @@ function x509Scenarios(transport) {
 
 x509Scenarios('http');
 x509Scenarios('mqtt');
+x509Scenarios('mqttws');
