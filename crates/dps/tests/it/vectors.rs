@@ -17,7 +17,7 @@ fn vectors_dir() -> PathBuf {
     let dir = std::env::var_os("DPS_VECTORS")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/vectors")
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/vectors")
         });
     assert!(
         dir.is_dir(),
