@@ -50,7 +50,7 @@ export DPS_CONNECTION_STRING=$(field '["instances"][0]["connection_string"]')
 export DPS_URL="https://localhost:${https##*:}" DPS_CA_FILE="$dir/data/ca.pem"
 H="localhost:${https##*:}"; M="localhost:${mqtt##*:}"
 common=(--json --create-group --admin-url "http://$admin" --poll-interval-ms 10)
-run() { echo "== $engine: $*"; "$bin" bench "${common[@]}" "$@" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({k: r[k] for k in r if k not in ("server_counters",)}))'; }
+run() { echo "== $engine: $*"; "$bin" bench "${common[@]}" "$@" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({k: r[k] for k in r if k not in ("serverMetrics", "group", "setupSeconds")}))'; }
 run --devices "$devices" --concurrency 64 --global-endpoint "$H"
 run --devices "$devices" --concurrency 64 --global-endpoint "$H" --keep-alive
 run --devices "$devices" --concurrency 64 --global-endpoint "$M" --transport mqtt
@@ -58,5 +58,5 @@ run --devices "$((devices / 2))" --concurrency 64 --global-endpoint "$H" --attes
 run --devices "$((devices / 2))" --concurrency 64 --global-endpoint "$M" --transport mqtt --attestation x509
 # Half of saturation: the same as the first run at a fixed rate, for the latency percentiles.
 run --devices "$devices" --concurrency 64 --global-endpoint "$H" --rate "${HALF_RATE:-500}"
-run --devices "$storm" --concurrency 2000 --global-endpoint "$H" --storm
+run --devices "$storm" --concurrency 2000 --global-endpoint "$H" --storm --timeout 600
 echo "server peak memory: $(grep VmHWM /proc/$pid/status)"

@@ -569,6 +569,15 @@ struct Worker {
     timeout: Duration,
 }
 
+/// A cheap per-device jitter (no RNG dependency): a hash of the registration id and the clock.
+fn rand_jitter(id: &str) -> u32 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut h);
+    Instant::now().hash(&mut h);
+    h.finish() as u32
+}
+
 impl Worker {
     fn client(&self, d: &Device) -> Result<ProvisioningClient, dps_device::Error> {
         let auth = match &d.cred {
@@ -621,6 +630,33 @@ impl Worker {
                         }
                     }
                     Err(e) => Err(e),
+                }
+            } else if self.rate.is_none() && self.policy.max_retries >= 50 {
+                // Reboot storm: like a real device, retry a connection that timed out or broke
+                // (with a jittered backoff) until the per-device deadline, instead of giving up.
+                let deadline = Instant::now() + self.timeout;
+                let mut backoff = Duration::from_millis(500);
+                loop {
+                    let r = match self.client(d) {
+                        Ok(c) => c.register().await,
+                        Err(e) => Err(e),
+                    };
+                    match r {
+                        Err(e)
+                            if matches!(
+                                e,
+                                dps_device::Error::Timeout
+                                    | dps_device::Error::Transport(_)
+                                    | dps_device::Error::Tls(_)
+                            ) && Instant::now() + backoff < deadline =>
+                        {
+                            let jitter =
+                                Duration::from_millis(u64::from(rand_jitter(&d.id)) % 1000);
+                            tokio::time::sleep(backoff + jitter).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(10));
+                        }
+                        other => break other,
+                    }
                 }
             } else {
                 match self.client(d) {

@@ -70,7 +70,19 @@ async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
     let sa: SocketAddr = addr
         .parse()
         .with_context(|| format!("listen.{what} = '{addr}' is not a socket address"))?;
-    match TcpListener::bind(sa).await {
+    // A deep accept backlog: a reboot storm opens thousands of connections at once, and the
+    // default (1024) makes the kernel drop SYNs, which devices see as connect timeouts.
+    let listen = |sa: SocketAddr| -> std::io::Result<TcpListener> {
+        let sock = if sa.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        sock.set_reuseaddr(true)?;
+        sock.bind(sa)?;
+        sock.listen(8192)
+    };
+    match listen(sa) {
         Ok(l) => Ok(l),
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(anyhow!(
             "cannot bind listen.{what} = {sa}: permission denied. Ports below 1024 need root or \
