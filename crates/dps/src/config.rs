@@ -478,15 +478,20 @@ mod tests {
 
     #[test]
     fn relative_paths_resolve_against_the_config_folder() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("dps.toml");
-        std::fs::write(
-            &f,
-            "data_dir = \"data\"\n[listen]\nhttps = \"127.0.0.1:0\"\n",
-        )
-        .unwrap();
-        let cfg = Config::load(Some(&f), &Overrides::default()).unwrap();
-        assert_eq!(cfg.data_dir, dir.path().join("data"));
+        // In a Jail: tests that read the process environment must not run beside the one that
+        // sets DPS_* variables.
+        figment::Jail::expect_with(|_jail| {
+            let dir = tempfile::tempdir().unwrap();
+            let f = dir.path().join("dps.toml");
+            std::fs::write(
+                &f,
+                "data_dir = \"data\"\n[listen]\nhttps = \"127.0.0.1:0\"\n",
+            )
+            .unwrap();
+            let cfg = Config::load(Some(&f), &Overrides::default()).unwrap();
+            assert_eq!(cfg.data_dir, dir.path().join("data"));
+            Ok(())
+        });
     }
 
     #[test]
