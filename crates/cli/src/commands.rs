@@ -816,10 +816,42 @@ async fn registration(g: &Globals, svc: &Service, c: RegistrationCommand) -> Res
             emit_list(g, &items, REG_HEADERS, REG_COLS);
         }
         RegistrationCommand::Show { id } => {
-            let v = svc
+            let rec = svc
                 .get(&svc_path(&format!("/registrations/{}", enc(&id)), &[]))
-                .await?;
-            emit(g, &v, render_object);
+                .await;
+            // Refused attempts write no registration record (an unauthenticated request must
+            // not change a device's record); their precise reason is in the audit log. Show the
+            // latest one when the policy may read the audit log (ServiceConfig), so that an
+            // installer sees why a device was refused.
+            let refused = svc
+                .get(&format!(
+                    "/admin/audit?target={}&action=registration.refused&limit=10000",
+                    enc(&id)
+                ))
+                .await
+                .ok()
+                .and_then(|v| v.as_array().and_then(|a| a.last().cloned()))
+                .map(|r| {
+                    json!({
+                        "timestamp": r["timestamp"],
+                        "reason": r["after"]["reason"],
+                        "transport": r["after"]["transport"],
+                    })
+                });
+            match (rec, refused) {
+                (Ok(mut v), refused) => {
+                    if let Some(r) = refused {
+                        v["lastRefusedAttempt"] = r;
+                    }
+                    emit(g, &v, render_object);
+                }
+                (Err(e), Some(r)) => {
+                    let v = json!({"registrationId": id, "status": "not registered", "lastRefusedAttempt": r});
+                    emit(g, &v, render_object);
+                    return Err(e);
+                }
+                (Err(e), None) => return Err(e),
+            }
         }
         RegistrationCommand::Delete { id, etag } => {
             delete_doc(svc, &format!("/registrations/{}", enc(&id)), etag).await?;

@@ -116,6 +116,37 @@ async fn the_cli_manages_enrollments_and_registers_a_device() {
         .await;
     assert!(!ok, "a wrong key must fail: {out}");
     assert!(format!("{out}{err}").contains("401002"), "{out} {err}");
+    // The installer sees why: the latest refused attempt, from the audit log.
+    let reg = cli.json(&["registration", "show", "cli-dev-1"]).await;
+    assert_eq!(reg["status"], "assigned", "{reg}");
+    let reason = reg["lastRefusedAttempt"]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(reason.contains("signature"), "{reg}");
+    // A device that never registered: non-zero exit, and the reason of its refusal.
+    let (ok, _, _) = cli
+        .run(&[
+            "device",
+            "register",
+            "--id-scope",
+            SCOPE,
+            "--registration-id",
+            "cli-nobody",
+            "--key",
+            &wrong,
+            "--global-endpoint",
+            &endpoint,
+            "--ca-file",
+            cli.ca.to_str().unwrap(),
+        ])
+        .await;
+    assert!(!ok);
+    let (ok, out, _) = cli
+        .run(&["--output", "json", "registration", "show", "cli-nobody"])
+        .await;
+    assert!(!ok, "an unregistered device must not look fine");
+    assert!(out.contains("no enrollment matches"), "{out}");
 
     let (ok, _, _) = cli.run(&["enrollment", "delete", "cli-dev-1"]).await;
     assert!(ok);
