@@ -32,38 +32,13 @@ pub async fn serve_https(
     app: Arc<App>,
     handshake_timeout: Duration,
 ) {
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+    crate::tls::accept_each(listener, "https", move |tcp, peer| {
         let acceptor = acceptor.clone();
         let app = app.clone();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    metrics::counter!("dps_tls_handshakes_total", "listener" => "https", "result" => "failure").increment(1);
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    metrics::counter!("dps_tls_handshakes_total", "listener" => "https", "result" => "timeout").increment(1);
-                    return;
-                }
+        async move {
+            let Some((tls, certs)) = crate::tls::handshake(&acceptor, tcp, peer, handshake_timeout, "https").await else {
+                return;
             };
-            metrics::counter!("dps_tls_handshakes_total", "listener" => "https", "result" => "success").increment(1);
-            let certs: Vec<Vec<u8>> = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .map(|c| c.iter().map(|c| c.to_vec()).collect())
-                .unwrap_or_default();
             let certs = PeerCerts(Arc::new(certs));
             let svc = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
                 let app = app.clone();
@@ -78,8 +53,9 @@ pub async fn serve_https(
             {
                 tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 /// A JSON response with Azure's content type.

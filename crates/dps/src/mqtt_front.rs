@@ -39,42 +39,19 @@ pub async fn serve_mqtt(
     handshake_timeout: Duration,
     max_connections: usize,
 ) {
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "MQTT accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+    crate::tls::accept_each(listener, "mqtt", move |tcp, peer| {
         let acceptor = acceptor.clone();
         let app = app.clone();
-        tokio::spawn(async move {
+        async move {
             let Some(_guard) = conn_guard(max_connections) else {
                 tracing::warn!(%peer, "MQTT connection refused: max_mqtt_connections reached");
                 return;
             };
-            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    metrics::counter!("dps_tls_handshakes_total", "listener" => "mqtt", "result" => "failure").increment(1);
-                    tracing::debug!(%peer, error = %e, "MQTT TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    metrics::counter!("dps_tls_handshakes_total", "listener" => "mqtt", "result" => "timeout").increment(1);
-                    return;
-                }
+            let Some((tls, certs)) =
+                crate::tls::handshake(&acceptor, tcp, peer, handshake_timeout, "mqtt").await
+            else {
+                return;
             };
-            metrics::counter!("dps_tls_handshakes_total", "listener" => "mqtt", "result" => "success").increment(1);
-            let certs: Vec<Vec<u8>> = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .map(|c| c.iter().map(|c| c.to_vec()).collect())
-                .unwrap_or_default();
             let svc: Arc<dyn DeviceService> = app.engine.clone();
             if let Err(e) = dps_mqtt::serve_connection(
                 tls,
@@ -87,8 +64,9 @@ pub async fn serve_mqtt(
             {
                 tracing::debug!(%peer, error = %e, "MQTT connection closed");
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 /// Serve MQTT over an upgraded WebSocket.

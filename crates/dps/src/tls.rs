@@ -269,3 +269,59 @@ pub fn server_config(pki: &ServerPki, alpn: &[&[u8]]) -> Result<Arc<ServerConfig
     cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     Ok(Arc::new(cfg))
 }
+
+/// Accept TCP connections on `listener` forever; each one (with `TCP_NODELAY`) is served by
+/// `serve` on its own task. Accept errors (e.g. out of file descriptors) are logged and retried.
+pub async fn accept_each<F, Fut>(listener: tokio::net::TcpListener, what: &'static str, serve: F)
+where
+    F: Fn(tokio::net::TcpStream, std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                let _ = tcp.set_nodelay(true);
+                tokio::spawn(serve(tcp, peer));
+            }
+            Err(e) => {
+                tracing::warn!(listener = what, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// The server side of a TLS handshake with a timeout, counted in `dps_tls_handshakes_total`.
+/// Returns the stream and the client's certificate chain (DER, leaf first; empty without one).
+pub async fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    timeout: std::time::Duration,
+    listener: &'static str,
+) -> Option<(
+    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    Vec<Vec<u8>>,
+)> {
+    let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            metrics::counter!("dps_tls_handshakes_total", "listener" => listener, "result" => "failure").increment(1);
+            tracing::debug!(%peer, listener, error = %e, "TLS handshake failed");
+            return None;
+        }
+        Err(_) => {
+            metrics::counter!("dps_tls_handshakes_total", "listener" => listener, "result" => "timeout").increment(1);
+            return None;
+        }
+    };
+    metrics::counter!("dps_tls_handshakes_total", "listener" => listener, "result" => "success")
+        .increment(1);
+    let certs = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.to_vec()).collect())
+        .unwrap_or_default();
+    Some((tls, certs))
+}
