@@ -4,7 +4,7 @@
 
 use crate::app::App;
 use crate::device_api::check_api_version;
-use crate::http::{err, error_response, json_response, param, query_params, read_body};
+use crate::http::{err, json_response, param, query_params, read_body};
 use crate::repo::{enrollment_index, group_index};
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
@@ -954,11 +954,6 @@ async fn query_docs(
         next
     };
     Ok(paged(items, next, item_type, size))
-}
-
-/// Used by the admin API for unexpected failures.
-pub fn unauthorized_response(f: AuthFailure) -> Response<Body> {
-    error_response(&WireError::from(&Error::Unauthorized(f)))
 }
 
 #[cfg(test)]

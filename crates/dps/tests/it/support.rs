@@ -283,8 +283,6 @@ pub fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
     }
 }
 
-pub type Shared<T> = Arc<T>;
-
 // ---------------------------------------------------------------- helpers added by the
 // service-API / auth / registration / vectors suites
 
