@@ -7,6 +7,16 @@
 //! reboot storm) and lets the client honour `retry-after`. The report gives successes, failures
 //! by reason, throughput, latency percentiles (first byte sent to assigned) and, with
 //! `--admin-url`, the server's counters.
+//!
+//! Runs with fresh TLS connections first measure a baseline: bare TCP + TLS handshakes against
+//! the same endpoint with the same concurrency and TLS settings, and nothing else. The report
+//! then gives registrations/s as a fraction of handshakes/s, the ceiling a fresh-connection
+//! registration cannot beat on the same machine.
+//!
+//! The generator runs on a multi-threaded runtime (one worker per CPU, `--threads`), shares one
+//! TLS configuration (root store, verifier, provider) across all simulated devices, and resolves
+//! the HTTPS endpoint once, so that it costs as little as possible next to a server on the same
+//! machine.
 
 use crate::commands::resolve_instance;
 use crate::device::{default_endpoint, device_trust};
@@ -14,11 +24,12 @@ use crate::service::{enc, svc_path, Service};
 use crate::{AttestationArg, Globals, OutputFormat, TransportArg};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use dps_device::{Auth, PollPolicy, ProvisioningClient, Trust};
+use dps_device::{Auth, ClientTls, PollPolicy, ProvisioningClient};
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -88,7 +99,32 @@ pub struct BenchArgs {
     /// Delete the group or enrollments the bench created when done.
     #[arg(long)]
     pub cleanup: bool,
+    /// Runtime worker threads of the load generator (default: the number of CPUs).
+    #[arg(long, value_parser = parse_threads)]
+    pub threads: Option<usize>,
+    /// Skip the TLS handshake baseline that fresh-connection runs measure first.
+    #[arg(long)]
+    pub no_handshake_baseline: bool,
+    /// Handshakes in the baseline, --concurrency at a time (default: the number of devices, at
+    /// most 5000).
+    #[arg(long, conflicts_with = "no_handshake_baseline")]
+    pub baseline_handshakes: Option<usize>,
 }
+
+/// The default number of runtime worker threads: the available parallelism.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+fn parse_threads(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("must be a whole number of at least 1".into()),
+    }
+}
+
+/// Baseline handshakes when `--baseline-handshakes` is not given.
+const DEFAULT_BASELINE_MAX: usize = 5000;
 
 /// One device's credential.
 enum Cred {
@@ -253,7 +289,7 @@ pub(crate) async fn run(g: &Globals, a: BenchArgs) -> Result<ExitCode> {
     let setup_time = setup_started.elapsed();
     if !json_out {
         eprintln!(
-            "bench: {} devices, {} over {}, {}{}, scope {id_scope}, endpoint {endpoint}{} (setup {:.1}s)",
+            "bench: {} devices, {} over {}, {}{}, scope {id_scope}, endpoint {endpoint}{}, {} threads (setup {:.1}s)",
             a.devices,
             a.attestation.as_str(),
             match a.transport {
@@ -267,24 +303,69 @@ pub(crate) async fn run(g: &Globals, a: BenchArgs) -> Result<ExitCode> {
             },
             a.rate.map(|r| format!(", rate {r}/s")).unwrap_or_default(),
             if a.keep_alive { ", kept-alive connections" } else { ", fresh TLS per device" },
+            tokio::runtime::Handle::current().metrics().num_workers(),
             setup_time.as_secs_f64()
         );
     }
 
-    let metrics_before = match &a.admin_url {
-        Some(u) => scrape(u).await.ok(),
-        None => None,
-    };
-
-    // ---- run ----
-    let trust = device_trust(g)?;
-    let roots = trust.root_store()?;
+    // ---- shared client settings ----
+    // One TLS configuration (roots, verifier, provider) for every simulated device, and the
+    // HTTPS endpoint resolved once (MQTT connections are opened by rumqttc, which resolves).
+    let tls = ClientTls::new(&device_trust(g)?)?;
     let policy = PollPolicy {
         override_interval: a.poll_interval_ms.map(Duration::from_millis),
         max_retries: if a.storm { 50 } else { 5 },
         ..Default::default()
     };
-    let devices = Arc::new(devices);
+    let mut fleet = Fleet {
+        devices,
+        endpoint: endpoint.clone(),
+        id_scope: id_scope.clone(),
+        transport: a.transport,
+        tls,
+        connect_addrs: None,
+        policy,
+        timeout: Duration::from_secs(a.timeout),
+    };
+    if a.transport == TransportArg::Https {
+        fleet.pin_addresses().await;
+    }
+    let fleet = Arc::new(fleet);
+    let threads = tokio::runtime::Handle::current().metrics().num_workers();
+
+    // ---- baseline: bare TLS handshakes ----
+    let baseline_n = if a.keep_alive || a.no_handshake_baseline {
+        0
+    } else {
+        a.baseline_handshakes
+            .unwrap_or_else(|| a.devices.min(DEFAULT_BASELINE_MAX))
+    };
+    let baseline = if baseline_n > 0 {
+        if !json_out {
+            eprintln!(
+                "bench: handshake baseline: {baseline_n} TCP + TLS handshakes, concurrency {}",
+                a.concurrency.min(baseline_n)
+            );
+        }
+        let b = handshake_baseline(fleet.clone(), baseline_n, a.concurrency).await;
+        if !json_out {
+            eprintln!(
+                "bench: {:.1} handshakes/s ({} failed) in {:.2}s",
+                b.rate(),
+                b.failures(),
+                b.wall.as_secs_f64()
+            );
+        }
+        Some(b)
+    } else {
+        None
+    };
+
+    // ---- run ----
+    let metrics_before = match &a.admin_url {
+        Some(u) => scrape(u).await.ok(),
+        None => None,
+    };
     let next = Arc::new(AtomicUsize::new(0));
     let done_ok = Arc::new(AtomicUsize::new(0));
     let done_fail = Arc::new(AtomicUsize::new(0));
@@ -297,19 +378,14 @@ pub(crate) async fn run(g: &Globals, a: BenchArgs) -> Result<ExitCode> {
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..workers {
         let ctx = Worker {
-            devices: devices.clone(),
+            fleet: fleet.clone(),
             next: next.clone(),
             ok: done_ok.clone(),
             fail: done_fail.clone(),
-            endpoint: endpoint.clone(),
-            id_scope: id_scope.clone(),
-            transport: a.transport,
-            roots: Trust::Roots(roots.clone()),
-            policy: policy.clone(),
             rate: if a.storm { None } else { a.rate },
             started,
             keep_alive: a.keep_alive,
-            timeout: Duration::from_secs(a.timeout),
+            storm: a.storm,
         };
         set.spawn(ctx.run());
     }
@@ -336,7 +412,8 @@ pub(crate) async fn run(g: &Globals, a: BenchArgs) -> Result<ExitCode> {
     };
 
     // ---- report ----
-    let report = Report::build(&outcomes, wall);
+    let mut report = Report::build(&outcomes, wall);
+    report.baseline = baseline;
     let metrics = match (metrics_before, metrics_after) {
         (before, Some(Ok(after))) => Some(metric_deltas(&before.unwrap_or_default(), &after)),
         (_, Some(Err(e))) => {
@@ -356,6 +433,7 @@ pub(crate) async fn run(g: &Globals, a: BenchArgs) -> Result<ExitCode> {
         v["keepAlive"] = json!(a.keep_alive);
         v["storm"] = json!(a.storm);
         v["concurrency"] = json!(workers);
+        v["threads"] = json!(threads);
         v["setupSeconds"] = json!(setup_time.as_secs_f64());
         if let Some(g) = &created.group {
             v["group"] = json!(g);
@@ -551,22 +629,174 @@ fn issue_leaf(
     Ok((cert.pem().into_bytes(), key.serialize_pem().into_bytes()))
 }
 
-// ---- workers ----
-
-struct Worker {
-    devices: Arc<Vec<Device>>,
-    next: Arc<AtomicUsize>,
-    ok: Arc<AtomicUsize>,
-    fail: Arc<AtomicUsize>,
+/// The simulated fleet and the client settings every device shares.
+struct Fleet {
+    devices: Vec<Device>,
     endpoint: String,
     id_scope: String,
     transport: TransportArg,
-    roots: Trust,
+    /// Built once; symmetric-key devices use it as is, X.509 devices add their certificate.
+    tls: ClientTls,
+    /// HTTPS: the endpoint's addresses, resolved once.
+    connect_addrs: Option<Vec<SocketAddr>>,
     policy: PollPolicy,
+    timeout: Duration,
+}
+
+impl Fleet {
+    fn client(&self, d: &Device) -> Result<ProvisioningClient, dps_device::Error> {
+        let auth = match &d.cred {
+            Cred::Key(k) => Auth::SymmetricKey(k.clone()),
+            Cred::Cert { chain, key } => Auth::X509 {
+                cert_chain_pem: chain.clone(),
+                key_pem: key.clone(),
+            },
+        };
+        let mut b = ProvisioningClient::builder()
+            .global_endpoint(self.endpoint.as_str())
+            .id_scope(self.id_scope.as_str())
+            .registration_id(d.id.as_str())
+            .auth(auth)
+            .transport(self.transport.into())
+            .tls(self.tls.clone())
+            .poll_policy(self.policy.clone())
+            .timeout(self.timeout);
+        if let Some(addrs) = &self.connect_addrs {
+            b = b.connect_addrs(addrs.clone());
+        }
+        b.build()
+    }
+
+    /// Resolve the endpoint once, so that the simulated devices neither resolve the name nor
+    /// try an unreachable address on every connection. With several addresses, the first one a
+    /// TLS handshake succeeds with goes first. Left unpinned when the name does not resolve (the
+    /// devices then report the error).
+    async fn pin_addresses(&mut self) {
+        let Ok((host, port)) = dps_device::split_host_port(&self.endpoint) else {
+            return;
+        };
+        let port = port.unwrap_or(dps_device::Transport::from(self.transport).default_port());
+        let Ok(found) = tokio::net::lookup_host((host.as_str(), port)).await else {
+            return;
+        };
+        let mut addrs: Vec<SocketAddr> = found.collect();
+        if addrs.len() > 1 {
+            for i in 0..addrs.len() {
+                self.connect_addrs = Some(vec![addrs[i]]);
+                let reachable = match self.devices.first().map(|d| self.client(d)) {
+                    Some(Ok(c)) => c.tls_handshake().await.is_ok(),
+                    _ => false,
+                };
+                if reachable {
+                    addrs[..=i].rotate_right(1);
+                    break;
+                }
+            }
+        }
+        self.connect_addrs = (!addrs.is_empty()).then_some(addrs);
+    }
+}
+
+// ---- handshake baseline ----
+
+/// The bare TLS handshake baseline.
+#[derive(Debug, Clone)]
+struct Baseline {
+    /// Handshakes attempted.
+    attempted: usize,
+    /// Handshakes in flight at once.
+    concurrency: usize,
+    /// Handshake times (TCP connect to handshake complete) of the successful ones, sorted.
+    latencies: Vec<Duration>,
+    /// Failed handshakes by reason.
+    by_reason: BTreeMap<String, usize>,
+    wall: Duration,
+}
+
+impl Baseline {
+    fn successes(&self) -> usize {
+        self.latencies.len()
+    }
+    fn failures(&self) -> usize {
+        self.attempted - self.successes()
+    }
+    /// Successful handshakes per second.
+    fn rate(&self) -> f64 {
+        if self.wall.as_secs_f64() > 0.0 {
+            self.successes() as f64 / self.wall.as_secs_f64()
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Open `n` fresh TCP + TLS connections to the device endpoint, `concurrency` at a time, with the
+/// devices' TLS settings (the device's certificate for X.509; the MQTT port and settings for
+/// MQTT), complete each handshake and close the connection without sending anything.
+async fn handshake_baseline(fleet: Arc<Fleet>, n: usize, concurrency: usize) -> Baseline {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let concurrency = concurrency.min(n).max(1);
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let fleet = fleet.clone();
+        let next = next.clone();
+        set.spawn(async move {
+            let mut lat = Vec::new();
+            let mut failed: Vec<String> = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                let d = &fleet.devices[i % fleet.devices.len()];
+                let r = match fleet.client(d) {
+                    Ok(c) => c.tls_handshake().await,
+                    Err(e) => Err(e),
+                };
+                match r {
+                    Ok(t) => lat.push(t),
+                    Err(e) => failed.push(e.reason()),
+                }
+            }
+            (lat, failed)
+        });
+    }
+    let mut latencies = Vec::with_capacity(n);
+    let mut by_reason: BTreeMap<String, usize> = BTreeMap::new();
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok((lat, failed)) => {
+                latencies.extend(lat);
+                for f in failed {
+                    *by_reason.entry(f).or_default() += 1;
+                }
+            }
+            Err(e) => *by_reason.entry(format!("panic: {e}")).or_default() += 1,
+        }
+    }
+    let wall = started.elapsed();
+    latencies.sort();
+    Baseline {
+        attempted: n,
+        concurrency,
+        latencies,
+        by_reason,
+        wall,
+    }
+}
+
+// ---- workers ----
+
+struct Worker {
+    fleet: Arc<Fleet>,
+    next: Arc<AtomicUsize>,
+    ok: Arc<AtomicUsize>,
+    fail: Arc<AtomicUsize>,
     rate: Option<f64>,
     started: Instant,
     keep_alive: bool,
-    timeout: Duration,
+    storm: bool,
 }
 
 /// A cheap per-device jitter (no RNG dependency): a hash of the registration id and the clock.
@@ -579,32 +809,13 @@ fn rand_jitter(id: &str) -> u32 {
 }
 
 impl Worker {
-    fn client(&self, d: &Device) -> Result<ProvisioningClient, dps_device::Error> {
-        let auth = match &d.cred {
-            Cred::Key(k) => Auth::SymmetricKey(k.clone()),
-            Cred::Cert { chain, key } => Auth::X509 {
-                cert_chain_pem: chain.clone(),
-                key_pem: key.clone(),
-            },
-        };
-        ProvisioningClient::builder()
-            .global_endpoint(self.endpoint.as_str())
-            .id_scope(self.id_scope.as_str())
-            .registration_id(d.id.as_str())
-            .auth(auth)
-            .transport(self.transport.into())
-            .trust(self.roots.clone())
-            .poll_policy(self.policy.clone())
-            .timeout(self.timeout)
-            .build()
-    }
-
     async fn run(self) -> Vec<Outcome> {
+        let fleet = self.fleet.clone();
         let mut out = Vec::new();
         let mut session: Option<dps_device::HttpsSession> = None;
         loop {
             let i = self.next.fetch_add(1, Ordering::Relaxed);
-            let Some(d) = self.devices.get(i) else {
+            let Some(d) = fleet.devices.get(i) else {
                 break;
             };
             if let Some(rate) = self.rate {
@@ -614,7 +825,7 @@ impl Worker {
             let res = if self.keep_alive {
                 let s = match &mut session {
                     Some(s) => Ok(s),
-                    None => self.client(d).map(|c| session.insert(c.https_session())),
+                    None => fleet.client(d).map(|c| session.insert(c.https_session())),
                 };
                 match s {
                     Ok(s) => {
@@ -622,7 +833,7 @@ impl Worker {
                             Cred::Key(k) => Some(k.as_str()),
                             Cred::Cert { .. } => None,
                         };
-                        match tokio::time::timeout(self.timeout, s.register_once(&d.id, key, None))
+                        match tokio::time::timeout(fleet.timeout, s.register_once(&d.id, key, None))
                             .await
                         {
                             Ok(r) => r,
@@ -631,13 +842,13 @@ impl Worker {
                     }
                     Err(e) => Err(e),
                 }
-            } else if self.rate.is_none() && self.policy.max_retries >= 50 {
+            } else if self.storm {
                 // Reboot storm: like a real device, retry a connection that timed out or broke
                 // (with a jittered backoff) until the per-device deadline, instead of giving up.
-                let deadline = Instant::now() + self.timeout;
+                let deadline = Instant::now() + fleet.timeout;
                 let mut backoff = Duration::from_millis(500);
                 loop {
-                    let r = match self.client(d) {
+                    let r = match fleet.client(d) {
                         Ok(c) => c.register().await,
                         Err(e) => Err(e),
                     };
@@ -659,7 +870,7 @@ impl Worker {
                     }
                 }
             } else {
-                match self.client(d) {
+                match fleet.client(d) {
                     Ok(c) => c.register().await,
                     Err(e) => Err(e),
                 }
@@ -750,6 +961,8 @@ struct Report {
     mean: Duration,
     retries: u64,
     polls: u64,
+    /// The bare TLS handshake baseline (fresh-connection runs).
+    baseline: Option<Baseline>,
 }
 
 /// The q-quantile (0..=1) of sorted values (nearest rank).
@@ -813,7 +1026,21 @@ impl Report {
                 .map(|o| u64::from(o.attempts.saturating_sub(1)))
                 .sum(),
             polls: outcomes.iter().map(|o| u64::from(o.polls)).sum(),
+            baseline: None,
         }
+    }
+
+    /// Baseline handshakes per second (`None` without a baseline or when none succeeded).
+    fn handshakes_per_second(&self) -> Option<f64> {
+        self.baseline
+            .as_ref()
+            .map(Baseline::rate)
+            .filter(|r| *r > 0.0)
+    }
+
+    /// Registrations per second ÷ baseline handshakes per second.
+    fn ratio_to_handshakes(&self) -> Option<f64> {
+        self.handshakes_per_second().map(|h| self.throughput / h)
     }
 
     fn to_json(&self) -> Value {
@@ -829,6 +1056,17 @@ impl Report {
             "latencyMs": {"p50": ms(self.p50), "p90": ms(self.p90), "p99": ms(self.p99), "max": ms(self.max), "mean": ms(self.mean)},
             "throttleRetries": self.retries,
             "polls": self.polls,
+            "handshakesPerSecond": self.handshakes_per_second(),
+            "ratioToHandshakes": self.ratio_to_handshakes(),
+            "handshakeBaseline": self.baseline.as_ref().map(|b| json!({
+                "handshakes": b.attempted,
+                "concurrency": b.concurrency,
+                "successes": b.successes(),
+                "failures": b.failures(),
+                "failuresByReason": b.by_reason.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+                "wallSeconds": b.wall.as_secs_f64(),
+                "latencyMs": {"p50": ms(percentile(&b.latencies, 0.50)), "p90": ms(percentile(&b.latencies, 0.90)), "p99": ms(percentile(&b.latencies, 0.99))},
+            })),
         })
     }
 
@@ -854,6 +1092,28 @@ impl Report {
             vec!["polls".into(), self.polls.to_string()],
             vec!["retries (429/5xx)".into(), self.retries.to_string()],
         ];
+        if let Some(b) = &self.baseline {
+            rows.push(vec![
+                "TLS handshakes (baseline)".into(),
+                format!(
+                    "{:.1} handshakes/s ({} of {} ok, p50 {})",
+                    b.rate(),
+                    b.successes(),
+                    b.attempted,
+                    ms(percentile(&b.latencies, 0.50))
+                ),
+            ]);
+            for (r, n) in &b.by_reason {
+                rows.push(vec![format!("handshake failed: {r}"), n.to_string()]);
+            }
+            rows.push(vec![
+                "registrations/handshakes".into(),
+                match self.ratio_to_handshakes() {
+                    Some(q) => format!("{:.1} %", q * 100.0),
+                    None => "-".into(),
+                },
+            ]);
+        }
         for (r, n) in &self.by_reason {
             rows.push(vec![format!("failed: {r}"), n.to_string()]);
         }
@@ -986,7 +1246,59 @@ mod tests {
         assert!((r.throughput - 3.0).abs() < 1e-9);
         let j = r.to_json();
         assert_eq!(j["failuresByReason"]["tls"], 1);
+        assert!(j["handshakesPerSecond"].is_null());
+        assert!(j["ratioToHandshakes"].is_null());
+        assert!(j["handshakeBaseline"].is_null());
         assert!(r.to_text().contains("failed: throttled"));
+        assert!(!r.to_text().contains("handshakes"));
+    }
+
+    #[test]
+    fn report_ratio_to_handshakes() {
+        let ok = Outcome {
+            ok: true,
+            reason: None,
+            latency: Duration::from_millis(5),
+            attempts: 1,
+            polls: 0,
+            hub: Some("h".into()),
+        };
+        let mut r = Report::build(&vec![ok; 300], Duration::from_secs(1));
+        let mut by_reason = BTreeMap::new();
+        by_reason.insert("tls".to_string(), 1);
+        r.baseline = Some(Baseline {
+            attempted: 1001,
+            concurrency: 8,
+            latencies: vec![Duration::from_millis(2); 1000],
+            by_reason,
+            wall: Duration::from_secs(2),
+        });
+        let j = r.to_json();
+        assert!((j["handshakesPerSecond"].as_f64().unwrap() - 500.0).abs() < 1e-9);
+        assert!((j["ratioToHandshakes"].as_f64().unwrap() - 0.6).abs() < 1e-9);
+        assert_eq!(j["handshakeBaseline"]["failures"], 1);
+        assert_eq!(j["handshakeBaseline"]["failuresByReason"]["tls"], 1);
+        assert_eq!(j["handshakeBaseline"]["latencyMs"]["p50"], 2.0);
+        let t = r.to_text();
+        assert!(t.contains("500.0 handshakes/s"), "{t}");
+        assert!(t.contains("60.0 %"), "{t}");
+        // No successful handshake: no rate, no ratio.
+        r.baseline = Some(Baseline {
+            attempted: 3,
+            concurrency: 1,
+            latencies: vec![],
+            by_reason: BTreeMap::new(),
+            wall: Duration::from_secs(1),
+        });
+        assert!(r.to_json()["ratioToHandshakes"].is_null());
+    }
+
+    #[test]
+    fn threads_must_be_positive() {
+        assert_eq!(parse_threads("3"), Ok(3));
+        assert!(parse_threads("0").is_err());
+        assert!(parse_threads("x").is_err());
+        assert!(default_threads() >= 1);
     }
 
     #[test]
@@ -1039,6 +1351,9 @@ mod tests {
             ca_key: None,
             timeout: 1,
             cleanup: false,
+            threads: None,
+            no_handshake_baseline: false,
+            baseline_handshakes: None,
         };
         let (issuer, ca_pem) = load_or_make_ca(&a).unwrap();
         assert!(ca_pem.contains("BEGIN CERTIFICATE"));

@@ -693,10 +693,17 @@ pub fn run(cli: Cli) -> ExitCode {
         url: cli.url,
         ca_file: cli.ca_file,
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // The load generator runs on every core (or `--threads`); every other command on one thread.
+    let rt = match &cli.command {
+        Command::Bench(a) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(a.threads.unwrap_or_else(bench::default_threads))
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    };
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -798,6 +805,32 @@ mod tests {
             "--create-group",
         ]);
         assert!(matches!(c.command, Command::Bench(_)));
+        match parse(&[
+            "bench",
+            "--create-group",
+            "--threads",
+            "2",
+            "--baseline-handshakes",
+            "10",
+        ])
+        .command
+        {
+            Command::Bench(b) => {
+                assert_eq!(b.threads, Some(2));
+                assert_eq!(b.baseline_handshakes, Some(10));
+                assert!(!b.no_handshake_baseline);
+            }
+            _ => panic!("not bench"),
+        }
+        assert!(Cli::try_parse_from(["dps", "bench", "--threads", "0"]).is_err());
+        assert!(Cli::try_parse_from([
+            "dps",
+            "bench",
+            "--no-handshake-baseline",
+            "--baseline-handshakes",
+            "5"
+        ])
+        .is_err());
         assert!(Cli::try_parse_from([
             "dps",
             "enrollment",

@@ -1,14 +1,16 @@
 //! The provisioning client and its builder.
 
 use crate::https::HttpsSession;
-use crate::tls::{client_config, parse_identity, Trust};
+use crate::tls::{parse_identity, ClientTls, Trust};
 use crate::wire::DEFAULT_API_VERSION;
 use crate::Error;
 use dps_core::model::{DeviceRegistrationState, RegistrationOperationStatus, RegistrationStatus};
-use rustls::ClientConfig;
+use hyper::header::HeaderValue;
+use rustls_pki_types::ServerName;
 use serde_json::Value;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How the device proves who it is.
 #[derive(Clone)]
@@ -205,6 +207,12 @@ pub(crate) fn interpret(
 pub(crate) struct Endpoint {
     pub host: String,
     pub port: u16,
+    /// The TLS server name (SNI and certificate verification), parsed once.
+    pub server_name: ServerName<'static>,
+    /// The HTTP `Host` header, built once.
+    pub host_header: HeaderValue,
+    /// Connect to these addresses instead of resolving `host` (HTTPS).
+    pub connect_addrs: Option<Vec<SocketAddr>>,
     pub id_scope: String,
     pub api_version: String,
     pub connect_timeout: Duration,
@@ -213,14 +221,15 @@ pub(crate) struct Endpoint {
     pub sas_ttl: Duration,
 }
 
-impl Endpoint {
-    pub fn host_header(&self) -> String {
-        if self.port == 443 {
-            self.host.clone()
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
-    }
+/// The HTTP `Host` header for `host` and `port` (IPv6 literals in brackets, port 443 omitted).
+fn host_header(host: &str, port: u16) -> Result<HeaderValue, Error> {
+    let h = match (host.contains(':'), port) {
+        (false, 443) => host.to_string(),
+        (true, 443) => format!("[{host}]"),
+        (false, p) => format!("{host}:{p}"),
+        (true, p) => format!("[{host}]:{p}"),
+    };
+    HeaderValue::try_from(h).map_err(|_| Error::Config(format!("bad host name '{host}'")))
 }
 
 /// A device provisioning client: one device identity, one endpoint.
@@ -233,8 +242,7 @@ pub struct ProvisioningClient {
     pub(crate) registration_id: String,
     /// The device's symmetric key (derived already for group keys); `None` for X.509.
     pub(crate) key: Option<String>,
-    pub(crate) tls_https: Arc<ClientConfig>,
-    pub(crate) tls_mqtt: Arc<ClientConfig>,
+    pub(crate) tls: ClientTls,
     pub(crate) payload: Option<Value>,
     pub(crate) total_timeout: Duration,
 }
@@ -288,7 +296,7 @@ impl ProvisioningClient {
                 Transport::Mqtt => {
                     crate::mqtt::register(
                         &self.ep,
-                        self.tls_mqtt.clone(),
+                        self.tls.mqtt.clone(),
                         &self.registration_id,
                         self.key.as_deref(),
                         self.payload.as_ref(),
@@ -307,7 +315,27 @@ impl ProvisioningClient {
     /// registrations over one connection (see [`HttpsSession::register_once`]). It connects
     /// lazily and reconnects when the server closes the connection.
     pub fn https_session(&self) -> HttpsSession {
-        HttpsSession::new(self.ep.clone(), self.tls_https.clone())
+        HttpsSession::new(self.ep.clone(), self.tls.https.clone())
+    }
+
+    /// Open a fresh TCP connection to the device endpoint, complete the TLS handshake with this
+    /// client's transport settings (port, ALPN, server verification, client certificate for
+    /// X.509) and close it without sending anything: the cost of the bare handshake, a baseline
+    /// for load tests. Returns the time from the TCP connect to the handshake's completion (the
+    /// client's last flight written).
+    ///
+    /// HTTPS connects like [`ProvisioningClient::register`] (to the addresses given with
+    /// [`ProvisioningClientBuilder::connect_addrs`], if any); MQTT resolves the host on every
+    /// connection, as the MQTT registration does.
+    pub async fn tls_handshake(&self) -> Result<Duration, Error> {
+        let started = Instant::now();
+        let stream = match self.transport {
+            Transport::Https => crate::tls::connect_tls(&self.ep, &self.tls.https, true).await?,
+            Transport::Mqtt => crate::tls::connect_tls(&self.ep, &self.tls.mqtt, false).await?,
+        };
+        let elapsed = started.elapsed();
+        drop(stream);
+        Ok(elapsed)
     }
 }
 
@@ -321,6 +349,8 @@ pub struct ProvisioningClientBuilder {
     auth: Option<Auth>,
     transport: Transport,
     trust: Trust,
+    tls: Option<ClientTls>,
+    connect_addrs: Option<Vec<SocketAddr>>,
     payload: Option<Value>,
     api_version: Option<String>,
     connect_timeout: Option<Duration>,
@@ -364,6 +394,22 @@ impl ProvisioningClientBuilder {
     /// Which server certificates to trust (default: the system roots).
     pub fn trust(mut self, trust: Trust) -> Self {
         self.trust = trust;
+        self
+    }
+    /// Use TLS settings prepared once with [`ClientTls::new`] and shared with other clients
+    /// (instead of building them from [`ProvisioningClientBuilder::trust`], which is then
+    /// ignored). Symmetric-key clients then cost no TLS set-up at all; X.509 clients only load
+    /// their own certificate and key.
+    pub fn tls(mut self, tls: ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+    /// HTTPS: connect to these addresses (tried in order) instead of resolving the endpoint's
+    /// host on every connection. The host is still the TLS server name and the `Host` header.
+    /// (MQTT connections are opened by rumqttc, which always resolves the host.)
+    pub fn connect_addrs(mut self, addrs: impl Into<Vec<SocketAddr>>) -> Self {
+        let addrs = addrs.into();
+        self.connect_addrs = (!addrs.is_empty()).then_some(addrs);
         self
     }
     /// A custom payload sent with the registration (any JSON).
@@ -428,7 +474,13 @@ impl ProvisioningClientBuilder {
         let auth = self
             .auth
             .ok_or_else(|| Error::Config("a credential (key or certificate) is required".into()))?;
-        let roots = self.trust.root_store()?;
+        let server_name = ServerName::try_from(host.clone())
+            .map_err(|e| Error::Config(format!("bad host name '{host}': {e}")))?;
+        let host_header = host_header(&host, port)?;
+        let tls = match self.tls {
+            Some(t) => t,
+            None => ClientTls::new(&self.trust)?,
+        };
         let (key, identity) = match auth {
             Auth::SymmetricKey(k) => {
                 if !dps_core::sas::valid_key(&k) {
@@ -448,13 +500,17 @@ impl ProvisioningClientBuilder {
                 key_pem,
             } => (None, Some(parse_identity(&cert_chain_pem, &key_pem)?)),
         };
-        let identity2 = identity.as_ref().map(|(c, k)| (c.clone(), k.clone_key()));
-        let tls_https = client_config(roots.clone(), identity2, &[b"http/1.1"])?;
-        let tls_mqtt = client_config(roots, identity, &[])?;
+        let tls = match identity {
+            Some((certs, key)) => tls.with_identity(certs, key)?,
+            None => tls,
+        };
         Ok(ProvisioningClient {
             ep: Arc::new(Endpoint {
                 host,
                 port,
+                server_name,
+                host_header,
+                connect_addrs: self.connect_addrs,
                 id_scope,
                 api_version: self
                     .api_version
@@ -467,8 +523,7 @@ impl ProvisioningClientBuilder {
             transport: self.transport,
             registration_id,
             key,
-            tls_https,
-            tls_mqtt,
+            tls,
             payload: self.payload,
             total_timeout: self.total_timeout.unwrap_or(Duration::from_secs(300)),
         })
@@ -620,6 +675,49 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(p.poll_wait(Some(Duration::ZERO)), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn host_headers() {
+        assert_eq!(host_header("h", 443).unwrap(), "h");
+        assert_eq!(host_header("h", 8443).unwrap(), "h:8443");
+        assert_eq!(host_header("::1", 8443).unwrap(), "[::1]:8443");
+        assert_eq!(host_header("::1", 443).unwrap(), "[::1]");
+    }
+
+    #[test]
+    fn shared_tls_is_reused_not_rebuilt() {
+        let tls = ClientTls::from_roots(Arc::new(rustls::RootCertStore::empty())).unwrap();
+        let build = |rid: &str, t: Transport| {
+            ProvisioningClient::builder()
+                .global_endpoint("localhost:8443")
+                .transport(t)
+                .id_scope("0ne1")
+                .registration_id(rid)
+                .auth(Auth::GroupKey(dps_core::sas::generate_key()))
+                .tls(tls.clone())
+                .connect_addrs(vec![SocketAddr::from(([127, 0, 0, 1], 8443))])
+                .build()
+                .unwrap()
+        };
+        let (a, b) = (build("a", Transport::Https), build("b", Transport::Mqtt));
+        assert!(Arc::ptr_eq(&a.tls.https, &b.tls.https));
+        assert!(Arc::ptr_eq(&a.tls.mqtt, &tls.mqtt));
+        assert_eq!(a.tls.https.alpn_protocols, vec![b"http/1.1".to_vec()]);
+        assert!(a.tls.mqtt.alpn_protocols.is_empty());
+        assert!(!a.tls.https.client_auth_cert_resolver.has_certs());
+        assert_eq!(a.ep.host_header, "localhost:8443");
+        assert_eq!(a.ep.connect_addrs.as_ref().map(Vec::len), Some(1));
+        // A bad host name is a configuration error at build time.
+        let e = ProvisioningClient::builder()
+            .global_endpoint("bad host")
+            .id_scope("0ne1")
+            .registration_id("d")
+            .auth(Auth::GroupKey(dps_core::sas::generate_key()))
+            .tls(tls.clone())
+            .build()
+            .unwrap_err();
+        assert!(matches!(e, Error::Config(_)), "{e:?}");
     }
 
     #[test]

@@ -7,17 +7,16 @@ use bytes::Bytes;
 use dps_core::model::{DeviceRegistration, RegistrationStatus};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, RETRY_AFTER, USER_AGENT};
-use hyper::{Method, Request};
+use hyper::header::{
+    HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, RETRY_AFTER, USER_AGENT,
+};
+use hyper::{Method, Request, Uri};
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
-use rustls_pki_types::ServerName;
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsConnector;
 
 /// One HTTPS connection to the device endpoint, reused for any number of registrations
 /// ("kept-alive connections"). Connects on first use and reconnects when the server closes it.
@@ -59,29 +58,11 @@ impl HttpsSession {
     }
 
     async fn connect(&mut self) -> Result<(), Error> {
-        let ep = &self.ep;
-        let work = async {
-            let tcp = TcpStream::connect((ep.host.as_str(), ep.port))
-                .await
-                .map_err(|e| {
-                    Error::Transport(format!("cannot connect to {}:{}: {e}", ep.host, ep.port))
-                })?;
-            let _ = tcp.set_nodelay(true);
-            let name = ServerName::try_from(ep.host.clone())
-                .map_err(|e| Error::Config(format!("bad host name '{}': {e}", ep.host)))?;
-            let tls = TlsConnector::from(self.tls.clone())
-                .connect(name, tcp)
-                .await
-                .map_err(|e| crate::tls::describe_tls_error(&e))?;
-            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-                .await
-                .map_err(|e| Error::Transport(e.to_string()))?;
-            Ok::<_, Error>((sender, conn))
-        };
-        let (sender, conn) = match tokio::time::timeout(ep.connect_timeout, work).await {
-            Ok(r) => r?,
-            Err(_) => return Err(Error::Timeout),
-        };
+        let tls = crate::tls::connect_tls(&self.ep, &self.tls, true).await?;
+        // The HTTP/1 client handshake does no I/O: it only sets the connection up.
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| Error::Transport(e.to_string()))?;
         let task = tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -93,10 +74,10 @@ impl HttpsSession {
     /// Send one request; reconnect once if a kept-alive connection turned out to be closed.
     async fn send(
         &mut self,
-        method: Method,
-        path: &str,
-        auth: Option<&str>,
-        body: Bytes,
+        method: &Method,
+        uri: &Uri,
+        auth: Option<&HeaderValue>,
+        body: &Bytes,
         fresh: &mut bool,
     ) -> Result<Response, Error> {
         for attempt in 0..2 {
@@ -119,21 +100,22 @@ impl HttpsSession {
                 }
                 return Err(Error::Transport("connection closed".into()));
             }
-            let mut req = Request::builder()
-                .method(method.clone())
-                .uri(path)
-                .header(HOST, self.ep.host_header())
-                .header(USER_AGENT, CLIENT_VERSION)
-                .header(ACCEPT, "application/json");
+            let mut req = Request::new(Full::new(body.clone()));
+            *req.method_mut() = method.clone();
+            *req.uri_mut() = uri.clone();
+            let h = req.headers_mut();
+            h.insert(HOST, self.ep.host_header.clone());
+            h.insert(USER_AGENT, HeaderValue::from_static(CLIENT_VERSION));
+            h.insert(ACCEPT, HeaderValue::from_static("application/json"));
             if !body.is_empty() {
-                req = req.header(CONTENT_TYPE, "application/json; charset=utf-8");
+                h.insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("application/json; charset=utf-8"),
+                );
             }
             if let Some(a) = auth {
-                req = req.header(AUTHORIZATION, a);
+                h.insert(AUTHORIZATION, a.clone());
             }
-            let req = req
-                .body(Full::new(body.clone()))
-                .map_err(|e| Error::Config(format!("bad request: {e}")))?;
             let exchange = async {
                 let resp = sender.send_request(req).await?;
                 let status = resp.status().as_u16();
@@ -181,10 +163,14 @@ impl HttpsSession {
         let started = Instant::now();
         let mut timing = Timing::default();
         let auth = match key {
-            Some(k) => Some(
-                device_sas(&ep.id_scope, registration_id, k, ep.sas_ttl)
-                    .ok_or_else(|| Error::Config("the device key is not valid base64".into()))?,
-            ),
+            Some(k) => {
+                let sas = device_sas(&ep.id_scope, registration_id, k, ep.sas_ttl)
+                    .ok_or_else(|| Error::Config("the device key is not valid base64".into()))?;
+                Some(
+                    HeaderValue::try_from(sas)
+                        .map_err(|e| Error::Config(format!("bad SAS token: {e}")))?,
+                )
+            }
             None => None,
         };
         let body = serde_json::to_vec(&DeviceRegistration {
@@ -194,34 +180,27 @@ impl HttpsSession {
         })
         .map_err(|e| Error::Config(e.to_string()))?;
         let body = Bytes::from(body);
-        let register = register_path(&ep.id_scope, registration_id, &ep.api_version);
-        let mut operation: Option<String> = None;
+        let register = path_uri(register_path(
+            &ep.id_scope,
+            registration_id,
+            &ep.api_version,
+        ))?;
+        let no_body = Bytes::new();
+        // The operation being polled and its status URI.
+        let mut operation: Option<(String, Uri)> = None;
         let mut retries = 0u32;
         let mut fresh = false;
         loop {
             let resp = match &operation {
                 None => {
                     timing.attempts += 1;
-                    self.send(
-                        Method::PUT,
-                        &register,
-                        auth.as_deref(),
-                        body.clone(),
-                        &mut fresh,
-                    )
-                    .await?
+                    self.send(&Method::PUT, &register, auth.as_ref(), &body, &mut fresh)
+                        .await?
                 }
-                Some(op) => {
+                Some((_, uri)) => {
                     timing.polls += 1;
-                    let path = operation_path(&ep.id_scope, registration_id, op, &ep.api_version);
-                    self.send(
-                        Method::GET,
-                        &path,
-                        auth.as_deref(),
-                        Bytes::new(),
-                        &mut fresh,
-                    )
-                    .await?
+                    self.send(&Method::GET, uri, auth.as_ref(), &no_body, &mut fresh)
+                        .await?
                 }
             };
             match interpret(resp.status, &resp.body, resp.retry_after, &ep.policy)? {
@@ -237,7 +216,15 @@ impl HttpsSession {
                 }
                 Step::Poll(op, wait) => {
                     retries = 0;
-                    operation = Some(op);
+                    if operation.as_ref().is_none_or(|(o, _)| *o != op) {
+                        let uri = path_uri(operation_path(
+                            &ep.id_scope,
+                            registration_id,
+                            &op,
+                            &ep.api_version,
+                        ))?;
+                        operation = Some((op, uri));
+                    }
                     tokio::time::sleep(wait).await;
                 }
                 Step::Retry(wait, err) => {
@@ -251,6 +238,11 @@ impl HttpsSession {
             }
         }
     }
+}
+
+/// A request path as a URI (parsed once, cloned cheaply for retries).
+fn path_uri(path: String) -> Result<Uri, Error> {
+    Uri::try_from(path).map_err(|e| Error::Config(format!("bad request path: {e}")))
 }
 
 impl Drop for HttpsSession {

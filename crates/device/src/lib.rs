@@ -38,7 +38,9 @@
 //! ```
 //!
 //! For many registrations over one kept-alive connection (load generators), use
-//! [`ProvisioningClient::https_session`] and [`HttpsSession::register_once`].
+//! [`ProvisioningClient::https_session`] and [`HttpsSession::register_once`]. For many clients,
+//! prepare the TLS settings once with [`ClientTls::new`] and give them to every builder with
+//! [`ProvisioningClientBuilder::tls`].
 //!
 //! Every [`RegistrationResult`] carries a [`Timing`]: the time from the first byte sent to the
 //! final answer, and how many register attempts and polls it took.
@@ -57,4 +59,4 @@ pub use client::{
 pub use dps_core::model::{DeviceRegistrationState, RegistrationStatus, Substatus};
 pub use error::Error;
 pub use https::HttpsSession;
-pub use tls::Trust;
+pub use tls::{ClientTls, Trust};

@@ -74,6 +74,8 @@ pub(crate) async fn register(
     eventloop
         .network_options
         .set_connection_timeout(ep.connect_timeout.as_secs().max(1));
+    // As over HTTPS: small request/response packets must not wait for Nagle.
+    eventloop.network_options.set_tcp_nodelay(true);
     client
         .try_subscribe(RESPONSE_FILTER, QoS::AtLeastOnce)
         .map_err(|e| Error::Transport(e.to_string()))?;

@@ -1,12 +1,18 @@
 //! TLS client configuration (rustls with the aws-lc-rs provider only).
 
+use crate::client::Endpoint;
 use crate::Error;
-use rustls::client::Resumption;
+use rustls::client::{ResolvesClientCert, Resumption};
+use rustls::crypto::CryptoProvider;
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 
 /// Which server certificates the device trusts.
 #[derive(Clone, Debug, Default)]
@@ -94,28 +100,177 @@ pub fn parse_identity(
     Ok((certs, key))
 }
 
+/// The aws-lc-rs crypto provider, built once per process and shared by every configuration.
+pub(crate) fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .clone()
+}
+
+/// A configuration without client certificate: the shared provider, the safe default protocol
+/// versions (TLS 1.3 and 1.2), webpki verification of the server against `roots`, no ALPN and no
+/// session resumption (every simulated device is a fresh client).
+fn base_config(roots: Arc<RootCertStore>) -> Result<ClientConfig, Error> {
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.resumption = Resumption::disabled();
+    Ok(cfg)
+}
+
+/// Load a client certificate chain and its key (checks that they belong together).
+fn cert_resolver(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    provider: &CryptoProvider,
+) -> Result<Arc<dyn ResolvesClientCert>, Error> {
+    let ck = CertifiedKey::from_der(certs, key, provider)
+        .map_err(|e| Error::Config(format!("client certificate and key do not fit: {e}")))?;
+    Ok(Arc::new(SingleCertAndKey::from(ck)))
+}
+
 /// Build a rustls client configuration: aws-lc-rs provider, the given roots, an optional client
 /// certificate, ALPN and no session resumption (every simulated device is a fresh client).
+///
+/// Each call builds a new server verifier; to share one across many clients use [`ClientTls`].
 pub fn client_config(
     roots: Arc<RootCertStore>,
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     alpn: &[&[u8]],
 ) -> Result<Arc<ClientConfig>, Error> {
-    let builder = ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| Error::Tls(e.to_string()))?
-    .with_root_certificates(roots);
-    let mut cfg = match identity {
-        Some((certs, key)) => builder
-            .with_client_auth_cert(certs, key)
-            .map_err(|e| Error::Config(format!("client certificate and key do not fit: {e}")))?,
-        None => builder.with_no_client_auth(),
-    };
+    let mut cfg = base_config(roots)?;
+    if let Some((certs, key)) = identity {
+        cfg.client_auth_cert_resolver = cert_resolver(certs, key, cfg.crypto_provider())?;
+    }
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    cfg.resumption = Resumption::disabled();
     Ok(Arc::new(cfg))
+}
+
+/// TLS client settings prepared once and shared by any number of clients (load generators,
+/// gateways provisioning many devices): the root store, the server certificate verifier and the
+/// crypto provider are built once; the HTTPS (ALPN `http/1.1`) and MQTT (no ALPN) configurations
+/// are shared as they are by symmetric-key clients. X.509 clients get their own configurations
+/// from [`ClientTls::with_identity`], which reuse the same verifier and provider.
+///
+/// Server certificates are always verified against the trust roots.
+///
+/// ```no_run
+/// use dps_device::{Auth, ClientTls, ProvisioningClient, Trust};
+/// # fn run() -> Result<(), dps_device::Error> {
+/// let tls = ClientTls::new(&Trust::pem_file("dps-data/ca.pem")?)?;
+/// for i in 0..1000 {
+///     let client = ProvisioningClient::builder()
+///         .global_endpoint("localhost:8443")
+///         .id_scope("0ne00000A0A")
+///         .registration_id(format!("sensor-{i:04}"))
+///         .auth(Auth::GroupKey("Jsm0lyGpjaVYVP2g3FnmnmG9dI/9qU24wNoykUmermc=".into()))
+///         .tls(tls.clone())
+///         .build()?;
+///     # let _ = client;
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct ClientTls {
+    pub(crate) https: Arc<ClientConfig>,
+    pub(crate) mqtt: Arc<ClientConfig>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field(
+                "client_certificate",
+                &self.https.client_auth_cert_resolver.has_certs(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// Prepare the settings for `trust` (reads the system roots and parses the PEM once).
+    pub fn new(trust: &Trust) -> Result<ClientTls, Error> {
+        ClientTls::from_roots(trust.root_store()?)
+    }
+
+    /// Prepare the settings for a root store.
+    pub fn from_roots(roots: Arc<RootCertStore>) -> Result<ClientTls, Error> {
+        let mqtt = base_config(roots)?;
+        let mut https = mqtt.clone();
+        https.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(ClientTls {
+            https: Arc::new(https),
+            mqtt: Arc::new(mqtt),
+        })
+    }
+
+    /// The same settings presenting a client certificate chain (leaf first) and its key: the key
+    /// is loaded once for both transports; the verifier and provider are shared.
+    pub fn with_identity(
+        &self,
+        certs: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<ClientTls, Error> {
+        let resolver = cert_resolver(certs, key, self.https.crypto_provider())?;
+        let mut https = (*self.https).clone();
+        https.client_auth_cert_resolver = resolver.clone();
+        let mut mqtt = (*self.mqtt).clone();
+        mqtt.client_auth_cert_resolver = resolver;
+        Ok(ClientTls {
+            https: Arc::new(https),
+            mqtt: Arc::new(mqtt),
+        })
+    }
+
+    /// The HTTPS configuration (ALPN `http/1.1`).
+    pub fn https_config(&self) -> Arc<ClientConfig> {
+        self.https.clone()
+    }
+
+    /// The MQTT configuration (no ALPN).
+    pub fn mqtt_config(&self) -> Arc<ClientConfig> {
+        self.mqtt.clone()
+    }
+}
+
+/// Open a TCP connection to the endpoint: to its pinned addresses when `pinned` and the client
+/// has some, otherwise to the resolved host (each address in turn).
+pub(crate) async fn connect_tcp(
+    ep: &Endpoint,
+    pinned: bool,
+    nodelay: bool,
+) -> Result<TcpStream, Error> {
+    let tcp = match (&ep.connect_addrs, pinned) {
+        (Some(addrs), true) => TcpStream::connect(addrs.as_slice()).await,
+        _ => TcpStream::connect((ep.host.as_str(), ep.port)).await,
+    }
+    .map_err(|e| Error::Transport(format!("cannot connect to {}:{}: {e}", ep.host, ep.port)))?;
+    let _ = tcp.set_nodelay(nodelay);
+    Ok(tcp)
+}
+
+/// TCP connect and complete the TLS handshake (the client's last flight is flushed), within the
+/// endpoint's connect timeout.
+pub(crate) async fn connect_tls(
+    ep: &Endpoint,
+    tls: &Arc<ClientConfig>,
+    pinned: bool,
+) -> Result<TlsStream<TcpStream>, Error> {
+    let work = async {
+        let tcp = connect_tcp(ep, pinned, true).await?;
+        TlsConnector::from(tls.clone())
+            .connect(ep.server_name.clone(), tcp)
+            .await
+            .map_err(|e| describe_tls_error(&e))
+    };
+    match tokio::time::timeout(ep.connect_timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Timeout),
+    }
 }
 
 /// Classify an I/O error from a TLS connect: rustls errors become [`Error::Tls`].
