@@ -28,6 +28,7 @@ use dps_core::instance::{Instance, LinkedHub, RegisterResponse};
 use dps_core::model::*;
 use dps_core::reprovision;
 use dps_core::sas::{derive_device_key, SasToken};
+use dps_core::store::Write;
 use dps_core::wire::{codes, WireError};
 use dps_core::{Error, Result};
 use std::collections::HashMap;
@@ -496,7 +497,8 @@ impl Engine {
                 r
             }
         };
-        let handle = tokio::spawn(work);
+        // Boxed: the assignment's future is large, and moving it into the task would copy it.
+        let handle = tokio::spawn(Box::pin(work));
         let mode = inst.register_response;
         match tokio::time::timeout(self.settings.inline_wait, handle).await {
             Ok(joined) => {
@@ -598,18 +600,8 @@ impl Engine {
             } else {
                 "the enrollment is disabled".to_string()
             });
-            self.repo.put_registration(&inst.name, &mut rec).await?;
-            self.audit
-                .record(
-                    &inst.name,
-                    "device",
-                    "registration.disabled",
-                    "registration",
-                    rid.as_str(),
-                    existing.as_ref(),
-                    Some(&rec),
-                )
-                .await;
+            self.commit(&inst.name, &mut rec, "registration.disabled", None)
+                .await?;
             metrics::counter!("RegistrationAttempts", "instance" => labels.0, "hub" => "none", "protocol" => labels.1, "attestation" => labels.2, "result" => "disabled").increment(1);
             return Ok(rec);
         }
@@ -626,7 +618,6 @@ impl Engine {
                 .fail(
                     &inst,
                     &mut rec,
-                    existing.as_ref(),
                     codes::INVALID_ARGUMENT,
                     "Invalid device id",
                     e.to_string(),
@@ -648,7 +639,6 @@ impl Engine {
                         .fail(
                             &inst,
                             &mut rec,
-                            existing.as_ref(),
                             codes::NO_HUB,
                             "No IoT hub could be assigned",
                             reason,
@@ -671,22 +661,13 @@ impl Engine {
                 Err(f) => {
                     rec.retry_after = (f.code == codes::THROTTLED).then_some(1);
                     return self
-                        .fail(
-                            &inst,
-                            &mut rec,
-                            existing.as_ref(),
-                            f.code,
-                            &f.message,
-                            f.reason,
-                            labels,
-                        )
+                        .fail(&inst, &mut rec, f.code, &f.message, f.reason, labels)
                         .await;
                 }
             },
         };
         let outcome = reprovision::outcome(&plan, &hub.host, &rec.hub_history, rec.state.substatus);
 
-        // Intent: the record says which hub we are about to write, so a crash is recoverable.
         rec.state.status = Some(RegistrationStatus::Assigning);
         rec.pending = Some(PendingAssignment {
             hub: hub.host.clone(),
@@ -703,7 +684,6 @@ impl Engine {
         if rec.hub_history.len() > 16 {
             rec.hub_history.remove(0);
         }
-        self.repo.put_registration(&inst.name, &mut rec).await?;
 
         // The hub side.
         let adapter = match self.hubs.adapter(&hub) {
@@ -744,13 +724,49 @@ impl Engine {
             enabled: true,
         };
         let t0 = Instant::now();
-        let r = adapter.upsert_device(&identity, twin.as_ref()).await;
-        self.hubs.record(&hub.host, t0, &r);
-        if let Err(e) = r {
-            return self
-                .hub_failed(&inst, &mut rec, existing.as_ref(), &hub, e, labels)
-                .await;
+        // A hub kept in our own store (the built-in registry) gets its identity in the same
+        // transaction as the final record: no intent record is needed, there is nothing to
+        // recover. Any other hub is written between an intent record (which says which hub we are
+        // about to write, so that an interrupted registration is recovered) and the final record.
+        let staged = match adapter.identity_write(&identity, twin.as_ref()).await {
+            Ok(w) => w,
+            Err(e) => {
+                self.hubs.record(&hub.host, t0, &Err(e.clone()));
+                return self
+                    .hub_failed(&inst, &mut rec, existing.as_ref(), &hub, e, labels)
+                    .await;
+            }
+        };
+        if staged.is_none() {
+            self.repo.put_registration(&inst.name, &mut rec).await?;
+            let t0 = Instant::now();
+            let r = adapter.upsert_device(&identity, twin.as_ref()).await;
+            self.hubs.record(&hub.host, t0, &r);
+            if let Err(e) = r {
+                return self
+                    .hub_failed(&inst, &mut rec, existing.as_ref(), &hub, e, labels)
+                    .await;
+            }
         }
+
+        rec.state.status = Some(RegistrationStatus::Assigned);
+        rec.state.assigned_hub = Some(hub.host.clone());
+        rec.state.device_id = Some(device_id.clone());
+        rec.state.substatus = Some(outcome.substatus);
+        rec.state.error_code = None;
+        rec.state.error_message = None;
+        rec.state.payload = webhook_payload;
+        rec.state.last_updated_date_time_utc = Some(ts(self.clock.as_ref()));
+        rec.reason = None;
+        rec.retry_after = None;
+        rec.pending = None;
+        let in_store = staged.is_some();
+        self.commit(&inst.name, &mut rec, "registration.assigned", staged)
+            .await?;
+        if in_store {
+            self.hubs.record(&hub.host, t0, &Ok(()));
+        }
+
         // Clean up the old identity: another hub, or another device id on the same hub.
         if let Some(old) = &outcome.remove_from {
             if let Some(old_hub) = inst.hub(old) {
@@ -769,29 +785,6 @@ impl Engine {
             }
         }
 
-        rec.state.status = Some(RegistrationStatus::Assigned);
-        rec.state.assigned_hub = Some(hub.host.clone());
-        rec.state.device_id = Some(device_id);
-        rec.state.substatus = Some(outcome.substatus);
-        rec.state.error_code = None;
-        rec.state.error_message = None;
-        rec.state.payload = webhook_payload;
-        rec.state.last_updated_date_time_utc = Some(ts(self.clock.as_ref()));
-        rec.reason = None;
-        rec.retry_after = None;
-        rec.pending = None;
-        self.repo.put_registration(&inst.name, &mut rec).await?;
-        self.audit
-            .record(
-                &inst.name,
-                "device",
-                "registration.assigned",
-                "registration",
-                rid.as_str(),
-                existing.as_ref(),
-                Some(&rec),
-            )
-            .await;
         metrics::counter!("RegistrationAttempts", "instance" => labels.0.clone(), "hub" => hub.host.to_ascii_lowercase(), "protocol" => labels.1, "attestation" => labels.2, "result" => "assigned").increment(1);
         metrics::counter!("DeviceAssignments", "instance" => labels.0, "hub" => hub.host.to_ascii_lowercase(), "protocol" => labels.1, "attestation" => labels.2).increment(1);
         metrics::histogram!("dps_assignment_duration_seconds")
@@ -799,12 +792,40 @@ impl Engine {
         Ok(rec)
     }
 
+    /// Write the registration record and its audit entry (and, for a hub kept in our own store,
+    /// the device identity) in one store transaction. The audit entry holds the record as it is
+    /// now, with its hub history and the precise reason; the entry before it in the log is the
+    /// previous outcome.
+    async fn commit(
+        &self,
+        instance: &str,
+        rec: &mut RegistrationRecord,
+        action: &str,
+        identity: Option<Write>,
+    ) -> Result<()> {
+        let mut writes = Vec::with_capacity(3);
+        writes.extend(identity);
+        writes.push(self.repo.registration_write(instance, rec));
+        let mut view = rec.clone();
+        view.recent_operations.clear();
+        writes.push(Write::Audit(crate::audit::entry(
+            instance,
+            "device",
+            action,
+            "registration",
+            &rec.state.registration_id,
+            None::<&()>,
+            Some(&view),
+        )));
+        self.repo.store.write_all(writes).await?;
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn fail(
         &self,
         inst: &Instance,
         rec: &mut RegistrationRecord,
-        before: Option<&RegistrationRecord>,
         code: u32,
         message: &str,
         reason: String,
@@ -818,18 +839,8 @@ impl Engine {
         rec.state.last_updated_date_time_utc = Some(ts(self.clock.as_ref()));
         rec.reason = Some(reason);
         rec.pending = None;
-        self.repo.put_registration(&inst.name, rec).await?;
-        self.audit
-            .record(
-                &inst.name,
-                "device",
-                "registration.failed",
-                "registration",
-                &rec.state.registration_id,
-                before,
-                Some(&*rec),
-            )
-            .await;
+        self.commit(&inst.name, rec, "registration.failed", None)
+            .await?;
         let result = if code / 1000 >= 429 {
             "retry"
         } else {
@@ -879,7 +890,7 @@ impl Engine {
             HubError::Unreachable { .. } => Some(5),
             _ => None,
         };
-        self.fail(inst, rec, before, code, message, e.to_string(), labels)
+        self.fail(inst, rec, code, message, e.to_string(), labels)
             .await
     }
 
