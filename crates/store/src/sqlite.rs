@@ -533,6 +533,25 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<Result<Answer, StoreErr
             Ok(Ok(Answer::Count(n as u64)))
         }
         Op::Many(ops) => {
+            // Writes without a condition cannot fail on their own (a database error fails the
+            // whole batch): no savepoint, whose sub-journal would copy every page touched.
+            let unconditional = ops.iter().all(|op| {
+                matches!(
+                    op,
+                    Op::Put {
+                        expect: Expect::Any,
+                        ..
+                    } | Op::Audit(_)
+                )
+            });
+            if unconditional {
+                for op in ops {
+                    if let Err(e) = apply(conn, op)? {
+                        return Ok(Err(e));
+                    }
+                }
+                return Ok(Ok(Answer::Unit));
+            }
             conn.execute_batch("SAVEPOINT many")?;
             for op in ops {
                 if let Err(e) = apply(conn, op)? {
