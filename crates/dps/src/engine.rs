@@ -66,6 +66,12 @@ impl Default for EngineSettings {
     }
 }
 
+/// An instance's CA certificates and deny list, as X.509 attestation uses them.
+pub(crate) struct X509Material {
+    pub cas: Vec<dps_core::x509::verify::CaCertificate>,
+    pub deny: dps_core::x509::verify::DenyList,
+}
+
 /// Where the device's enrollment came from.
 #[derive(Debug, Clone)]
 enum Source {
@@ -139,6 +145,7 @@ pub struct Engine {
     /// Operations still running on this node: (instance, registration key) -> operation id.
     running: Mutex<HashMap<(String, String), String>>,
     group_cache: Mutex<HashMap<(String, String), (Instant, Arc<Vec<EnrollmentGroup>>)>>,
+    x509_cache: Mutex<HashMap<String, (Instant, Arc<X509Material>)>>,
     me: std::sync::Weak<Engine>,
 }
 
@@ -171,6 +178,7 @@ impl Engine {
             inflight: AtomicUsize::new(0),
             running: Mutex::new(HashMap::new()),
             group_cache: Mutex::new(HashMap::new()),
+            x509_cache: Mutex::new(HashMap::new()),
         })
     }
 
@@ -180,6 +188,35 @@ impl Engine {
             .lock()
             .expect("cache lock")
             .retain(|k, _| !k.0.eq_ignore_ascii_case(instance));
+    }
+
+    /// Forget the cached CA certificates and deny list of an instance (after a change on this
+    /// node).
+    pub fn invalidate_x509(&self, instance: &str) {
+        self.x509_cache
+            .lock()
+            .expect("cache lock")
+            .retain(|k, _| !k.eq_ignore_ascii_case(instance));
+    }
+
+    /// The instance's CA certificates and deny list, for X.509 attestation: read from the store
+    /// at most once per [`GROUP_CACHE_TTL`] (and at once after a change on this node).
+    pub(crate) async fn x509_material(&self, instance: &str) -> Result<Arc<X509Material>> {
+        let key = instance.to_ascii_lowercase();
+        if let Some((at, m)) = self.x509_cache.lock().expect("cache lock").get(&key) {
+            if at.elapsed() < GROUP_CACHE_TTL {
+                return Ok(m.clone());
+            }
+        }
+        let m = Arc::new(X509Material {
+            cas: crate::certificates::load_cas(&self.repo, instance).await?,
+            deny: crate::certificates::load_deny_list(&self.repo, instance).await?,
+        });
+        self.x509_cache
+            .lock()
+            .expect("cache lock")
+            .insert(key, (Instant::now(), m.clone()));
+        Ok(m)
     }
 
     async fn groups(&self, instance: &str, kind: &str) -> Result<Arc<Vec<EnrollmentGroup>>> {
