@@ -269,6 +269,78 @@ impl PostgresStore {
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool.get().await.map_err(pool_err)
     }
+
+    /// Unconditional writes (the registration path: record, built-in hub identity, audit entry)
+    /// in one transaction sent as one pipeline: `BEGIN`, the statements and `COMMIT` leave in a
+    /// single flight instead of one round trip each. Every request is sent at the first poll of
+    /// the joined futures, so the transaction is always closed on the connection. If a
+    /// statement fails, PostgreSQL aborts the transaction and the `COMMIT` rolls it back.
+    async fn write_pipelined(&self, writes: &[Write]) -> Result<(), StoreError> {
+        type Owned = Vec<Box<dyn ToSql + Sync + Send>>;
+        let client = self.client().await?;
+        let upsert = client.prepare_cached(UPSERT_SQL).await.map_err(pg_err)?;
+        let audit = client.prepare_cached(AUDIT_SQL).await.map_err(pg_err)?;
+        let mut owned: Vec<(&tokio_postgres::Statement, Owned)> = Vec::with_capacity(writes.len());
+        for w in writes {
+            match w {
+                Write::Put { c, scope, doc, .. } => owned.push((
+                    &upsert,
+                    vec![
+                        Box::new(c.as_str()),
+                        Box::new(scope.clone()),
+                        Box::new(sql::key_of(&doc.id)),
+                        Box::new(doc.id.clone()),
+                        Box::new(doc.etag.clone()),
+                        Box::new(doc.body.clone()),
+                        Box::new(doc.index.status.clone()),
+                        Box::new(doc.index.kind.clone()),
+                        Box::new(doc.index.group.as_deref().map(str::to_lowercase)),
+                        Box::new(doc.index.hub.clone()),
+                    ],
+                )),
+                Write::Audit(e) => owned.push((
+                    &audit,
+                    vec![
+                        Box::new(if e.timestamp.is_empty() {
+                            dps_core::clock::azure_timestamp(time::OffsetDateTime::now_utc())
+                        } else {
+                            e.timestamp.clone()
+                        }),
+                        Box::new(e.instance.clone()),
+                        Box::new(e.actor.clone()),
+                        Box::new(e.action.clone()),
+                        Box::new(e.target_kind.clone()),
+                        Box::new(e.target_id.clone()),
+                        Box::new(sql::key_of(&e.target_id)),
+                        Box::new(e.before.clone()),
+                        Box::new(e.after.clone()),
+                    ],
+                )),
+            }
+        }
+        let params: Vec<(&tokio_postgres::Statement, Vec<&(dyn ToSql + Sync)>)> = owned
+            .iter()
+            .map(|(st, v)| {
+                (
+                    *st,
+                    v.iter()
+                        .map(|b| &**b as &(dyn ToSql + Sync))
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        let pg: &tokio_postgres::Client = &client;
+        let (begin, results, commit) = tokio::join!(
+            pg.batch_execute("BEGIN"),
+            futures::future::join_all(params.iter().map(|(st, p)| pg.execute(*st, p))),
+            pg.batch_execute("COMMIT"),
+        );
+        begin.map_err(pg_err)?;
+        for r in results {
+            r.map_err(pg_err)?;
+        }
+        commit.map_err(pg_err)
+    }
 }
 
 async fn current_etag<C: GenericClient>(
@@ -289,6 +361,17 @@ async fn current_etag<C: GenericClient>(
         .transpose()
         .map_err(|e| StoreError::Corrupt(format!("postgres row: {e}")))
 }
+
+const UPSERT_SQL: &str =
+    "INSERT INTO docs (collection, scope, key, id, etag, body, status, kind, grp, hub)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+     ON CONFLICT (collection, scope, key) DO UPDATE SET
+     id = EXCLUDED.id, etag = EXCLUDED.etag, body = EXCLUDED.body,
+     status = EXCLUDED.status, kind = EXCLUDED.kind, grp = EXCLUDED.grp, hub = EXCLUDED.hub";
+
+const AUDIT_SQL: &str = "INSERT INTO audit (ts, instance, actor, action, target_kind, target_id,
+                                target_key, before, after)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 
 /// A conditional put on a client or inside a transaction.
 async fn put_on<C: GenericClient>(
@@ -323,15 +406,7 @@ async fn put_on<C: GenericClient>(
     for _ in 0..RACE_RETRIES {
         match expect {
             Expect::Any => {
-                let stmt = client
-                    .prepare_cached(&format!(
-                        "{INSERT} ON CONFLICT (collection, scope, key) DO UPDATE SET
-                         id = EXCLUDED.id, etag = EXCLUDED.etag, body = EXCLUDED.body,
-                         status = EXCLUDED.status, kind = EXCLUDED.kind, grp = EXCLUDED.grp,
-                         hub = EXCLUDED.hub"
-                    ))
-                    .await
-                    .map_err(pg_err)?;
+                let stmt = client.prepare_cached(UPSERT_SQL).await.map_err(pg_err)?;
                 client.execute(&stmt, &values).await.map_err(pg_err)?;
                 return Ok(());
             }
@@ -387,14 +462,7 @@ async fn audit_on<C: GenericClient>(client: &C, e: &AuditEntry) -> Result<(), St
         e.timestamp.clone()
     };
     let target_key = sql::key_of(&e.target_id);
-    let stmt = client
-        .prepare_cached(
-            "INSERT INTO audit (ts, instance, actor, action, target_kind, target_id,
-                                target_key, before, after)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .await
-        .map_err(pg_err)?;
+    let stmt = client.prepare_cached(AUDIT_SQL).await.map_err(pg_err)?;
     client
         .execute(
             &stmt,
@@ -570,6 +638,18 @@ impl Store for PostgresStore {
     }
 
     async fn write_all(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        let unconditional = writes.iter().all(|w| {
+            matches!(
+                w,
+                Write::Put {
+                    expect: Expect::Any,
+                    ..
+                } | Write::Audit(_)
+            )
+        });
+        if unconditional {
+            return self.write_pipelined(&writes).await;
+        }
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_err)?;
         for w in &writes {

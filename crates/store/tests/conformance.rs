@@ -162,6 +162,7 @@ conformance!(
     write_all_commits_every_write_together,
     write_all_with_a_failed_condition_writes_nothing,
     concurrent_write_alls_all_commit,
+    write_all_refused_by_the_database_writes_nothing_and_the_store_keeps_working,
 );
 
 // ------------------------------------------------------------------------------------------------
@@ -1123,4 +1124,57 @@ async fn concurrent_write_alls_all_commit(ctx: &Ctx) {
             assert_eq!(audit_of(&s, &id).await.len(), 1, "{id}");
         }
     }
+}
+
+async fn write_all_refused_by_the_database_writes_nothing_and_the_store_keeps_working(ctx: &Ctx) {
+    let s = ctx.store();
+    if s.engine() != "postgres" {
+        // SQLite stores any text; only PostgreSQL refuses a NUL byte in a text column.
+        return;
+    }
+    let mut bad = doc("dev1", "r");
+    bad.body = "nul \u{0} byte".to_string();
+    for _ in 0..20 {
+        let r = s
+            .write_all(vec![
+                put_w(
+                    Collection::HubDevice,
+                    "hub-1",
+                    doc("dev1", "h"),
+                    Expect::Any,
+                ),
+                put_w(Collection::Registration, "a", bad.clone(), Expect::Any),
+                Write::Audit(entry(
+                    "2026-01-01T00:00:00.0000000Z",
+                    "a",
+                    "registration.assigned",
+                    "dev1",
+                )),
+            ])
+            .await;
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+    }
+    assert!(s
+        .get(Collection::HubDevice, "hub-1", "dev1")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(audit_of(&s, "dev1").await.is_empty());
+    // Every pooled connection is usable again (no transaction left open on it).
+    for i in 0..40 {
+        s.put(
+            Collection::HubDevice,
+            "hub-1",
+            doc(&format!("ok{i}"), "h"),
+            Expect::Any,
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        s.count(Collection::HubDevice, "hub-1", &Filter::default())
+            .await
+            .unwrap(),
+        40
+    );
 }
