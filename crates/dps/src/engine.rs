@@ -51,6 +51,8 @@ pub struct EngineSettings {
     pub busy_retry_after: u32,
     /// Registrations in flight on this node beyond which new ones are throttled (429).
     pub max_inflight: usize,
+    /// Refused attempts audited per second (burst ten times as many); 0: no limit.
+    pub refused_audit_per_second: u32,
 }
 
 impl Default for EngineSettings {
@@ -62,6 +64,7 @@ impl Default for EngineSettings {
             ready_retry_after: 1,
             busy_retry_after: 3,
             max_inflight: 10_000,
+            refused_audit_per_second: 100,
         }
     }
 }
@@ -146,6 +149,8 @@ pub struct Engine {
     running: Mutex<HashMap<(String, String), String>>,
     group_cache: Mutex<HashMap<(String, String), (Instant, Arc<Vec<EnrollmentGroup>>)>>,
     x509_cache: Mutex<HashMap<String, (Instant, Arc<X509Material>)>>,
+    /// Token bucket for audit entries of refused attempts: (last refill, tokens).
+    refused_bucket: Mutex<(Instant, f64)>,
     me: std::sync::Weak<Engine>,
 }
 
@@ -165,6 +170,7 @@ impl Engine {
         settings: EngineSettings,
         http: reqwest::Client,
     ) -> Arc<Self> {
+        let burst = f64::from(settings.refused_audit_per_second) * 10.0;
         Arc::new_cyclic(|me| Engine {
             me: me.clone(),
             audit: Audit::new(repo.store.clone()),
@@ -179,7 +185,27 @@ impl Engine {
             running: Mutex::new(HashMap::new()),
             group_cache: Mutex::new(HashMap::new()),
             x509_cache: Mutex::new(HashMap::new()),
+            refused_bucket: Mutex::new((Instant::now(), burst)),
         })
+    }
+
+    /// May this refused attempt be written to the audit log? A token bucket of
+    /// `refused_audit_per_second`, ten seconds deep, per node.
+    fn take_refused_audit_token(&self) -> bool {
+        let rate = f64::from(self.settings.refused_audit_per_second);
+        if rate == 0.0 {
+            return true;
+        }
+        let mut b = self.refused_bucket.lock().expect("bucket lock");
+        let now = Instant::now();
+        b.1 = (b.1 + now.duration_since(b.0).as_secs_f64() * rate).min(rate * 10.0);
+        b.0 = now;
+        if b.1 >= 1.0 {
+            b.1 -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 
     /// Forget cached groups of an instance (after a group write on this node).
@@ -487,20 +513,7 @@ impl Engine {
                 "'csr' requires api-version 2025-07-01-preview or later",
             ));
         }
-        let adm = match self.attest(&inst, &rid, &req.credential).await {
-            Ok(a) => a,
-            Err(e) => {
-                if let Error::Unauthorized(f) = &e {
-                    tracing::info!(registration_id = %rid, id_scope = %inst.id_scope, reason = %f, "registration refused");
-                    self.audit
-                        .record(&inst.name, "device", "registration.refused", "registration", rid.as_str(), None::<&()>, Some(&serde_json::json!({"reason": f.to_string(), "transport": req.transport.as_str()})))
-                        .await;
-                    metrics::counter!("AttestationAttempts", "instance" => inst.name.clone(), "protocol" => req.transport.as_str(), "attestation" => cred_kind(&req.credential), "result" => "failure").increment(1);
-                }
-                return Err(e);
-            }
-        };
-        metrics::counter!("AttestationAttempts", "instance" => inst.name.clone(), "protocol" => req.transport.as_str(), "attestation" => adm.attestation.as_str(), "result" => "success").increment(1);
+        // Throttled before attestation: a device told to come back costs no store read.
         let inflight = self.inflight.fetch_add(1, Ordering::SeqCst);
         struct Guard<'a>(&'a AtomicUsize);
         impl Drop for Guard<'_> {
@@ -516,6 +529,24 @@ impl Engine {
                 * self.settings.busy_retry_after;
             return Err(Error::Throttled { retry_after });
         }
+        let adm = match self.attest(&inst, &rid, &req.credential).await {
+            Ok(a) => a,
+            Err(e) => {
+                if let Error::Unauthorized(f) = &e {
+                    tracing::info!(registration_id = %rid, id_scope = %inst.id_scope, reason = %f, "registration refused");
+                    if self.take_refused_audit_token() {
+                        self.audit
+                            .record(&inst.name, "device", "registration.refused", "registration", rid.as_str(), None::<&()>, Some(&serde_json::json!({"reason": f.to_string(), "transport": req.transport.as_str()})))
+                            .await;
+                    } else {
+                        metrics::counter!("dps_audit_refusals_dropped_total").increment(1);
+                    }
+                    metrics::counter!("AttestationAttempts", "instance" => inst.name.clone(), "protocol" => req.transport.as_str(), "attestation" => cred_kind(&req.credential), "result" => "failure").increment(1);
+                }
+                return Err(e);
+            }
+        };
+        metrics::counter!("AttestationAttempts", "instance" => inst.name.clone(), "protocol" => req.transport.as_str(), "attestation" => adm.attestation.as_str(), "result" => "success").increment(1);
         let op = OperationId::generate().to_string();
         let reg_key = rid.key();
         let key = (inst.name.to_ascii_lowercase(), reg_key.clone());
