@@ -102,4 +102,15 @@ pub trait HubAdapter: Send + Sync + 'static {
     async fn set_enabled(&self, device_id: &str, enabled: bool) -> Result<(), HubError>;
     /// Delete the identity (a missing device is not an error).
     async fn delete_device(&self, device_id: &str) -> Result<(), HubError>;
+    /// For a hub kept in dps's own store (the built-in registry): the store write that
+    /// [`upsert_device`](Self::upsert_device) would make, without making it, so that the engine
+    /// commits the identity, the registration record and the audit entry in one transaction.
+    /// `None` (the default) for hubs outside the store, which get `upsert_device`.
+    async fn identity_write(
+        &self,
+        _identity: &HubIdentity,
+        _twin: Option<&TwinState>,
+    ) -> Result<Option<crate::store::Write>, HubError> {
+        Ok(None)
+    }
 }

@@ -179,6 +179,24 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// One write of an atomic [`Store::write_all`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    /// Create or replace a document under a condition (as [`Store::put`]).
+    Put {
+        /// Collection.
+        c: Collection,
+        /// Scope.
+        scope: String,
+        /// The document.
+        doc: Doc,
+        /// Condition.
+        expect: Expect,
+    },
+    /// Append an audit entry (as [`Store::append_audit`]).
+    Audit(AuditEntry),
+}
+
 /// The storage port.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -222,6 +240,11 @@ pub trait Store: Send + Sync + 'static {
     async fn append_audit(&self, entry: AuditEntry) -> Result<(), StoreError>;
     /// Read the audit log.
     async fn list_audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Apply several writes atomically, in order: all of them or none (a failed condition is
+    /// a `Conflict` and nothing is written). One commit, so one fsync, for all of them: the
+    /// registration path writes the device's record, its identity on the built-in hub and the
+    /// audit entry this way.
+    async fn write_all(&self, writes: Vec<Write>) -> Result<(), StoreError>;
 }
 
 /// A fresh opaque ETag.

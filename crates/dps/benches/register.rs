@@ -20,6 +20,10 @@ use hyper::body::Bytes;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The same allocator as the `dps` binary.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const SCOPE: &str = "0ne0000BE01";
 const OWNER: &str = "YmVuY2gtb3duZXIta2V5LTAxMjM0NTY3ODlhYmNkZWZnaGlqaw==";
 const GROUP_KEY: &str = "YmVuY2gtZ3JvdXAta2V5LTAxMjM0NTY3ODlhYmNkZWZnaGlqaw==";

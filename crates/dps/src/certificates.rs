@@ -161,6 +161,23 @@ pub async fn handle(
     segs: &[String],
     l: &[&str],
 ) -> Result<Response<Body>, Error> {
+    let r = handle_inner(app, caller, method, body, segs, l).await;
+    if method != Method::GET && segs.len() > 2 {
+        // A CA verified or removed, a certificate denied or allowed: effective at once on this
+        // node (other nodes sharing the store see it within the cache's lifetime).
+        app.engine.invalidate_x509(&segs[2]);
+    }
+    r
+}
+
+async fn handle_inner(
+    app: &App,
+    caller: &Caller,
+    method: &Method,
+    body: &[u8],
+    segs: &[String],
+    l: &[&str],
+) -> Result<Response<Body>, Error> {
     let no_route = || {
         Error::Unsupported(format!(
             "no admin API route for {method} /{}",

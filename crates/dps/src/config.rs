@@ -105,6 +105,10 @@ pub struct Limits {
     /// A registration still `assigning` this long after it started is considered interrupted
     /// (crash) and marked failed-retryable (ms).
     pub recovery_after_ms: u64,
+    /// Refused device attempts written to the audit log per second on this node (burst: ten
+    /// times as many); beyond, they are counted in `dps_audit_refusals_dropped_total` and logged
+    /// but not stored, so that an unauthenticated flood cannot fill the store. 0: no limit.
+    pub refused_audit_per_second: u32,
 }
 
 impl Default for Limits {
@@ -117,6 +121,7 @@ impl Default for Limits {
             max_body_bytes: 96 * 1024,
             max_mqtt_connections: 100_000,
             recovery_after_ms: 60_000,
+            refused_audit_per_second: 100,
         }
     }
 }

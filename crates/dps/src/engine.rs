@@ -28,6 +28,7 @@ use dps_core::instance::{Instance, LinkedHub, RegisterResponse};
 use dps_core::model::*;
 use dps_core::reprovision;
 use dps_core::sas::{derive_device_key, SasToken};
+use dps_core::store::Write;
 use dps_core::wire::{codes, WireError};
 use dps_core::{Error, Result};
 use std::collections::HashMap;
@@ -50,6 +51,8 @@ pub struct EngineSettings {
     pub busy_retry_after: u32,
     /// Registrations in flight on this node beyond which new ones are throttled (429).
     pub max_inflight: usize,
+    /// Refused attempts audited per second (burst ten times as many); 0: no limit.
+    pub refused_audit_per_second: u32,
 }
 
 impl Default for EngineSettings {
@@ -61,8 +64,15 @@ impl Default for EngineSettings {
             ready_retry_after: 1,
             busy_retry_after: 3,
             max_inflight: 10_000,
+            refused_audit_per_second: 100,
         }
     }
+}
+
+/// An instance's CA certificates and deny list, as X.509 attestation uses them.
+pub(crate) struct X509Material {
+    pub cas: Vec<dps_core::x509::verify::CaCertificate>,
+    pub deny: dps_core::x509::verify::DenyList,
 }
 
 /// Where the device's enrollment came from.
@@ -138,6 +148,9 @@ pub struct Engine {
     /// Operations still running on this node: (instance, registration key) -> operation id.
     running: Mutex<HashMap<(String, String), String>>,
     group_cache: Mutex<HashMap<(String, String), (Instant, Arc<Vec<EnrollmentGroup>>)>>,
+    x509_cache: Mutex<HashMap<String, (Instant, Arc<X509Material>)>>,
+    /// Token bucket for audit entries of refused attempts: (last refill, tokens).
+    refused_bucket: Mutex<(Instant, f64)>,
     me: std::sync::Weak<Engine>,
 }
 
@@ -157,6 +170,7 @@ impl Engine {
         settings: EngineSettings,
         http: reqwest::Client,
     ) -> Arc<Self> {
+        let burst = f64::from(settings.refused_audit_per_second) * 10.0;
         Arc::new_cyclic(|me| Engine {
             me: me.clone(),
             audit: Audit::new(repo.store.clone()),
@@ -170,7 +184,28 @@ impl Engine {
             inflight: AtomicUsize::new(0),
             running: Mutex::new(HashMap::new()),
             group_cache: Mutex::new(HashMap::new()),
+            x509_cache: Mutex::new(HashMap::new()),
+            refused_bucket: Mutex::new((Instant::now(), burst)),
         })
+    }
+
+    /// May this refused attempt be written to the audit log? A token bucket of
+    /// `refused_audit_per_second`, ten seconds deep, per node.
+    fn take_refused_audit_token(&self) -> bool {
+        let rate = f64::from(self.settings.refused_audit_per_second);
+        if rate == 0.0 {
+            return true;
+        }
+        let mut b = self.refused_bucket.lock().expect("bucket lock");
+        let now = Instant::now();
+        b.1 = (b.1 + now.duration_since(b.0).as_secs_f64() * rate).min(rate * 10.0);
+        b.0 = now;
+        if b.1 >= 1.0 {
+            b.1 -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 
     /// Forget cached groups of an instance (after a group write on this node).
@@ -179,6 +214,35 @@ impl Engine {
             .lock()
             .expect("cache lock")
             .retain(|k, _| !k.0.eq_ignore_ascii_case(instance));
+    }
+
+    /// Forget the cached CA certificates and deny list of an instance (after a change on this
+    /// node).
+    pub fn invalidate_x509(&self, instance: &str) {
+        self.x509_cache
+            .lock()
+            .expect("cache lock")
+            .retain(|k, _| !k.eq_ignore_ascii_case(instance));
+    }
+
+    /// The instance's CA certificates and deny list, for X.509 attestation: read from the store
+    /// at most once per [`GROUP_CACHE_TTL`] (and at once after a change on this node).
+    pub(crate) async fn x509_material(&self, instance: &str) -> Result<Arc<X509Material>> {
+        let key = instance.to_ascii_lowercase();
+        if let Some((at, m)) = self.x509_cache.lock().expect("cache lock").get(&key) {
+            if at.elapsed() < GROUP_CACHE_TTL {
+                return Ok(m.clone());
+            }
+        }
+        let m = Arc::new(X509Material {
+            cas: crate::certificates::load_cas(&self.repo, instance).await?,
+            deny: crate::certificates::load_deny_list(&self.repo, instance).await?,
+        });
+        self.x509_cache
+            .lock()
+            .expect("cache lock")
+            .insert(key, (Instant::now(), m.clone()));
+        Ok(m)
     }
 
     async fn groups(&self, instance: &str, kind: &str) -> Result<Arc<Vec<EnrollmentGroup>>> {
@@ -449,20 +513,7 @@ impl Engine {
                 "'csr' requires api-version 2025-07-01-preview or later",
             ));
         }
-        let adm = match self.attest(&inst, &rid, &req.credential).await {
-            Ok(a) => a,
-            Err(e) => {
-                if let Error::Unauthorized(f) = &e {
-                    tracing::info!(registration_id = %rid, id_scope = %inst.id_scope, reason = %f, "registration refused");
-                    self.audit
-                        .record(&inst.name, "device", "registration.refused", "registration", rid.as_str(), None::<&()>, Some(&serde_json::json!({"reason": f.to_string(), "transport": req.transport.as_str()})))
-                        .await;
-                    metrics::counter!("AttestationAttempts", "instance" => inst.name.clone(), "protocol" => req.transport.as_str(), "attestation" => cred_kind(&req.credential), "result" => "failure").increment(1);
-                }
-                return Err(e);
-            }
-        };
-        metrics::counter!("AttestationAttempts", "instance" => inst.name.clone(), "protocol" => req.transport.as_str(), "attestation" => adm.attestation.as_str(), "result" => "success").increment(1);
+        // Throttled before attestation: a device told to come back costs no store read.
         let inflight = self.inflight.fetch_add(1, Ordering::SeqCst);
         struct Guard<'a>(&'a AtomicUsize);
         impl Drop for Guard<'_> {
@@ -478,6 +529,24 @@ impl Engine {
                 * self.settings.busy_retry_after;
             return Err(Error::Throttled { retry_after });
         }
+        let adm = match self.attest(&inst, &rid, &req.credential).await {
+            Ok(a) => a,
+            Err(e) => {
+                if let Error::Unauthorized(f) = &e {
+                    tracing::info!(registration_id = %rid, id_scope = %inst.id_scope, reason = %f, "registration refused");
+                    if self.take_refused_audit_token() {
+                        self.audit
+                            .record(&inst.name, "device", "registration.refused", "registration", rid.as_str(), None::<&()>, Some(&serde_json::json!({"reason": f.to_string(), "transport": req.transport.as_str()})))
+                            .await;
+                    } else {
+                        metrics::counter!("dps_audit_refusals_dropped_total").increment(1);
+                    }
+                    metrics::counter!("AttestationAttempts", "instance" => inst.name.clone(), "protocol" => req.transport.as_str(), "attestation" => cred_kind(&req.credential), "result" => "failure").increment(1);
+                }
+                return Err(e);
+            }
+        };
+        metrics::counter!("AttestationAttempts", "instance" => inst.name.clone(), "protocol" => req.transport.as_str(), "attestation" => adm.attestation.as_str(), "result" => "success").increment(1);
         let op = OperationId::generate().to_string();
         let reg_key = rid.key();
         let key = (inst.name.to_ascii_lowercase(), reg_key.clone());
@@ -496,7 +565,8 @@ impl Engine {
                 r
             }
         };
-        let handle = tokio::spawn(work);
+        // Boxed: the assignment's future is large, and moving it into the task would copy it.
+        let handle = tokio::spawn(Box::pin(work));
         let mode = inst.register_response;
         match tokio::time::timeout(self.settings.inline_wait, handle).await {
             Ok(joined) => {
@@ -598,18 +668,8 @@ impl Engine {
             } else {
                 "the enrollment is disabled".to_string()
             });
-            self.repo.put_registration(&inst.name, &mut rec).await?;
-            self.audit
-                .record(
-                    &inst.name,
-                    "device",
-                    "registration.disabled",
-                    "registration",
-                    rid.as_str(),
-                    existing.as_ref(),
-                    Some(&rec),
-                )
-                .await;
+            self.commit(&inst.name, &mut rec, "registration.disabled", None)
+                .await?;
             metrics::counter!("RegistrationAttempts", "instance" => labels.0, "hub" => "none", "protocol" => labels.1, "attestation" => labels.2, "result" => "disabled").increment(1);
             return Ok(rec);
         }
@@ -626,7 +686,6 @@ impl Engine {
                 .fail(
                     &inst,
                     &mut rec,
-                    existing.as_ref(),
                     codes::INVALID_ARGUMENT,
                     "Invalid device id",
                     e.to_string(),
@@ -648,7 +707,6 @@ impl Engine {
                         .fail(
                             &inst,
                             &mut rec,
-                            existing.as_ref(),
                             codes::NO_HUB,
                             "No IoT hub could be assigned",
                             reason,
@@ -671,22 +729,13 @@ impl Engine {
                 Err(f) => {
                     rec.retry_after = (f.code == codes::THROTTLED).then_some(1);
                     return self
-                        .fail(
-                            &inst,
-                            &mut rec,
-                            existing.as_ref(),
-                            f.code,
-                            &f.message,
-                            f.reason,
-                            labels,
-                        )
+                        .fail(&inst, &mut rec, f.code, &f.message, f.reason, labels)
                         .await;
                 }
             },
         };
         let outcome = reprovision::outcome(&plan, &hub.host, &rec.hub_history, rec.state.substatus);
 
-        // Intent: the record says which hub we are about to write, so a crash is recoverable.
         rec.state.status = Some(RegistrationStatus::Assigning);
         rec.pending = Some(PendingAssignment {
             hub: hub.host.clone(),
@@ -703,7 +752,6 @@ impl Engine {
         if rec.hub_history.len() > 16 {
             rec.hub_history.remove(0);
         }
-        self.repo.put_registration(&inst.name, &mut rec).await?;
 
         // The hub side.
         let adapter = match self.hubs.adapter(&hub) {
@@ -744,13 +792,49 @@ impl Engine {
             enabled: true,
         };
         let t0 = Instant::now();
-        let r = adapter.upsert_device(&identity, twin.as_ref()).await;
-        self.hubs.record(&hub.host, t0, &r);
-        if let Err(e) = r {
-            return self
-                .hub_failed(&inst, &mut rec, existing.as_ref(), &hub, e, labels)
-                .await;
+        // A hub kept in our own store (the built-in registry) gets its identity in the same
+        // transaction as the final record: no intent record is needed, there is nothing to
+        // recover. Any other hub is written between an intent record (which says which hub we are
+        // about to write, so that an interrupted registration is recovered) and the final record.
+        let staged = match adapter.identity_write(&identity, twin.as_ref()).await {
+            Ok(w) => w,
+            Err(e) => {
+                self.hubs.record(&hub.host, t0, &Err(e.clone()));
+                return self
+                    .hub_failed(&inst, &mut rec, existing.as_ref(), &hub, e, labels)
+                    .await;
+            }
+        };
+        if staged.is_none() {
+            self.repo.put_registration(&inst.name, &mut rec).await?;
+            let t0 = Instant::now();
+            let r = adapter.upsert_device(&identity, twin.as_ref()).await;
+            self.hubs.record(&hub.host, t0, &r);
+            if let Err(e) = r {
+                return self
+                    .hub_failed(&inst, &mut rec, existing.as_ref(), &hub, e, labels)
+                    .await;
+            }
         }
+
+        rec.state.status = Some(RegistrationStatus::Assigned);
+        rec.state.assigned_hub = Some(hub.host.clone());
+        rec.state.device_id = Some(device_id.clone());
+        rec.state.substatus = Some(outcome.substatus);
+        rec.state.error_code = None;
+        rec.state.error_message = None;
+        rec.state.payload = webhook_payload;
+        rec.state.last_updated_date_time_utc = Some(ts(self.clock.as_ref()));
+        rec.reason = None;
+        rec.retry_after = None;
+        rec.pending = None;
+        let in_store = staged.is_some();
+        self.commit(&inst.name, &mut rec, "registration.assigned", staged)
+            .await?;
+        if in_store {
+            self.hubs.record(&hub.host, t0, &Ok(()));
+        }
+
         // Clean up the old identity: another hub, or another device id on the same hub.
         if let Some(old) = &outcome.remove_from {
             if let Some(old_hub) = inst.hub(old) {
@@ -769,29 +853,6 @@ impl Engine {
             }
         }
 
-        rec.state.status = Some(RegistrationStatus::Assigned);
-        rec.state.assigned_hub = Some(hub.host.clone());
-        rec.state.device_id = Some(device_id);
-        rec.state.substatus = Some(outcome.substatus);
-        rec.state.error_code = None;
-        rec.state.error_message = None;
-        rec.state.payload = webhook_payload;
-        rec.state.last_updated_date_time_utc = Some(ts(self.clock.as_ref()));
-        rec.reason = None;
-        rec.retry_after = None;
-        rec.pending = None;
-        self.repo.put_registration(&inst.name, &mut rec).await?;
-        self.audit
-            .record(
-                &inst.name,
-                "device",
-                "registration.assigned",
-                "registration",
-                rid.as_str(),
-                existing.as_ref(),
-                Some(&rec),
-            )
-            .await;
         metrics::counter!("RegistrationAttempts", "instance" => labels.0.clone(), "hub" => hub.host.to_ascii_lowercase(), "protocol" => labels.1, "attestation" => labels.2, "result" => "assigned").increment(1);
         metrics::counter!("DeviceAssignments", "instance" => labels.0, "hub" => hub.host.to_ascii_lowercase(), "protocol" => labels.1, "attestation" => labels.2).increment(1);
         metrics::histogram!("dps_assignment_duration_seconds")
@@ -799,12 +860,40 @@ impl Engine {
         Ok(rec)
     }
 
+    /// Write the registration record and its audit entry (and, for a hub kept in our own store,
+    /// the device identity) in one store transaction. The audit entry holds the record as it is
+    /// now, with its hub history and the precise reason; the entry before it in the log is the
+    /// previous outcome.
+    async fn commit(
+        &self,
+        instance: &str,
+        rec: &mut RegistrationRecord,
+        action: &str,
+        identity: Option<Write>,
+    ) -> Result<()> {
+        let mut writes = Vec::with_capacity(3);
+        writes.extend(identity);
+        writes.push(self.repo.registration_write(instance, rec));
+        let mut view = rec.clone();
+        view.recent_operations.clear();
+        writes.push(Write::Audit(crate::audit::entry(
+            instance,
+            "device",
+            action,
+            "registration",
+            &rec.state.registration_id,
+            None::<&()>,
+            Some(&view),
+        )));
+        self.repo.store.write_all(writes).await?;
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn fail(
         &self,
         inst: &Instance,
         rec: &mut RegistrationRecord,
-        before: Option<&RegistrationRecord>,
         code: u32,
         message: &str,
         reason: String,
@@ -818,18 +907,8 @@ impl Engine {
         rec.state.last_updated_date_time_utc = Some(ts(self.clock.as_ref()));
         rec.reason = Some(reason);
         rec.pending = None;
-        self.repo.put_registration(&inst.name, rec).await?;
-        self.audit
-            .record(
-                &inst.name,
-                "device",
-                "registration.failed",
-                "registration",
-                &rec.state.registration_id,
-                before,
-                Some(&*rec),
-            )
-            .await;
+        self.commit(&inst.name, rec, "registration.failed", None)
+            .await?;
         let result = if code / 1000 >= 429 {
             "retry"
         } else {
@@ -879,7 +958,7 @@ impl Engine {
             HubError::Unreachable { .. } => Some(5),
             _ => None,
         };
-        self.fail(inst, rec, before, code, message, e.to_string(), labels)
+        self.fail(inst, rec, code, message, e.to_string(), labels)
             .await
     }
 

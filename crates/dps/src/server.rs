@@ -191,6 +191,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         inline_wait: Duration::from_millis(cfg.limits.register_wait_ms),
         webhook_timeout: Duration::from_millis(cfg.limits.webhook_timeout_ms),
         max_inflight: cfg.limits.max_inflight_registrations,
+        refused_audit_per_second: cfg.limits.refused_audit_per_second,
         ..EngineSettings::default()
     };
     let engine = Engine::new(

@@ -267,6 +267,10 @@ pub fn server_config(pki: &ServerPki, alpn: &[&[u8]]) -> Result<Arc<ServerConfig
         .with_client_cert_verifier(Arc::new(AcceptAnyClientCert::new(provider)))
         .with_single_cert(chain, key)?;
     cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    // No TLS 1.3 session tickets: a device provisions once and reconnects rarely, and the
+    // Azure SDKs do not resume sessions, so tickets would cost every handshake two more
+    // records and a session-cache entry (with the client's chain) for nothing.
+    cfg.send_tls13_tickets = 0;
     Ok(Arc::new(cfg))
 }
 

@@ -1,7 +1,6 @@
 //! X.509 attestation: gathers the candidates (individual enrollment, X.509 groups, the
 //! instance's CA certificates and deny list) and applies `dps_core::x509::verify::attest`.
 
-use crate::certificates::{load_cas, load_deny_list};
 use crate::engine::Engine;
 use dps_core::error::AuthFailure;
 use dps_core::ids::RegistrationId;
@@ -33,13 +32,12 @@ pub(crate) async fn attest(
 ) -> Result<X509Admission> {
     let individual = engine.repo.enrollment(&inst.name, rid.as_str()).await?;
     let groups = engine.groups_of(&inst.name, "x509").await?;
-    let cas = load_cas(&engine.repo, &inst.name).await?;
-    let deny = load_deny_list(&engine.repo, &inst.name).await?;
+    let material = engine.x509_material(&inst.name).await?;
     let candidates = X509Candidates {
         individual: individual.as_ref(),
         groups: &groups,
-        ca_certificates: &cas,
-        deny: &deny,
+        ca_certificates: &material.cas,
+        deny: &material.deny,
     };
     let now = engine.now();
     let m = decide(rid.as_str(), chain, &candidates, now).map_err(|f| {

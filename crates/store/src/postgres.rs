@@ -9,9 +9,10 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use dps_core::store::{
     AuditEntry, AuditQuery, Collection, Doc, DocIndex, Expect, Filter, Page, Store, StoreError,
+    Write,
 };
 use tokio_postgres::types::ToSql;
 use tokio_postgres::NoTls;
@@ -268,10 +269,82 @@ impl PostgresStore {
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool.get().await.map_err(pool_err)
     }
+
+    /// Unconditional writes (the registration path: record, built-in hub identity, audit entry)
+    /// in one transaction sent as one pipeline: `BEGIN`, the statements and `COMMIT` leave in a
+    /// single flight instead of one round trip each. Every request is sent at the first poll of
+    /// the joined futures, so the transaction is always closed on the connection. If a
+    /// statement fails, PostgreSQL aborts the transaction and the `COMMIT` rolls it back.
+    async fn write_pipelined(&self, writes: &[Write]) -> Result<(), StoreError> {
+        type Owned = Vec<Box<dyn ToSql + Sync + Send>>;
+        let client = self.client().await?;
+        let upsert = client.prepare_cached(UPSERT_SQL).await.map_err(pg_err)?;
+        let audit = client.prepare_cached(AUDIT_SQL).await.map_err(pg_err)?;
+        let mut owned: Vec<(&tokio_postgres::Statement, Owned)> = Vec::with_capacity(writes.len());
+        for w in writes {
+            match w {
+                Write::Put { c, scope, doc, .. } => owned.push((
+                    &upsert,
+                    vec![
+                        Box::new(c.as_str()),
+                        Box::new(scope.clone()),
+                        Box::new(sql::key_of(&doc.id)),
+                        Box::new(doc.id.clone()),
+                        Box::new(doc.etag.clone()),
+                        Box::new(doc.body.clone()),
+                        Box::new(doc.index.status.clone()),
+                        Box::new(doc.index.kind.clone()),
+                        Box::new(doc.index.group.as_deref().map(str::to_lowercase)),
+                        Box::new(doc.index.hub.clone()),
+                    ],
+                )),
+                Write::Audit(e) => owned.push((
+                    &audit,
+                    vec![
+                        Box::new(if e.timestamp.is_empty() {
+                            dps_core::clock::azure_timestamp(time::OffsetDateTime::now_utc())
+                        } else {
+                            e.timestamp.clone()
+                        }),
+                        Box::new(e.instance.clone()),
+                        Box::new(e.actor.clone()),
+                        Box::new(e.action.clone()),
+                        Box::new(e.target_kind.clone()),
+                        Box::new(e.target_id.clone()),
+                        Box::new(sql::key_of(&e.target_id)),
+                        Box::new(e.before.clone()),
+                        Box::new(e.after.clone()),
+                    ],
+                )),
+            }
+        }
+        let params: Vec<(&tokio_postgres::Statement, Vec<&(dyn ToSql + Sync)>)> = owned
+            .iter()
+            .map(|(st, v)| {
+                (
+                    *st,
+                    v.iter()
+                        .map(|b| &**b as &(dyn ToSql + Sync))
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        let pg: &tokio_postgres::Client = &client;
+        let (begin, results, commit) = tokio::join!(
+            pg.batch_execute("BEGIN"),
+            futures::future::join_all(params.iter().map(|(st, p)| pg.execute(*st, p))),
+            pg.batch_execute("COMMIT"),
+        );
+        begin.map_err(pg_err)?;
+        for r in results {
+            r.map_err(pg_err)?;
+        }
+        commit.map_err(pg_err)
+    }
 }
 
-async fn current_etag(
-    client: &deadpool_postgres::Object,
+async fn current_etag<C: GenericClient>(
+    client: &C,
     c: Collection,
     scope: &str,
     key: &str,
@@ -287,6 +360,127 @@ async fn current_etag(
     row.map(|r| r.try_get::<_, String>(0))
         .transpose()
         .map_err(|e| StoreError::Corrupt(format!("postgres row: {e}")))
+}
+
+const UPSERT_SQL: &str =
+    "INSERT INTO docs (collection, scope, key, id, etag, body, status, kind, grp, hub)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+     ON CONFLICT (collection, scope, key) DO UPDATE SET
+     id = EXCLUDED.id, etag = EXCLUDED.etag, body = EXCLUDED.body,
+     status = EXCLUDED.status, kind = EXCLUDED.kind, grp = EXCLUDED.grp, hub = EXCLUDED.hub";
+
+const AUDIT_SQL: &str = "INSERT INTO audit (ts, instance, actor, action, target_kind, target_id,
+                                target_key, before, after)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+
+/// A conditional put on a client or inside a transaction.
+async fn put_on<C: GenericClient>(
+    client: &C,
+    c: Collection,
+    scope: &str,
+    doc: &Doc,
+    expect: &Expect,
+) -> Result<(), StoreError> {
+    let key = sql::key_of(&doc.id);
+    let grp = doc.index.group.as_deref().map(str::to_lowercase);
+    let coll = c.as_str();
+    let values: [&(dyn ToSql + Sync); 10] = [
+        &coll,
+        &scope,
+        &key,
+        &doc.id,
+        &doc.etag,
+        &doc.body,
+        &doc.index.status,
+        &doc.index.kind,
+        &grp,
+        &doc.index.hub,
+    ];
+    const INSERT: &str =
+        "INSERT INTO docs (collection, scope, key, id, etag, body, status, kind, grp, hub)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+    const UPDATE: &str = "UPDATE docs SET id = $4, etag = $5, body = $6, status = $7,
+         kind = $8, grp = $9, hub = $10
+         WHERE collection = $1 AND scope = $2 AND key = $3";
+    let mut last = None;
+    for _ in 0..RACE_RETRIES {
+        match expect {
+            Expect::Any => {
+                let stmt = client.prepare_cached(UPSERT_SQL).await.map_err(pg_err)?;
+                client.execute(&stmt, &values).await.map_err(pg_err)?;
+                return Ok(());
+            }
+            Expect::Absent => {
+                let stmt = client
+                    .prepare_cached(&format!(
+                        "{INSERT} ON CONFLICT (collection, scope, key) DO NOTHING"
+                    ))
+                    .await
+                    .map_err(pg_err)?;
+                if client.execute(&stmt, &values).await.map_err(pg_err)? == 1 {
+                    return Ok(());
+                }
+                // Deleted since the insert saw it: try again.
+                last = current_etag(client, c, scope, &key).await?;
+                if last.is_some() {
+                    break;
+                }
+            }
+            Expect::Etag(e) => {
+                let stmt = client
+                    .prepare_cached(&format!("{UPDATE} AND etag = $11"))
+                    .await
+                    .map_err(pg_err)?;
+                let mut with_etag = values.to_vec();
+                with_etag.push(e);
+                if client.execute(&stmt, &with_etag).await.map_err(pg_err)? == 1 {
+                    return Ok(());
+                }
+                last = current_etag(client, c, scope, &key).await?;
+                if last.as_ref() != Some(e) {
+                    break;
+                }
+            }
+            Expect::Present => {
+                let stmt = client.prepare_cached(UPDATE).await.map_err(pg_err)?;
+                if client.execute(&stmt, &values).await.map_err(pg_err)? == 1 {
+                    return Ok(());
+                }
+                last = None;
+                break;
+            }
+        }
+    }
+    Err(StoreError::Conflict { current: last })
+}
+
+/// An audit append on a client or inside a transaction.
+async fn audit_on<C: GenericClient>(client: &C, e: &AuditEntry) -> Result<(), StoreError> {
+    let ts = if e.timestamp.is_empty() {
+        dps_core::clock::azure_timestamp(time::OffsetDateTime::now_utc())
+    } else {
+        e.timestamp.clone()
+    };
+    let target_key = sql::key_of(&e.target_id);
+    let stmt = client.prepare_cached(AUDIT_SQL).await.map_err(pg_err)?;
+    client
+        .execute(
+            &stmt,
+            &[
+                &ts,
+                &e.instance,
+                &e.actor,
+                &e.action,
+                &e.target_kind,
+                &e.target_id,
+                &target_key,
+                &e.before,
+                &e.after,
+            ],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok(())
 }
 
 /// How many times a conditional write is retried when its follow-up read raced with another
@@ -330,85 +524,7 @@ impl Store for PostgresStore {
         expect: Expect,
     ) -> Result<(), StoreError> {
         let client = self.client().await?;
-        let key = sql::key_of(&doc.id);
-        let grp = doc.index.group.as_deref().map(str::to_lowercase);
-        let coll = c.as_str();
-        let values: [&(dyn ToSql + Sync); 10] = [
-            &coll,
-            &scope,
-            &key,
-            &doc.id,
-            &doc.etag,
-            &doc.body,
-            &doc.index.status,
-            &doc.index.kind,
-            &grp,
-            &doc.index.hub,
-        ];
-        const INSERT: &str =
-            "INSERT INTO docs (collection, scope, key, id, etag, body, status, kind, grp, hub)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
-        const UPDATE: &str = "UPDATE docs SET id = $4, etag = $5, body = $6, status = $7,
-             kind = $8, grp = $9, hub = $10
-             WHERE collection = $1 AND scope = $2 AND key = $3";
-        let mut last = None;
-        for _ in 0..RACE_RETRIES {
-            match &expect {
-                Expect::Any => {
-                    let stmt = client
-                        .prepare_cached(&format!(
-                            "{INSERT} ON CONFLICT (collection, scope, key) DO UPDATE SET
-                             id = EXCLUDED.id, etag = EXCLUDED.etag, body = EXCLUDED.body,
-                             status = EXCLUDED.status, kind = EXCLUDED.kind, grp = EXCLUDED.grp,
-                             hub = EXCLUDED.hub"
-                        ))
-                        .await
-                        .map_err(pg_err)?;
-                    client.execute(&stmt, &values).await.map_err(pg_err)?;
-                    return Ok(());
-                }
-                Expect::Absent => {
-                    let stmt = client
-                        .prepare_cached(&format!(
-                            "{INSERT} ON CONFLICT (collection, scope, key) DO NOTHING"
-                        ))
-                        .await
-                        .map_err(pg_err)?;
-                    if client.execute(&stmt, &values).await.map_err(pg_err)? == 1 {
-                        return Ok(());
-                    }
-                    // Deleted since the insert saw it: try again.
-                    last = current_etag(&client, c, scope, &key).await?;
-                    if last.is_some() {
-                        break;
-                    }
-                }
-                Expect::Etag(e) => {
-                    let stmt = client
-                        .prepare_cached(&format!("{UPDATE} AND etag = $11"))
-                        .await
-                        .map_err(pg_err)?;
-                    let mut with_etag = values.to_vec();
-                    with_etag.push(e);
-                    if client.execute(&stmt, &with_etag).await.map_err(pg_err)? == 1 {
-                        return Ok(());
-                    }
-                    last = current_etag(&client, c, scope, &key).await?;
-                    if last.as_ref() != Some(e) {
-                        break;
-                    }
-                }
-                Expect::Present => {
-                    let stmt = client.prepare_cached(UPDATE).await.map_err(pg_err)?;
-                    if client.execute(&stmt, &values).await.map_err(pg_err)? == 1 {
-                        return Ok(());
-                    }
-                    last = None;
-                    break;
-                }
-            }
-        }
-        Err(StoreError::Conflict { current: last })
+        put_on(&client, c, scope, &doc, &expect).await
     }
 
     async fn delete(
@@ -518,38 +634,36 @@ impl Store for PostgresStore {
 
     async fn append_audit(&self, e: AuditEntry) -> Result<(), StoreError> {
         let client = self.client().await?;
-        let ts = if e.timestamp.is_empty() {
-            dps_core::clock::azure_timestamp(time::OffsetDateTime::now_utc())
-        } else {
-            e.timestamp.clone()
-        };
-        let target_key = sql::key_of(&e.target_id);
-        let stmt = client
-            .prepare_cached(
-                "INSERT INTO audit (ts, instance, actor, action, target_kind, target_id,
-                                    target_key, before, after)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        audit_on(&client, &e).await
+    }
+
+    async fn write_all(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        let unconditional = writes.iter().all(|w| {
+            matches!(
+                w,
+                Write::Put {
+                    expect: Expect::Any,
+                    ..
+                } | Write::Audit(_)
             )
-            .await
-            .map_err(pg_err)?;
-        client
-            .execute(
-                &stmt,
-                &[
-                    &ts,
-                    &e.instance,
-                    &e.actor,
-                    &e.action,
-                    &e.target_kind,
-                    &e.target_id,
-                    &target_key,
-                    &e.before,
-                    &e.after,
-                ],
-            )
-            .await
-            .map_err(pg_err)?;
-        Ok(())
+        });
+        if unconditional {
+            return self.write_pipelined(&writes).await;
+        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        for w in &writes {
+            match w {
+                Write::Put {
+                    c,
+                    scope,
+                    doc,
+                    expect,
+                } => put_on(&tx, *c, scope, doc, expect).await?,
+                Write::Audit(e) => audit_on(&tx, e).await?,
+            }
+        }
+        tx.commit().await.map_err(pg_err)
     }
 
     async fn list_audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {

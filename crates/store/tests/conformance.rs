@@ -9,7 +9,7 @@ use std::io::Write as _;
 use std::sync::Arc;
 
 use dps_core::store::{
-    AuditEntry, AuditQuery, Collection, Doc, DocIndex, Expect, Filter, Store, StoreError,
+    AuditEntry, AuditQuery, Collection, Doc, DocIndex, Expect, Filter, Store, StoreError, Write,
 };
 use dps_store::{Backend, PostgresOptions, PostgresStore, SqliteStore, SCHEMA_VERSION};
 
@@ -159,6 +159,10 @@ conformance!(
     concurrent_absent_puts_on_one_id_exactly_one_wins,
     concurrent_puts_on_distinct_ids_all_succeed,
     concurrent_etag_updates_never_lose_a_write,
+    write_all_commits_every_write_together,
+    write_all_with_a_failed_condition_writes_nothing,
+    concurrent_write_alls_all_commit,
+    write_all_refused_by_the_database_writes_nothing_and_the_store_keeps_working,
 );
 
 // ------------------------------------------------------------------------------------------------
@@ -917,4 +921,260 @@ async fn open_reports_unreachable_postgres_without_password() {
     let msg = err.to_string();
     assert!(!msg.contains("topsecret"), "{msg}");
     assert!(msg.contains("127.0.0.1:1"), "{msg}");
+}
+
+// ------------------------------------------------------------------------------------------------
+// Atomic batches
+
+fn put_w(c: Collection, scope: &str, d: Doc, expect: Expect) -> Write {
+    Write::Put {
+        c,
+        scope: scope.to_owned(),
+        doc: d,
+        expect,
+    }
+}
+
+async fn audit_of(s: &Arc<dyn Store>, target: &str) -> Vec<AuditEntry> {
+    s.list_audit(&AuditQuery {
+        target_id: Some(target.into()),
+        limit: 100,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+async fn write_all_commits_every_write_together(ctx: &Ctx) {
+    let s = ctx.store();
+    s.put(
+        Collection::Registration,
+        "a",
+        doc("dev1", "old"),
+        Expect::Any,
+    )
+    .await
+    .unwrap();
+    s.write_all(vec![
+        put_w(
+            Collection::HubDevice,
+            "hub-1",
+            doc("dev1", "h1"),
+            Expect::Any,
+        ),
+        put_w(
+            Collection::Registration,
+            "a",
+            doc("DEV1", "new"),
+            Expect::Etag("old".into()),
+        ),
+        Write::Audit(entry(
+            "2026-01-01T00:00:00.0000000Z",
+            "a",
+            "registration.assigned",
+            "dev1",
+        )),
+    ])
+    .await
+    .unwrap();
+    let rec = s
+        .get(Collection::Registration, "a", "dev1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.etag, "new");
+    assert_eq!(rec.id, "DEV1");
+    let hub = s
+        .get(Collection::HubDevice, "hub-1", "dev1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(hub.etag, "h1");
+    let audit = audit_of(&s, "dev1").await;
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].action, "registration.assigned");
+    // An empty batch is a no-op.
+    s.write_all(Vec::new()).await.unwrap();
+}
+
+async fn write_all_with_a_failed_condition_writes_nothing(ctx: &Ctx) {
+    let s = ctx.store();
+    s.put(
+        Collection::Registration,
+        "a",
+        doc("dev1", "cur"),
+        Expect::Any,
+    )
+    .await
+    .unwrap();
+    // The failing write comes after two that would succeed: they must be rolled back too.
+    let r = s
+        .write_all(vec![
+            put_w(
+                Collection::HubDevice,
+                "hub-1",
+                doc("dev1", "h1"),
+                Expect::Any,
+            ),
+            Write::Audit(entry(
+                "2026-01-01T00:00:00.0000000Z",
+                "a",
+                "registration.assigned",
+                "dev1",
+            )),
+            put_w(
+                Collection::Registration,
+                "a",
+                doc("dev1", "new"),
+                Expect::Etag("stale".into()),
+            ),
+        ])
+        .await;
+    assert_eq!(r, Err(conflict(Some("cur"))));
+    assert!(s
+        .get(Collection::HubDevice, "hub-1", "dev1")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(audit_of(&s, "dev1").await.is_empty());
+    let rec = s
+        .get(Collection::Registration, "a", "dev1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.etag, "cur");
+    // Absent on an existing document fails the same way.
+    let r = s
+        .write_all(vec![
+            put_w(
+                Collection::HubDevice,
+                "hub-1",
+                doc("dev2", "h2"),
+                Expect::Any,
+            ),
+            put_w(
+                Collection::Registration,
+                "a",
+                doc("dev1", "x"),
+                Expect::Absent,
+            ),
+        ])
+        .await;
+    assert_eq!(r, Err(conflict(Some("cur"))));
+    assert!(s
+        .get(Collection::HubDevice, "hub-1", "dev2")
+        .await
+        .unwrap()
+        .is_none());
+    // The store still works after the rollback.
+    s.write_all(vec![put_w(
+        Collection::HubDevice,
+        "hub-1",
+        doc("dev3", "h3"),
+        Expect::Absent,
+    )])
+    .await
+    .unwrap();
+    assert!(s
+        .get(Collection::HubDevice, "hub-1", "dev3")
+        .await
+        .unwrap()
+        .is_some());
+}
+
+async fn concurrent_write_alls_all_commit(ctx: &Ctx) {
+    let s = ctx.store();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = format!("dev{i}");
+            // Every fourth batch fails its condition; the others must not be affected.
+            let expect = if i % 4 == 0 {
+                Expect::Present
+            } else {
+                Expect::Absent
+            };
+            let r = s
+                .write_all(vec![
+                    put_w(Collection::HubDevice, "hub-1", doc(&id, "h"), Expect::Any),
+                    put_w(Collection::Registration, "a", doc(&id, "r"), expect),
+                    Write::Audit(entry(
+                        "2026-01-01T00:00:00.0000000Z",
+                        "a",
+                        "registration.assigned",
+                        &id,
+                    )),
+                ])
+                .await;
+            (i, r)
+        }));
+    }
+    for t in tasks {
+        let (i, r) = t.await.unwrap();
+        let id = format!("dev{i}");
+        let hub = s.get(Collection::HubDevice, "hub-1", &id).await.unwrap();
+        if i % 4 == 0 {
+            assert_eq!(r, Err(conflict(None)), "{id}");
+            assert!(hub.is_none(), "{id}");
+            assert!(audit_of(&s, &id).await.is_empty(), "{id}");
+        } else {
+            assert_eq!(r, Ok(()), "{id}");
+            assert!(hub.is_some(), "{id}");
+            assert_eq!(audit_of(&s, &id).await.len(), 1, "{id}");
+        }
+    }
+}
+
+async fn write_all_refused_by_the_database_writes_nothing_and_the_store_keeps_working(ctx: &Ctx) {
+    let s = ctx.store();
+    if s.engine() != "postgres" {
+        // SQLite stores any text; only PostgreSQL refuses a NUL byte in a text column.
+        return;
+    }
+    let mut bad = doc("dev1", "r");
+    bad.body = "nul \u{0} byte".to_string();
+    for _ in 0..20 {
+        let r = s
+            .write_all(vec![
+                put_w(
+                    Collection::HubDevice,
+                    "hub-1",
+                    doc("dev1", "h"),
+                    Expect::Any,
+                ),
+                put_w(Collection::Registration, "a", bad.clone(), Expect::Any),
+                Write::Audit(entry(
+                    "2026-01-01T00:00:00.0000000Z",
+                    "a",
+                    "registration.assigned",
+                    "dev1",
+                )),
+            ])
+            .await;
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+    }
+    assert!(s
+        .get(Collection::HubDevice, "hub-1", "dev1")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(audit_of(&s, "dev1").await.is_empty());
+    // Every pooled connection is usable again (no transaction left open on it).
+    for i in 0..40 {
+        s.put(
+            Collection::HubDevice,
+            "hub-1",
+            doc(&format!("ok{i}"), "h"),
+            Expect::Any,
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        s.count(Collection::HubDevice, "hub-1", &Filter::default())
+            .await
+            .unwrap(),
+        40
+    );
 }

@@ -4,7 +4,7 @@
 use dps_core::clock::azure_timestamp;
 use dps_core::hub::{HubAdapter, HubAuth, HubError, HubIdentity};
 use dps_core::model::{DeviceCapabilities, TwinState};
-use dps_core::store::{Collection, Doc, DocIndex, Expect, Store, StoreError};
+use dps_core::store::{Collection, Doc, DocIndex, Expect, Store, StoreError, Write};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -78,8 +78,39 @@ impl RegistryHub {
         }
     }
 
-    async fn save(&self, dev: &StoredHubDevice) -> Result<(), HubError> {
-        let doc = Doc {
+    /// The stored document of an identity; the existing twin is read only when it is kept.
+    async fn identity_doc(
+        &self,
+        identity: &HubIdentity,
+        twin: Option<&TwinState>,
+    ) -> Result<Doc, HubError> {
+        let twin = match twin {
+            Some(t) => t.for_hub(),
+            None => self
+                .load(&identity.device_id)
+                .await?
+                .map(|(d, _)| d.twin)
+                .unwrap_or_default(),
+        };
+        let dev = StoredHubDevice {
+            device_id: identity.device_id.clone(),
+            hub: self.host.clone(),
+            status: if identity.enabled {
+                "enabled"
+            } else {
+                "disabled"
+            }
+            .to_string(),
+            authentication: auth_json(&identity.auth),
+            capabilities: identity.capabilities.clone(),
+            twin,
+            last_updated_date_time_utc: azure_timestamp(time::OffsetDateTime::now_utc()),
+        };
+        Ok(Self::doc(&dev))
+    }
+
+    fn doc(dev: &StoredHubDevice) -> Doc {
+        Doc {
             id: dev.device_id.clone(),
             etag: dps_core::store::new_etag(),
             body: serde_json::to_string(dev).expect("serializable"),
@@ -87,7 +118,11 @@ impl RegistryHub {
                 status: Some(dev.status.clone()),
                 ..Default::default()
             },
-        };
+        }
+    }
+
+    async fn save(&self, dev: &StoredHubDevice) -> Result<(), HubError> {
+        let doc = Self::doc(dev);
         self.store
             .put(Collection::HubDevice, &self.host, doc, Expect::Any)
             .await
@@ -118,30 +153,24 @@ impl HubAdapter for RegistryHub {
         identity: &HubIdentity,
         twin: Option<&TwinState>,
     ) -> Result<(), HubError> {
-        // The existing twin is read only when it is kept.
-        let twin = match twin {
-            Some(t) => t.for_hub(),
-            None => self
-                .load(&identity.device_id)
-                .await?
-                .map(|(d, _)| d.twin)
-                .unwrap_or_default(),
-        };
-        let dev = StoredHubDevice {
-            device_id: identity.device_id.clone(),
-            hub: self.host.clone(),
-            status: if identity.enabled {
-                "enabled"
-            } else {
-                "disabled"
-            }
-            .to_string(),
-            authentication: auth_json(&identity.auth),
-            capabilities: identity.capabilities.clone(),
-            twin,
-            last_updated_date_time_utc: azure_timestamp(time::OffsetDateTime::now_utc()),
-        };
-        self.save(&dev).await
+        let doc = self.identity_doc(identity, twin).await?;
+        self.store
+            .put(Collection::HubDevice, &self.host, doc, Expect::Any)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    async fn identity_write(
+        &self,
+        identity: &HubIdentity,
+        twin: Option<&TwinState>,
+    ) -> Result<Option<Write>, HubError> {
+        Ok(Some(Write::Put {
+            c: Collection::HubDevice,
+            scope: self.host.clone(),
+            doc: self.identity_doc(identity, twin).await?,
+            expect: Expect::Any,
+        }))
     }
 
     async fn get_twin(&self, device_id: &str) -> Result<Option<TwinState>, HubError> {

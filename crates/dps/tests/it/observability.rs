@@ -286,3 +286,25 @@ async fn instance_creation_through_the_admin_api_is_audited() {
     assert_eq!(actions(&e), ["instance.create"]);
     assert_eq!(e[0]["after"]["hostnames"], json!(["second.example.net"]));
 }
+
+#[tokio::test]
+async fn refused_attempts_beyond_the_audit_rate_are_counted_not_stored() {
+    // One entry per second, a burst of ten: a flood of bad keys writes about ten rows.
+    let s = TestServer::spawn_with(|cfg| cfg.limits.refused_audit_per_second = 1).await;
+    let _ = s.enroll("flood-1", json!({})).await;
+    let before = sample(&scrape(&s).await, "dps_audit_refusals_dropped_total", &[]);
+    for _ in 0..30 {
+        let r = s
+            .register("flood-1", &dps_core::sas::generate_key(), None)
+            .await;
+        assert_error(&r, 401, Some(401002));
+    }
+    let stored = audit(&s, "target=flood-1&action=registration.refused").await;
+    assert!(
+        (10..=13).contains(&stored.len()),
+        "stored {} refusals",
+        stored.len()
+    );
+    let dropped = sample(&scrape(&s).await, "dps_audit_refusals_dropped_total", &[]) - before;
+    assert!(dropped >= 17.0, "dropped {dropped}");
+}
