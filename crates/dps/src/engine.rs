@@ -873,18 +873,41 @@ impl Engine {
     ) -> Result<()> {
         let mut writes = Vec::with_capacity(3);
         writes.extend(identity);
-        writes.push(self.repo.registration_write(instance, rec));
-        let mut view = rec.clone();
-        view.recent_operations.clear();
-        writes.push(Write::Audit(crate::audit::entry(
-            instance,
-            "device",
-            action,
-            "registration",
-            &rec.state.registration_id,
-            None::<&()>,
-            Some(&view),
-        )));
+        let doc = Repo::registration_doc(rec);
+        // The audit entry's `after` is the record without its list of earlier operation ids.
+        // A record holds no secrets, but a custom allocation payload is anything: that one goes
+        // through redaction. Otherwise the record's own JSON is reused when it is the same.
+        let after = if rec.state.payload.is_none() && rec.recent_operations.is_empty() {
+            doc.body.clone()
+        } else if rec.state.payload.is_none() {
+            let mut view = rec.clone();
+            view.recent_operations.clear();
+            serde_json::to_string(&view).expect("model types always serialize")
+        } else {
+            let mut view = rec.clone();
+            view.recent_operations.clear();
+            serde_json::to_string(&crate::audit::redact(
+                serde_json::to_value(&view).expect("model types always serialize"),
+            ))
+            .expect("json")
+        };
+        writes.push(Write::Put {
+            c: dps_core::store::Collection::Registration,
+            scope: instance.to_string(),
+            doc,
+            expect: dps_core::store::Expect::Any,
+        });
+        writes.push(Write::Audit(dps_core::store::AuditEntry {
+            seq: 0,
+            timestamp: ts(self.clock.as_ref()),
+            instance: instance.to_string(),
+            actor: "device".to_string(),
+            action: action.to_string(),
+            target_kind: "registration".to_string(),
+            target_id: rec.state.registration_id.clone(),
+            before: None,
+            after: Some(after),
+        }));
         self.repo.store.write_all(writes).await?;
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! devices, CA certificates and the deny list, as JSON documents with indexed attributes.
 
 use dps_core::model::{EnrollmentGroup, IndividualEnrollment, RegistrationRecord};
-use dps_core::store::{Collection, Doc, DocIndex, Expect, Filter, Page, Store, StoreError, Write};
+use dps_core::store::{Collection, Doc, DocIndex, Expect, Filter, Page, Store, StoreError};
 use dps_core::{Error, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -210,20 +210,15 @@ impl Repo {
     }
 
     /// Write a registration record (unconditional; callers serialize per device).
-    /// The store write of a registration record (new ETag set on `rec`), for a batch.
-    pub fn registration_write(&self, instance: &str, rec: &mut RegistrationRecord) -> Write {
+    /// The stored document of a registration record (new ETag set on `rec`), for a batch.
+    pub fn registration_doc(rec: &mut RegistrationRecord) -> Doc {
         let etag = dps_core::store::new_etag();
         rec.state.etag = Some(etag.clone());
-        Write::Put {
-            c: Collection::Registration,
-            scope: instance.to_string(),
-            doc: Doc {
-                id: rec.state.registration_id.clone(),
-                etag,
-                body: encode(&*rec),
-                index: registration_index(rec),
-            },
-            expect: Expect::Any,
+        Doc {
+            id: rec.state.registration_id.clone(),
+            etag,
+            body: encode(&*rec),
+            index: registration_index(rec),
         }
     }
 
