@@ -98,6 +98,9 @@ pub struct Limits {
     pub max_inflight_registrations: usize,
     /// TLS handshake timeout (ms).
     pub tls_handshake_timeout_ms: u64,
+    /// TLS handshakes in progress at once on each listener; connections beyond are closed at
+    /// once (the device retries) instead of slowing every handshake down.
+    pub max_pending_handshakes: usize,
     /// Maximum request body (bytes).
     pub max_body_bytes: usize,
     /// Concurrent MQTT connections (beyond: refused).
@@ -118,6 +121,7 @@ impl Default for Limits {
             webhook_timeout_ms: 10_000,
             max_inflight_registrations: 10_000,
             tls_handshake_timeout_ms: 10_000,
+            max_pending_handshakes: 2048,
             max_body_bytes: 96 * 1024,
             max_mqtt_connections: 100_000,
             recovery_after_ms: 60_000,

@@ -31,30 +31,42 @@ pub async fn serve_https(
     acceptor: TlsAcceptor,
     app: Arc<App>,
     handshake_timeout: Duration,
+    max_pending_handshakes: usize,
 ) {
-    crate::tls::accept_each(listener, "https", move |tcp, peer| {
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        async move {
-            let Some((tls, certs)) = crate::tls::handshake(&acceptor, tcp, peer, handshake_timeout, "https").await else {
-                return;
-            };
-            let certs = PeerCerts(Arc::new(certs));
-            let svc = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
-                let app = app.clone();
-                req.extensions_mut().insert(certs.clone());
-                req.extensions_mut().insert(PeerAddr(peer));
-                async move { Ok::<_, std::convert::Infallible>(route(app, req.map(Body::new)).await) }
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder
-                .serve_connection_with_upgrades(TokioIo::new(tls), svc)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+    crate::tls::accept_each(
+        listener,
+        "https",
+        max_pending_handshakes,
+        move |tcp, peer, permit| {
+            let acceptor = acceptor.clone();
+            let app = app.clone();
+            async move {
+                let Some((tls, certs)) =
+                    crate::tls::handshake(&acceptor, tcp, peer, handshake_timeout, "https", permit)
+                        .await
+                else {
+                    return;
+                };
+                let certs = PeerCerts(Arc::new(certs));
+                let svc =
+                    hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                        let app = app.clone();
+                        req.extensions_mut().insert(certs.clone());
+                        req.extensions_mut().insert(PeerAddr(peer));
+                        async move {
+                            Ok::<_, std::convert::Infallible>(route(app, req.map(Body::new)).await)
+                        }
+                    });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                if let Err(e) = builder
+                    .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+                    .await
+                {
+                    tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                }
             }
-        }
-    })
+        },
+    )
     .await;
 }
 

@@ -38,34 +38,41 @@ pub async fn serve_mqtt(
     app: Arc<App>,
     handshake_timeout: Duration,
     max_connections: usize,
+    max_pending_handshakes: usize,
 ) {
-    crate::tls::accept_each(listener, "mqtt", move |tcp, peer| {
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        async move {
-            let Some(_guard) = conn_guard(max_connections) else {
-                tracing::warn!(%peer, "MQTT connection refused: max_mqtt_connections reached");
-                return;
-            };
-            let Some((tls, certs)) =
-                crate::tls::handshake(&acceptor, tcp, peer, handshake_timeout, "mqtt").await
-            else {
-                return;
-            };
-            let svc: Arc<dyn DeviceService> = app.engine.clone();
-            if let Err(e) = dps_mqtt::serve_connection(
-                tls,
-                certs,
-                Transport::Mqtt,
-                svc,
-                app.mqtt_limits.clone(),
-            )
-            .await
-            {
-                tracing::debug!(%peer, error = %e, "MQTT connection closed");
+    crate::tls::accept_each(
+        listener,
+        "mqtt",
+        max_pending_handshakes,
+        move |tcp, peer, permit| {
+            let acceptor = acceptor.clone();
+            let app = app.clone();
+            async move {
+                let Some(_guard) = conn_guard(max_connections) else {
+                    tracing::warn!(%peer, "MQTT connection refused: max_mqtt_connections reached");
+                    return;
+                };
+                let Some((tls, certs)) =
+                    crate::tls::handshake(&acceptor, tcp, peer, handshake_timeout, "mqtt", permit)
+                        .await
+                else {
+                    return;
+                };
+                let svc: Arc<dyn DeviceService> = app.engine.clone();
+                if let Err(e) = dps_mqtt::serve_connection(
+                    tls,
+                    certs,
+                    Transport::Mqtt,
+                    svc,
+                    app.mqtt_limits.clone(),
+                )
+                .await
+                {
+                    tracing::debug!(%peer, error = %e, "MQTT connection closed");
+                }
             }
-        }
-    })
+        },
+    )
     .await;
 }
 

@@ -231,6 +231,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         tokio_rustls::TlsAcceptor::from(https_tls),
         app.clone(),
         handshake,
+        cfg.limits.max_pending_handshakes,
     )));
     let mqtt_addr = if cfg.listen.mqtt.is_empty() {
         None
@@ -243,6 +244,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             app.clone(),
             handshake,
             cfg.limits.max_mqtt_connections,
+            cfg.limits.max_pending_handshakes,
         )));
         Some(a)
     };

@@ -288,19 +288,40 @@ pub fn server_config(pki: &ServerPki, alpn: &[&[u8]]) -> Result<Arc<ServerConfig
     Ok(Arc::new(cfg))
 }
 
+/// A place among the TLS handshakes in progress on a listener, held until the handshake ends.
+pub struct HandshakePermit(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+
 /// Accept TCP connections on `listener` forever; each one (with `TCP_NODELAY`) is served by
 /// `serve` on its own task. Accept errors (e.g. out of file descriptors) are logged and retried.
-pub async fn accept_each<F, Fut>(listener: tokio::net::TcpListener, what: &'static str, serve: F)
-where
-    F: Fn(tokio::net::TcpStream, std::net::SocketAddr) -> Fut,
+///
+/// Admission: at most `max_pending` TLS handshakes are in progress at once. A connection
+/// beyond that is closed at once (counted as `dps_tls_handshakes_total{result="shed"}`) and
+/// the device retries it later. Without this, a reboot storm makes every handshake share the
+/// CPU with thousands of others: all of them slow down together, many pass the device's (or
+/// our) timeout after the expensive part was done, and the work is thrown away. Closing a
+/// connection costs microseconds; a handshake costs hundreds.
+pub async fn accept_each<F, Fut>(
+    listener: tokio::net::TcpListener,
+    what: &'static str,
+    max_pending: usize,
+    serve: F,
+) where
+    F: Fn(tokio::net::TcpStream, std::net::SocketAddr, HandshakePermit) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let pending = Arc::new(tokio::sync::Semaphore::new(max_pending.max(1)));
     loop {
         match listener.accept().await {
-            Ok((tcp, peer)) => {
-                let _ = tcp.set_nodelay(true);
-                tokio::spawn(serve(tcp, peer));
-            }
+            Ok((tcp, peer)) => match pending.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let _ = tcp.set_nodelay(true);
+                    tokio::spawn(serve(tcp, peer, HandshakePermit(permit)));
+                }
+                Err(_) => {
+                    metrics::counter!("dps_tls_handshakes_total", "listener" => what, "result" => "shed").increment(1);
+                    drop(tcp);
+                }
+            },
             Err(e) => {
                 tracing::warn!(listener = what, error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -317,11 +338,14 @@ pub async fn handshake(
     peer: std::net::SocketAddr,
     timeout: std::time::Duration,
     listener: &'static str,
+    permit: HandshakePermit,
 ) -> Option<(
     tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     Vec<Vec<u8>>,
 )> {
-    let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+    let accepted = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;
+    drop(permit);
+    let tls = match accepted {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             metrics::counter!("dps_tls_handshakes_total", "listener" => listener, "result" => "failure").increment(1);

@@ -70,3 +70,53 @@ async fn the_server_prefers_aes_128_gcm_sha256_and_still_serves_aes_256_only_cli
         C::TLS13_AES_256_GCM_SHA384
     );
 }
+
+/// Beyond `max_pending_handshakes`, a new connection is closed at once (the device retries),
+/// and the place is free again when a handshake ends.
+#[tokio::test]
+async fn connections_beyond_the_pending_handshake_limit_are_closed_at_once() {
+    use tokio::io::AsyncReadExt;
+    let s = TestServer::spawn_with(|cfg| cfg.limits.max_pending_handshakes = 1).await;
+    let port = s.server.https.port();
+    // Holds the only place: connected, but no ClientHello yet.
+    let holder = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    // Wait until the server has accepted it (the place is taken): a second connection is then
+    // closed by the server without a byte.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1];
+        let r = tokio::time::timeout(std::time::Duration::from_millis(200), c.read(&mut buf)).await;
+        if matches!(r, Ok(Ok(0)) | Ok(Err(_))) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no connection was shed"
+        );
+    }
+    // The held connection goes away: its handshake fails, the place is free, TLS works again.
+    drop(holder);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (head, _) = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            s.try_raw_exchange(
+                "GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+            ),
+        )
+        .await
+        .unwrap_or_default();
+        if head.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "TLS never came back: {head}"
+        );
+    }
+}

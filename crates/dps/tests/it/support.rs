@@ -472,9 +472,9 @@ impl TestServer {
         r.body.as_array().cloned().unwrap_or_default()
     }
 
-    /// One raw HTTP/1.1 exchange over TLS; returns the response head (status line and headers,
-    /// exactly as sent) and the body text. For assertions on header-name casing.
-    pub async fn raw_exchange(&self, request_head_and_body: &str) -> (String, String) {
+    /// [`raw_exchange`](Self::raw_exchange) that answers empty texts when the connection or
+    /// the handshake fails instead of panicking.
+    pub async fn try_raw_exchange(&self, request_head_and_body: &str) -> (String, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut roots = rustls::RootCertStore::empty();
         let der = rustls_pki_types::pem::PemObject::from_pem_slice(self.ca_pem.as_bytes())
@@ -487,19 +487,34 @@ impl TestServer {
             .with_root_certificates(roots)
             .with_no_client_auth();
         let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.server.https.port()))
-            .await
-            .expect("connect");
+        let Ok(tcp) = tokio::net::TcpStream::connect(("127.0.0.1", self.server.https.port())).await
+        else {
+            return Default::default();
+        };
         let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
-        let mut tls = connector.connect(name, tcp).await.expect("tls");
-        tls.write_all(request_head_and_body.as_bytes())
+        let Ok(mut tls) = connector.connect(name, tcp).await else {
+            return Default::default();
+        };
+        if tls
+            .write_all(request_head_and_body.as_bytes())
             .await
-            .expect("write");
+            .is_err()
+        {
+            return Default::default();
+        }
         let mut buf = Vec::new();
         let _ = tls.read_to_end(&mut buf).await;
         let text = String::from_utf8_lossy(&buf).into_owned();
         let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
         (head.to_string(), body.to_string())
+    }
+
+    /// One raw HTTP/1.1 exchange over TLS; returns the response head (status line and headers,
+    /// exactly as sent) and the body text. For assertions on header-name casing.
+    pub async fn raw_exchange(&self, request_head_and_body: &str) -> (String, String) {
+        let r = self.try_raw_exchange(request_head_and_body).await;
+        assert!(!r.0.is_empty(), "no response over TLS");
+        r
     }
 }
 
