@@ -50,13 +50,20 @@ export DPS_CONNECTION_STRING=$(field '["instances"][0]["connection_string"]')
 export DPS_URL="https://localhost:${https##*:}" DPS_CA_FILE="$dir/data/ca.pem"
 H="localhost:${https##*:}"; M="localhost:${mqtt##*:}"
 common=(--json --create-group --admin-url "http://$admin" --poll-interval-ms 10)
-run() { echo "== $engine: $*"; "$bin" bench "${common[@]}" "$@" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({k: r[k] for k in r if k not in ("serverMetrics", "group", "setupSeconds")}))'; }
+run() {
+  echo "== $engine: $*"
+  "$bin" bench "${common[@]}" "$@" >"$dir/last.json"
+  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(json.dumps({k: r[k] for k in r if k not in ("serverMetrics", "group", "setupSeconds")}))' "$dir/last.json"
+}
 run --devices "$devices" --concurrency 64 --global-endpoint "$H"
-run --devices "$devices" --concurrency 64 --global-endpoint "$H" --keep-alive
+# Half of the saturation just measured, for the latency percentiles at half load (below).
+half=${HALF_RATE:-$(python3 -c 'import json,sys; print(int(json.load(open(sys.argv[1]))["throughputPerSecond"] / 2))' "$dir/last.json")}
+run --devices "$((devices * 4))" --concurrency 64 --global-endpoint "$H" --keep-alive
 run --devices "$devices" --concurrency 64 --global-endpoint "$M" --transport mqtt
 run --devices "$((devices / 2))" --concurrency 64 --global-endpoint "$H" --attestation x509
 run --devices "$((devices / 2))" --concurrency 64 --global-endpoint "$M" --transport mqtt --attestation x509
-# Half of saturation: the same as the first run at a fixed rate, for the latency percentiles.
-run --devices "$devices" --concurrency 64 --global-endpoint "$H" --rate "${HALF_RATE:-500}"
+# Half of saturation: the same as the first run at a fixed rate (half of the first run's rate,
+# or HALF_RATE), for the latency percentiles.
+run --devices "$devices" --concurrency 64 --global-endpoint "$H" --rate "$half"
 run --devices "$storm" --concurrency 2000 --global-endpoint "$H" --storm --timeout 600
 echo "server peak memory: $(grep VmHWM /proc/$pid/status)"

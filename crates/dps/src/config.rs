@@ -121,7 +121,7 @@ impl Default for Limits {
             webhook_timeout_ms: 10_000,
             max_inflight_registrations: 10_000,
             tls_handshake_timeout_ms: 10_000,
-            max_pending_handshakes: 2048,
+            max_pending_handshakes: 8192,
             max_body_bytes: 96 * 1024,
             max_mqtt_connections: 100_000,
             recovery_after_ms: 60_000,
