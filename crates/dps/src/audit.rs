@@ -44,31 +44,6 @@ pub fn redact(mut v: serde_json::Value) -> serde_json::Value {
     v
 }
 
-/// An audit entry (secrets redacted), for [`Audit::record`] or for a store batch that commits it
-/// together with the change it describes.
-pub fn entry<B: Serialize, A: Serialize>(
-    instance: &str,
-    actor: &str,
-    action: &str,
-    target_kind: &str,
-    target_id: &str,
-    before: Option<&B>,
-    after: Option<&A>,
-) -> AuditEntry {
-    let enc = |v: serde_json::Value| serde_json::to_string(&redact(v)).expect("json");
-    AuditEntry {
-        seq: 0,
-        timestamp: azure_timestamp(time::OffsetDateTime::now_utc()),
-        instance: instance.to_string(),
-        actor: actor.to_string(),
-        action: action.to_string(),
-        target_kind: target_kind.to_string(),
-        target_id: target_id.to_string(),
-        before: before.map(|b| enc(serde_json::to_value(b).expect("json"))),
-        after: after.map(|a| enc(serde_json::to_value(a).expect("json"))),
-    }
-}
-
 impl Audit {
     /// Over a store.
     pub fn new(store: Arc<dyn Store>) -> Self {
@@ -77,7 +52,6 @@ impl Audit {
 
     /// Record a change or an outcome. Failures to write the audit log are logged, never
     /// surfaced to the client (the change itself already happened).
-    #[allow(clippy::too_many_arguments)]
     pub async fn record<B: Serialize, A: Serialize>(
         &self,
         instance: &str,
@@ -88,15 +62,18 @@ impl Audit {
         before: Option<&B>,
         after: Option<&A>,
     ) {
-        let entry = entry(
-            instance,
-            actor,
-            action,
-            target_kind,
-            target_id,
-            before,
-            after,
-        );
+        let enc = |v: serde_json::Value| serde_json::to_string(&redact(v)).expect("json");
+        let entry = AuditEntry {
+            seq: 0,
+            timestamp: azure_timestamp(time::OffsetDateTime::now_utc()),
+            instance: instance.to_string(),
+            actor: actor.to_string(),
+            action: action.to_string(),
+            target_kind: target_kind.to_string(),
+            target_id: target_id.to_string(),
+            before: before.map(|b| enc(serde_json::to_value(b).expect("json"))),
+            after: after.map(|a| enc(serde_json::to_value(a).expect("json"))),
+        };
         if let Err(e) = self.store.append_audit(entry).await {
             tracing::error!(error = %e, action, target_id, "failed to write the audit log");
         }

@@ -147,14 +147,48 @@ pub struct Engine {
     inflight: AtomicUsize,
     /// Operations still running on this node: (instance, registration key) -> operation id.
     running: Mutex<HashMap<(String, String), String>>,
-    group_cache: Mutex<HashMap<(String, String), (Instant, Arc<Vec<EnrollmentGroup>>)>>,
-    x509_cache: Mutex<HashMap<String, (Instant, Arc<X509Material>)>>,
+    group_cache: InstanceCache<Vec<EnrollmentGroup>>,
+    x509_cache: InstanceCache<X509Material>,
     /// Token bucket for audit entries of refused attempts: (last refill, tokens).
     refused_bucket: Mutex<(Instant, f64)>,
     me: std::sync::Weak<Engine>,
 }
 
 const GROUP_CACHE_TTL: Duration = Duration::from_secs(2);
+
+/// Values read from the store per (instance, kind), kept for [`GROUP_CACHE_TTL`] and dropped at
+/// once by a change on this node (other nodes sharing the store see it within the lifetime).
+struct InstanceCache<V>(Mutex<HashMap<(String, String), (Instant, Arc<V>)>>);
+
+impl<V> Default for InstanceCache<V> {
+    fn default() -> Self {
+        InstanceCache(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<V> InstanceCache<V> {
+    /// The value under `key` (instance lowercased), if still fresh.
+    fn get(&self, key: &(String, String)) -> Option<Arc<V>> {
+        let map = self.0.lock().expect("cache lock");
+        map.get(key)
+            .filter(|(at, _)| at.elapsed() < GROUP_CACHE_TTL)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn put(&self, key: (String, String), v: Arc<V>) {
+        self.0
+            .lock()
+            .expect("cache lock")
+            .insert(key, (Instant::now(), v));
+    }
+
+    fn invalidate(&self, instance: &str) {
+        self.0
+            .lock()
+            .expect("cache lock")
+            .retain(|k, _| !k.0.eq_ignore_ascii_case(instance));
+    }
+}
 
 fn ts(clock: &dyn Clock) -> String {
     azure_timestamp(clock.now())
@@ -183,8 +217,8 @@ impl Engine {
             locks: (0..1024).map(|_| tokio::sync::Mutex::new(())).collect(),
             inflight: AtomicUsize::new(0),
             running: Mutex::new(HashMap::new()),
-            group_cache: Mutex::new(HashMap::new()),
-            x509_cache: Mutex::new(HashMap::new()),
+            group_cache: InstanceCache::default(),
+            x509_cache: InstanceCache::default(),
             refused_bucket: Mutex::new((Instant::now(), burst)),
         })
     }
@@ -210,53 +244,37 @@ impl Engine {
 
     /// Forget cached groups of an instance (after a group write on this node).
     pub fn invalidate_groups(&self, instance: &str) {
-        self.group_cache
-            .lock()
-            .expect("cache lock")
-            .retain(|k, _| !k.0.eq_ignore_ascii_case(instance));
+        self.group_cache.invalidate(instance);
     }
 
     /// Forget the cached CA certificates and deny list of an instance (after a change on this
     /// node).
     pub fn invalidate_x509(&self, instance: &str) {
-        self.x509_cache
-            .lock()
-            .expect("cache lock")
-            .retain(|k, _| !k.eq_ignore_ascii_case(instance));
+        self.x509_cache.invalidate(instance);
     }
 
     /// The instance's CA certificates and deny list, for X.509 attestation: read from the store
     /// at most once per [`GROUP_CACHE_TTL`] (and at once after a change on this node).
     pub(crate) async fn x509_material(&self, instance: &str) -> Result<Arc<X509Material>> {
-        let key = instance.to_ascii_lowercase();
-        if let Some((at, m)) = self.x509_cache.lock().expect("cache lock").get(&key) {
-            if at.elapsed() < GROUP_CACHE_TTL {
-                return Ok(m.clone());
-            }
+        let key = (instance.to_ascii_lowercase(), String::new());
+        if let Some(m) = self.x509_cache.get(&key) {
+            return Ok(m);
         }
         let m = Arc::new(X509Material {
             cas: crate::certificates::load_cas(&self.repo, instance).await?,
             deny: crate::certificates::load_deny_list(&self.repo, instance).await?,
         });
-        self.x509_cache
-            .lock()
-            .expect("cache lock")
-            .insert(key, (Instant::now(), m.clone()));
+        self.x509_cache.put(key, m.clone());
         Ok(m)
     }
 
     async fn groups(&self, instance: &str, kind: &str) -> Result<Arc<Vec<EnrollmentGroup>>> {
         let key = (instance.to_ascii_lowercase(), kind.to_string());
-        if let Some((at, g)) = self.group_cache.lock().expect("cache lock").get(&key) {
-            if at.elapsed() < GROUP_CACHE_TTL {
-                return Ok(g.clone());
-            }
+        if let Some(g) = self.group_cache.get(&key) {
+            return Ok(g);
         }
         let g = Arc::new(self.repo.groups_of_kind(instance, kind).await?);
-        self.group_cache
-            .lock()
-            .expect("cache lock")
-            .insert(key, (Instant::now(), g.clone()));
+        self.group_cache.put(key, g.clone());
         Ok(g)
     }
 
@@ -879,17 +897,17 @@ impl Engine {
         // through redaction. Otherwise the record's own JSON is reused when it is the same.
         let after = if rec.state.payload.is_none() && rec.recent_operations.is_empty() {
             doc.body.clone()
-        } else if rec.state.payload.is_none() {
-            let mut view = rec.clone();
-            view.recent_operations.clear();
-            serde_json::to_string(&view).expect("model types always serialize")
         } else {
             let mut view = rec.clone();
             view.recent_operations.clear();
-            serde_json::to_string(&crate::audit::redact(
-                serde_json::to_value(&view).expect("model types always serialize"),
-            ))
-            .expect("json")
+            if view.state.payload.is_none() {
+                serde_json::to_string(&view).expect("model types always serialize")
+            } else {
+                serde_json::to_string(&crate::audit::redact(
+                    serde_json::to_value(&view).expect("model types always serialize"),
+                ))
+                .expect("json")
+            }
         };
         writes.push(Write::Put {
             c: dps_core::store::Collection::Registration,

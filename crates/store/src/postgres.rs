@@ -115,6 +115,43 @@ fn refs(params: &[Box<dyn ToSql + Sync + Send>]) -> Vec<&(dyn ToSql + Sync)> {
         .collect()
 }
 
+/// The parameters of [`UPSERT_SQL`] (and of the other `docs` writes, which use `$1`..`$10`
+/// the same way) for a document.
+fn doc_params(c: Collection, scope: &str, doc: &Doc) -> Vec<Box<dyn ToSql + Sync + Send>> {
+    vec![
+        Box::new(c.as_str()),
+        Box::new(scope.to_owned()),
+        Box::new(sql::key_of(&doc.id)),
+        Box::new(doc.id.clone()),
+        Box::new(doc.etag.clone()),
+        Box::new(doc.body.clone()),
+        Box::new(doc.index.status.clone()),
+        Box::new(doc.index.kind.clone()),
+        Box::new(doc.index.group.as_deref().map(str::to_lowercase)),
+        Box::new(doc.index.hub.clone()),
+    ]
+}
+
+/// The parameters of [`AUDIT_SQL`] for an entry (timestamp now when it has none).
+fn audit_params(e: &AuditEntry) -> Vec<Box<dyn ToSql + Sync + Send>> {
+    let ts = if e.timestamp.is_empty() {
+        dps_core::clock::azure_timestamp(time::OffsetDateTime::now_utc())
+    } else {
+        e.timestamp.clone()
+    };
+    vec![
+        Box::new(ts),
+        Box::new(e.instance.clone()),
+        Box::new(e.actor.clone()),
+        Box::new(e.action.clone()),
+        Box::new(e.target_kind.clone()),
+        Box::new(e.target_id.clone()),
+        Box::new(sql::key_of(&e.target_id)),
+        Box::new(e.before.clone()),
+        Box::new(e.after.clone()),
+    ]
+}
+
 impl PostgresStore {
     /// Connect with default options and migrate.
     pub async fn open(url: &str) -> Result<Self, OpenError> {
@@ -276,59 +313,21 @@ impl PostgresStore {
     /// the joined futures, so the transaction is always closed on the connection. If a
     /// statement fails, PostgreSQL aborts the transaction and the `COMMIT` rolls it back.
     async fn write_pipelined(&self, writes: &[Write]) -> Result<(), StoreError> {
-        type Owned = Vec<Box<dyn ToSql + Sync + Send>>;
         let client = self.client().await?;
         let upsert = client.prepare_cached(UPSERT_SQL).await.map_err(pg_err)?;
         let audit = client.prepare_cached(AUDIT_SQL).await.map_err(pg_err)?;
-        let mut owned: Vec<(&tokio_postgres::Statement, Owned)> = Vec::with_capacity(writes.len());
-        for w in writes {
-            match w {
-                Write::Put { c, scope, doc, .. } => owned.push((
-                    &upsert,
-                    vec![
-                        Box::new(c.as_str()),
-                        Box::new(scope.clone()),
-                        Box::new(sql::key_of(&doc.id)),
-                        Box::new(doc.id.clone()),
-                        Box::new(doc.etag.clone()),
-                        Box::new(doc.body.clone()),
-                        Box::new(doc.index.status.clone()),
-                        Box::new(doc.index.kind.clone()),
-                        Box::new(doc.index.group.as_deref().map(str::to_lowercase)),
-                        Box::new(doc.index.hub.clone()),
-                    ],
-                )),
-                Write::Audit(e) => owned.push((
-                    &audit,
-                    vec![
-                        Box::new(if e.timestamp.is_empty() {
-                            dps_core::clock::azure_timestamp(time::OffsetDateTime::now_utc())
-                        } else {
-                            e.timestamp.clone()
-                        }),
-                        Box::new(e.instance.clone()),
-                        Box::new(e.actor.clone()),
-                        Box::new(e.action.clone()),
-                        Box::new(e.target_kind.clone()),
-                        Box::new(e.target_id.clone()),
-                        Box::new(sql::key_of(&e.target_id)),
-                        Box::new(e.before.clone()),
-                        Box::new(e.after.clone()),
-                    ],
-                )),
-            }
-        }
-        let params: Vec<(&tokio_postgres::Statement, Vec<&(dyn ToSql + Sync)>)> = owned
+        let owned: Vec<(
+            &tokio_postgres::Statement,
+            Vec<Box<dyn ToSql + Sync + Send>>,
+        )> = writes
             .iter()
-            .map(|(st, v)| {
-                (
-                    *st,
-                    v.iter()
-                        .map(|b| &**b as &(dyn ToSql + Sync))
-                        .collect::<Vec<_>>(),
-                )
+            .map(|w| match w {
+                Write::Put { c, scope, doc, .. } => (&upsert, doc_params(*c, scope, doc)),
+                Write::Audit(e) => (&audit, audit_params(e)),
             })
             .collect();
+        let params: Vec<(&tokio_postgres::Statement, Vec<&(dyn ToSql + Sync)>)> =
+            owned.iter().map(|(st, v)| (*st, refs(v))).collect();
         let pg: &tokio_postgres::Client = &client;
         let (begin, results, commit) = tokio::join!(
             pg.batch_execute("BEGIN"),
@@ -382,20 +381,8 @@ async fn put_on<C: GenericClient>(
     expect: &Expect,
 ) -> Result<(), StoreError> {
     let key = sql::key_of(&doc.id);
-    let grp = doc.index.group.as_deref().map(str::to_lowercase);
-    let coll = c.as_str();
-    let values: [&(dyn ToSql + Sync); 10] = [
-        &coll,
-        &scope,
-        &key,
-        &doc.id,
-        &doc.etag,
-        &doc.body,
-        &doc.index.status,
-        &doc.index.kind,
-        &grp,
-        &doc.index.hub,
-    ];
+    let owned = doc_params(c, scope, doc);
+    let values = refs(&owned);
     const INSERT: &str =
         "INSERT INTO docs (collection, scope, key, id, etag, body, status, kind, grp, hub)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
@@ -456,28 +443,9 @@ async fn put_on<C: GenericClient>(
 
 /// An audit append on a client or inside a transaction.
 async fn audit_on<C: GenericClient>(client: &C, e: &AuditEntry) -> Result<(), StoreError> {
-    let ts = if e.timestamp.is_empty() {
-        dps_core::clock::azure_timestamp(time::OffsetDateTime::now_utc())
-    } else {
-        e.timestamp.clone()
-    };
-    let target_key = sql::key_of(&e.target_id);
     let stmt = client.prepare_cached(AUDIT_SQL).await.map_err(pg_err)?;
     client
-        .execute(
-            &stmt,
-            &[
-                &ts,
-                &e.instance,
-                &e.actor,
-                &e.action,
-                &e.target_kind,
-                &e.target_id,
-                &target_key,
-                &e.before,
-                &e.after,
-            ],
-        )
+        .execute(&stmt, &refs(&audit_params(e)))
         .await
         .map_err(pg_err)?;
     Ok(())

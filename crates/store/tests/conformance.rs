@@ -935,6 +935,21 @@ fn put_w(c: Collection, scope: &str, d: Doc, expect: Expect) -> Write {
     }
 }
 
+/// The audit entry a registration outcome writes, for `id` on instance "a".
+fn assigned(id: &str) -> Write {
+    Write::Audit(entry(
+        "2026-01-01T00:00:00.0000000Z",
+        "a",
+        "registration.assigned",
+        id,
+    ))
+}
+
+/// The identity of `id` on hub "hub-1", if stored.
+async fn hub_doc(s: &Arc<dyn Store>, id: &str) -> Option<Doc> {
+    s.get(Collection::HubDevice, "hub-1", id).await.unwrap()
+}
+
 async fn audit_of(s: &Arc<dyn Store>, target: &str) -> Vec<AuditEntry> {
     s.list_audit(&AuditQuery {
         target_id: Some(target.into()),
@@ -968,12 +983,7 @@ async fn write_all_commits_every_write_together(ctx: &Ctx) {
             doc("DEV1", "new"),
             Expect::Etag("old".into()),
         ),
-        Write::Audit(entry(
-            "2026-01-01T00:00:00.0000000Z",
-            "a",
-            "registration.assigned",
-            "dev1",
-        )),
+        assigned("dev1"),
     ])
     .await
     .unwrap();
@@ -984,11 +994,7 @@ async fn write_all_commits_every_write_together(ctx: &Ctx) {
         .unwrap();
     assert_eq!(rec.etag, "new");
     assert_eq!(rec.id, "DEV1");
-    let hub = s
-        .get(Collection::HubDevice, "hub-1", "dev1")
-        .await
-        .unwrap()
-        .unwrap();
+    let hub = hub_doc(&s, "dev1").await.unwrap();
     assert_eq!(hub.etag, "h1");
     let audit = audit_of(&s, "dev1").await;
     assert_eq!(audit.len(), 1);
@@ -1016,12 +1022,7 @@ async fn write_all_with_a_failed_condition_writes_nothing(ctx: &Ctx) {
                 doc("dev1", "h1"),
                 Expect::Any,
             ),
-            Write::Audit(entry(
-                "2026-01-01T00:00:00.0000000Z",
-                "a",
-                "registration.assigned",
-                "dev1",
-            )),
+            assigned("dev1"),
             put_w(
                 Collection::Registration,
                 "a",
@@ -1031,11 +1032,7 @@ async fn write_all_with_a_failed_condition_writes_nothing(ctx: &Ctx) {
         ])
         .await;
     assert_eq!(r, Err(conflict(Some("cur"))));
-    assert!(s
-        .get(Collection::HubDevice, "hub-1", "dev1")
-        .await
-        .unwrap()
-        .is_none());
+    assert!(hub_doc(&s, "dev1").await.is_none());
     assert!(audit_of(&s, "dev1").await.is_empty());
     let rec = s
         .get(Collection::Registration, "a", "dev1")
@@ -1061,11 +1058,7 @@ async fn write_all_with_a_failed_condition_writes_nothing(ctx: &Ctx) {
         ])
         .await;
     assert_eq!(r, Err(conflict(Some("cur"))));
-    assert!(s
-        .get(Collection::HubDevice, "hub-1", "dev2")
-        .await
-        .unwrap()
-        .is_none());
+    assert!(hub_doc(&s, "dev2").await.is_none());
     // The store still works after the rollback.
     s.write_all(vec![put_w(
         Collection::HubDevice,
@@ -1075,11 +1068,7 @@ async fn write_all_with_a_failed_condition_writes_nothing(ctx: &Ctx) {
     )])
     .await
     .unwrap();
-    assert!(s
-        .get(Collection::HubDevice, "hub-1", "dev3")
-        .await
-        .unwrap()
-        .is_some());
+    assert!(hub_doc(&s, "dev3").await.is_some());
 }
 
 async fn concurrent_write_alls_all_commit(ctx: &Ctx) {
@@ -1099,12 +1088,7 @@ async fn concurrent_write_alls_all_commit(ctx: &Ctx) {
                 .write_all(vec![
                     put_w(Collection::HubDevice, "hub-1", doc(&id, "h"), Expect::Any),
                     put_w(Collection::Registration, "a", doc(&id, "r"), expect),
-                    Write::Audit(entry(
-                        "2026-01-01T00:00:00.0000000Z",
-                        "a",
-                        "registration.assigned",
-                        &id,
-                    )),
+                    assigned(&id),
                 ])
                 .await;
             (i, r)
@@ -1113,7 +1097,7 @@ async fn concurrent_write_alls_all_commit(ctx: &Ctx) {
     for t in tasks {
         let (i, r) = t.await.unwrap();
         let id = format!("dev{i}");
-        let hub = s.get(Collection::HubDevice, "hub-1", &id).await.unwrap();
+        let hub = hub_doc(&s, &id).await;
         if i % 4 == 0 {
             assert_eq!(r, Err(conflict(None)), "{id}");
             assert!(hub.is_none(), "{id}");
@@ -1144,21 +1128,12 @@ async fn write_all_refused_by_the_database_writes_nothing_and_the_store_keeps_wo
                     Expect::Any,
                 ),
                 put_w(Collection::Registration, "a", bad.clone(), Expect::Any),
-                Write::Audit(entry(
-                    "2026-01-01T00:00:00.0000000Z",
-                    "a",
-                    "registration.assigned",
-                    "dev1",
-                )),
+                assigned("dev1"),
             ])
             .await;
         assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
     }
-    assert!(s
-        .get(Collection::HubDevice, "hub-1", "dev1")
-        .await
-        .unwrap()
-        .is_none());
+    assert!(hub_doc(&s, "dev1").await.is_none());
     assert!(audit_of(&s, "dev1").await.is_empty());
     // Every pooled connection is usable again (no transaction left open on it).
     for i in 0..40 {
