@@ -29,7 +29,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -644,7 +644,8 @@ struct Fleet {
 }
 
 impl Fleet {
-    fn client(&self, d: &Device) -> Result<ProvisioningClient, dps_device::Error> {
+    fn client(&self, i: usize) -> Result<ProvisioningClient, dps_device::Error> {
+        let d = &self.devices[i % self.devices.len()];
         let auth = match &d.cred {
             Cred::Key(k) => Auth::SymmetricKey(k.clone()),
             Cred::Cert { chain, key } => Auth::X509 {
@@ -663,6 +664,11 @@ impl Fleet {
             .timeout(self.timeout);
         if let Some(addrs) = &self.connect_addrs {
             b = b.connect_addrs(addrs.clone());
+            if self.transport == TransportArg::Https && addrs[0].ip().is_loopback() {
+                if let IpAddr::V4(_) = addrs[0].ip() {
+                    b = b.local_address(IpAddr::V4(loopback_source(i)));
+                }
+            }
         }
         b.build()
     }
@@ -683,7 +689,7 @@ impl Fleet {
         if addrs.len() > 1 {
             for i in 0..addrs.len() {
                 self.connect_addrs = Some(vec![addrs[i]]);
-                let reachable = match self.devices.first().map(|d| self.client(d)) {
+                let reachable = match (!self.devices.is_empty()).then(|| self.client(0)) {
                     Some(Ok(c)) => c.tls_handshake().await.is_ok(),
                     _ => false,
                 };
@@ -695,6 +701,21 @@ impl Fleet {
         }
         self.connect_addrs = (!addrs.is_empty()).then_some(addrs);
     }
+}
+
+/// The source address of simulated device `i` towards a loopback (IPv4) endpoint: its own
+/// address in 127.64.0.0/10, as every real device has its own address. From one source address
+/// the kernel has only its ephemeral port range (about 28,000 ports) towards the server, and a
+/// reboot storm holding more connections than that makes every `connect()` search the whole
+/// range (measured: two thirds of the load generator's CPU in a 100,000-device storm).
+fn loopback_source(i: usize) -> Ipv4Addr {
+    let i = i % (64 * 250 * 250);
+    Ipv4Addr::new(
+        127,
+        64 + (i / 62_500) as u8,
+        ((i / 250) % 250) as u8 + 1,
+        (i % 250) as u8 + 2,
+    )
 }
 
 // ---- handshake baseline ----
@@ -749,8 +770,7 @@ async fn handshake_baseline(fleet: Arc<Fleet>, n: usize, concurrency: usize) -> 
                 if i >= n {
                     break;
                 }
-                let d = &fleet.devices[i % fleet.devices.len()];
-                let r = match fleet.client(d) {
+                let r = match fleet.client(i) {
                     Ok(c) => c.tls_handshake().await,
                     Err(e) => Err(e),
                 };
@@ -809,6 +829,70 @@ fn rand_jitter(id: &str) -> u32 {
 }
 
 impl Worker {
+    /// One device's registration: over the worker's kept-alive session, as a storm device
+    /// (retrying broken connections), or over a fresh connection.
+    async fn register_device(
+        &self,
+        i: usize,
+        d: &Device,
+        session: &mut Option<dps_device::HttpsSession>,
+    ) -> Result<dps_device::RegistrationResult, dps_device::Error> {
+        let fleet = &self.fleet;
+        if self.keep_alive {
+            let s = match session {
+                Some(s) => Ok(s),
+                None => fleet.client(i).map(|c| session.insert(c.https_session())),
+            };
+            match s {
+                Ok(s) => {
+                    let key = match &d.cred {
+                        Cred::Key(k) => Some(k.as_str()),
+                        Cred::Cert { .. } => None,
+                    };
+                    match tokio::time::timeout(fleet.timeout, s.register_once(&d.id, key, None))
+                        .await
+                    {
+                        Ok(r) => r,
+                        Err(_) => Err(dps_device::Error::Timeout),
+                    }
+                }
+                Err(e) => Err(e),
+            }
+        } else if self.storm {
+            // Reboot storm: like a real device, retry a connection that timed out or broke
+            // (with a jittered backoff) until the per-device deadline, instead of giving up.
+            let deadline = Instant::now() + fleet.timeout;
+            let mut backoff = Duration::from_millis(500);
+            loop {
+                let r = match fleet.client(i) {
+                    Ok(c) => c.register().await,
+                    Err(e) => Err(e),
+                };
+                match r {
+                    Err(e)
+                        if matches!(
+                            e,
+                            dps_device::Error::Timeout
+                                | dps_device::Error::Transport(_)
+                                | dps_device::Error::Tls(_)
+                        ) && Instant::now() + backoff < deadline =>
+                    {
+                        let jitter =
+                            Duration::from_millis(u64::from(rand_jitter(&d.id)) % 1000);
+                        tokio::time::sleep(backoff + jitter).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                    other => break other,
+                }
+            }
+        } else {
+            match fleet.client(i) {
+                Ok(c) => c.register().await,
+                Err(e) => Err(e),
+            }
+        }
+    }
+
     async fn run(self) -> Vec<Outcome> {
         let fleet = self.fleet.clone();
         let mut out = Vec::new();
@@ -822,59 +906,9 @@ impl Worker {
                 let at = self.started + Duration::from_secs_f64(i as f64 / rate);
                 tokio::time::sleep_until(at.into()).await;
             }
-            let res = if self.keep_alive {
-                let s = match &mut session {
-                    Some(s) => Ok(s),
-                    None => fleet.client(d).map(|c| session.insert(c.https_session())),
-                };
-                match s {
-                    Ok(s) => {
-                        let key = match &d.cred {
-                            Cred::Key(k) => Some(k.as_str()),
-                            Cred::Cert { .. } => None,
-                        };
-                        match tokio::time::timeout(fleet.timeout, s.register_once(&d.id, key, None))
-                            .await
-                        {
-                            Ok(r) => r,
-                            Err(_) => Err(dps_device::Error::Timeout),
-                        }
-                    }
-                    Err(e) => Err(e),
-                }
-            } else if self.storm {
-                // Reboot storm: like a real device, retry a connection that timed out or broke
-                // (with a jittered backoff) until the per-device deadline, instead of giving up.
-                let deadline = Instant::now() + fleet.timeout;
-                let mut backoff = Duration::from_millis(500);
-                loop {
-                    let r = match fleet.client(d) {
-                        Ok(c) => c.register().await,
-                        Err(e) => Err(e),
-                    };
-                    match r {
-                        Err(e)
-                            if matches!(
-                                e,
-                                dps_device::Error::Timeout
-                                    | dps_device::Error::Transport(_)
-                                    | dps_device::Error::Tls(_)
-                            ) && Instant::now() + backoff < deadline =>
-                        {
-                            let jitter =
-                                Duration::from_millis(u64::from(rand_jitter(&d.id)) % 1000);
-                            tokio::time::sleep(backoff + jitter).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(10));
-                        }
-                        other => break other,
-                    }
-                }
-            } else {
-                match fleet.client(d) {
-                    Ok(c) => c.register().await,
-                    Err(e) => Err(e),
-                }
-            };
+            // Boxed: a storm spawns a task per device up front, and a waiting device then
+            // holds a pointer, not the whole connection state machine.
+            let res = Box::pin(self.register_device(i, d, &mut session)).await;
             let o = match res {
                 Ok(r) => {
                     self.ok.fetch_add(1, Ordering::Relaxed);
@@ -1317,6 +1351,18 @@ mod tests {
         assert!(d
             .keys()
             .all(|k| !k.contains("bucket") && !k.ends_with("_sum")));
+    }
+
+    #[test]
+    fn loopback_sources_are_distinct_host_addresses() {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..1_000_000 {
+            let a = loopback_source(i);
+            assert!(a.is_loopback(), "{a}");
+            let o = a.octets();
+            assert!(o[3] != 0 && o[3] != 255 && o[2] != 0, "{a}");
+            assert!(seen.insert(a), "device {i} shares {a}");
+        }
     }
 
     #[test]

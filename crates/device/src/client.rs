@@ -8,7 +8,7 @@ use dps_core::model::{DeviceRegistrationState, RegistrationOperationStatus, Regi
 use hyper::header::HeaderValue;
 use rustls_pki_types::ServerName;
 use serde_json::Value;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -213,6 +213,8 @@ pub(crate) struct Endpoint {
     pub host_header: HeaderValue,
     /// Connect to these addresses instead of resolving `host` (HTTPS).
     pub connect_addrs: Option<Vec<SocketAddr>>,
+    /// The local (source) address of HTTPS connections; the kernel's choice when `None`.
+    pub local_addr: Option<IpAddr>,
     pub id_scope: String,
     pub api_version: String,
     pub connect_timeout: Duration,
@@ -351,6 +353,7 @@ pub struct ProvisioningClientBuilder {
     trust: Trust,
     tls: Option<ClientTls>,
     connect_addrs: Option<Vec<SocketAddr>>,
+    local_addr: Option<IpAddr>,
     payload: Option<Value>,
     api_version: Option<String>,
     connect_timeout: Option<Duration>,
@@ -410,6 +413,14 @@ impl ProvisioningClientBuilder {
     pub fn connect_addrs(mut self, addrs: impl Into<Vec<SocketAddr>>) -> Self {
         let addrs = addrs.into();
         self.connect_addrs = (!addrs.is_empty()).then_some(addrs);
+        self
+    }
+    /// HTTPS: open connections from this local address (any port), e.g. to simulate many
+    /// devices with addresses of their own on one machine. One source address has only the
+    /// kernel's ephemeral port range (about 28,000 ports) towards one server address.
+    /// (MQTT connections are opened by rumqttc, which always lets the kernel choose.)
+    pub fn local_address(mut self, addr: IpAddr) -> Self {
+        self.local_addr = Some(addr);
         self
     }
     /// A custom payload sent with the registration (any JSON).
@@ -511,6 +522,7 @@ impl ProvisioningClientBuilder {
                 server_name,
                 host_header,
                 connect_addrs: self.connect_addrs,
+                local_addr: self.local_addr,
                 id_scope,
                 api_version: self
                     .api_version

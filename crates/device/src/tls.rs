@@ -8,9 +8,10 @@ use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
@@ -244,13 +245,45 @@ pub(crate) async fn connect_tcp(
     pinned: bool,
     nodelay: bool,
 ) -> Result<TcpStream, Error> {
-    let tcp = match (&ep.connect_addrs, pinned) {
-        (Some(addrs), true) => TcpStream::connect(addrs.as_slice()).await,
-        _ => TcpStream::connect((ep.host.as_str(), ep.port)).await,
+    let tcp = match (&ep.connect_addrs, pinned, ep.local_addr) {
+        (Some(addrs), true, None) => TcpStream::connect(addrs.as_slice()).await,
+        (Some(addrs), true, Some(local)) => connect_from(local, addrs).await,
+        (_, _, None) => TcpStream::connect((ep.host.as_str(), ep.port)).await,
+        (_, _, Some(local)) => match tokio::net::lookup_host((ep.host.as_str(), ep.port)).await {
+            Ok(found) => connect_from(local, &found.collect::<Vec<_>>()).await,
+            Err(e) => Err(e),
+        },
     }
     .map_err(|e| Error::Transport(format!("cannot connect to {}:{}: {e}", ep.host, ep.port)))?;
     let _ = tcp.set_nodelay(nodelay);
     Ok(tcp)
+}
+
+/// Connect from `local` (any port) to the first of `addrs` of the same address family that
+/// accepts.
+async fn connect_from(local: IpAddr, addrs: &[SocketAddr]) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for &addr in addrs.iter().filter(|a| a.is_ipv4() == local.is_ipv4()) {
+        let sock = if local.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        let attempt = match sock.bind(SocketAddr::new(local, 0)) {
+            Ok(()) => sock.connect(addr).await,
+            Err(e) => Err(e),
+        };
+        match attempt {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("no address of the local address's family ({local})"),
+        )
+    }))
 }
 
 /// TCP connect and complete the TLS handshake (the client's last flight is flushed), within the
@@ -285,5 +318,35 @@ pub(crate) fn describe_tls_error(e: &std::io::Error) -> Error {
         Error::Tls(text)
     } else {
         Error::Transport(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection from a chosen local address arrives from that address.
+    #[tokio::test]
+    async fn connects_from_the_local_address() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = listener.local_addr().unwrap();
+        let local: IpAddr = "127.0.0.7".parse().unwrap();
+        let targets = [server];
+        let (client, accepted) = tokio::join!(connect_from(local, &targets), listener.accept());
+        let client = client.unwrap();
+        let (_, peer) = accepted.unwrap();
+        assert_eq!(peer.ip(), local);
+        assert_eq!(client.local_addr().unwrap().ip(), local);
+    }
+
+    /// No address of the local address's family: a clear error, not a panic.
+    #[tokio::test]
+    async fn refuses_a_family_mismatch() {
+        let local: IpAddr = "::1".parse().unwrap();
+        let e = connect_from(local, &["127.0.0.1:9".parse().unwrap()])
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("::1"), "{e}");
     }
 }
