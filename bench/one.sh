@@ -30,7 +30,8 @@ admin = "127.0.0.1:0"
 [log]
 level = "warn"
 [limits]
-max_inflight_registrations = 2000
+max_inflight_registrations = ${INFLIGHT:-2000}
+${EXTRA_LIMITS:-}
 [[instance]]
 name = "default"
 hostnames = ["localhost"]
@@ -53,6 +54,13 @@ common=(--json --create-group --admin-url "http://$admin" --poll-interval-ms 10)
 shift 3 || true
 ep=$H; [[ " $* " == *" mqtt "* ]] && ep=$M
 /usr/bin/time -f "client: %U user %S sys %e wall %M KB" "$bin" bench "${common[@]}" --global-endpoint "$ep" "$@" >"$dir/last.json"
-python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(json.dumps(r))' "$dir/last.json"
+python3 - "$dir/last.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+m = r.pop("serverMetrics", {})
+r.pop("assignedByHub", None)
+print(json.dumps(r))
+print(json.dumps({k: v for k, v in m.items() if "handshakes" in k or "4xx" in k or "5xx" in k or "assigning" in k}))
+PY
 awk '{printf "server: %.2f user %.2f sys (CPU seconds)\n", $14/100, $15/100}' /proc/$pid/stat
 echo "server peak memory: $(grep VmHWM /proc/$pid/status)"

@@ -326,6 +326,9 @@ pub(crate) async fn run(g: &Globals, a: BenchArgs) -> Result<ExitCode> {
         connect_addrs: None,
         policy,
         timeout: Duration::from_secs(a.timeout),
+        sockets: a
+            .storm
+            .then(|| Arc::new(tokio::sync::Semaphore::new(socket_budget()))),
     };
     if a.transport == TransportArg::Https {
         fleet.pin_addresses().await;
@@ -641,6 +644,9 @@ struct Fleet {
     connect_addrs: Option<Vec<SocketAddr>>,
     policy: PollPolicy,
     timeout: Duration,
+    /// Storm: connections this process may hold at once (see [`socket_budget`]); a device
+    /// waits for a place (first come, first served) before it connects.
+    sockets: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Fleet {
@@ -700,6 +706,28 @@ impl Fleet {
             }
         }
         self.connect_addrs = (!addrs.is_empty()).then_some(addrs);
+    }
+}
+
+/// How many connections a storm may hold at once: this process's open-file limit (soft, from
+/// `/proc/self/limits`) less 256 for everything else. Without it, the devices beyond the limit
+/// fail to open a socket (EMFILE), back off and retry, and a 1,000,000-device storm spends the
+/// generator's CPU on that churn instead of on the devices that are connected.
+fn socket_budget() -> usize {
+    let limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| parse_open_files_limit(&t))
+        .unwrap_or(1024);
+    limit.saturating_sub(256).max(64)
+}
+
+/// The soft "Max open files" limit from the text of `/proc/self/limits`.
+fn parse_open_files_limit(text: &str) -> Option<usize> {
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    let soft = line["Max open files".len()..].split_whitespace().next()?;
+    match soft {
+        "unlimited" => Some(1 << 20),
+        n => n.parse().ok(),
     }
 }
 
@@ -830,7 +858,10 @@ fn rand_jitter(id: &str) -> u32 {
 
 impl Worker {
     /// One device's registration: over the worker's kept-alive session, as a storm device
-    /// (retrying broken connections), or over a fresh connection.
+    /// (retrying broken connections), or over a fresh connection. The connection's state
+    /// machine is boxed, so that this future stays small: a storm spawns a task per device up
+    /// front, and the devices waiting for a socket must not each hold one (1,000,000 of them
+    /// held 7.5 GB).
     async fn register_device(
         &self,
         i: usize,
@@ -849,7 +880,8 @@ impl Worker {
                         Cred::Key(k) => Some(k.as_str()),
                         Cred::Cert { .. } => None,
                     };
-                    match tokio::time::timeout(fleet.timeout, s.register_once(&d.id, key, None))
+                    let once = Box::pin(s.register_once(&d.id, key, None));
+                    match tokio::time::timeout(fleet.timeout, once)
                         .await
                     {
                         Ok(r) => r,
@@ -864,10 +896,16 @@ impl Worker {
             let deadline = Instant::now() + fleet.timeout;
             let mut backoff = Duration::from_millis(500);
             loop {
+                let socket = match &fleet.sockets {
+                    Some(s) => s.acquire().await.ok(),
+                    None => None,
+                };
+                // Boxed only now: the devices waiting for a socket hold no connection state.
                 let r = match fleet.client(i) {
-                    Ok(c) => c.register().await,
+                    Ok(c) => Box::pin(c.register()).await,
                     Err(e) => Err(e),
                 };
+                drop(socket);
                 match r {
                     Err(e)
                         if matches!(
@@ -887,7 +925,7 @@ impl Worker {
             }
         } else {
             match fleet.client(i) {
-                Ok(c) => c.register().await,
+                Ok(c) => Box::pin(c.register()).await,
                 Err(e) => Err(e),
             }
         }
@@ -906,9 +944,7 @@ impl Worker {
                 let at = self.started + Duration::from_secs_f64(i as f64 / rate);
                 tokio::time::sleep_until(at.into()).await;
             }
-            // Boxed: a storm spawns a task per device up front, and a waiting device then
-            // holds a pointer, not the whole connection state machine.
-            let res = Box::pin(self.register_device(i, d, &mut session)).await;
+            let res = self.register_device(i, d, &mut session).await;
             let o = match res {
                 Ok(r) => {
                     self.ok.fetch_add(1, Ordering::Relaxed);
@@ -1351,6 +1387,20 @@ mod tests {
         assert!(d
             .keys()
             .all(|k| !k.contains("bucket") && !k.ends_with("_sum")));
+    }
+
+    #[test]
+    fn open_files_limit_parses() {
+        let t = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                 Max processes             95457                95457                processes \n\
+                 Max open files            20000                524288               files     \n";
+        assert_eq!(parse_open_files_limit(t), Some(20000));
+        assert_eq!(
+            parse_open_files_limit("Max open files  unlimited unlimited files"),
+            Some(1 << 20)
+        );
+        assert_eq!(parse_open_files_limit("nothing here"), None);
+        assert!(socket_budget() >= 64);
     }
 
     #[test]
