@@ -670,10 +670,9 @@ impl Fleet {
             .timeout(self.timeout);
         if let Some(addrs) = &self.connect_addrs {
             b = b.connect_addrs(addrs.clone());
-            if self.transport == TransportArg::Https && addrs[0].ip().is_loopback() {
-                if let IpAddr::V4(_) = addrs[0].ip() {
-                    b = b.local_address(IpAddr::V4(loopback_source(i)));
-                }
+            let ip = addrs[0].ip();
+            if self.transport == TransportArg::Https && ip.is_loopback() && ip.is_ipv4() {
+                b = b.local_address(IpAddr::V4(loopback_source(i)));
             }
         }
         b.build()
