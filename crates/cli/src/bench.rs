@@ -880,9 +880,7 @@ impl Worker {
                         Cred::Cert { .. } => None,
                     };
                     let once = Box::pin(s.register_once(&d.id, key, None));
-                    match tokio::time::timeout(fleet.timeout, once)
-                        .await
-                    {
+                    match tokio::time::timeout(fleet.timeout, once).await {
                         Ok(r) => r,
                         Err(_) => Err(dps_device::Error::Timeout),
                     }
@@ -914,8 +912,7 @@ impl Worker {
                                 | dps_device::Error::Tls(_)
                         ) && Instant::now() + backoff < deadline =>
                     {
-                        let jitter =
-                            Duration::from_millis(u64::from(rand_jitter(&d.id)) % 1000);
+                        let jitter = Duration::from_millis(u64::from(rand_jitter(&d.id)) % 1000);
                         tokio::time::sleep(backoff + jitter).await;
                         backoff = (backoff * 2).min(Duration::from_secs(10));
                     }
