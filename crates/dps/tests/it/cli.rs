@@ -290,3 +290,54 @@ async fn the_cli_reports_a_bad_connection_string_clearly() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `dps bench` in its storm and kept-alive modes against the real server: every simulated
+/// device is assigned (storm devices connect from loopback addresses of their own, so a broken
+/// source-address set-up fails them all), and the server's counters moved by the fleet's size.
+#[tokio::test]
+async fn the_load_generator_runs_a_storm_and_kept_alive_connections() {
+    let s = TestServer::spawn_with(|cfg| cfg.instances[0].name = "bench-modes".into()).await;
+    let cli = Cli::new(&s);
+    let port = s.base.rsplit(':').next().unwrap().to_string();
+    let endpoint = format!("localhost:{port}");
+    let admin = format!("http://{}", s.server.admin.expect("admin listener"));
+    for (mode, field, devices) in [
+        ("--storm", "storm", "24"),
+        ("--keep-alive", "keepAlive", "30"),
+    ] {
+        let (ok, out, err) = cli
+            .run(&[
+                "bench",
+                "--devices",
+                devices,
+                "--concurrency",
+                "4",
+                "--create-group",
+                "--json",
+                "--timeout",
+                "60",
+                "--poll-interval-ms",
+                "20",
+                "--global-endpoint",
+                &endpoint,
+                "--admin-url",
+                &admin,
+                mode,
+            ])
+            .await;
+        assert!(ok, "dps bench {mode} failed: {err}\n{out}");
+        let r: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
+        let n: u64 = devices.parse().unwrap();
+        assert_eq!(r["successes"], n, "{mode}: {out}");
+        assert_eq!(r["failures"], 0, "{mode}: {out}");
+        assert_eq!(r[field], true, "{mode}: {out}");
+        let assigned: f64 = r["serverMetrics"]
+            .as_object()
+            .expect("server counters")
+            .iter()
+            .filter(|(k, _)| k.starts_with("DeviceAssignments{") && k.contains("bench-modes"))
+            .filter_map(|(_, v)| v.as_f64())
+            .sum();
+        assert_eq!(assigned, n as f64, "{mode}: {out}");
+    }
+}
