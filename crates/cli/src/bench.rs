@@ -310,7 +310,7 @@ pub(crate) async fn run(g: &Globals, a: BenchArgs) -> Result<ExitCode> {
 
     // ---- shared client settings ----
     // One TLS configuration (roots, verifier, provider) for every simulated device, and the
-    // HTTPS endpoint resolved once (MQTT connections are opened by rumqttc, which resolves).
+    // endpoint resolved once.
     let tls = ClientTls::new(&device_trust(g)?)?;
     let policy = PollPolicy {
         override_interval: a.poll_interval_ms.map(Duration::from_millis),
@@ -330,9 +330,7 @@ pub(crate) async fn run(g: &Globals, a: BenchArgs) -> Result<ExitCode> {
             .storm
             .then(|| Arc::new(tokio::sync::Semaphore::new(socket_budget()))),
     };
-    if a.transport == TransportArg::Https {
-        fleet.pin_addresses().await;
-    }
+    fleet.pin_addresses().await;
     let fleet = Arc::new(fleet);
     let threads = tokio::runtime::Handle::current().metrics().num_workers();
 
@@ -640,7 +638,7 @@ struct Fleet {
     transport: TransportArg,
     /// Built once; symmetric-key devices use it as is, X.509 devices add their certificate.
     tls: ClientTls,
-    /// HTTPS: the endpoint's addresses, resolved once.
+    /// The endpoint's addresses, resolved once.
     connect_addrs: Option<Vec<SocketAddr>>,
     policy: PollPolicy,
     timeout: Duration,
@@ -671,7 +669,7 @@ impl Fleet {
         if let Some(addrs) = &self.connect_addrs {
             b = b.connect_addrs(addrs.clone());
             let ip = addrs[0].ip();
-            if self.transport == TransportArg::Https && ip.is_loopback() && ip.is_ipv4() {
+            if ip.is_loopback() && ip.is_ipv4() {
                 b = b.local_address(IpAddr::V4(loopback_source(i)));
             }
         }

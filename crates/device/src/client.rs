@@ -211,9 +211,9 @@ pub(crate) struct Endpoint {
     pub server_name: ServerName<'static>,
     /// The HTTP `Host` header, built once.
     pub host_header: HeaderValue,
-    /// Connect to these addresses instead of resolving `host` (HTTPS).
+    /// Connect to these addresses instead of resolving `host`.
     pub connect_addrs: Option<Vec<SocketAddr>>,
-    /// The local (source) address of HTTPS connections; the kernel's choice when `None`.
+    /// The local (source) address of connections; the kernel's choice when `None`.
     pub local_addr: Option<IpAddr>,
     pub id_scope: String,
     pub api_version: String,
@@ -326,14 +326,14 @@ impl ProvisioningClient {
     /// for load tests. Returns the time from the TCP connect to the handshake's completion (the
     /// client's last flight written).
     ///
-    /// HTTPS connects like [`ProvisioningClient::register`] (to the addresses given with
-    /// [`ProvisioningClientBuilder::connect_addrs`], if any); MQTT resolves the host on every
-    /// connection, as the MQTT registration does.
+    /// It connects like [`ProvisioningClient::register`]: to the addresses given with
+    /// [`ProvisioningClientBuilder::connect_addrs`] (else the resolved host), from the
+    /// [`ProvisioningClientBuilder::local_address`], if any.
     pub async fn tls_handshake(&self) -> Result<Duration, Error> {
         let started = Instant::now();
         let stream = match self.transport {
             Transport::Https => crate::tls::connect_tls(&self.ep, &self.tls.https, true).await?,
-            Transport::Mqtt => crate::tls::connect_tls(&self.ep, &self.tls.mqtt, false).await?,
+            Transport::Mqtt => crate::tls::connect_tls(&self.ep, &self.tls.mqtt, true).await?,
         };
         let elapsed = started.elapsed();
         drop(stream);
@@ -407,18 +407,16 @@ impl ProvisioningClientBuilder {
         self.tls = Some(tls);
         self
     }
-    /// HTTPS: connect to these addresses (tried in order) instead of resolving the endpoint's
-    /// host on every connection. The host is still the TLS server name and the `Host` header.
-    /// (MQTT connections are opened by rumqttc, which always resolves the host.)
+    /// Connect to these addresses (tried in order) instead of resolving the endpoint's host on
+    /// every connection. The host is still the TLS server name (and the HTTP `Host` header).
     pub fn connect_addrs(mut self, addrs: impl Into<Vec<SocketAddr>>) -> Self {
         let addrs = addrs.into();
         self.connect_addrs = (!addrs.is_empty()).then_some(addrs);
         self
     }
-    /// HTTPS: open connections from this local address (any port), e.g. to simulate many
-    /// devices with addresses of their own on one machine. One source address has only the
-    /// kernel's ephemeral port range (about 28,000 ports) towards one server address.
-    /// (MQTT connections are opened by rumqttc, which always lets the kernel choose.)
+    /// Open connections from this local address (any port), e.g. to simulate many devices with
+    /// addresses of their own on one machine. One source address has only the kernel's
+    /// ephemeral port range (about 28,000 ports) towards one server address.
     pub fn local_address(mut self, addr: IpAddr) -> Self {
         self.local_addr = Some(addr);
         self

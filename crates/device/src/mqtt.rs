@@ -1,46 +1,172 @@
-//! The device API over MQTT 3.1.1 + TLS (protocol digest §4), with rumqttc.
+//! The device API over MQTT 3.1.1 + TLS (protocol digest §4): one connection per registration.
+//!
+//! Packets are encoded and decoded with `rumqttc::mqttbytes::v4` (the codec only); the
+//! connection is ours, so it is opened like an HTTPS one: the pinned addresses and local address
+//! of the [`Endpoint`], the shared TLS configuration, no name resolution on a blocking thread
+//! when addresses are pinned. The exchange is the Azure SDKs': CONNECT → CONNACK, SUBSCRIBE
+//! `$dps/registrations/res/#` (QoS 1) → SUBACK, PUBLISH register (QoS 1), answers on the
+//! response topic (acknowledged), PUBLISH operation-status polls, DISCONNECT.
 
 use crate::client::{interpret, Endpoint, RegistrationResult, Step, Timing};
 use crate::wire::{
     device_sas, mqtt_username, parse_response_topic, poll_topic, register_topic, RESPONSE_FILTER,
 };
 use crate::Error;
+use bytes::BytesMut;
 use dps_core::model::{DeviceRegistration, RegistrationStatus};
-use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Outgoing, Packet, QoS,
-    SubscribeReasonCode, TlsConfiguration, Transport,
+use rumqttc::mqttbytes::v4::{
+    ConnectReturnCode, Packet, PubAck, Publish, Subscribe, SubscribeReasonCode,
 };
+use rumqttc::mqttbytes::{self, QoS};
 use rustls::ClientConfig;
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
-enum Next {
-    Register,
-    Poll(String),
+/// Largest packet accepted from the service: Azure's 96 KB message limit plus topic and headers.
+const MAX_PACKET: usize = 100 * 1024;
+
+/// Keep-alive announced in CONNECT (the Azure SDKs' default).
+const KEEP_ALIVE_SECS: u16 = 60;
+
+fn refused(code: ConnectReturnCode) -> Error {
+    match code {
+        ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword => {
+            Error::Unauthorized {
+                error_code: None,
+                message: format!("the server refused the MQTT connection ({code:?})"),
+                tracking_id: None,
+            }
+        }
+        other => Error::Service {
+            status: 503,
+            error_code: None,
+            message: format!("the server refused the MQTT connection ({other:?})"),
+            tracking_id: None,
+        },
+    }
 }
 
-fn map_connection_error(e: ConnectionError) -> Error {
-    match e {
-        ConnectionError::ConnectionRefused(code) => match code {
-            ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword => {
-                Error::Unauthorized {
-                    error_code: None,
-                    message: format!("the server refused the MQTT connection ({code:?})"),
-                    tracking_id: None,
+fn io_error(e: std::io::Error) -> Error {
+    crate::tls::describe_tls_error(&e)
+}
+
+/// One MQTT connection: the TLS stream and its read and write buffers.
+struct Conn {
+    io: TlsStream<TcpStream>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+}
+
+impl Conn {
+    async fn send(&mut self, packet: &Packet) -> Result<(), Error> {
+        self.wbuf.clear();
+        packet
+            .write(&mut self.wbuf, usize::MAX)
+            .map_err(|e| Error::Config(format!("cannot encode an MQTT packet: {e}")))?;
+        self.io.write_all(&self.wbuf).await.map_err(io_error)?;
+        self.io.flush().await.map_err(io_error)
+    }
+
+    /// The next packet from the service.
+    async fn recv(&mut self) -> Result<Packet, Error> {
+        loop {
+            match Packet::read(&mut self.rbuf, MAX_PACKET) {
+                Ok(p) => return Ok(p),
+                Err(mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(e) => {
+                    return Err(Error::Protocol(format!(
+                        "malformed MQTT packet from the service: {e}"
+                    )))
                 }
             }
-            other => Error::Service {
-                status: 503,
-                error_code: None,
-                message: format!("the server refused the MQTT connection ({other:?})"),
-                tracking_id: None,
-            },
-        },
-        ConnectionError::Tls(e) => Error::Tls(e.to_string()),
-        ConnectionError::Io(e) => crate::tls::describe_tls_error(&e),
-        ConnectionError::NetworkTimeout => Error::Timeout,
-        other => Error::Transport(other.to_string()),
+            if self.io.read_buf(&mut self.rbuf).await.map_err(io_error)? == 0 {
+                return Err(Error::Transport(
+                    "the service closed the MQTT connection".into(),
+                ));
+            }
+        }
+    }
+
+    /// TCP + TLS, CONNECT → CONNACK, SUBSCRIBE → SUBACK.
+    async fn open(
+        ep: &Endpoint,
+        tls: &Arc<ClientConfig>,
+        registration_id: &str,
+        password: String,
+    ) -> Result<Conn, Error> {
+        let io = crate::tls::connect_tls(ep, tls, true).await?;
+        let mut conn = Conn {
+            io,
+            rbuf: BytesMut::with_capacity(1024),
+            wbuf: BytesMut::with_capacity(512),
+        };
+        let mut connect = rumqttc::mqttbytes::v4::Connect::new(registration_id);
+        connect.keep_alive = KEEP_ALIVE_SECS;
+        connect.clean_session = true;
+        connect.set_login(
+            mqtt_username(&ep.id_scope, registration_id, &ep.api_version),
+            password,
+        );
+        conn.send(&Packet::Connect(connect)).await?;
+        match conn.recv().await? {
+            Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => {}
+            Packet::ConnAck(ack) => return Err(refused(ack.code)),
+            other => return Err(Error::Protocol(format!("expected CONNACK, got {other:?}"))),
+        }
+        let mut subscribe = Subscribe::new(RESPONSE_FILTER, QoS::AtLeastOnce);
+        subscribe.pkid = 1;
+        conn.send(&Packet::Subscribe(subscribe)).await?;
+        loop {
+            match conn.recv().await? {
+                Packet::SubAck(ack) if ack.pkid == 1 => {
+                    if ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, SubscribeReasonCode::Failure))
+                    {
+                        return Err(Error::Protocol(
+                            "the server refused the response subscription".into(),
+                        ));
+                    }
+                    return Ok(conn);
+                }
+                Packet::PingResp => {}
+                other => return Err(Error::Protocol(format!("expected SUBACK, got {other:?}"))),
+            }
+        }
+    }
+
+    /// Wait for the response to request `rid` (acknowledging QoS 1 deliveries), within
+    /// `timeout`. Returns the status, retry-after and body.
+    async fn response(
+        &mut self,
+        rid: &str,
+        timeout: Duration,
+    ) -> Result<(u16, Option<Duration>, bytes::Bytes), Error> {
+        let work = async {
+            loop {
+                let Packet::Publish(p) = self.recv().await? else {
+                    continue; // PUBACK of our request, PINGRESP
+                };
+                if p.qos == QoS::AtLeastOnce {
+                    self.send(&Packet::PubAck(PubAck::new(p.pkid))).await?;
+                }
+                let Some(t) = parse_response_topic(&p.topic) else {
+                    continue;
+                };
+                if t.rid == rid {
+                    return Ok((t.status, t.retry_after, p.payload));
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout),
+        }
     }
 }
 
@@ -57,28 +183,11 @@ pub(crate) async fn register(
         new_connection: true,
         ..Default::default()
     };
-    let mut opts = MqttOptions::new(registration_id, ep.host.as_str(), ep.port);
-    opts.set_keep_alive(Duration::from_secs(60));
-    opts.set_clean_session(true);
     let password = match key {
         Some(k) => device_sas(&ep.id_scope, registration_id, k, ep.sas_ttl)
             .ok_or_else(|| Error::Config("the device key is not valid base64".into()))?,
         None => String::new(),
     };
-    opts.set_credentials(
-        mqtt_username(&ep.id_scope, registration_id, &ep.api_version),
-        password,
-    );
-    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-    let (client, mut eventloop) = AsyncClient::new(opts, 8);
-    eventloop
-        .network_options
-        .set_connection_timeout(ep.connect_timeout.as_secs().max(1));
-    // As over HTTPS: small request/response packets must not wait for Nagle.
-    eventloop.network_options.set_tcp_nodelay(true);
-    client
-        .try_subscribe(RESPONSE_FILTER, QoS::AtLeastOnce)
-        .map_err(|e| Error::Transport(e.to_string()))?;
     let body = serde_json::to_vec(&DeviceRegistration {
         registration_id: Some(registration_id.to_string()),
         payload: payload.cloned(),
@@ -86,118 +195,74 @@ pub(crate) async fn register(
     })
     .map_err(|e| Error::Config(e.to_string()))?;
 
-    let mut rid: u64 = 0;
-    let mut waiting_rid: Option<String> = None;
-    let mut last = Next::Register;
-    let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-    let mut retries = 0u32;
-    let mut request_deadline: Option<Instant> = None;
-
-    let send = |next: &Next, rid: &mut u64, timing: &mut Timing| -> Result<String, Error> {
-        *rid += 1;
-        let r = match next {
-            Next::Register => {
-                timing.attempts += 1;
-                client.try_publish(register_topic(*rid), QoS::AtLeastOnce, false, body.clone())
-            }
-            Next::Poll(op) => {
-                timing.polls += 1;
-                client.try_publish(poll_topic(*rid, op), QoS::AtLeastOnce, false, Vec::new())
-            }
-        };
-        r.map_err(|e| Error::Transport(e.to_string()))?;
-        Ok(rid.to_string())
+    let mut conn = match tokio::time::timeout(
+        ep.connect_timeout,
+        Conn::open(ep, &tls, registration_id, password),
+    )
+    .await
+    {
+        Ok(r) => r?,
+        Err(_) => return Err(Error::Timeout),
     };
 
+    let mut rid: u64 = 0;
+    let mut operation: Option<String> = None;
+    let mut retries = 0u32;
     let result = loop {
-        if let Some(d) = request_deadline {
-            if Instant::now() > d {
-                break Err(Error::Timeout);
+        rid += 1;
+        let (topic, payload) = match &operation {
+            None => {
+                timing.attempts += 1;
+                (register_topic(rid), body.clone())
             }
-        }
-        let event = tokio::select! {
-            ev = eventloop.poll() => ev,
-            _ = async { timer.as_mut().expect("guarded").await }, if timer.is_some() => {
-                timer = None;
-                match send(&last, &mut rid, &mut timing) {
-                    Ok(r) => {
-                        waiting_rid = Some(r);
-                        request_deadline = Some(Instant::now() + ep.request_timeout);
-                    }
-                    Err(e) => break Err(e),
-                }
-                continue;
+            Some(op) => {
+                timing.polls += 1;
+                (poll_topic(rid, op), Vec::new())
             }
         };
-        match event {
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                if ack
-                    .return_codes
-                    .iter()
-                    .any(|c| matches!(c, SubscribeReasonCode::Failure))
-                {
-                    break Err(Error::Protocol(
-                        "the server refused the response subscription".into(),
-                    ));
-                }
-                match send(&Next::Register, &mut rid, &mut timing) {
-                    Ok(r) => {
-                        waiting_rid = Some(r);
-                        request_deadline = Some(Instant::now() + ep.request_timeout);
-                    }
-                    Err(e) => break Err(e),
-                }
+        let mut publish = Publish::new(topic, QoS::AtLeastOnce, payload);
+        // Packet ids 2..=65535 (1 is the subscription's); one request is in flight at a time.
+        publish.pkid = 2 + ((rid - 1) % 65_534) as u16;
+        if let Err(e) = conn.send(&Packet::Publish(publish)).await {
+            break Err(e);
+        }
+        let (status, retry_after, resp) =
+            match conn.response(&rid.to_string(), ep.request_timeout).await {
+                Ok(r) => r,
+                Err(e) => break Err(e),
+            };
+        match interpret(status, &resp, retry_after, &ep.policy) {
+            Ok(Step::Done(operation_id, state)) => {
+                timing.elapsed = started.elapsed();
+                break Ok(RegistrationResult {
+                    operation_id,
+                    status: RegistrationStatus::Assigned,
+                    state: *state,
+                    timing,
+                });
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let Some(t) = parse_response_topic(&p.topic) else {
-                    continue;
-                };
-                if waiting_rid.as_deref() != Some(t.rid.as_str()) {
-                    continue;
-                }
-                waiting_rid = None;
-                request_deadline = None;
-                match interpret(t.status, &p.payload, t.retry_after, &ep.policy) {
-                    Ok(Step::Done(operation_id, state)) => {
-                        timing.elapsed = started.elapsed();
-                        break Ok(RegistrationResult {
-                            operation_id,
-                            status: RegistrationStatus::Assigned,
-                            state: *state,
-                            timing,
-                        });
-                    }
-                    Ok(Step::Poll(op, wait)) => {
-                        retries = 0;
-                        last = Next::Poll(op);
-                        timer = Some(Box::pin(tokio::time::sleep(wait)));
-                    }
-                    Ok(Step::Retry(wait, err)) => {
-                        retries += 1;
-                        if retries > ep.policy.max_retries {
-                            break Err(err);
-                        }
-                        timer = Some(Box::pin(tokio::time::sleep(wait)));
-                    }
-                    Err(e) => break Err(e),
-                }
+            Ok(Step::Poll(op, wait)) => {
+                retries = 0;
+                operation = Some(op);
+                tokio::time::sleep(wait).await;
             }
-            Ok(_) => {}
-            Err(e) => break Err(map_connection_error(e)),
+            Ok(Step::Retry(wait, err)) => {
+                retries += 1;
+                if retries > ep.policy.max_retries {
+                    break Err(err);
+                }
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => break Err(e),
         }
     };
 
     // Say goodbye politely, without letting it delay the caller for long.
-    if client.try_disconnect().is_ok() {
-        let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await;
-    }
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        if conn.send(&Packet::Disconnect).await.is_ok() {
+            let _ = conn.io.shutdown().await;
+        }
+    })
+    .await;
     result
 }

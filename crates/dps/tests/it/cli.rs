@@ -298,13 +298,15 @@ async fn the_cli_reports_a_bad_connection_string_clearly() {
 async fn the_load_generator_runs_a_storm_and_kept_alive_connections() {
     let s = TestServer::spawn_with(|cfg| cfg.instances[0].name = "bench-modes".into()).await;
     let cli = Cli::new(&s);
-    let port = s.base.rsplit(':').next().unwrap().to_string();
-    let endpoint = format!("localhost:{port}");
+    let https = format!("localhost:{}", s.base.rsplit(':').next().unwrap());
+    let mqtt = format!("localhost:{}", s.server.mqtt.expect("mqtt listener").port());
     let admin = format!("http://{}", s.server.admin.expect("admin listener"));
-    for (mode, field, devices) in [
-        ("--storm", "storm", "24"),
-        ("--keep-alive", "keepAlive", "30"),
-    ] {
+    let runs: [(&str, &str, &str, &str, &str); 3] = [
+        ("--storm", "storm", "24", "https", &https),
+        ("--storm", "storm", "16", "mqtt", &mqtt),
+        ("--keep-alive", "keepAlive", "30", "https", &https),
+    ];
+    for (mode, field, devices, transport, endpoint) in runs {
         let (ok, out, err) = cli
             .run(&[
                 "bench",
@@ -318,8 +320,10 @@ async fn the_load_generator_runs_a_storm_and_kept_alive_connections() {
                 "60",
                 "--poll-interval-ms",
                 "20",
+                "--transport",
+                transport,
                 "--global-endpoint",
-                &endpoint,
+                endpoint,
                 "--admin-url",
                 &admin,
                 mode,
@@ -339,5 +343,6 @@ async fn the_load_generator_runs_a_storm_and_kept_alive_connections() {
             .filter_map(|(_, v)| v.as_f64())
             .sum();
         assert_eq!(assigned, n as f64, "{mode}: {out}");
+        assert_eq!(r["transport"], transport, "{mode}: {out}");
     }
 }
