@@ -3,9 +3,13 @@
 //! Packets are encoded and decoded with `rumqttc::mqttbytes::v4` (the codec only); the
 //! connection is ours, so it is opened like an HTTPS one: the pinned addresses and local address
 //! of the [`Endpoint`], the shared TLS configuration, no name resolution on a blocking thread
-//! when addresses are pinned. The exchange is the Azure SDKs': CONNECT → CONNACK, SUBSCRIBE
-//! `$dps/registrations/res/#` (QoS 1) → SUBACK, PUBLISH register (QoS 1), answers on the
-//! response topic (acknowledged), PUBLISH operation-status polls, DISCONNECT.
+//! when addresses are pinned. The packets are the Azure SDKs': CONNECT, SUBSCRIBE
+//! `$dps/registrations/res/#` (QoS 1), PUBLISH register (QoS 1), answers on the response topic
+//! (acknowledged), PUBLISH operation-status polls, DISCONNECT. Unlike the SDKs, the first three
+//! go out in one flight, without waiting for CONNACK and SUBACK (MQTT 3.1.1 §3.1.4 allows a
+//! client to send packets right after CONNECT; a server that refuses the CONNECT must not
+//! process them): a registration then takes the TLS handshake and one round trip instead of
+//! three, which on a 300 ms cellular link is 600 ms less per registration.
 
 use crate::client::{interpret, Endpoint, RegistrationResult, Step, Timing};
 use crate::wire::{
@@ -59,15 +63,31 @@ struct Conn {
     io: TlsStream<TcpStream>,
     rbuf: BytesMut,
     wbuf: BytesMut,
+    /// The CONNACK (accepted) has been read.
+    connected: bool,
+    /// The SUBACK (granted) has been read.
+    subscribed: bool,
 }
 
+/// Packet id of the response subscription; requests use 2..=65535.
+const SUBSCRIBE_PKID: u16 = 1;
+
 impl Conn {
-    async fn send(&mut self, packet: &Packet) -> Result<(), Error> {
-        self.wbuf.clear();
+    /// Encode `packet` after whatever is waiting to be written.
+    fn queue(&mut self, packet: &Packet) -> Result<(), Error> {
         packet
             .write(&mut self.wbuf, usize::MAX)
-            .map_err(|e| Error::Config(format!("cannot encode an MQTT packet: {e}")))?;
+            .map(|_| ())
+            .map_err(|e| Error::Config(format!("cannot encode an MQTT packet: {e}")))
+    }
+
+    /// Write everything queued.
+    async fn flush(&mut self) -> Result<(), Error> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
         self.io.write_all(&self.wbuf).await.map_err(io_error)?;
+        self.wbuf.clear();
         self.io.flush().await.map_err(io_error)
     }
 
@@ -91,7 +111,7 @@ impl Conn {
         }
     }
 
-    /// TCP + TLS, CONNECT → CONNACK, SUBSCRIBE → SUBACK.
+    /// TCP + TLS; CONNECT and SUBSCRIBE are queued (sent with the first request).
     async fn open(
         ep: &Endpoint,
         tls: &Arc<ClientConfig>,
@@ -103,6 +123,8 @@ impl Conn {
             io,
             rbuf: BytesMut::with_capacity(1024),
             wbuf: BytesMut::with_capacity(512),
+            connected: false,
+            subscribed: false,
         };
         let mut connect = rumqttc::mqttbytes::v4::Connect::new(registration_id);
         connect.keep_alive = KEEP_ALIVE_SECS;
@@ -111,37 +133,16 @@ impl Conn {
             mqtt_username(&ep.id_scope, registration_id, &ep.api_version),
             password,
         );
-        conn.send(&Packet::Connect(connect)).await?;
-        match conn.recv().await? {
-            Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => {}
-            Packet::ConnAck(ack) => return Err(refused(ack.code)),
-            other => return Err(Error::Protocol(format!("expected CONNACK, got {other:?}"))),
-        }
+        conn.queue(&Packet::Connect(connect))?;
         let mut subscribe = Subscribe::new(RESPONSE_FILTER, QoS::AtLeastOnce);
-        subscribe.pkid = 1;
-        conn.send(&Packet::Subscribe(subscribe)).await?;
-        loop {
-            match conn.recv().await? {
-                Packet::SubAck(ack) if ack.pkid == 1 => {
-                    if ack
-                        .return_codes
-                        .iter()
-                        .any(|c| matches!(c, SubscribeReasonCode::Failure))
-                    {
-                        return Err(Error::Protocol(
-                            "the server refused the response subscription".into(),
-                        ));
-                    }
-                    return Ok(conn);
-                }
-                Packet::PingResp => {}
-                other => return Err(Error::Protocol(format!("expected SUBACK, got {other:?}"))),
-            }
-        }
+        subscribe.pkid = SUBSCRIBE_PKID;
+        conn.queue(&Packet::Subscribe(subscribe))?;
+        Ok(conn)
     }
 
-    /// Wait for the response to request `rid` (acknowledging QoS 1 deliveries), within
-    /// `timeout`. Returns the status, retry-after and body.
+    /// Wait for the response to request `rid` within `timeout`, checking the CONNACK and the
+    /// SUBACK on the way and queueing the acknowledgement of QoS 1 deliveries. Returns the
+    /// status, retry-after and body.
     async fn response(
         &mut self,
         rid: &str,
@@ -149,17 +150,41 @@ impl Conn {
     ) -> Result<(u16, Option<Duration>, bytes::Bytes), Error> {
         let work = async {
             loop {
-                let Packet::Publish(p) = self.recv().await? else {
-                    continue; // PUBACK of our request, PINGRESP
-                };
-                if p.qos == QoS::AtLeastOnce {
-                    self.send(&Packet::PubAck(PubAck::new(p.pkid))).await?;
-                }
-                let Some(t) = parse_response_topic(&p.topic) else {
-                    continue;
-                };
-                if t.rid == rid {
-                    return Ok((t.status, t.retry_after, p.payload));
+                match self.recv().await? {
+                    Packet::ConnAck(ack) if !self.connected => {
+                        if ack.code != ConnectReturnCode::Success {
+                            return Err(refused(ack.code));
+                        }
+                        self.connected = true;
+                    }
+                    _ if !self.connected => {
+                        return Err(Error::Protocol(
+                            "the service's first packet was not a CONNACK".into(),
+                        ))
+                    }
+                    Packet::SubAck(ack) if ack.pkid == SUBSCRIBE_PKID && !self.subscribed => {
+                        if ack
+                            .return_codes
+                            .iter()
+                            .any(|c| matches!(c, SubscribeReasonCode::Failure))
+                        {
+                            return Err(Error::Protocol(
+                                "the server refused the response subscription".into(),
+                            ));
+                        }
+                        self.subscribed = true;
+                    }
+                    Packet::Publish(p) => {
+                        if p.qos == QoS::AtLeastOnce {
+                            self.queue(&Packet::PubAck(PubAck::new(p.pkid)))?;
+                        }
+                        if let Some(t) = parse_response_topic(&p.topic) {
+                            if t.rid == rid {
+                                return Ok((t.status, t.retry_after, p.payload));
+                            }
+                        }
+                    }
+                    _ => {} // PUBACK of our request, PINGRESP
                 }
             }
         };
@@ -195,15 +220,9 @@ pub(crate) async fn register(
     })
     .map_err(|e| Error::Config(e.to_string()))?;
 
-    let mut conn = match tokio::time::timeout(
-        ep.connect_timeout,
-        Conn::open(ep, &tls, registration_id, password),
-    )
-    .await
-    {
-        Ok(r) => r?,
-        Err(_) => return Err(Error::Timeout),
-    };
+    // TCP + TLS within the connect timeout (`connect_tls`); the CONNACK comes with the first
+    // answer, within the request timeout.
+    let mut conn = Conn::open(ep, &tls, registration_id, password).await?;
 
     let mut rid: u64 = 0;
     let mut operation: Option<String> = None;
@@ -223,7 +242,11 @@ pub(crate) async fn register(
         let mut publish = Publish::new(topic, QoS::AtLeastOnce, payload);
         // Packet ids 2..=65535 (1 is the subscription's); one request is in flight at a time.
         publish.pkid = 2 + ((rid - 1) % 65_534) as u16;
-        if let Err(e) = conn.send(&Packet::Publish(publish)).await {
+        if let Err(e) = conn.queue(&Packet::Publish(publish)) {
+            break Err(e);
+        }
+        // With the first request: CONNECT and SUBSCRIBE too (and any acknowledgement).
+        if let Err(e) = conn.flush().await {
             break Err(e);
         }
         let (status, retry_after, resp) =
@@ -244,6 +267,10 @@ pub(crate) async fn register(
             Ok(Step::Poll(op, wait)) => {
                 retries = 0;
                 operation = Some(op);
+                // Acknowledge the answer now, not after the wait.
+                if let Err(e) = conn.flush().await {
+                    break Err(e);
+                }
                 tokio::time::sleep(wait).await;
             }
             Ok(Step::Retry(wait, err)) => {
@@ -251,15 +278,19 @@ pub(crate) async fn register(
                 if retries > ep.policy.max_retries {
                     break Err(err);
                 }
+                if let Err(e) = conn.flush().await {
+                    break Err(e);
+                }
                 tokio::time::sleep(wait).await;
             }
             Err(e) => break Err(e),
         }
     };
 
-    // Say goodbye politely, without letting it delay the caller for long.
+    // Acknowledge the last answer and say goodbye, in one write, without letting it delay the
+    // caller for long.
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
-        if conn.send(&Packet::Disconnect).await.is_ok() {
+        if conn.queue(&Packet::Disconnect).is_ok() && conn.flush().await.is_ok() {
             let _ = conn.io.shutdown().await;
         }
     })
