@@ -36,6 +36,10 @@ async fn the_rust_client_registers_over_https_and_mqtt_with_individual_and_group
             .await
             .expect("individual");
         assert_eq!(r.device_id(), Some("rc-ind"));
+        // The instance answers 202 first (Azure's behaviour): one register, then polls.
+        assert_eq!(r.timing.attempts, 1, "{t:?}");
+        assert!(r.timing.polls >= 1, "{t:?}: {:?}", r.timing);
+        assert!(r.timing.new_connection, "{t:?}");
         let rid = format!(
             "rc-grp-dev-{}",
             if matches!(t, Transport::Https) {
