@@ -58,7 +58,9 @@ run() {
 run --devices "$devices" --concurrency 64 --global-endpoint "$H"
 # Half of the saturation just measured, for the latency percentiles at half load (below).
 half=${HALF_RATE:-$(python3 -c 'import json,sys; print(int(json.load(open(sys.argv[1]))["throughputPerSecond"] / 2))' "$dir/last.json")}
+# Kept-alive: 64 connections (each waits for its group commit: latency-bound) and 256 (CPU-bound).
 run --devices "$((devices * 4))" --concurrency 64 --global-endpoint "$H" --keep-alive
+run --devices "$((devices * 8))" --concurrency 256 --global-endpoint "$H" --keep-alive
 run --devices "$devices" --concurrency 64 --global-endpoint "$M" --transport mqtt
 run --devices "$((devices / 2))" --concurrency 64 --global-endpoint "$H" --attestation x509
 run --devices "$((devices / 2))" --concurrency 64 --global-endpoint "$M" --transport mqtt --attestation x509
