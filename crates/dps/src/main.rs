@@ -12,6 +12,7 @@ use std::process::ExitCode;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    let open_files = raise_open_files_limit();
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(a) => {
@@ -28,13 +29,35 @@ fn main() -> ExitCode {
                     format: "json".into(),
                 }),
             };
-            serve(a.config, overrides)
+            serve(a.config, overrides, open_files)
         }
         _ => dps_cli::run(cli),
     }
 }
 
-fn serve(config: Option<std::path::PathBuf>, overrides: Overrides) -> ExitCode {
+/// Every connection holds a file descriptor: raise the soft open-file limit to the hard one
+/// (as a server needs; `dps bench` too, whose storm holds one per simulated device). Returns
+/// the soft limit before and after (`None`: unlimited), or the error.
+fn raise_open_files_limit() -> Result<(Option<u64>, Option<u64>), std::io::Error> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let before = getrlimit(Resource::Nofile);
+    if before.current != before.maximum {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: before.maximum,
+                maximum: before.maximum,
+            },
+        )?;
+    }
+    Ok((before.current, getrlimit(Resource::Nofile).current))
+}
+
+fn serve(
+    config: Option<std::path::PathBuf>,
+    overrides: Overrides,
+    open_files: Result<(Option<u64>, Option<u64>), std::io::Error>,
+) -> ExitCode {
     let cfg = match Config::load(config.as_deref(), &overrides) {
         Ok(c) => c,
         Err(e) => {
@@ -43,6 +66,14 @@ fn serve(config: Option<std::path::PathBuf>, overrides: Overrides) -> ExitCode {
         }
     };
     init_logging(&cfg);
+    let limit = |l: Option<u64>| l.map_or("unlimited".to_string(), |n| n.to_string());
+    match open_files {
+        Ok((before, after)) if before != after => {
+            tracing::info!(from = %limit(before), to = %limit(after), "raised the open-file limit")
+        }
+        Ok((_, now)) => tracing::info!(limit = %limit(now), "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -346,3 +346,61 @@ async fn the_load_generator_runs_a_storm_and_kept_alive_connections() {
         assert_eq!(r["transport"], transport, "{mode}: {out}");
     }
 }
+
+/// `dps serve` raises its open-file soft limit to the hard one (every connection is a file
+/// descriptor): started with a soft limit of 256, the running server has the hard limit.
+#[tokio::test]
+async fn the_server_raises_its_open_file_limit() {
+    fn soft_and_hard(limits: &str) -> (String, String) {
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .expect("Max open files line");
+        let mut f = line["Max open files".len()..].split_whitespace();
+        (f.next().unwrap().into(), f.next().unwrap().into())
+    }
+    let (_, hard) = soft_and_hard(&std::fs::read_to_string("/proc/self/limits").unwrap());
+    if hard.parse::<u64>().is_ok_and(|h| h <= 256) {
+        eprintln!("SKIPPED: the hard open-file limit is {hard}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("dps.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+             [[instance]]\nname = \"default\"\nhostnames = [\"localhost\"]\n",
+            data.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Sn 256 && exec \"$0\" serve --config \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_dps"))
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start dps serve");
+    let run_json = data.join("run.json");
+    eventually(std::time::Duration::from_secs(60), || {
+        let ready = run_json.exists();
+        async move {
+            if ready {
+                Ok(())
+            } else {
+                Err("dps serve has not written run.json".to_string())
+            }
+        }
+    })
+    .await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let (soft, child_hard) = soft_and_hard(&limits);
+    assert_eq!(child_hard, hard);
+    assert_eq!(soft, hard, "the server kept a soft limit of {soft}");
+}
