@@ -12,44 +12,8 @@ cd "$(dirname "$0")/.."
 engine=${1:-sqlite}
 devices=${2:-5000}
 storm=${3:-100000}
-bin=target/release/dps
-dir=$(mktemp -d)
-store=""
-if [[ $engine == postgres ]]; then
-  psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists dps_bench" >/dev/null
-  psql -h 127.0.0.1 -U postgres -d postgres -qc "create database dps_bench" >/dev/null
-  store="postgres://postgres@127.0.0.1:5432/dps_bench"
-fi
-cat >"$dir/dps.toml" <<EOF
-data_dir = "$dir/data"
-store = "$store"
-[listen]
-https = "127.0.0.1:0"
-mqtt = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-[log]
-level = "warn"
-[limits]
-max_inflight_registrations = 2000
-[[instance]]
-name = "default"
-hostnames = ["localhost"]
-register_response = "immediate"
-[[instance.linked_hub]]
-host = "hub-1.bench"
-[[instance.linked_hub]]
-host = "hub-2.bench"
-EOF
-"$bin" serve --config "$dir/dps.toml" >"$dir/server.log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
-for _ in $(seq 200); do [[ -s $dir/data/run.json ]] && break; sleep 0.1; done
-field() { python3 -c 'import json,sys; v=json.load(open(sys.argv[1])); print(eval("v"+sys.argv[2]))' "$dir/data/run.json" "$1"; }
-https=$(field '["https"]'); mqtt=$(field '["mqtt"]'); admin=$(field '["admin"]')
-export DPS_CONNECTION_STRING=$(field '["instances"][0]["connection_string"]')
-export DPS_URL="https://localhost:${https##*:}" DPS_CA_FILE="$dir/data/ca.pem"
-H="localhost:${https##*:}"; M="localhost:${mqtt##*:}"
-common=(--json --create-group --admin-url "http://$admin" --poll-interval-ms 10)
+source bench/server.sh
+start_server "$engine"
 run() {
   echo "== $engine: $*"
   "$bin" bench "${common[@]}" "$@" >"$dir/last.json"
