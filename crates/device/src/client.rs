@@ -331,10 +331,11 @@ impl ProvisioningClient {
     /// [`ProvisioningClientBuilder::local_address`], if any.
     pub async fn tls_handshake(&self) -> Result<Duration, Error> {
         let started = Instant::now();
-        let stream = match self.transport {
-            Transport::Https => crate::tls::connect_tls(&self.ep, &self.tls.https, true).await?,
-            Transport::Mqtt => crate::tls::connect_tls(&self.ep, &self.tls.mqtt, true).await?,
+        let config = match self.transport {
+            Transport::Https => &self.tls.https,
+            Transport::Mqtt => &self.tls.mqtt,
         };
+        let stream = crate::tls::connect_tls(&self.ep, config).await?;
         let elapsed = started.elapsed();
         drop(stream);
         Ok(elapsed)

@@ -58,7 +58,7 @@ impl HttpsSession {
     }
 
     async fn connect(&mut self) -> Result<(), Error> {
-        let tls = crate::tls::connect_tls(&self.ep, &self.tls, true).await?;
+        let tls = crate::tls::connect_tls(&self.ep, &self.tls).await?;
         // The HTTP/1 client handshake does no I/O: it only sets the connection up.
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await

@@ -118,7 +118,7 @@ impl Conn {
         registration_id: &str,
         password: String,
     ) -> Result<Conn, Error> {
-        let io = crate::tls::connect_tls(ep, tls, true).await?;
+        let io = crate::tls::connect_tls(ep, tls).await?;
         let mut conn = Conn {
             io,
             rbuf: BytesMut::with_capacity(1024),
@@ -204,88 +204,24 @@ pub(crate) async fn register(
     payload: Option<&Value>,
 ) -> Result<RegistrationResult, Error> {
     let started = Instant::now();
-    let mut timing = Timing {
-        new_connection: true,
-        ..Default::default()
-    };
     let password = match key {
         Some(k) => device_sas(&ep.id_scope, registration_id, k, ep.sas_ttl)
             .ok_or_else(|| Error::Config("the device key is not valid base64".into()))?,
         None => String::new(),
     };
-    let body = serde_json::to_vec(&DeviceRegistration {
+    let body: bytes::Bytes = serde_json::to_vec(&DeviceRegistration {
         registration_id: Some(registration_id.to_string()),
         payload: payload.cloned(),
         ..Default::default()
     })
-    .map_err(|e| Error::Config(e.to_string()))?;
+    .map_err(|e| Error::Config(e.to_string()))?
+    .into();
 
     // TCP + TLS within the connect timeout (`connect_tls`); the CONNACK comes with the first
     // answer, within the request timeout.
     let mut conn = Conn::open(ep, &tls, registration_id, password).await?;
 
-    let mut rid: u64 = 0;
-    let mut operation: Option<String> = None;
-    let mut retries = 0u32;
-    let result = loop {
-        rid += 1;
-        let (topic, payload) = match &operation {
-            None => {
-                timing.attempts += 1;
-                (register_topic(rid), body.clone())
-            }
-            Some(op) => {
-                timing.polls += 1;
-                (poll_topic(rid, op), Vec::new())
-            }
-        };
-        let mut publish = Publish::new(topic, QoS::AtLeastOnce, payload);
-        // Packet ids 2..=65535 (1 is the subscription's); one request is in flight at a time.
-        publish.pkid = 2 + ((rid - 1) % 65_534) as u16;
-        if let Err(e) = conn.queue(&Packet::Publish(publish)) {
-            break Err(e);
-        }
-        // With the first request: CONNECT and SUBSCRIBE too (and any acknowledgement).
-        if let Err(e) = conn.flush().await {
-            break Err(e);
-        }
-        let (status, retry_after, resp) =
-            match conn.response(&rid.to_string(), ep.request_timeout).await {
-                Ok(r) => r,
-                Err(e) => break Err(e),
-            };
-        match interpret(status, &resp, retry_after, &ep.policy) {
-            Ok(Step::Done(operation_id, state)) => {
-                timing.elapsed = started.elapsed();
-                break Ok(RegistrationResult {
-                    operation_id,
-                    status: RegistrationStatus::Assigned,
-                    state: *state,
-                    timing,
-                });
-            }
-            Ok(Step::Poll(op, wait)) => {
-                retries = 0;
-                operation = Some(op);
-                // Acknowledge the answer now, not after the wait.
-                if let Err(e) = conn.flush().await {
-                    break Err(e);
-                }
-                tokio::time::sleep(wait).await;
-            }
-            Ok(Step::Retry(wait, err)) => {
-                retries += 1;
-                if retries > ep.policy.max_retries {
-                    break Err(err);
-                }
-                if let Err(e) = conn.flush().await {
-                    break Err(e);
-                }
-                tokio::time::sleep(wait).await;
-            }
-            Err(e) => break Err(e),
-        }
-    };
+    let result = exchange(&mut conn, ep, &body, started).await;
 
     // Acknowledge the last answer and say goodbye, in one write, without letting it delay the
     // caller for long.
@@ -296,4 +232,67 @@ pub(crate) async fn register(
     })
     .await;
     result
+}
+
+/// Register (and poll) over an open connection until the registration is assigned or fails.
+async fn exchange(
+    conn: &mut Conn,
+    ep: &Endpoint,
+    body: &bytes::Bytes,
+    started: Instant,
+) -> Result<RegistrationResult, Error> {
+    let mut timing = Timing {
+        new_connection: true,
+        ..Default::default()
+    };
+    let mut rid: u64 = 0;
+    let mut operation: Option<String> = None;
+    let mut retries = 0u32;
+    loop {
+        rid += 1;
+        let (topic, payload) = match &operation {
+            None => {
+                timing.attempts += 1;
+                (register_topic(rid), body.clone())
+            }
+            Some(op) => {
+                timing.polls += 1;
+                (poll_topic(rid, op), bytes::Bytes::new())
+            }
+        };
+        let mut publish = Publish::from_bytes(topic, QoS::AtLeastOnce, payload);
+        // Packet ids 2..=65535 (1 is the subscription's); one request is in flight at a time.
+        publish.pkid = 2 + ((rid - 1) % 65_534) as u16;
+        conn.queue(&Packet::Publish(publish))?;
+        // With the first request: CONNECT and SUBSCRIBE too (and any acknowledgement).
+        conn.flush().await?;
+        let (status, retry_after, resp) =
+            conn.response(&rid.to_string(), ep.request_timeout).await?;
+        let wait = match interpret(status, &resp, retry_after, &ep.policy)? {
+            Step::Done(operation_id, state) => {
+                timing.elapsed = started.elapsed();
+                return Ok(RegistrationResult {
+                    operation_id,
+                    status: RegistrationStatus::Assigned,
+                    state: *state,
+                    timing,
+                });
+            }
+            Step::Poll(op, wait) => {
+                retries = 0;
+                operation = Some(op);
+                wait
+            }
+            Step::Retry(wait, err) => {
+                retries += 1;
+                if retries > ep.policy.max_retries {
+                    return Err(err);
+                }
+                wait
+            }
+        };
+        // Acknowledge the answer now, not after the wait.
+        conn.flush().await?;
+        tokio::time::sleep(wait).await;
+    }
 }

@@ -238,24 +238,21 @@ impl ClientTls {
     }
 }
 
-/// Open a TCP connection to the endpoint: to its pinned addresses when `pinned` and the client
-/// has some, otherwise to the resolved host (each address in turn).
-pub(crate) async fn connect_tcp(
-    ep: &Endpoint,
-    pinned: bool,
-    nodelay: bool,
-) -> Result<TcpStream, Error> {
-    let tcp = match (&ep.connect_addrs, pinned, ep.local_addr) {
-        (Some(addrs), true, None) => TcpStream::connect(addrs.as_slice()).await,
-        (Some(addrs), true, Some(local)) => connect_from(local, addrs).await,
-        (_, _, None) => TcpStream::connect((ep.host.as_str(), ep.port)).await,
-        (_, _, Some(local)) => match tokio::net::lookup_host((ep.host.as_str(), ep.port)).await {
+/// Open a TCP connection (with `TCP_NODELAY`: small request/response packets must not wait
+/// for Nagle) to the endpoint's pinned addresses, or else to its resolved host, from its local
+/// address when it has one.
+async fn connect_tcp(ep: &Endpoint) -> Result<TcpStream, Error> {
+    let tcp = match (&ep.connect_addrs, ep.local_addr) {
+        (Some(addrs), None) => TcpStream::connect(addrs.as_slice()).await,
+        (None, None) => TcpStream::connect((ep.host.as_str(), ep.port)).await,
+        (Some(addrs), Some(local)) => connect_from(local, addrs).await,
+        (None, Some(local)) => match tokio::net::lookup_host((ep.host.as_str(), ep.port)).await {
             Ok(found) => connect_from(local, &found.collect::<Vec<_>>()).await,
             Err(e) => Err(e),
         },
     }
     .map_err(|e| Error::Transport(format!("cannot connect to {}:{}: {e}", ep.host, ep.port)))?;
-    let _ = tcp.set_nodelay(nodelay);
+    let _ = tcp.set_nodelay(true);
     Ok(tcp)
 }
 
@@ -291,10 +288,9 @@ async fn connect_from(local: IpAddr, addrs: &[SocketAddr]) -> std::io::Result<Tc
 pub(crate) async fn connect_tls(
     ep: &Endpoint,
     tls: &Arc<ClientConfig>,
-    pinned: bool,
 ) -> Result<TlsStream<TcpStream>, Error> {
     let work = async {
-        let tcp = connect_tcp(ep, pinned, true).await?;
+        let tcp = connect_tcp(ep).await?;
         TlsConnector::from(tls.clone())
             .connect(ep.server_name.clone(), tcp)
             .await
