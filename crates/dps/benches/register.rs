@@ -259,22 +259,22 @@ fn main() {
         .expect("runtime");
     rt.block_on(async move {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut cfg = dps::config::Config {
+        let mut cfg = dps_server::config::Config {
             data_dir: dir.path().to_path_buf(),
             store: a.store.clone(),
-            listen: dps::config::Listen { https: "127.0.0.1:0".into(), mqtt: String::new(), admin: String::new() },
+            listen: dps_server::config::Listen { https: "127.0.0.1:0".into(), mqtt: String::new(), admin: String::new() },
             ..Default::default()
         };
-        cfg.instances = vec![dps::config::InstanceConfig {
+        cfg.instances = vec![dps_server::config::InstanceConfig {
             name: format!("bench{}", std::process::id()),
             id_scope: Some(SCOPE.into()),
             hostnames: Some(vec!["localhost".into()]),
-            access_policy: vec![dps::config::PolicyConfig { name: "owner".into(), primary_key: Some(OWNER.into()), secondary_key: Some(OWNER.into()), rights: dps_core::instance::Right::ALL.to_vec() }],
+            access_policy: vec![dps_server::config::PolicyConfig { name: "owner".into(), primary_key: Some(OWNER.into()), secondary_key: Some(OWNER.into()), rights: dps_core::instance::Right::ALL.to_vec() }],
             linked_hub: vec![dps_core::instance::LinkedHub::registry("hub-1.bench"), dps_core::instance::LinkedHub::registry("hub-2.bench")],
             allocation_policy: Default::default(),
             register_response: dps_core::instance::RegisterResponse::Immediate,
         }];
-        let server = dps::server::start(cfg).await.expect("server");
+        let server = dps_server::server::start(cfg).await.expect("server");
         let ca_pem = std::fs::read_to_string(server.ca_path.as_ref().expect("ca")).expect("ca");
         // One symmetric-key group for every device.
         let client = reqwest::Client::builder().tls_certs_only([reqwest::Certificate::from_pem(ca_pem.as_bytes()).expect("ca")]).build().expect("client");

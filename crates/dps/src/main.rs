@@ -2,7 +2,7 @@
 //! (`dps-cli`), which talks to a running server through its service and admin APIs.
 
 use clap::Parser;
-use dps::config::{Config, ListenOverrides, LogOverride, Overrides};
+use dps_server::config::{Config, ListenOverrides, LogOverride, Overrides};
 use dps_cli::{Cli, Command, LogFormat};
 use std::process::ExitCode;
 
@@ -85,14 +85,14 @@ fn serve(
         }
     };
     rt.block_on(async move {
-        let server = match dps::server::start(cfg).await {
+        let server = match dps_server::server::start(cfg).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("error: {e:#}");
                 return ExitCode::FAILURE;
             }
         };
-        dps::server::print_banner(&server);
+        dps_server::server::print_banner(&server);
         shutdown_signal().await;
         tracing::info!("shutting down");
         drop(server);

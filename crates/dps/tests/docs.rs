@@ -130,7 +130,7 @@ fn collect_keys(v: &serde_json::Value, out: &mut BTreeSet<String>) {
 
 #[test]
 fn every_configuration_key_is_documented() {
-    use dps::config::{Config, InstanceConfig, PolicyConfig, TlsFiles};
+    use dps_server::config::{Config, InstanceConfig, PolicyConfig, TlsFiles};
     use dps_core::instance::LinkedHub;
 
     let mut keys = BTreeSet::new();

@@ -3,7 +3,7 @@
 //! admin-API route against every right), and instance isolation by the token's host.
 
 use crate::support::*;
-use dps::config::PolicyConfig;
+use dps_server::config::PolicyConfig;
 use dps_core::instance::{LinkedHub, Right};
 use reqwest::Method;
 use serde_json::{json, Value};

@@ -3,7 +3,7 @@
 
 use crate::support::*;
 use crate::support_iothub::*;
-use dps::hubs::azure::AzureIotHub;
+use dps_server::hubs::azure::AzureIotHub;
 use dps_core::hub::{HubAdapter, HubAuth, HubError, HubIdentity};
 use dps_core::model::{TwinProperties, TwinState};
 use serde_json::json;

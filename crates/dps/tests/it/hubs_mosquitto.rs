@@ -2,7 +2,7 @@
 //! dynamic-security plugin. Skipped (with a message) when mosquitto is not installed.
 
 use crate::support::*;
-use dps::hubs::mosquitto::derive_password;
+use dps_server::hubs::mosquitto::derive_password;
 use dps_core::instance::LinkedHub;
 use reqwest::Method;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
@@ -348,7 +348,7 @@ async fn mosquitto_device_connects_with_its_credentials_and_only_reaches_its_top
     }
 
     // Disabling and re-enabling through the adapter.
-    let a = dps::hubs::mosquitto::MosquittoHub::new(&b.linked_hub("broker-a.local"));
+    let a = dps_server::hubs::mosquitto::MosquittoHub::new(&b.linked_hub("broker-a.local"));
     use dps_core::hub::HubAdapter;
     a.set_enabled("mq-dev-2", false).await.unwrap();
     assert!(connect(
@@ -449,7 +449,7 @@ async fn mosquitto_down_or_wrong_admin_password_maps_to_hub_errors() {
     h.kind = "mosquitto".into();
     h.connection_string = Some(format!("mqtt://admin:x@127.0.0.1:{}", free_port()));
     h.options.insert("timeout_ms".into(), 1000.into());
-    let a = dps::hubs::mosquitto::MosquittoHub::new(&h);
+    let a = dps_server::hubs::mosquitto::MosquittoHub::new(&h);
     let t0 = std::time::Instant::now();
     assert!(matches!(
         a.delete_device("d").await,
@@ -461,7 +461,7 @@ async fn mosquitto_down_or_wrong_admin_password_maps_to_hub_errors() {
     };
     let mut h = b.linked_hub("broker.local");
     h.connection_string = Some(format!("mqtt://admin:wrong@127.0.0.1:{}", b.port));
-    let a = dps::hubs::mosquitto::MosquittoHub::new(&h);
+    let a = dps_server::hubs::mosquitto::MosquittoHub::new(&h);
     assert!(matches!(
         a.get_twin("d").await,
         Err(HubError::Unauthorized { .. })

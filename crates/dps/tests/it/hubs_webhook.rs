@@ -5,7 +5,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use dps::hubs::webhook::WebhookHub;
+use dps_server::hubs::webhook::WebhookHub;
 use dps_core::hub::{HubAdapter, HubAuth, HubError, HubIdentity};
 use dps_core::instance::LinkedHub;
 use dps_core::model::{TwinProperties, TwinState};

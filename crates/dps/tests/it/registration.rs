@@ -650,7 +650,7 @@ async fn enrollment_hubs_restrict_hashed_allocation() {
         .all(|h| h == HUB_A));
 }
 
-fn geo_hubs(cfg: &mut dps::config::Config, node: &str) {
+fn geo_hubs(cfg: &mut dps_server::config::Config, node: &str) {
     cfg.location = Some(node.into());
     let mut a = LinkedHub::registry(HUB_A);
     a.location = Some("eastus".into());

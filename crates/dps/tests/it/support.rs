@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use dps::config::{Config, InstanceConfig, Listen, PolicyConfig};
+use dps_server::config::{Config, InstanceConfig, Listen, PolicyConfig};
 use dps_core::instance::{LinkedHub, RegisterResponse, Right};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ pub const OWNER_KEY: &str = "dGVzdC1vd25lci1rZXktMDEyMzQ1Njc4OWFiY2RlZmdoaWprbG1
 pub const READER_KEY: &str = "dGVzdC1yZWFkZXIta2V5LTAxMjM0NTY3ODlhYmNkZWZnaGlqa2xtbm8=";
 
 pub struct TestServer {
-    pub server: dps::server::Server,
+    pub server: dps_server::server::Server,
     pub dir: tempfile::TempDir,
     pub client: reqwest::Client,
     pub base: String,
@@ -81,7 +81,7 @@ impl TestServer {
     }
 
     pub async fn start_in(dir: tempfile::TempDir, cfg: Config) -> TestServer {
-        let server = dps::server::start(cfg).await.expect("server starts");
+        let server = dps_server::server::start(cfg).await.expect("server starts");
         let ca_pem = std::fs::read_to_string(server.ca_path.as_ref().expect("dev CA")).expect("ca");
         let client = client_trusting(&ca_pem, None);
         let base = format!("https://localhost:{}", server.https.port());

@@ -228,7 +228,7 @@ impl DeviceCase {
 async fn device_server(
     scope: &str,
     mode: RegisterResponse,
-    tweak: impl FnOnce(&mut dps::config::Config),
+    tweak: impl FnOnce(&mut dps_server::config::Config),
 ) -> TestServer {
     let scope = scope.to_string();
     TestServer::spawn_with(move |cfg| {
