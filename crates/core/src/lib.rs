@@ -17,6 +17,7 @@ pub mod ids;
 pub mod instance;
 pub mod model;
 pub mod reprovision;
+pub mod random;
 pub mod sas;
 pub mod store;
 pub mod wire;
