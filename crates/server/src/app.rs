@@ -1,5 +1,6 @@
 //! The shared application state handed to every front end.
 
+use crate::catalog::Catalog;
 use crate::engine::Engine;
 use crate::instances::Instances;
 use crate::repo::Repo;
@@ -10,6 +11,8 @@ use std::sync::Arc;
 pub struct App {
     /// The registration engine.
     pub engine: Arc<Engine>,
+    /// Cached groups and X.509 material (the use cases invalidate what they change).
+    pub catalog: Arc<Catalog>,
     /// Instances.
     pub instances: Arc<Instances>,
     /// Store access.

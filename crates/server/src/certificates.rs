@@ -165,7 +165,7 @@ pub async fn handle(
     if method != Method::GET && segs.len() > 2 {
         // A CA verified or removed, a certificate denied or allowed: effective at once on this
         // node (other nodes sharing the store see it within the cache's lifetime).
-        app.engine.invalidate_x509(&segs[2]);
+        app.catalog.x509_changed(&segs[2]);
     }
     r
 }

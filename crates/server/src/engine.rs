@@ -13,6 +13,7 @@
 //!    background and polls answer `202` with a longer `retry-after` meanwhile.
 
 use crate::audit::Audit;
+use crate::catalog::Catalog;
 use crate::hubs::HubSet;
 use crate::instances::Instances;
 use crate::repo::Repo;
@@ -67,12 +68,6 @@ impl Default for EngineSettings {
             refused_audit_per_second: 100,
         }
     }
-}
-
-/// An instance's CA certificates and deny list, as X.509 attestation uses them.
-pub(crate) struct X509Material {
-    pub cas: Vec<dps_core::x509::verify::CaCertificate>,
-    pub deny: dps_core::x509::verify::DenyList,
 }
 
 /// Where the device's enrollment came from.
@@ -147,47 +142,10 @@ pub struct Engine {
     inflight: AtomicUsize,
     /// Operations still running on this node: (instance, registration key) -> operation id.
     running: Mutex<HashMap<(String, String), String>>,
-    group_cache: InstanceCache<Vec<EnrollmentGroup>>,
-    x509_cache: InstanceCache<X509Material>,
+    catalog: Arc<Catalog>,
     /// Token bucket for audit entries of refused attempts: (last refill, tokens).
     refused_bucket: Mutex<(Instant, f64)>,
     me: std::sync::Weak<Engine>,
-}
-
-const GROUP_CACHE_TTL: Duration = Duration::from_secs(2);
-
-/// Values read from the store per (instance, kind), kept for [`GROUP_CACHE_TTL`] and dropped at
-/// once by a change on this node (other nodes sharing the store see it within the lifetime).
-struct InstanceCache<V>(Mutex<HashMap<(String, String), (Instant, Arc<V>)>>);
-
-impl<V> Default for InstanceCache<V> {
-    fn default() -> Self {
-        InstanceCache(Mutex::new(HashMap::new()))
-    }
-}
-
-impl<V> InstanceCache<V> {
-    /// The value under `key` (instance lowercased), if still fresh.
-    fn get(&self, key: &(String, String)) -> Option<Arc<V>> {
-        let map = self.0.lock().expect("cache lock");
-        map.get(key)
-            .filter(|(at, _)| at.elapsed() < GROUP_CACHE_TTL)
-            .map(|(_, v)| v.clone())
-    }
-
-    fn put(&self, key: (String, String), v: Arc<V>) {
-        self.0
-            .lock()
-            .expect("cache lock")
-            .insert(key, (Instant::now(), v));
-    }
-
-    fn invalidate(&self, instance: &str) {
-        self.0
-            .lock()
-            .expect("cache lock")
-            .retain(|k, _| !k.0.eq_ignore_ascii_case(instance));
-    }
 }
 
 fn ts(clock: &dyn Clock) -> String {
@@ -200,6 +158,7 @@ impl Engine {
         repo: Repo,
         instances: Arc<Instances>,
         hubs: Arc<HubSet>,
+        catalog: Arc<Catalog>,
         clock: Arc<dyn Clock>,
         settings: EngineSettings,
         http: reqwest::Client,
@@ -217,8 +176,7 @@ impl Engine {
             locks: (0..1024).map(|_| tokio::sync::Mutex::new(())).collect(),
             inflight: AtomicUsize::new(0),
             running: Mutex::new(HashMap::new()),
-            group_cache: InstanceCache::default(),
-            x509_cache: InstanceCache::default(),
+            catalog,
             refused_bucket: Mutex::new((Instant::now(), burst)),
         })
     }
@@ -242,40 +200,9 @@ impl Engine {
         }
     }
 
-    /// Forget cached groups of an instance (after a group write on this node).
-    pub fn invalidate_groups(&self, instance: &str) {
-        self.group_cache.invalidate(instance);
-    }
-
-    /// Forget the cached CA certificates and deny list of an instance (after a change on this
-    /// node).
-    pub fn invalidate_x509(&self, instance: &str) {
-        self.x509_cache.invalidate(instance);
-    }
-
-    /// The instance's CA certificates and deny list, for X.509 attestation: read from the store
-    /// at most once per [`GROUP_CACHE_TTL`] (and at once after a change on this node).
-    pub(crate) async fn x509_material(&self, instance: &str) -> Result<Arc<X509Material>> {
-        let key = (instance.to_ascii_lowercase(), String::new());
-        if let Some(m) = self.x509_cache.get(&key) {
-            return Ok(m);
-        }
-        let m = Arc::new(X509Material {
-            cas: crate::certificates::load_cas(&self.repo, instance).await?,
-            deny: crate::certificates::load_deny_list(&self.repo, instance).await?,
-        });
-        self.x509_cache.put(key, m.clone());
-        Ok(m)
-    }
-
-    async fn groups(&self, instance: &str, kind: &str) -> Result<Arc<Vec<EnrollmentGroup>>> {
-        let key = (instance.to_ascii_lowercase(), kind.to_string());
-        if let Some(g) = self.group_cache.get(&key) {
-            return Ok(g);
-        }
-        let g = Arc::new(self.repo.groups_of_kind(instance, kind).await?);
-        self.group_cache.put(key, g.clone());
-        Ok(g)
+    /// The cached enrollment groups and X.509 material.
+    pub(crate) fn catalog(&self) -> &Catalog {
+        &self.catalog
     }
 
     fn lock_for(&self, instance: &str, reg_key: &str) -> &tokio::sync::Mutex<()> {
@@ -369,7 +296,12 @@ impl Engine {
             .into());
         }
         tok.check_expiry(now).map_err(AuthFailure::from)?;
-        for g in self.groups(&inst.name, "symmetricKey").await?.iter() {
+        for g in self
+            .catalog
+            .groups(&inst.name, "symmetricKey")
+            .await?
+            .iter()
+        {
             let sk = g
                 .settings
                 .attestation
@@ -439,14 +371,6 @@ impl Engine {
 
     pub(crate) fn now(&self) -> time::OffsetDateTime {
         self.clock.now()
-    }
-
-    pub(crate) async fn groups_of(
-        &self,
-        instance: &str,
-        kind: &str,
-    ) -> Result<Arc<Vec<EnrollmentGroup>>> {
-        self.groups(instance, kind).await
     }
 
     // ---------------------------------------------------------------- responses

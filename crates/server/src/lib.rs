@@ -8,6 +8,7 @@
 pub mod admin_api;
 pub mod app;
 pub mod audit;
+pub mod catalog;
 pub mod certificates;
 pub mod config;
 pub mod device_api;

@@ -194,10 +194,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         refused_audit_per_second: cfg.limits.refused_audit_per_second,
         ..EngineSettings::default()
     };
+    let catalog = crate::catalog::Catalog::new(repo.clone());
     let engine = Engine::new(
         repo.clone(),
         instances.clone(),
         hubs,
+        catalog.clone(),
         Arc::new(SystemClock),
         settings,
         http_client,
@@ -213,6 +215,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     }
     let app = Arc::new(App {
         engine,
+        catalog,
         instances: instances.clone(),
         repo,
         admin_instance: cfg.admin_instance.clone(),

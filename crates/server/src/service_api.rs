@@ -386,7 +386,7 @@ pub async fn put_group(
         )
         .await
         .map_err(|s| map_store(s, "enrollment group", gid.as_str(), &expect))?;
-    app.engine.invalidate_groups(&inst.name);
+    app.catalog.groups_changed(&inst.name);
     g.settings.etag = Some(etag);
     if let Some(old) = &existing {
         if old.settings.enabled() != g.settings.enabled() {
@@ -441,7 +441,7 @@ async fn delete_doc(
         return Err(Error::not_found(kind, id));
     };
     if c == Collection::Group {
-        app.engine.invalidate_groups(&caller.instance.name);
+        app.catalog.groups_changed(&caller.instance.name);
     }
     if c == Collection::Registration {
         if let Ok(rec) = serde_json::from_str::<RegistrationRecord>(&old.body) {

@@ -31,8 +31,8 @@ pub(crate) async fn attest(
     chain: &[Vec<u8>],
 ) -> Result<X509Admission> {
     let individual = engine.repo.enrollment(&inst.name, rid.as_str()).await?;
-    let groups = engine.groups_of(&inst.name, "x509").await?;
-    let material = engine.x509_material(&inst.name).await?;
+    let groups = engine.catalog().groups(&inst.name, "x509").await?;
+    let material = engine.catalog().x509(&inst.name).await?;
     let candidates = X509Candidates {
         individual: individual.as_ref(),
         groups: &groups,

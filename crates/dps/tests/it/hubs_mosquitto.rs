@@ -2,8 +2,8 @@
 //! dynamic-security plugin. Skipped (with a message) when mosquitto is not installed.
 
 use crate::support::*;
-use dps_server::hubs::mosquitto::derive_password;
 use dps_core::instance::LinkedHub;
+use dps_server::hubs::mosquitto::derive_password;
 use reqwest::Method;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use serde_json::json;

@@ -1,0 +1,111 @@
+//! What attestation reads on every registration and the use cases change: an instance's
+//! enrollment groups (per attestation kind) and its X.509 material (CA certificates and deny
+//! list). Each is read from the store at most once per [`TTL`] and dropped at once by a change
+//! made on this node; other nodes sharing the store see the change within the TTL.
+//!
+//! The registration engine reads through the catalog; the enrollment and certificate use cases
+//! tell it what changed. Nothing else holds these caches.
+
+use crate::repo::Repo;
+use dps_core::model::EnrollmentGroup;
+use dps_core::x509::verify::{CaCertificate, DenyList};
+use dps_core::Result;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a value read from the store is used before it is read again.
+pub const TTL: Duration = Duration::from_secs(2);
+
+/// An instance's CA certificates and deny list, as X.509 attestation uses them.
+pub struct X509Material {
+    /// The instance's CA certificates (verified or not).
+    pub cas: Vec<CaCertificate>,
+    /// The instance's deny list.
+    pub deny: DenyList,
+}
+
+/// Values read from the store per (instance, kind), kept for [`TTL`].
+struct InstanceCache<V>(Mutex<HashMap<(String, String), (Instant, Arc<V>)>>);
+
+impl<V> Default for InstanceCache<V> {
+    fn default() -> Self {
+        InstanceCache(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<V> InstanceCache<V> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), (Instant, Arc<V>)>> {
+        // A poisoned lock means a thread panicked while holding it; the map is still usable.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, key: &(String, String)) -> Option<Arc<V>> {
+        self.lock()
+            .get(key)
+            .filter(|(at, _)| at.elapsed() < TTL)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn put(&self, key: (String, String), v: Arc<V>) {
+        self.lock().insert(key, (Instant::now(), v));
+    }
+
+    fn invalidate(&self, instance: &str) {
+        self.lock()
+            .retain(|k, _| !k.0.eq_ignore_ascii_case(instance));
+    }
+}
+
+/// The cached enrollment groups and X.509 material of every instance.
+pub struct Catalog {
+    repo: Repo,
+    groups: InstanceCache<Vec<EnrollmentGroup>>,
+    x509: InstanceCache<X509Material>,
+}
+
+impl Catalog {
+    /// A catalog over the store.
+    pub fn new(repo: Repo) -> Arc<Self> {
+        Arc::new(Catalog {
+            repo,
+            groups: InstanceCache::default(),
+            x509: InstanceCache::default(),
+        })
+    }
+
+    /// The instance's enrollment groups of one attestation kind (`symmetricKey`, `x509`).
+    pub async fn groups(&self, instance: &str, kind: &str) -> Result<Arc<Vec<EnrollmentGroup>>> {
+        let key = (instance.to_ascii_lowercase(), kind.to_string());
+        if let Some(g) = self.groups.get(&key) {
+            return Ok(g);
+        }
+        let g = Arc::new(self.repo.groups_of_kind(instance, kind).await?);
+        self.groups.put(key, g.clone());
+        Ok(g)
+    }
+
+    /// The instance's CA certificates and deny list.
+    pub async fn x509(&self, instance: &str) -> Result<Arc<X509Material>> {
+        let key = (instance.to_ascii_lowercase(), String::new());
+        if let Some(m) = self.x509.get(&key) {
+            return Ok(m);
+        }
+        let m = Arc::new(X509Material {
+            cas: crate::certificates::load_cas(&self.repo, instance).await?,
+            deny: crate::certificates::load_deny_list(&self.repo, instance).await?,
+        });
+        self.x509.put(key, m.clone());
+        Ok(m)
+    }
+
+    /// An enrollment group of the instance was written or deleted on this node.
+    pub fn groups_changed(&self, instance: &str) {
+        self.groups.invalidate(instance);
+    }
+
+    /// A CA certificate or deny-list entry of the instance was written or deleted on this node.
+    pub fn x509_changed(&self, instance: &str) {
+        self.x509.invalidate(instance);
+    }
+}
