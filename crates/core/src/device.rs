@@ -1,9 +1,10 @@
 //! The device-facing port: the registration use cases as every transport (HTTPS, MQTT, MQTT
 //! over WebSocket) sees them. Front ends translate their wire format into a [`DeviceRequest`]
-//! and render the [`DeviceResponse`] or [`WireError`]; they hold no registration logic.
+//! and render the [`DeviceResponse`], or the domain [`Error`] through [`crate::wire`] (the one
+//! mapping to wire errors); they hold no registration logic.
 
+use crate::error::Error;
 use crate::model::{DeviceRegistration, DeviceRegistrationState, RegistrationOperationStatus};
-use crate::wire::WireError;
 use async_trait::async_trait;
 
 /// The transport a request arrived on (a small fixed set, used as a metrics label).
@@ -98,18 +99,18 @@ pub enum ConnectRefusal {
 #[async_trait]
 pub trait DeviceService: Send + Sync + 'static {
     /// `PUT /{idScope}/registrations/{registrationId}/register` and its MQTT equivalent.
-    async fn register(&self, req: DeviceRequest) -> Result<DeviceResponse, WireError>;
+    async fn register(&self, req: DeviceRequest) -> Result<DeviceResponse, Error>;
     /// `GET .../operations/{operationId}` and its MQTT equivalent.
     async fn operation_status(
         &self,
         req: DeviceRequest,
         operation_id: &str,
-    ) -> Result<DeviceResponse, WireError>;
+    ) -> Result<DeviceResponse, Error>;
     /// `POST /{idScope}/registrations/{registrationId}`: the device's own registration state.
     async fn registration_status(
         &self,
         req: DeviceRequest,
-    ) -> Result<DeviceRegistrationState, WireError>;
+    ) -> Result<DeviceRegistrationState, Error>;
     /// Check credentials at MQTT CONNECT (SAS tokens; X.509 is checked at register time).
     async fn authorize_connect(
         &self,

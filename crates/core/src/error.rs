@@ -1,7 +1,6 @@
 //! The domain error. Client mistakes and our own failures are kept apart; [`crate::wire`] is the
 //! only place that turns them into DPS wire errors.
 
-use crate::hub::HubError;
 use crate::sas::SasError;
 use crate::store::StoreError;
 
@@ -47,6 +46,99 @@ pub enum AuthFailure {
     UnknownInstance(String),
 }
 
+/// Why an assignment ended a registration as `failed` (or told the device to retry). Stored in
+/// the registration record as this enum, never as a wire code: [`crate::wire`] decides the
+/// `errorCode` and message the device and the service API see.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+#[non_exhaustive]
+pub enum AssignmentFailure {
+    /// The enrollment names a device id that is not a valid device id.
+    #[error("the enrollment's device id is invalid")]
+    InvalidDeviceId,
+    /// No linked hub could be chosen: none eligible, the current hub is no longer linked, or
+    /// every eligible hub is at its `max_devices`.
+    #[error("no IoT hub could be assigned")]
+    NoHub,
+    /// Every eligible hub's `max_registrations_per_second` is used up (retryable).
+    #[error("the linked hubs' provisioning rate is exhausted")]
+    HubRateExhausted,
+    /// The custom allocation webhook did not choose a hub.
+    #[error("custom allocation failed: {failure}")]
+    CustomAllocation {
+        /// What went wrong with the webhook.
+        failure: CustomAllocationFailure,
+    },
+    /// The hub refused dps's own credentials.
+    #[error("DPS is not authorized on the IoT hub")]
+    HubUnauthorized,
+    /// The hub refused the device identity.
+    #[error("the IoT hub refused the device identity")]
+    HubRejected,
+    /// The hub throttled the identity write (retryable).
+    #[error("the IoT hub is throttling")]
+    HubThrottled,
+    /// The hub could not be reached (retryable).
+    #[error("the IoT hub is unavailable")]
+    HubUnreachable,
+    /// A crash interrupted the assignment; recovery ended it (retryable).
+    #[error("the registration was interrupted")]
+    Interrupted,
+}
+
+impl AssignmentFailure {
+    /// May the device succeed by trying again later (the wire says 429 or 503, not `failed`)?
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            AssignmentFailure::HubRateExhausted
+            | AssignmentFailure::HubThrottled
+            | AssignmentFailure::HubUnreachable
+            | AssignmentFailure::Interrupted => true,
+            AssignmentFailure::InvalidDeviceId
+            | AssignmentFailure::NoHub
+            | AssignmentFailure::CustomAllocation { .. }
+            | AssignmentFailure::HubUnauthorized
+            | AssignmentFailure::HubRejected => false,
+        }
+    }
+
+    /// Is the cause a rate limit (the device is told it was throttled)?
+    pub fn is_throttling(&self) -> bool {
+        matches!(
+            self,
+            AssignmentFailure::HubRateExhausted | AssignmentFailure::HubThrottled
+        )
+    }
+}
+
+/// How the custom allocation webhook failed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, thiserror::Error)]
+#[serde(tag = "reason", rename_all = "camelCase")]
+#[non_exhaustive]
+pub enum CustomAllocationFailure {
+    /// The custom policy has no `customAllocationDefinition`.
+    #[error("no customAllocationDefinition")]
+    NoDefinition,
+    /// The webhook could not be reached (or timed out).
+    #[error("the webhook could not be reached")]
+    Unreachable,
+    /// The webhook answered a non-2xx status.
+    #[error("the webhook answered HTTP {status}")]
+    Status {
+        /// The HTTP status.
+        status: u16,
+    },
+    /// The webhook's answer is not the JSON expected.
+    #[error("invalid response")]
+    InvalidResponse,
+    /// The answer names no hub.
+    #[error("no hub in the response")]
+    NoHub,
+    /// The answer names a hub that was not offered.
+    #[error("the chosen hub is not linked")]
+    HubNotLinked,
+}
+
 /// The domain error.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -90,9 +182,15 @@ pub enum Error {
         /// Seconds.
         retry_after: u32,
     },
-    /// A linked hub could not be reached or throttled us; the device should retry.
-    #[error("linked hub unavailable: {0}")]
-    HubUnavailable(HubError),
+    /// The registration's assignment failed in a way the device may retry (a linked hub
+    /// throttling or unreachable, the hubs' rate used up, an interrupted assignment).
+    #[error("assignment failed, retry after {retry_after} s: {failure}")]
+    AssignmentRetry {
+        /// Why.
+        failure: AssignmentFailure,
+        /// Seconds.
+        retry_after: u32,
+    },
     /// The store failed.
     #[error("store: {0}")]
     Store(#[from] StoreError),
@@ -102,6 +200,18 @@ pub enum Error {
     /// The method or route is not supported.
     #[error("{0}")]
     Unsupported(String),
+    /// No route answers this path (HTTPS).
+    #[error("{0}")]
+    NoRoute(String),
+    /// A device published to a topic that is not a DPS request topic (MQTT).
+    #[error("unknown topic")]
+    UnknownTopic,
+    /// The request body is larger than the limit.
+    #[error("request body larger than {limit} bytes")]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
 }
 
 /// Result alias.

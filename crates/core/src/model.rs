@@ -773,6 +773,10 @@ pub struct RegistrationRecord {
     /// Hubs the device was assigned to before, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hub_history: Vec<String>,
+    /// Why the last assignment failed (domain terms; the wire code and message in `state`
+    /// are rendered from it by `dps_core::wire::assignment_failure`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<crate::error::AssignmentFailure>,
     /// A precise, operator-facing reason for the last failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,

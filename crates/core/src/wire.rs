@@ -1,9 +1,14 @@
 //! The one place where errors become DPS wire errors: HTTP status, six-digit `errorCode`
 //! (`errorCode / 1000 == status`), message and retry-after. HTTPS and MQTT render the same
 //! [`WireError`].
+//!
+//! Two exhaustive matches decide everything a device or a service client sees: `From<&Error>`
+//! for request errors, and [`assignment_failure`] for the `errorCode`/`errorMessage` of a
+//! registration that ended `failed`. Nothing else in the workspace names an error code (an
+//! architecture test, `crates/dps/tests/architecture.rs`, checks it); `docs/device-api.md` and
+//! `docs/service-api.md` list the same table.
 
-use crate::error::{AuthFailure, Error};
-use crate::hub::HubError;
+use crate::error::{AssignmentFailure, AuthFailure, CustomAllocationFailure, Error};
 use crate::model::ErrorBody;
 use crate::store::StoreError;
 
@@ -19,8 +24,10 @@ pub mod codes {
     pub const HUB_UNAUTHORIZED: u32 = 400_209;
     /// Device or service authentication failed.
     pub const UNAUTHORIZED: u32 = 401_002;
-    /// Registration or enrollment not found.
+    /// Registration or enrollment not found (also: no route for the path).
     pub const NOT_FOUND: u32 = 404_201;
+    /// MQTT publish to a topic that is not a DPS request topic.
+    pub const UNKNOWN_TOPIC: u32 = 404_000;
     /// Operation not found.
     pub const OPERATION_NOT_FOUND: u32 = 404_203;
     /// Method not allowed.
@@ -110,23 +117,22 @@ impl From<&Error> for WireError {
                 retry_after: Some(*retry_after),
                 ..WireError::new(codes::THROTTLED, "Operation was throttled")
             },
-            Error::HubUnavailable(h) => match h {
-                HubError::Throttled { retry_after, .. } => WireError {
-                    retry_after: Some(*retry_after),
-                    ..WireError::new(
+            Error::AssignmentRetry {
+                failure,
+                retry_after,
+            } => WireError {
+                retry_after: Some(*retry_after),
+                ..if failure.is_throttling() {
+                    WireError::new(
                         codes::THROTTLED,
                         "The linked hub is throttling; retry later",
                     )
-                },
-                HubError::Unreachable { .. }
-                | HubError::Unauthorized { .. }
-                | HubError::Rejected { .. } => WireError {
-                    retry_after: Some(5),
-                    ..WireError::new(
+                } else {
+                    WireError::new(
                         codes::HUB_UNREACHABLE,
                         "The linked hub is unavailable; retry later",
                     )
-                },
+                }
             },
             Error::Store(s) => match s {
                 StoreError::Conflict { .. } => {
@@ -143,7 +149,78 @@ impl From<&Error> for WireError {
             },
             Error::Internal(_) => WireError::new(codes::INTERNAL, "Internal error"),
             Error::Unsupported(m) => WireError::new(codes::METHOD_NOT_ALLOWED, m.clone()),
+            Error::NoRoute(m) => WireError::new(codes::NOT_FOUND, m.clone()),
+            Error::UnknownTopic => WireError::new(codes::UNKNOWN_TOPIC, "Unknown topic"),
+            Error::PayloadTooLarge { .. } => WireError::new(codes::TOO_LARGE, e.to_string()),
         }
+    }
+}
+
+/// The `errorCode` and `errorMessage` of a registration that ended `failed` (in the
+/// registration state the device polls and the service API returns).
+pub fn assignment_failure(f: &AssignmentFailure) -> WireError {
+    let custom = |m: String| WireError::new(codes::CUSTOM_ALLOCATION_FAILED, m);
+    match f {
+        AssignmentFailure::InvalidDeviceId => {
+            WireError::new(codes::INVALID_ARGUMENT, "Invalid device id")
+        }
+        AssignmentFailure::NoHub => WireError::new(codes::NO_HUB, "No IoT hub could be assigned"),
+        AssignmentFailure::HubRateExhausted => WireError::new(
+            codes::THROTTLED,
+            "The linked hubs' provisioning rate is exhausted; retry later",
+        ),
+        AssignmentFailure::CustomAllocation { failure } => match failure {
+            CustomAllocationFailure::NoDefinition => custom("Custom allocation failed".into()),
+            CustomAllocationFailure::Unreachable => {
+                custom("Custom allocation failed: the webhook could not be reached".into())
+            }
+            CustomAllocationFailure::Status { status } => custom(format!(
+                "Custom allocation failed with status code: {status}"
+            )),
+            CustomAllocationFailure::InvalidResponse => {
+                custom("Custom allocation failed: invalid response".into())
+            }
+            CustomAllocationFailure::NoHub => {
+                custom("Custom allocation failed: no hub in the response".into())
+            }
+            CustomAllocationFailure::HubNotLinked => {
+                custom("Custom allocation failed: the chosen hub is not linked".into())
+            }
+        },
+        AssignmentFailure::HubUnauthorized => WireError::new(
+            codes::HUB_UNAUTHORIZED,
+            "DPS is not authorized on the IoT hub",
+        ),
+        AssignmentFailure::HubRejected => WireError::new(
+            codes::HUB_UNAUTHORIZED,
+            "The IoT hub refused the device identity",
+        ),
+        AssignmentFailure::HubThrottled => {
+            WireError::new(codes::THROTTLED, "The IoT hub is throttling; retry later")
+        }
+        AssignmentFailure::HubUnreachable => WireError::new(
+            codes::HUB_UNREACHABLE,
+            "The IoT hub is unavailable; retry later",
+        ),
+        AssignmentFailure::Interrupted => WireError::new(
+            codes::HUB_UNREACHABLE,
+            "Registration was interrupted; retry",
+        ),
+    }
+}
+
+/// The failure of a record written before failures were stored as [`AssignmentFailure`] (only
+/// its wire code was kept). Used when such a record is read; new records never need it.
+pub fn legacy_assignment_failure(error_code: u32) -> AssignmentFailure {
+    match error_code {
+        codes::INVALID_ARGUMENT => AssignmentFailure::InvalidDeviceId,
+        codes::CUSTOM_ALLOCATION_FAILED => AssignmentFailure::CustomAllocation {
+            failure: CustomAllocationFailure::InvalidResponse,
+        },
+        codes::HUB_UNAUTHORIZED => AssignmentFailure::HubUnauthorized,
+        codes::THROTTLED => AssignmentFailure::HubThrottled,
+        codes::HUB_UNREACHABLE => AssignmentFailure::HubUnreachable,
+        _ => AssignmentFailure::NoHub,
     }
 }
 
@@ -167,14 +244,17 @@ mod tests {
                 id: "x".into(),
             },
             Error::Throttled { retry_after: 3 },
-            Error::HubUnavailable(HubError::Unreachable {
-                hub: "h".into(),
-                message: "down".into(),
-            }),
-            Error::HubUnavailable(HubError::Throttled {
-                hub: "h".into(),
+            Error::AssignmentRetry {
+                failure: AssignmentFailure::HubUnreachable,
+                retry_after: 5,
+            },
+            Error::AssignmentRetry {
+                failure: AssignmentFailure::HubThrottled,
                 retry_after: 7,
-            }),
+            },
+            Error::NoRoute("x".into()),
+            Error::UnknownTopic,
+            Error::PayloadTooLarge { limit: 10 },
             Error::Store(StoreError::Unavailable("x".into())),
             Error::Internal("x".into()),
             Error::Unsupported("x".into()),
@@ -183,6 +263,85 @@ mod tests {
             let w = WireError::from(e);
             assert_eq!(w.error_code / 1000, w.status as u32, "{e:?}");
         }
+    }
+
+    fn all_failures() -> Vec<AssignmentFailure> {
+        use CustomAllocationFailure as C;
+        let mut v = vec![
+            AssignmentFailure::InvalidDeviceId,
+            AssignmentFailure::NoHub,
+            AssignmentFailure::HubRateExhausted,
+            AssignmentFailure::HubUnauthorized,
+            AssignmentFailure::HubRejected,
+            AssignmentFailure::HubThrottled,
+            AssignmentFailure::HubUnreachable,
+            AssignmentFailure::Interrupted,
+        ];
+        for failure in [
+            C::NoDefinition,
+            C::Unreachable,
+            C::Status { status: 500 },
+            C::InvalidResponse,
+            C::NoHub,
+            C::HubNotLinked,
+        ] {
+            v.push(AssignmentFailure::CustomAllocation { failure });
+        }
+        v
+    }
+
+    #[test]
+    fn assignment_failures_map_to_codes_whose_status_matches_retryability() {
+        for f in all_failures() {
+            let w = assignment_failure(&f);
+            assert_eq!(w.error_code / 1000, w.status as u32, "{f:?}");
+            assert_eq!(w.status >= 429, f.is_retryable(), "{f:?}");
+            assert_eq!(w.status == 429, f.is_throttling(), "{f:?}");
+        }
+    }
+
+    #[test]
+    fn assignment_failures_round_trip_through_json() {
+        for f in all_failures() {
+            let json = serde_json::to_string(&f).unwrap();
+            assert_eq!(serde_json::from_str::<AssignmentFailure>(&json).unwrap(), f);
+        }
+        assert_eq!(
+            serde_json::to_string(&AssignmentFailure::CustomAllocation {
+                failure: CustomAllocationFailure::Status { status: 502 }
+            })
+            .unwrap(),
+            r#"{"kind":"customAllocation","failure":{"reason":"status","status":502}}"#
+        );
+    }
+
+    #[test]
+    fn legacy_codes_keep_their_retryability() {
+        for f in all_failures() {
+            let code = assignment_failure(&f).error_code;
+            assert_eq!(
+                legacy_assignment_failure(code).is_retryable(),
+                f.is_retryable(),
+                "{f:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn retry_answers_say_throttled_only_for_rate_limits() {
+        let w = WireError::from(&Error::AssignmentRetry {
+            failure: AssignmentFailure::HubRateExhausted,
+            retry_after: 1,
+        });
+        assert_eq!((w.status, w.retry_after), (429, Some(1)));
+        let w = WireError::from(&Error::AssignmentRetry {
+            failure: AssignmentFailure::Interrupted,
+            retry_after: 5,
+        });
+        assert_eq!(
+            (w.status, w.error_code, w.retry_after),
+            (503, 503_001, Some(5))
+        );
     }
 
     #[test]

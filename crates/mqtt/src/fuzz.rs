@@ -65,7 +65,9 @@ fn run_actions(session: &mut Session, actions: Vec<Action>, ctl: u8) -> bool {
             }
             Action::Call(c) => {
                 let result = if ctl & 0x20 != 0 {
-                    Err(WireError::new(429_001, "throttled"))
+                    Err(WireError::from(&dps_core::Error::Throttled {
+                        retry_after: 1,
+                    }))
                 } else {
                     Ok(DeviceResponse {
                         status: 202,

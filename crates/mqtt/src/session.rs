@@ -13,7 +13,8 @@ use dps_core::device::{
     ConnectRefusal, DeviceCredential, DeviceRequest, DeviceResponse, DeviceService, Transport,
 };
 use dps_core::model::DeviceRegistration;
-use dps_core::wire::{codes, WireError};
+use dps_core::wire::WireError;
+use dps_core::Error;
 use rumqttc::mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
 };
@@ -97,7 +98,9 @@ impl ServiceCall {
             RequestKind::OperationStatus { operation_id } => {
                 service.operation_status(self.request, operation_id).await
             }
-        };
+        }
+        // The one mapping from domain errors to wire errors.
+        .map_err(|e| WireError::from(&e));
         CallOutcome {
             rid: self.rid,
             result,
@@ -342,12 +345,12 @@ impl Session {
             Ok(r) => r,
             Err(TopicError::Unknown { rid: Some(rid) }) => {
                 tracing::debug!(topic = %p.topic, "publish to unknown topic");
-                let err = WireError::new(404_000, "Unknown topic");
+                let err = WireError::from(&Error::UnknownTopic);
                 out.push(Action::Send(self.error_publish(&rid, &err)));
                 return out;
             }
             Err(TopicError::MissingOperationId { rid }) => {
-                let err = WireError::new(codes::INVALID_ARGUMENT, "operationId is required");
+                let err = WireError::from(&Error::invalid("operationId is required"));
                 out.push(Action::Send(self.error_publish(&rid, &err)));
                 return out;
             }
@@ -361,10 +364,9 @@ impl Session {
             RequestKind::Register => match DeviceRegistration::parse_lenient(&p.payload) {
                 Ok(b) => b,
                 Err(e) => {
-                    let err = WireError::new(
-                        codes::INVALID_ARGUMENT,
-                        format!("Request body is not valid JSON: {e}"),
-                    );
+                    let err = WireError::from(&Error::invalid(format!(
+                        "Request body is not valid JSON: {e}"
+                    )));
                     out.push(Action::Send(self.error_publish(&req.rid, &err)));
                     return out;
                 }

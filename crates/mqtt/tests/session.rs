@@ -3,7 +3,9 @@
 mod common;
 use common::*;
 use dps_core::device::{ConnectRefusal, DeviceCredential, Transport};
+use dps_core::error::AuthFailure;
 use dps_core::wire::WireError;
+use dps_core::Error;
 use dps_mqtt::session::{CloseReason, Session};
 use dps_mqtt::topic::parse_response_topic;
 use rumqttc::mqttbytes::v4::{
@@ -349,17 +351,19 @@ async fn retry_after_defaults_on_202_and_absent_on_200() {
 
 #[tokio::test]
 async fn error_responses() {
-    let throttled = WireError {
-        retry_after: Some(7),
-        ..WireError::new(429_001, "Operation was throttled")
-    };
+    // The service returns domain errors; the session renders them through the one mapping.
     let cases = vec![
-        (WireError::new(401_002, "Unauthorized"), 401, None),
-        (WireError::new(404_201, "Not found"), 404, None),
-        (throttled, 429, Some(7)),
-        (WireError::new(500_000, "Internal error"), 500, Some(3)),
+        (
+            Error::Unauthorized(AuthFailure::MissingCredential),
+            401,
+            None,
+        ),
+        (Error::not_found("registration", "x"), 404, None),
+        (Error::Throttled { retry_after: 7 }, 429, Some(7)),
+        (Error::Internal("x".into()), 500, Some(3)),
     ];
     for (err, status, ra) in cases {
+        let err = WireError::from(&err);
         let code = err.error_code;
         let svc = Fake::with(vec![Err(err)]);
         let mut s = connected(&svc).await;

@@ -2,12 +2,12 @@
 //! registration status lookup, translated to [`DeviceService`] calls.
 
 use crate::app::App;
-use crate::http::{error_response, json_response, param, query_params, read_body, PeerCerts};
+use crate::http::{err, json_response, param, query_params, read_body, PeerCerts};
 use axum::body::Body;
 use axum::http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use dps_core::device::{DeviceCredential, DeviceRequest, DeviceResponse, DeviceService, Transport};
 use dps_core::model::DeviceRegistration;
-use dps_core::wire::{codes, WireError};
+use dps_core::Error;
 use std::sync::Arc;
 
 fn api_version_ok(v: &str) -> bool {
@@ -25,12 +25,10 @@ fn api_version_ok(v: &str) -> bool {
 pub fn check_api_version(params: &[(String, String)]) -> Result<String, Response<Body>> {
     match param(params, "api-version") {
         Some(v) if api_version_ok(v) => Ok(v.to_string()),
-        Some(v) => Err(error_response(&WireError::new(
-            codes::INVALID_ARGUMENT,
-            format!("unsupported api-version '{v}'; expected YYYY-MM-DD[-preview]"),
-        ))),
-        None => Err(error_response(&WireError::new(
-            codes::INVALID_ARGUMENT,
+        Some(v) => Err(err(&Error::invalid(format!(
+            "unsupported api-version '{v}'; expected YYYY-MM-DD[-preview]"
+        )))),
+        None => Err(err(&Error::invalid(
             "the api-version query parameter is required",
         ))),
     }
@@ -98,10 +96,9 @@ pub async fn handle(
     };
     let parse = |b: &[u8]| {
         DeviceRegistration::parse_lenient(b).map_err(|e| {
-            error_response(&WireError::new(
-                codes::INVALID_ARGUMENT,
-                format!("the request body is not a valid DeviceRegistration: {e}"),
-            ))
+            err(&Error::invalid(format!(
+                "the request body is not a valid DeviceRegistration: {e}"
+            )))
         })
     };
     match (method, l.len()) {
@@ -112,7 +109,7 @@ pub async fn handle(
             };
             match app.engine.register(mk(reg)).await {
                 Ok(resp) => render(resp),
-                Err(w) => error_response(&w),
+                Err(e) => err(&e),
             }
         }
         (Method::GET, 5) if l[3] == "operations" => match app
@@ -121,7 +118,7 @@ pub async fn handle(
             .await
         {
             Ok(resp) => render(resp),
-            Err(w) => error_response(&w),
+            Err(e) => err(&e),
         },
         (Method::POST, 3) => {
             let reg = match parse(&body) {
@@ -130,13 +127,13 @@ pub async fn handle(
             };
             match app.engine.registration_status(mk(reg)).await {
                 Ok(state) => json_response(StatusCode::OK, &state),
-                Err(w) => error_response(&w),
+                Err(e) => err(&e),
             }
         }
-        (m, _) => error_response(&WireError::new(
-            codes::NOT_FOUND,
-            format!("no device API route for {m} {}", segs.join("/")),
-        )),
+        (m, _) => err(&Error::NoRoute(format!(
+            "no device API route for {m} {}",
+            segs.join("/")
+        ))),
     }
 }
 

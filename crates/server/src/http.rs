@@ -81,8 +81,8 @@ pub fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Respo
 }
 
 /// The one rendering of a [`WireError`] over HTTP: status, JSON error body, `x-ms-request-id`,
-/// `x-ms-error-code` and `retry-after`.
-pub fn error_response(w: &WireError) -> Response<Body> {
+/// `x-ms-error-code` and `retry-after`. Handlers call [`err`] with a domain error.
+fn error_response(w: &WireError) -> Response<Body> {
     let tracking = uuid::Uuid::new_v4().to_string();
     let body = w.body(&tracking, &azure_timestamp(time::OffsetDateTime::now_utc()));
     let mut r = json_response(
@@ -107,7 +107,8 @@ pub fn error_response(w: &WireError) -> Response<Body> {
     r
 }
 
-/// Shorthand: render a domain error.
+/// Render a domain error: mapped by `dps_core::wire` (the one mapping), rendered by
+/// [`error_response`].
 pub fn err(e: &dps_core::Error) -> Response<Body> {
     error_response(&WireError::from(e))
 }
@@ -143,12 +144,9 @@ pub fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> 
 
 /// Read the body up to the configured limit.
 pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, Response<Body>> {
-    axum::body::to_bytes(body, limit).await.map_err(|_| {
-        error_response(&WireError::new(
-            dps_core::wire::codes::TOO_LARGE,
-            format!("request body larger than {limit} bytes"),
-        ))
-    })
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| err(&dps_core::Error::PayloadTooLarge { limit }))
 }
 
 fn is_ws_upgrade(h: &HeaderMap) -> bool {
@@ -192,10 +190,9 @@ pub async fn route(app: Arc<App>, req: Request<Body>) -> Response<Body> {
         ),
         _ => (
             "unknown",
-            error_response(&WireError::new(
-                dps_core::wire::codes::NOT_FOUND,
-                format!("no route for {method} {path}"),
-            )),
+            err(&dps_core::Error::NoRoute(format!(
+                "no route for {method} {path}"
+            ))),
         ),
     };
     metrics::histogram!("dps_http_request_duration_seconds", "area" => area, "status" => status_class(resp.status())).record(started.elapsed().as_secs_f64());
@@ -235,8 +232,7 @@ async fn websocket(app: Arc<App>, req: Request<Body>) -> Response<Body> {
         .find(|p| p.to_str().is_ok_and(|s| s.eq_ignore_ascii_case("mqtt")))
         .cloned();
     let Some(proto) = offered else {
-        return error_response(&WireError::new(
-            dps_core::wire::codes::INVALID_ARGUMENT,
+        return err(&dps_core::Error::invalid(
             "WebSocket subprotocol 'mqtt' is required",
         ));
     };

@@ -22,4 +22,3 @@ pub mod repo;
 pub mod server;
 pub mod service_api;
 pub mod tls;
-pub(crate) mod x509_attest;

@@ -189,20 +189,26 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     let settings = EngineSettings {
         node_location: cfg.location.clone(),
         inline_wait: Duration::from_millis(cfg.limits.register_wait_ms),
-        webhook_timeout: Duration::from_millis(cfg.limits.webhook_timeout_ms),
         max_inflight: cfg.limits.max_inflight_registrations,
         refused_audit_per_second: cfg.limits.refused_audit_per_second,
         ..EngineSettings::default()
     };
     let catalog = crate::catalog::Catalog::new(repo.clone());
-    let engine = Engine::new(
-        repo.clone(),
-        instances.clone(),
-        hubs,
-        catalog.clone(),
-        Arc::new(SystemClock),
-        settings,
+    let custom_allocator = Arc::new(crate::engine::WebhookAllocator::new(
         http_client,
+        Duration::from_millis(cfg.limits.webhook_timeout_ms),
+    ));
+    let engine = Engine::new(
+        crate::engine::EnginePorts {
+            repo: repo.clone(),
+            instances: instances.clone(),
+            hubs,
+            catalog: catalog.clone(),
+            clock: Arc::new(SystemClock),
+            random: Arc::new(dps_core::random::SystemRandom),
+            custom_allocator,
+        },
+        settings,
     );
     let recovery_after = Duration::from_millis(cfg.limits.recovery_after_ms);
     match engine.recover(recovery_after).await {

@@ -8,6 +8,7 @@ use dps_core::device::{
 };
 use dps_core::model::{DeviceRegistrationState, RegistrationOperationStatus, RegistrationStatus};
 use dps_core::wire::WireError;
+use dps_core::Error;
 use dps_mqtt::session::{Action, CloseReason, Session};
 use rumqttc::mqttbytes::v4::{Connect, Packet, Publish, Subscribe};
 use rumqttc::mqttbytes::QoS;
@@ -32,6 +33,10 @@ pub struct Fake {
     pub connect: Mutex<Option<ConnectRefusal>>,
     pub answers: Mutex<VecDeque<Result<DeviceResponse, WireError>>>,
     pub seen: Mutex<Vec<Seen>>,
+    /// The canned wire error of the call in progress: the service port returns domain errors,
+    /// so the fake returns a placeholder and [`run`] puts the canned wire error (captured from
+    /// Azure) in the call's outcome, which is what the session renders.
+    pub wire_error: Mutex<Option<WireError>>,
     /// Delay each service call (tests of ordering/concurrency).
     pub delay: Option<std::time::Duration>,
 }
@@ -81,12 +86,17 @@ impl Fake {
             ..Default::default()
         })
     }
-    fn next(&self) -> Result<DeviceResponse, WireError> {
-        self.answers
+    fn next(&self) -> Result<DeviceResponse, Error> {
+        let answer = self
+            .answers
             .lock()
             .unwrap()
             .pop_front()
-            .unwrap_or_else(|| assigning("4.0000000000000000.op", Some(3)))
+            .unwrap_or_else(|| assigning("4.0000000000000000.op", Some(3)));
+        answer.map_err(|w| {
+            *self.wire_error.lock().unwrap() = Some(w);
+            Error::Internal("canned wire error".into())
+        })
     }
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
@@ -95,7 +105,7 @@ impl Fake {
 
 #[async_trait]
 impl DeviceService for Fake {
-    async fn register(&self, req: DeviceRequest) -> Result<DeviceResponse, WireError> {
+    async fn register(&self, req: DeviceRequest) -> Result<DeviceResponse, Error> {
         if let Some(d) = self.delay {
             tokio::time::sleep(d).await;
         }
@@ -106,7 +116,7 @@ impl DeviceService for Fake {
         &self,
         req: DeviceRequest,
         operation_id: &str,
-    ) -> Result<DeviceResponse, WireError> {
+    ) -> Result<DeviceResponse, Error> {
         if let Some(d) = self.delay {
             tokio::time::sleep(d).await;
         }
@@ -119,8 +129,8 @@ impl DeviceService for Fake {
     async fn registration_status(
         &self,
         _req: DeviceRequest,
-    ) -> Result<DeviceRegistrationState, WireError> {
-        Err(WireError::new(405_000, "not over MQTT"))
+    ) -> Result<DeviceRegistrationState, Error> {
+        Err(Error::Unsupported("not over MQTT".into()))
     }
     async fn authorize_connect(
         &self,
@@ -160,7 +170,10 @@ pub async fn run(session: &mut Session, svc: &Arc<Fake>, actions: Vec<Action>, o
                 }
             }
             Action::Call(call) => {
-                let o = call.run(svc.clone() as Arc<dyn DeviceService>).await;
+                let mut o = call.run(svc.clone() as Arc<dyn DeviceService>).await;
+                if let Some(w) = svc.wire_error.lock().unwrap().take() {
+                    o.result = Err(w);
+                }
                 for a in session.call_result(o).into_iter().rev() {
                     q.push_front(a);
                 }

@@ -1,0 +1,407 @@
+//! The assignment of an admitted device, under its per-device lock: plan reprovisioning from the
+//! previous record, allocate a hub, write the intent (for hubs outside the store), write the
+//! identity and twin to the hub, commit the final record with its audit entry, and clean up the
+//! identity the device left behind. Failures end the record as `failed` with a domain
+//! [`AssignmentFailure`]; only store failures are returned as errors.
+
+use super::attest::Admitted;
+use super::{ts, Engine, Failure};
+use crate::repo::Repo;
+use dps_core::device::Transport;
+use dps_core::error::AssignmentFailure;
+use dps_core::hub::{HubError, HubIdentity};
+use dps_core::ids::DeviceId;
+use dps_core::instance::{Instance, LinkedHub};
+use dps_core::model::*;
+use dps_core::reprovision;
+use dps_core::store::Write;
+use dps_core::Result;
+use std::time::Instant;
+
+impl Engine {
+    /// The assignment, under the per-device lock. Returns the final record (assigned, failed or
+    /// disabled). `Err` only for store failures.
+    pub(super) async fn assign(
+        &self,
+        adm: Admitted,
+        op: &str,
+        payload: Option<serde_json::Value>,
+        transport: Transport,
+    ) -> Result<RegistrationRecord> {
+        let inst = adm.instance.clone();
+        let rid = adm.registration_id.clone();
+        let _lock = self.lock_for(&inst.name, &rid.key()).lock().await;
+        let started = Instant::now();
+        let existing = self
+            .repo
+            .registration(&inst.name, rid.as_str())
+            .await?
+            .map(|(r, _)| r);
+        let now = ts(self.clock.as_ref());
+        let mut rec = existing.clone().unwrap_or_else(|| RegistrationRecord {
+            state: DeviceRegistrationState {
+                registration_id: rid.to_string(),
+                created_date_time_utc: Some(now.clone()),
+                ..Default::default()
+            },
+            operation_id: None,
+            recent_operations: Vec::new(),
+            retry_after: None,
+            enrollment_group_id: None,
+            attestation: None,
+            hub_history: Vec::new(),
+            failure: None,
+            reason: None,
+            pending: None,
+            transport: None,
+        });
+        if let Some(prev) = rec.operation_id.replace(op.to_string()) {
+            rec.recent_operations.push(prev);
+            let excess = rec.recent_operations.len().saturating_sub(16);
+            rec.recent_operations.drain(..excess);
+        }
+        rec.enrollment_group_id = adm.group_id();
+        rec.attestation = Some(adm.attestation);
+        rec.transport = Some(transport.as_str().to_string());
+        rec.state.last_updated_date_time_utc = Some(now.clone());
+        rec.state.symmetric_key = (adm.attestation == AttestationType::SymmetricKey
+            && adm.group_id().is_some())
+        .then(|| SymmetricKeyRegistrationResult {
+            enrollment_group_id: adm.group_id(),
+        });
+        rec.state.x509 = adm.x509.clone();
+        rec.state.payload = None;
+        let labels = (
+            inst.name.clone(),
+            transport.as_str(),
+            adm.attestation.as_str(),
+        );
+
+        if !adm.enabled() {
+            rec.state.status = Some(RegistrationStatus::Disabled);
+            rec.state.error_code = None;
+            rec.state.error_message = None;
+            rec.failure = None;
+            rec.state.substatus = None;
+            rec.reason = Some(if adm.disabled_override {
+                "the individual enrollment for this registration id is disabled (it overrides the group)".to_string()
+            } else {
+                "the enrollment is disabled".to_string()
+            });
+            self.commit(&inst.name, &mut rec, "registration.disabled", None)
+                .await?;
+            metrics::counter!("RegistrationAttempts", "instance" => labels.0, "hub" => "none", "protocol" => labels.1, "attestation" => labels.2, "result" => "disabled").increment(1);
+            return Ok(rec);
+        }
+
+        let settings = adm.settings().clone();
+        let current_hub = existing
+            .as_ref()
+            .and_then(|r| r.hub_history.last().cloned());
+        let previous_device = existing.as_ref().and_then(|r| r.state.device_id.clone());
+        let plan = reprovision::plan(current_hub.as_deref(), settings.reprovision());
+        let device_id = adm.device_id();
+        if let Err(e) = DeviceId::parse(&device_id) {
+            return self
+                .fail(
+                    &inst,
+                    &mut rec,
+                    Failure {
+                        failure: AssignmentFailure::InvalidDeviceId,
+                        reason: e.to_string(),
+                    },
+                    labels,
+                )
+                .await;
+        }
+
+        // Allocation.
+        let (hub, webhook_twin, webhook_payload) = match &plan {
+            reprovision::Plan::KeepCurrent { hub } => match inst.hub(hub) {
+                Some(h) => (h.clone(), None, None),
+                None => {
+                    let reason = format!(
+                        "the device's current hub '{hub}' is no longer linked to instance '{}'",
+                        inst.name
+                    );
+                    return self
+                        .fail(
+                            &inst,
+                            &mut rec,
+                            Failure {
+                                failure: AssignmentFailure::NoHub,
+                                reason,
+                            },
+                            labels,
+                        )
+                        .await;
+                }
+            },
+            _ => match self
+                .allocate(
+                    &adm,
+                    &settings,
+                    current_hub.as_deref(),
+                    previous_device.as_deref(),
+                    payload.clone(),
+                )
+                .await
+            {
+                Ok(x) => x,
+                Err(f) => {
+                    rec.retry_after = f.failure.is_throttling().then_some(1);
+                    return self.fail(&inst, &mut rec, f, labels).await;
+                }
+            },
+        };
+        let outcome = reprovision::outcome(&plan, &hub.host, &rec.hub_history, rec.state.substatus);
+
+        rec.state.status = Some(RegistrationStatus::Assigning);
+        rec.pending = Some(PendingAssignment {
+            hub: hub.host.clone(),
+            device_id: device_id.clone(),
+            started: now.clone(),
+        });
+        if !rec
+            .hub_history
+            .last()
+            .is_some_and(|h| h.eq_ignore_ascii_case(&hub.host))
+        {
+            rec.hub_history.push(hub.host.clone());
+        }
+        if rec.hub_history.len() > 16 {
+            rec.hub_history.remove(0);
+        }
+
+        // The hub side.
+        let adapter = match self.hubs.adapter(&hub) {
+            Ok(a) => a,
+            Err(e) => {
+                return self
+                    .hub_failed(&inst, &mut rec, existing.as_ref(), &hub, e, labels)
+                    .await
+            }
+        };
+        let mut twin: Option<TwinState> = None;
+        if let Some(old) = &outcome.migrate_from {
+            if let Some(old_hub) = inst.hub(old) {
+                if let Ok(a) = self.hubs.adapter(old_hub) {
+                    match a
+                        .get_twin(previous_device.as_deref().unwrap_or(&device_id))
+                        .await
+                    {
+                        Ok(t) => twin = t,
+                        Err(e) => {
+                            tracing::warn!(registration_id = %rid, hub = %old, error = %e, "could not read the twin to migrate; using the initial twin")
+                        }
+                    }
+                }
+            }
+            if twin.is_none() {
+                twin = settings.initial_twin.clone();
+            }
+        } else if outcome.write_initial_twin {
+            twin = webhook_twin
+                .or_else(|| settings.initial_twin.clone())
+                .or_else(|| Some(TwinState::default()));
+        }
+        let identity = HubIdentity {
+            device_id: device_id.clone(),
+            auth: adm.hub_auth.clone(),
+            capabilities: settings.capabilities.clone().unwrap_or_default(),
+            enabled: true,
+        };
+        let t0 = Instant::now();
+        // A hub kept in our own store (the built-in registry) gets its identity in the same
+        // transaction as the final record: no intent record is needed, there is nothing to
+        // recover. Any other hub is written between an intent record (which says which hub we are
+        // about to write, so that an interrupted registration is recovered) and the final record.
+        let staged = match adapter.identity_write(&identity, twin.as_ref()).await {
+            Ok(w) => w,
+            Err(e) => {
+                self.hubs.record(&hub.host, t0, &Err(e.clone()));
+                return self
+                    .hub_failed(&inst, &mut rec, existing.as_ref(), &hub, e, labels)
+                    .await;
+            }
+        };
+        if staged.is_none() {
+            self.repo.put_registration(&inst.name, &mut rec).await?;
+            let t0 = Instant::now();
+            let r = adapter.upsert_device(&identity, twin.as_ref()).await;
+            self.hubs.record(&hub.host, t0, &r);
+            if let Err(e) = r {
+                return self
+                    .hub_failed(&inst, &mut rec, existing.as_ref(), &hub, e, labels)
+                    .await;
+            }
+        }
+
+        rec.state.status = Some(RegistrationStatus::Assigned);
+        rec.state.assigned_hub = Some(hub.host.clone());
+        rec.state.device_id = Some(device_id.clone());
+        rec.state.substatus = Some(outcome.substatus);
+        rec.state.error_code = None;
+        rec.state.error_message = None;
+        rec.failure = None;
+        rec.state.payload = webhook_payload;
+        rec.state.last_updated_date_time_utc = Some(ts(self.clock.as_ref()));
+        rec.reason = None;
+        rec.retry_after = None;
+        rec.pending = None;
+        let in_store = staged.is_some();
+        self.commit(&inst.name, &mut rec, "registration.assigned", staged)
+            .await?;
+        if in_store {
+            self.hubs.record(&hub.host, t0, &Ok(()));
+        }
+
+        // Clean up the old identity: another hub, or another device id on the same hub.
+        if let Some(old) = &outcome.remove_from {
+            if let Some(old_hub) = inst.hub(old) {
+                if let Ok(a) = self.hubs.adapter(old_hub) {
+                    if let Err(e) = a
+                        .delete_device(previous_device.as_deref().unwrap_or(&device_id))
+                        .await
+                    {
+                        tracing::warn!(registration_id = %rid, hub = %old, error = %e, "could not remove the identity from the previous hub");
+                    }
+                }
+            }
+        } else if let Some(prev) = previous_device.as_deref().filter(|p| *p != device_id) {
+            if let Err(e) = adapter.delete_device(prev).await {
+                tracing::warn!(registration_id = %rid, error = %e, "could not remove the previous device id");
+            }
+        }
+
+        metrics::counter!("RegistrationAttempts", "instance" => labels.0.clone(), "hub" => hub.host.to_ascii_lowercase(), "protocol" => labels.1, "attestation" => labels.2, "result" => "assigned").increment(1);
+        metrics::counter!("DeviceAssignments", "instance" => labels.0, "hub" => hub.host.to_ascii_lowercase(), "protocol" => labels.1, "attestation" => labels.2).increment(1);
+        metrics::histogram!("dps_assignment_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        Ok(rec)
+    }
+
+    /// Write the registration record and its audit entry (and, for a hub kept in our own store,
+    /// the device identity) in one store transaction. The audit entry holds the record as it is
+    /// now, with its hub history and the precise reason; the entry before it in the log is the
+    /// previous outcome.
+    async fn commit(
+        &self,
+        instance: &str,
+        rec: &mut RegistrationRecord,
+        action: &str,
+        identity: Option<Write>,
+    ) -> Result<()> {
+        let mut writes = Vec::with_capacity(3);
+        writes.extend(identity);
+        let doc = Repo::registration_doc(rec);
+        // The audit entry's `after` is the record without its list of earlier operation ids.
+        // A record holds no secrets, but a custom allocation payload is anything: that one goes
+        // through redaction. Otherwise the record's own JSON is reused when it is the same.
+        let after = if rec.state.payload.is_none() && rec.recent_operations.is_empty() {
+            doc.body.clone()
+        } else {
+            let mut view = rec.clone();
+            view.recent_operations.clear();
+            if view.state.payload.is_none() {
+                serde_json::to_string(&view).expect("model types always serialize")
+            } else {
+                serde_json::to_string(&crate::audit::redact(
+                    serde_json::to_value(&view).expect("model types always serialize"),
+                ))
+                .expect("json")
+            }
+        };
+        writes.push(Write::Put {
+            c: dps_core::store::Collection::Registration,
+            scope: instance.to_string(),
+            doc,
+            expect: dps_core::store::Expect::Any,
+        });
+        writes.push(Write::Audit(dps_core::store::AuditEntry {
+            seq: 0,
+            timestamp: ts(self.clock.as_ref()),
+            instance: instance.to_string(),
+            actor: "device".to_string(),
+            action: action.to_string(),
+            target_kind: "registration".to_string(),
+            target_id: rec.state.registration_id.clone(),
+            before: None,
+            after: Some(after),
+        }));
+        self.repo.store.write_all(writes).await?;
+        Ok(())
+    }
+
+    /// End the registration as `failed` (or retryable): the domain failure is stored, and the
+    /// wire view (`errorCode`, `errorMessage`) is rendered from it by the one mapping.
+    async fn fail(
+        &self,
+        inst: &Instance,
+        rec: &mut RegistrationRecord,
+        f: Failure,
+        labels: (String, &'static str, &'static str),
+    ) -> Result<RegistrationRecord> {
+        let Failure { failure, reason } = f;
+        tracing::info!(registration_id = %rec.state.registration_id, failure = %failure, reason = %reason, "registration failed");
+        let wire = dps_core::wire::assignment_failure(&failure);
+        rec.state.status = Some(RegistrationStatus::Failed);
+        rec.state.error_code = Some(wire.error_code);
+        rec.state.error_message = Some(wire.message);
+        rec.state.substatus = None;
+        rec.state.last_updated_date_time_utc = Some(ts(self.clock.as_ref()));
+        rec.reason = Some(reason);
+        rec.pending = None;
+        let result = if failure.is_retryable() {
+            "retry"
+        } else {
+            "failed"
+        };
+        rec.failure = Some(failure);
+        self.commit(&inst.name, rec, "registration.failed", None)
+            .await?;
+        metrics::counter!("RegistrationAttempts", "instance" => labels.0, "hub" => "none", "protocol" => labels.1, "attestation" => labels.2, "result" => result).increment(1);
+        Ok(rec.clone())
+    }
+
+    async fn hub_failed(
+        &self,
+        inst: &Instance,
+        rec: &mut RegistrationRecord,
+        before: Option<&RegistrationRecord>,
+        hub: &LinkedHub,
+        e: HubError,
+        labels: (String, &'static str, &'static str),
+    ) -> Result<RegistrationRecord> {
+        // The identity was not written: forget the intent so that history stays truthful.
+        if rec
+            .hub_history
+            .last()
+            .is_some_and(|h| h.eq_ignore_ascii_case(&hub.host))
+            && before.is_none_or(|b| b.hub_history.last() != rec.hub_history.last())
+        {
+            rec.hub_history.pop();
+        }
+        let failure = match &e {
+            HubError::Unauthorized { .. } => AssignmentFailure::HubUnauthorized,
+            HubError::Rejected { .. } => AssignmentFailure::HubRejected,
+            HubError::Throttled { .. } => AssignmentFailure::HubThrottled,
+            HubError::Unreachable { .. } => AssignmentFailure::HubUnreachable,
+        };
+        rec.retry_after = match &e {
+            HubError::Throttled { retry_after, .. } => Some(*retry_after),
+            HubError::Unreachable { .. } => Some(5),
+            _ => None,
+        };
+        self.fail(
+            inst,
+            rec,
+            Failure {
+                failure,
+                reason: e.to_string(),
+            },
+            labels,
+        )
+        .await
+    }
+}

@@ -1,0 +1,293 @@
+//! Attestation: which enrollment admits a device, from what it presented. SAS tokens are checked
+//! against the individual enrollment's keys and then against the keys derived from each
+//! symmetric-key group; certificate chains go through `dps_core::x509::verify::attest` with the
+//! individual enrollment, the X.509 groups, the instance's CA certificates and its deny list.
+//! Reads go through the [`crate::catalog::Catalog`] (groups, CA material) and the repository
+//! (the individual enrollment).
+
+use super::Engine;
+use dps_core::device::DeviceCredential;
+use dps_core::error::AuthFailure;
+use dps_core::hub::HubAuth;
+use dps_core::ids::RegistrationId;
+use dps_core::instance::Instance;
+use dps_core::model::{
+    AttestationType, EnrollmentGroup, EnrollmentSettings, IndividualEnrollment,
+    X509RegistrationResult,
+};
+use dps_core::sas::{derive_device_key, SasToken};
+use dps_core::x509::verify::{attest as decide, X509Candidates, X509Match};
+use dps_core::Result;
+use std::sync::Arc;
+
+/// Where the device's enrollment came from.
+#[derive(Debug, Clone)]
+pub(super) enum Source {
+    Individual(Box<IndividualEnrollment>),
+    Group(Box<EnrollmentGroup>),
+}
+
+/// A device that passed attestation.
+#[derive(Debug, Clone)]
+pub(super) struct Admitted {
+    pub(super) instance: Arc<Instance>,
+    pub(super) registration_id: RegistrationId,
+    pub(super) source: Source,
+    /// An individual enrollment for this registration id that is disabled (overrides a group).
+    pub(super) disabled_override: bool,
+    pub(super) attestation: AttestationType,
+    pub(super) hub_auth: HubAuth,
+    pub(super) x509: Option<X509RegistrationResult>,
+}
+
+impl Admitted {
+    pub(super) fn settings(&self) -> &EnrollmentSettings {
+        match &self.source {
+            Source::Individual(e) => &e.settings,
+            Source::Group(g) => &g.settings,
+        }
+    }
+    pub(super) fn group_id(&self) -> Option<String> {
+        match &self.source {
+            Source::Group(g) => Some(g.enrollment_group_id.clone()),
+            Source::Individual(_) => None,
+        }
+    }
+    pub(super) fn enabled(&self) -> bool {
+        !self.disabled_override && self.settings().enabled()
+    }
+    pub(super) fn device_id(&self) -> String {
+        match &self.source {
+            Source::Individual(e) => e
+                .device_id
+                .clone()
+                .filter(|d| !d.is_empty())
+                .unwrap_or_else(|| self.registration_id.to_string()),
+            Source::Group(_) => self.registration_id.to_string(),
+        }
+    }
+}
+
+impl Engine {
+    pub(super) async fn attest(
+        &self,
+        inst: &Arc<Instance>,
+        rid: &RegistrationId,
+        cred: &DeviceCredential,
+    ) -> Result<Admitted> {
+        match cred {
+            DeviceCredential::Sas(token) => self.attest_sas(inst, rid, token).await,
+            DeviceCredential::Certificates(chain) if !chain.is_empty() => {
+                self.attest_x509(inst, rid, chain).await
+            }
+            _ => Err(AuthFailure::MissingCredential.into()),
+        }
+    }
+
+    async fn attest_sas(
+        &self,
+        inst: &Arc<Instance>,
+        rid: &RegistrationId,
+        token: &str,
+    ) -> Result<Admitted> {
+        let tok = SasToken::parse(token).map_err(AuthFailure::from)?;
+        let now = self.clock.now().unix_timestamp();
+        let individual = self.repo.enrollment(&inst.name, rid.as_str()).await?;
+        let mut individual_failure = None;
+        if let Some(e) = &individual {
+            if e.settings.attestation.kind == AttestationType::SymmetricKey {
+                let sk = e
+                    .settings
+                    .attestation
+                    .symmetric_key
+                    .clone()
+                    .unwrap_or_default();
+                let keys: Vec<&str> = [sk.primary_key.as_deref(), sk.secondary_key.as_deref()]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                match tok.verify_device(&inst.id_scope, rid.as_str(), keys, now) {
+                    Ok(_) => {
+                        return Ok(Admitted {
+                            instance: inst.clone(),
+                            registration_id: rid.clone(),
+                            disabled_override: false,
+                            attestation: AttestationType::SymmetricKey,
+                            hub_auth: HubAuth::SymmetricKey {
+                                primary: sk.primary_key.clone().unwrap_or_default(),
+                                secondary: sk
+                                    .secondary_key
+                                    .clone()
+                                    .or(sk.primary_key.clone())
+                                    .unwrap_or_default(),
+                            },
+                            x509: None,
+                            source: Source::Individual(Box::new(e.clone())),
+                        })
+                    }
+                    Err(err) => individual_failure = Some(AuthFailure::Sas(err)),
+                }
+            } else {
+                individual_failure = Some(AuthFailure::AttestationMismatch(format!(
+                    "enrollment '{}' uses {} attestation, the device presented a SAS token",
+                    e.registration_id,
+                    e.settings.attestation.kind.as_str()
+                )));
+            }
+            // An enabled individual enrollment is authoritative; only a disabled one lets us look
+            // at the groups (to refuse a group device that the individual enrollment disables).
+            if e.settings.enabled() {
+                return Err(individual_failure.expect("set above").into());
+            }
+        }
+        // Check audience and expiry once, for precise reasons.
+        let expected = format!("{}/registrations/{}", inst.id_scope, rid.as_str());
+        if !tok.sr.eq_ignore_ascii_case(&expected) {
+            return Err(AuthFailure::Sas(dps_core::sas::SasError::WrongAudience {
+                audience: tok.sr.clone(),
+                expected,
+            })
+            .into());
+        }
+        tok.check_expiry(now).map_err(AuthFailure::from)?;
+        for g in self
+            .catalog
+            .groups(&inst.name, "symmetricKey")
+            .await?
+            .iter()
+        {
+            let sk = g
+                .settings
+                .attestation
+                .symmetric_key
+                .clone()
+                .unwrap_or_default();
+            let derived: Vec<String> = [sk.primary_key.as_deref(), sk.secondary_key.as_deref()]
+                .into_iter()
+                .flatten()
+                .filter_map(|k| derive_device_key(k, rid.as_str()))
+                .collect();
+            if tok
+                .verify_device(
+                    &inst.id_scope,
+                    rid.as_str(),
+                    derived.iter().map(String::as_str),
+                    now,
+                )
+                .is_ok()
+            {
+                let primary = derived.first().cloned().unwrap_or_default();
+                let secondary = derived.get(1).cloned().unwrap_or_else(|| primary.clone());
+                let (source, disabled_override) = match &individual {
+                    Some(e) => (Source::Individual(Box::new(e.clone())), true),
+                    None => (Source::Group(Box::new(g.clone())), false),
+                };
+                return Ok(Admitted {
+                    instance: inst.clone(),
+                    registration_id: rid.clone(),
+                    source,
+                    disabled_override,
+                    attestation: AttestationType::SymmetricKey,
+                    hub_auth: HubAuth::SymmetricKey { primary, secondary },
+                    x509: None,
+                });
+            }
+        }
+        Err(individual_failure
+            .unwrap_or_else(|| AuthFailure::UnknownRegistration(rid.to_string()))
+            .into())
+    }
+
+    async fn attest_x509(
+        &self,
+        inst: &Arc<Instance>,
+        rid: &RegistrationId,
+        chain: &[Vec<u8>],
+    ) -> Result<Admitted> {
+        x509_admission(self, inst, rid, chain)
+            .await
+            .map(|a| Admitted {
+                instance: inst.clone(),
+                registration_id: rid.clone(),
+                disabled_override: a.disabled_override,
+                attestation: AttestationType::X509,
+                hub_auth: HubAuth::X509Thumbprint {
+                    primary: a.leaf_sha256.clone(),
+                    secondary: None,
+                },
+                x509: Some(a.result),
+                source: match a.source {
+                    X509Source::Individual(e) => Source::Individual(e),
+                    X509Source::Group(g) => Source::Group(g),
+                },
+            })
+    }
+}
+
+/// Which enrollment admitted the device.
+enum X509Source {
+    Individual(Box<IndividualEnrollment>),
+    Group(Box<EnrollmentGroup>),
+}
+
+/// A device admitted by its certificate.
+struct X509Admission {
+    source: X509Source,
+    disabled_override: bool,
+    leaf_sha256: String,
+    result: X509RegistrationResult,
+}
+
+async fn x509_admission(
+    engine: &Engine,
+    inst: &Arc<Instance>,
+    rid: &RegistrationId,
+    chain: &[Vec<u8>],
+) -> Result<X509Admission> {
+    let individual = engine.repo.enrollment(&inst.name, rid.as_str()).await?;
+    let groups = engine.catalog().groups(&inst.name, "x509").await?;
+    let material = engine.catalog().x509(&inst.name).await?;
+    let candidates = X509Candidates {
+        individual: individual.as_ref(),
+        groups: &groups,
+        ca_certificates: &material.cas,
+        deny: &material.deny,
+    };
+    let now = engine.clock.now();
+    let m = decide(rid.as_str(), chain, &candidates, now).map_err(|f| {
+        tracing::info!(registration_id = %rid, reason = %f, code = f.code(), "X.509 attestation refused");
+        AuthFailure::from(f)
+    })?;
+    let leaf = &chain[0];
+    let leaf_info = dps_core::x509::certificate_info(leaf).ok();
+    let leaf_sha256 = dps_core::x509::sha256_thumbprint(leaf);
+    Ok(match m {
+        X509Match::Individual(e) => X509Admission {
+            source: X509Source::Individual(Box::new(e.clone())),
+            disabled_override: false,
+            leaf_sha256,
+            result: X509RegistrationResult {
+                certificate_info: leaf_info,
+                enrollment_group_id: None,
+                signing_certificate_info: None,
+            },
+        },
+        X509Match::Group {
+            group,
+            signing_cert_der,
+            ..
+        } => {
+            let signing = dps_core::x509::certificate_info(&signing_cert_der).ok();
+            X509Admission {
+                source: X509Source::Group(Box::new(group.clone())),
+                disabled_override: false,
+                leaf_sha256,
+                result: X509RegistrationResult {
+                    certificate_info: leaf_info,
+                    enrollment_group_id: Some(group.enrollment_group_id.clone()),
+                    signing_certificate_info: signing,
+                },
+            }
+        }
+    })
+}

@@ -1,0 +1,191 @@
+//! What happens to registrations outside a device's own request: hub identities follow
+//! enrollment status changes, a deleted registration record may delete its hub identity, and
+//! registrations interrupted by a crash are finished (recovery).
+
+use super::Engine;
+use dps_core::clock::azure_timestamp;
+use dps_core::error::AssignmentFailure;
+use dps_core::model::{RegistrationRecord, RegistrationStatus};
+use dps_core::Result;
+use std::time::{Duration, Instant};
+
+impl Engine {
+    /// Keep hub identities in step with enrollment changes: disabling an enrollment (or group)
+    /// disables the identities of its assigned devices on their hubs; enabling it again enables
+    /// them. Runs in the background; failures are logged per device.
+    pub fn enrollment_status_changed(
+        &self,
+        instance: &str,
+        individual: Option<&str>,
+        group: Option<&str>,
+        enabled: bool,
+    ) {
+        let me = self.self_arc();
+        let instance = instance.to_string();
+        let individual = individual.map(str::to_string);
+        let group = group.map(str::to_string);
+        tokio::spawn(async move {
+            let records: Vec<RegistrationRecord> = if let Some(id) = individual {
+                me.repo
+                    .registration(&instance, &id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|(r, _)| r)
+                    .into_iter()
+                    .collect()
+            } else if let Some(g) = group {
+                let filter = dps_core::store::Filter {
+                    group: Some(g.to_ascii_lowercase()),
+                    status: Some("assigned".into()),
+                    ..Default::default()
+                };
+                me.repo
+                    .all::<RegistrationRecord>(
+                        dps_core::store::Collection::Registration,
+                        &instance,
+                        &filter,
+                    )
+                    .await
+                    .map(|v| v.into_iter().map(|(r, _)| r).collect())
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            let Some(inst) = me.instances.by_name(&instance) else {
+                return;
+            };
+            for rec in records {
+                let (Some(hub), Some(dev)) = (
+                    rec.state.assigned_hub.as_deref(),
+                    rec.state.device_id.as_deref(),
+                ) else {
+                    continue;
+                };
+                let Some(h) = inst.hub(hub) else { continue };
+                let Ok(a) = me.hubs.adapter(h) else { continue };
+                let t0 = Instant::now();
+                let r = a.set_enabled(dev, enabled).await;
+                me.hubs.record(hub, t0, &r);
+                match r {
+                    Ok(()) => {
+                        me.audit
+                            .record(
+                                &instance,
+                                "system",
+                                if enabled {
+                                    "hub_identity.enable"
+                                } else {
+                                    "hub_identity.disable"
+                                },
+                                "registration",
+                                &rec.state.registration_id,
+                                None::<&()>,
+                                Some(&serde_json::json!({"hub": hub, "deviceId": dev})),
+                            )
+                            .await
+                    }
+                    Err(e) => {
+                        tracing::warn!(registration_id = %rec.state.registration_id, hub, error = %e, "could not change the hub identity's status")
+                    }
+                }
+            }
+        });
+    }
+
+    /// A registration record was deleted through the service API: the next registration is an
+    /// initial assignment. The hub identity is kept (as Azure does) unless the linked hub's
+    /// `options.delete_identity_on_deregister` is true.
+    pub async fn registration_deleted(&self, instance: &str, rec: &RegistrationRecord) {
+        let Some(inst) = self.instances.by_name(instance) else {
+            return;
+        };
+        let (Some(hub), Some(dev)) = (
+            rec.state.assigned_hub.as_deref(),
+            rec.state.device_id.as_deref(),
+        ) else {
+            return;
+        };
+        let Some(h) = inst.hub(hub) else { return };
+        if h.options
+            .get("delete_identity_on_deregister")
+            .and_then(|v| v.as_bool())
+            != Some(true)
+        {
+            return;
+        }
+        if let Ok(a) = self.hubs.adapter(h) {
+            let t0 = Instant::now();
+            let r = a.delete_device(dev).await;
+            self.hubs.record(hub, t0, &r);
+            if let Err(e) = r {
+                tracing::warn!(registration_id = %rec.state.registration_id, hub, error = %e, "could not delete the hub identity of a deleted registration");
+            }
+        }
+    }
+
+    /// Finish what a crash interrupted: records left `assigning` (with a pending assignment)
+    /// become `failed` with a retryable code, keeping the pending hub in their history so that the
+    /// next registration updates or moves that identity instead of orphaning it.
+    ///
+    /// Only records whose pending assignment started more than `older_than` ago are touched, so
+    /// that nodes sharing a store do not fail each other's registrations in flight.
+    pub async fn recover(&self, older_than: Duration) -> Result<usize> {
+        let cutoff = azure_timestamp(self.clock.now() - older_than);
+        let mut n = 0;
+        for inst in self.instances.list() {
+            let filter = dps_core::store::Filter {
+                status: Some("assigning".into()),
+                ..Default::default()
+            };
+            let stuck = self
+                .repo
+                .all::<RegistrationRecord>(
+                    dps_core::store::Collection::Registration,
+                    &inst.name,
+                    &filter,
+                )
+                .await?;
+            for (mut rec, _) in stuck {
+                let started = rec
+                    .pending
+                    .as_ref()
+                    .map(|p| p.started.clone())
+                    .or(rec.state.last_updated_date_time_utc.clone())
+                    .unwrap_or_default();
+                if started > cutoff {
+                    continue;
+                }
+                let _lock = self
+                    .lock_for(&inst.name, &rec.state.registration_id.to_ascii_lowercase())
+                    .lock()
+                    .await;
+                let reason = match &rec.pending {
+                    Some(p) => format!("interrupted while writing identity '{}' on hub '{}'; the device must register again", p.device_id, p.hub),
+                    None => "interrupted; the device must register again".to_string(),
+                };
+                let wire = dps_core::wire::assignment_failure(&AssignmentFailure::Interrupted);
+                rec.state.status = Some(RegistrationStatus::Failed);
+                rec.state.error_code = Some(wire.error_code);
+                rec.state.error_message = Some(wire.message);
+                rec.failure = Some(AssignmentFailure::Interrupted);
+                rec.reason = Some(reason);
+                rec.pending = None;
+                self.repo.put_registration(&inst.name, &mut rec).await?;
+                self.audit
+                    .record(
+                        &inst.name,
+                        "system",
+                        "registration.recovered",
+                        "registration",
+                        &rec.state.registration_id.clone(),
+                        None::<&()>,
+                        Some(&rec),
+                    )
+                    .await;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}

@@ -1,0 +1,515 @@
+//! The registration engine: the device use cases (register, operation status, status lookup,
+//! MQTT CONNECT check) behind [`DeviceService`], shared by every transport.
+//!
+//! Flow of a registration:
+//! 1. Resolve the instance from the ID scope, attest the device (symmetric key or X.509).
+//! 2. Under a per-device lock: plan reprovisioning from the previous record, allocate a hub
+//!    (hashed, static, geoLatency, custom webhook; unhealthy or full hubs skipped while another is
+//!    eligible), write the record as `assigning` with the pending assignment (intent), write the
+//!    identity and twin to the hub, then write the final record.
+//! 3. The register call waits a short while for that work. Azure's behaviour (default) answers
+//!    `202 assigning` and the first poll returns the result; `register_response = "immediate"`
+//!    answers `200` directly when the work is done. Work that takes longer continues in the
+//!    background and polls answer `202` with a longer `retry-after` meanwhile.
+
+mod allocate;
+mod assign;
+mod attest;
+pub mod custom_allocation;
+mod lifecycle;
+
+pub use custom_allocation::{CustomAllocator, WebhookAllocator};
+
+use crate::audit::Audit;
+use crate::catalog::Catalog;
+use crate::hubs::HubSet;
+use crate::instances::Instances;
+use crate::repo::Repo;
+use dps_core::clock::{azure_timestamp, Clock};
+use dps_core::device::{
+    ConnectRefusal, DeviceCredential, DeviceRequest, DeviceResponse, DeviceService,
+};
+use dps_core::error::{AssignmentFailure, AuthFailure};
+use dps_core::ids::RegistrationId;
+use dps_core::instance::RegisterResponse;
+use dps_core::model::*;
+use dps_core::random::Random;
+use dps_core::{Error, Result};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// This node's location (Azure region name or `lat,lon`), for geoLatency.
+    pub node_location: Option<String>,
+    /// How long the register call waits for the assignment before answering 202.
+    pub inline_wait: Duration,
+    /// Retry-after when the result is ready.
+    pub ready_retry_after: u32,
+    /// Retry-after when work is still running.
+    pub busy_retry_after: u32,
+    /// Registrations in flight on this node beyond which new ones are throttled (429).
+    pub max_inflight: usize,
+    /// Refused attempts audited per second (burst ten times as many); 0: no limit.
+    pub refused_audit_per_second: u32,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            node_location: None,
+            inline_wait: Duration::from_secs(2),
+            ready_retry_after: 1,
+            busy_retry_after: 3,
+            max_inflight: 10_000,
+            refused_audit_per_second: 100,
+        }
+    }
+}
+
+/// A failure of the assignment that ends the registration as `failed` (or retryable).
+struct Failure {
+    /// What the device and the service API are told (through `dps_core::wire`).
+    failure: AssignmentFailure,
+    /// The precise reason, for the record and the log.
+    reason: String,
+}
+
+/// What the engine works with: the store, the instances, the linked hubs, the cached groups and
+/// X.509 material, the clock, the source of randomness and the custom allocation webhook.
+pub struct EnginePorts {
+    /// Typed store access.
+    pub repo: Repo,
+    /// Instances.
+    pub instances: Arc<Instances>,
+    /// Linked hubs.
+    pub hubs: Arc<HubSet>,
+    /// Cached groups and X.509 material.
+    pub catalog: Arc<Catalog>,
+    /// Now.
+    pub clock: Arc<dyn Clock>,
+    /// Operation ids.
+    pub random: Arc<dyn Random>,
+    /// Custom allocation.
+    pub custom_allocator: Arc<dyn CustomAllocator>,
+}
+
+/// The registration engine.
+pub struct Engine {
+    /// Typed store access.
+    pub repo: Repo,
+    /// Instances.
+    pub instances: Arc<Instances>,
+    /// Linked hubs.
+    pub hubs: Arc<HubSet>,
+    /// Audit log.
+    pub audit: Audit,
+    clock: Arc<dyn Clock>,
+    random: Arc<dyn Random>,
+    custom_allocator: Arc<dyn CustomAllocator>,
+    settings: EngineSettings,
+    locks: Vec<tokio::sync::Mutex<()>>,
+    inflight: AtomicUsize,
+    /// Operations still running on this node: (instance, registration key) -> operation id.
+    running: Mutex<HashMap<(String, String), String>>,
+    catalog: Arc<Catalog>,
+    /// Token bucket for audit entries of refused attempts: (last refill, tokens).
+    refused_bucket: Mutex<(Instant, f64)>,
+    me: std::sync::Weak<Engine>,
+}
+
+fn ts(clock: &dyn Clock) -> String {
+    azure_timestamp(clock.now())
+}
+
+impl Engine {
+    /// Build.
+    pub fn new(ports: EnginePorts, settings: EngineSettings) -> Arc<Self> {
+        let EnginePorts {
+            repo,
+            instances,
+            hubs,
+            catalog,
+            clock,
+            random,
+            custom_allocator,
+        } = ports;
+        let burst = f64::from(settings.refused_audit_per_second) * 10.0;
+        Arc::new_cyclic(|me| Engine {
+            me: me.clone(),
+            audit: Audit::new(repo.store.clone()),
+            repo,
+            instances,
+            hubs,
+            clock,
+            random,
+            custom_allocator,
+            settings,
+            locks: (0..1024).map(|_| tokio::sync::Mutex::new(())).collect(),
+            inflight: AtomicUsize::new(0),
+            running: Mutex::new(HashMap::new()),
+            catalog,
+            refused_bucket: Mutex::new((Instant::now(), burst)),
+        })
+    }
+
+    /// May this refused attempt be written to the audit log? A token bucket of
+    /// `refused_audit_per_second`, ten seconds deep, per node.
+    fn take_refused_audit_token(&self) -> bool {
+        let rate = f64::from(self.settings.refused_audit_per_second);
+        if rate == 0.0 {
+            return true;
+        }
+        let mut b = self.refused_bucket.lock().expect("bucket lock");
+        let now = Instant::now();
+        b.1 = (b.1 + now.duration_since(b.0).as_secs_f64() * rate).min(rate * 10.0);
+        b.0 = now;
+        if b.1 >= 1.0 {
+            b.1 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The cached enrollment groups and X.509 material.
+    pub(crate) fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    fn lock_for(&self, instance: &str, reg_key: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        instance.to_ascii_lowercase().hash(&mut h);
+        reg_key.hash(&mut h);
+        &self.locks[(h.finish() % self.locks.len() as u64) as usize]
+    }
+
+    // ---------------------------------------------------------------- responses
+
+    fn device_state(rec: &RegistrationRecord) -> DeviceRegistrationState {
+        let mut s = rec.state.clone();
+        if s.status != Some(RegistrationStatus::Assigned) {
+            s.substatus = None;
+        }
+        s
+    }
+
+    fn final_response(rec: &RegistrationRecord, op: &str) -> Result<DeviceResponse> {
+        let status = rec.state.status.unwrap_or(RegistrationStatus::Unassigned);
+        if status == RegistrationStatus::Failed {
+            // Records written before failures were stored in domain terms have only the code.
+            let failure = rec.failure.clone().or_else(|| {
+                rec.state
+                    .error_code
+                    .map(dps_core::wire::legacy_assignment_failure)
+            });
+            if let Some(failure) = failure.filter(AssignmentFailure::is_retryable) {
+                // Retryable: the device is told to retry, not that it failed.
+                return Err(Error::AssignmentRetry {
+                    failure,
+                    retry_after: rec.retry_after.unwrap_or(5),
+                });
+            }
+        }
+        Ok(DeviceResponse {
+            status: 200,
+            body: RegistrationOperationStatus {
+                operation_id: op.to_string(),
+                status,
+                registration_state: Some(Self::device_state(rec)),
+            },
+            retry_after: None,
+        })
+    }
+
+    fn assigning_response(
+        &self,
+        op: &str,
+        rid: &str,
+        retry_after: u32,
+        with_state: bool,
+    ) -> DeviceResponse {
+        DeviceResponse {
+            status: 202,
+            body: RegistrationOperationStatus {
+                operation_id: op.to_string(),
+                status: RegistrationStatus::Assigning,
+                registration_state: with_state.then(|| DeviceRegistrationState {
+                    registration_id: rid.to_string(),
+                    status: Some(RegistrationStatus::Assigning),
+                    ..Default::default()
+                }),
+            },
+            retry_after: Some(retry_after),
+        }
+    }
+
+    // ---------------------------------------------------------------- use cases
+
+    async fn register_inner(&self, req: DeviceRequest) -> Result<(DeviceResponse, &'static str)> {
+        let inst = self
+            .instances
+            .by_scope(&req.id_scope)
+            .ok_or_else(|| AuthFailure::UnknownInstance(req.id_scope.clone()))?;
+        let rid = RegistrationId::parse(&req.registration_id)?;
+        if req.body.csr.is_some()
+            && req
+                .api_version
+                .as_deref()
+                .is_some_and(|v| v < "2025-07-01-preview")
+        {
+            return Err(Error::invalid(
+                "'csr' requires api-version 2025-07-01-preview or later",
+            ));
+        }
+        // Throttled before attestation: a device told to come back costs no store read.
+        let inflight = self.inflight.fetch_add(1, Ordering::SeqCst);
+        struct Guard<'a>(&'a AtomicUsize);
+        impl Drop for Guard<'_> {
+            fn drop(&mut self) {
+                let n = self.0.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
+                metrics::gauge!("dps_registrations_in_flight").set(n as f64);
+            }
+        }
+        let _guard = Guard(&self.inflight);
+        metrics::gauge!("dps_registrations_in_flight").set((inflight + 1) as f64);
+        if inflight >= self.settings.max_inflight {
+            let retry_after = (1 + inflight / self.settings.max_inflight.max(1)).min(30) as u32
+                * self.settings.busy_retry_after;
+            return Err(Error::Throttled { retry_after });
+        }
+        let adm = match self.attest(&inst, &rid, &req.credential).await {
+            Ok(a) => a,
+            Err(e) => {
+                if let Error::Unauthorized(f) = &e {
+                    tracing::info!(registration_id = %rid, id_scope = %inst.id_scope, reason = %f, "registration refused");
+                    if self.take_refused_audit_token() {
+                        self.audit
+                            .record(&inst.name, "device", "registration.refused", "registration", rid.as_str(), None::<&()>, Some(&serde_json::json!({"reason": f.to_string(), "transport": req.transport.as_str()})))
+                            .await;
+                    } else {
+                        metrics::counter!("dps_audit_refusals_dropped_total").increment(1);
+                    }
+                    metrics::counter!("AttestationAttempts", "instance" => inst.name.clone(), "protocol" => req.transport.as_str(), "attestation" => cred_kind(&req.credential), "result" => "failure").increment(1);
+                }
+                return Err(e);
+            }
+        };
+        metrics::counter!("AttestationAttempts", "instance" => inst.name.clone(), "protocol" => req.transport.as_str(), "attestation" => adm.attestation.as_str(), "result" => "success").increment(1);
+        let op = dps_core::random::operation_id(self.random.as_ref()).to_string();
+        let reg_key = rid.key();
+        let key = (inst.name.to_ascii_lowercase(), reg_key.clone());
+        self.running
+            .lock()
+            .expect("running lock")
+            .insert(key.clone(), op.clone());
+        let work = {
+            let op = op.clone();
+            let payload = req.body.payload.clone();
+            let transport = req.transport;
+            let me = self.self_arc();
+            async move {
+                let r = me.assign(adm, &op, payload, transport).await;
+                me.running.lock().expect("running lock").remove(&key);
+                r
+            }
+        };
+        // Boxed: the assignment's future is large, and moving it into the task would copy it.
+        let handle = tokio::spawn(Box::pin(work));
+        let mode = inst.register_response;
+        match tokio::time::timeout(self.settings.inline_wait, handle).await {
+            Ok(joined) => {
+                let rec = joined
+                    .map_err(|e| Error::Internal(format!("assignment task failed: {e}")))??;
+                let outcome = rec.state.status.map(|s| s.as_str()).unwrap_or("unassigned");
+                let resp = Self::final_response(&rec, &op)?;
+                if mode == RegisterResponse::Immediate
+                    || resp.body.status == RegistrationStatus::Disabled
+                {
+                    Ok((resp, outcome))
+                } else {
+                    Ok((
+                        self.assigning_response(
+                            &op,
+                            rid.as_str(),
+                            self.settings.ready_retry_after,
+                            false,
+                        ),
+                        outcome,
+                    ))
+                }
+            }
+            Err(_) => Ok((
+                self.assigning_response(&op, rid.as_str(), self.settings.busy_retry_after, false),
+                "assigning",
+            )),
+        }
+    }
+
+    fn self_arc(&self) -> Arc<Engine> {
+        self.me.upgrade().expect("engine is alive while serving")
+    }
+
+    async fn operation_status_inner(&self, req: DeviceRequest, op: &str) -> Result<DeviceResponse> {
+        let inst = self
+            .instances
+            .by_scope(&req.id_scope)
+            .ok_or_else(|| AuthFailure::UnknownInstance(req.id_scope.clone()))?;
+        let rid = RegistrationId::parse(&req.registration_id)?;
+        self.attest(&inst, &rid, &req.credential).await?;
+        if self
+            .running
+            .lock()
+            .expect("running lock")
+            .get(&(inst.name.to_ascii_lowercase(), rid.key()))
+            .is_some_and(|o| o == op)
+        {
+            return Ok(self.assigning_response(
+                op,
+                rid.as_str(),
+                self.settings.busy_retry_after,
+                true,
+            ));
+        }
+        let rec = self
+            .repo
+            .registration(&inst.name, rid.as_str())
+            .await?
+            .map(|(r, _)| r);
+        match rec {
+            Some(rec)
+                if rec.operation_id.as_deref() == Some(op)
+                    || rec.recent_operations.iter().any(|o| o == op) =>
+            {
+                if rec.state.status == Some(RegistrationStatus::Assigning) {
+                    return Ok(self.assigning_response(
+                        op,
+                        rid.as_str(),
+                        self.settings.busy_retry_after,
+                        true,
+                    ));
+                }
+                Self::final_response(&rec, op)
+            }
+            _ => Err(Error::OperationNotFound(op.to_string())),
+        }
+    }
+
+    async fn registration_status_inner(
+        &self,
+        req: DeviceRequest,
+    ) -> Result<DeviceRegistrationState> {
+        let inst = self
+            .instances
+            .by_scope(&req.id_scope)
+            .ok_or_else(|| AuthFailure::UnknownInstance(req.id_scope.clone()))?;
+        let rid = RegistrationId::parse(&req.registration_id)?;
+        if req.body.csr.is_some() {
+            return Err(Error::invalid(
+                "a 'csr' is not accepted by the registration status lookup",
+            ));
+        }
+        self.attest(&inst, &rid, &req.credential).await?;
+        let rec = self
+            .repo
+            .registration(&inst.name, rid.as_str())
+            .await?
+            .map(|(r, _)| r);
+        match rec {
+            Some(r) => Ok(Self::device_state(&r)),
+            None => Err(Error::not_found("registration", rid.as_str())),
+        }
+    }
+}
+
+/// Log a failed device call: our failures as errors, the client's as debug. The front end
+/// renders the error through `dps_core::wire`.
+fn logged(e: Error, what: &str, rid: &str) -> Error {
+    match &e {
+        Error::Store(_) | Error::Internal(_) => {
+            tracing::error!(registration_id = rid, error = %e, "{what} failed")
+        }
+        _ => tracing::debug!(registration_id = rid, error = %e, "{what} refused"),
+    }
+    e
+}
+
+#[async_trait::async_trait]
+impl DeviceService for Engine {
+    async fn register(&self, req: DeviceRequest) -> Result<DeviceResponse> {
+        let span = tracing::info_span!("register", registration_id = %req.registration_id, id_scope = %req.id_scope, transport = req.transport.as_str(), operation_id = tracing::field::Empty);
+        let started = Instant::now();
+        let rid = req.registration_id.clone();
+        let transport = req.transport.as_str();
+        let r = tracing::Instrument::instrument(self.register_inner(req), span.clone()).await;
+        let result = match &r {
+            Ok((_, outcome)) => *outcome,
+            Err(_) => "error",
+        };
+        metrics::histogram!("dps_register_duration_seconds", "protocol" => transport, "result" => result).record(started.elapsed().as_secs_f64());
+        r.map(|(resp, _)| {
+            span.record("operation_id", resp.body.operation_id.as_str());
+            resp
+        })
+        .map_err(|e| logged(e, "register", &rid))
+    }
+
+    async fn operation_status(
+        &self,
+        req: DeviceRequest,
+        operation_id: &str,
+    ) -> Result<DeviceResponse> {
+        let rid = req.registration_id.clone();
+        self.operation_status_inner(req, operation_id)
+            .await
+            .map_err(|e| logged(e, "operation status", &rid))
+    }
+
+    async fn registration_status(&self, req: DeviceRequest) -> Result<DeviceRegistrationState> {
+        let rid = req.registration_id.clone();
+        self.registration_status_inner(req)
+            .await
+            .map_err(|e| logged(e, "registration status", &rid))
+    }
+
+    async fn authorize_connect(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+        credential: &DeviceCredential,
+    ) -> std::result::Result<(), ConnectRefusal> {
+        let Some(inst) = self.instances.by_scope(id_scope) else {
+            return Err(ConnectRefusal::NotAuthorized);
+        };
+        let Ok(rid) = RegistrationId::parse(registration_id) else {
+            return Err(ConnectRefusal::BadUsernameOrPassword);
+        };
+        match credential {
+            DeviceCredential::Certificates(c) if !c.is_empty() => Ok(()),
+            DeviceCredential::Sas(_) => match self.attest(&inst, &rid, credential).await {
+                Ok(_) => Ok(()),
+                Err(Error::Unauthorized(f)) => {
+                    tracing::info!(registration_id, reason = %f, "MQTT connect refused");
+                    Err(ConnectRefusal::NotAuthorized)
+                }
+                Err(e) => {
+                    tracing::error!(registration_id, error = %e, "MQTT connect check failed");
+                    Err(ConnectRefusal::ServerUnavailable)
+                }
+            },
+            _ => Err(ConnectRefusal::NotAuthorized),
+        }
+    }
+}
+
+fn cred_kind(c: &DeviceCredential) -> &'static str {
+    match c {
+        DeviceCredential::Sas(_) => "symmetricKey",
+        DeviceCredential::Certificates(_) => "x509",
+        DeviceCredential::None => "none",
+    }
+}
