@@ -17,6 +17,8 @@ mod assign;
 mod attest;
 pub mod custom_allocation;
 mod lifecycle;
+#[cfg(test)]
+mod tests;
 
 pub use custom_allocation::{CustomAllocator, WebhookAllocator};
 

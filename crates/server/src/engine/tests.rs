@@ -1,0 +1,391 @@
+//! Attestation and allocation, tested directly on an engine over a real SQLite store (in a
+//! temporary directory), with a fixed clock, a seeded source of randomness and a fake custom
+//! allocation webhook. No network.
+
+use super::custom_allocation::{
+    CustomAllocationAnswer, CustomAllocationError, CustomAllocationRequest,
+};
+use super::*;
+use crate::repo::{enrollment_index, group_index};
+use dps_core::error::CustomAllocationFailure;
+use dps_core::instance::{Instance, LinkedHub};
+use dps_core::random::SeededRandom;
+use dps_core::sas::{derive_device_key, sign_token};
+use dps_core::store::{Collection, Expect};
+use std::sync::Mutex as StdMutex;
+
+const SCOPE: &str = "0ne00000042";
+const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const OTHER_KEY: &str = "HxwdHBsaGRgXFhUUExIREA8ODQwLCgkIBwYFBAMCAQA=";
+
+struct FixedClock(time::OffsetDateTime);
+impl Clock for FixedClock {
+    fn now(&self) -> time::OffsetDateTime {
+        self.0
+    }
+}
+
+/// A custom allocation webhook that answers what it is told and records what it was asked.
+#[derive(Default)]
+struct FakeWebhook {
+    answer: StdMutex<Option<Result<CustomAllocationAnswer, CustomAllocationError>>>,
+    asked: StdMutex<Vec<CustomAllocationRequest>>,
+}
+
+#[async_trait::async_trait]
+impl CustomAllocator for FakeWebhook {
+    async fn allocate(
+        &self,
+        req: CustomAllocationRequest,
+    ) -> std::result::Result<CustomAllocationAnswer, CustomAllocationError> {
+        self.asked.lock().unwrap().push(req);
+        self.answer
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("the test sets an answer")
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    engine: Arc<Engine>,
+    instance: Arc<Instance>,
+    repo: Repo,
+    webhook: Arc<FakeWebhook>,
+}
+
+fn hub(host: &str) -> LinkedHub {
+    LinkedHub::registry(host)
+}
+
+async fn fixture(hubs: Vec<LinkedHub>) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dps_store::open("", dir.path()).await.unwrap();
+    let repo = Repo::new(store.clone());
+    let instances = Arc::new(Instances::load(repo.clone()).await.unwrap());
+    let instance = Instance {
+        name: "t".into(),
+        id_scope: SCOPE.into(),
+        hostnames: vec![],
+        access_policy: vec![],
+        linked_hub: hubs,
+        allocation_policy: AllocationPolicy::Hashed,
+        register_response: RegisterResponse::Immediate,
+    };
+    instances.put(&instance).await.unwrap();
+    let webhook = Arc::new(FakeWebhook::default());
+    let engine = Engine::new(
+        EnginePorts {
+            repo: repo.clone(),
+            instances: instances.clone(),
+            hubs: Arc::new(HubSet::new(store, reqwest::Client::new())),
+            catalog: Catalog::new(repo.clone()),
+            clock: Arc::new(FixedClock(time::macros::datetime!(2026-06-01 12:00 UTC))),
+            random: Arc::new(SeededRandom::new(1)),
+            custom_allocator: webhook.clone(),
+        },
+        EngineSettings::default(),
+    );
+    Fixture {
+        _dir: dir,
+        instance: instances.by_name("t").unwrap(),
+        engine,
+        repo,
+        webhook,
+    }
+}
+
+fn now() -> i64 {
+    time::macros::datetime!(2026-06-01 12:00 UTC).unix_timestamp()
+}
+
+fn token(rid: &str, key: &str) -> DeviceCredential {
+    let t = sign_token(
+        &format!("{SCOPE}/registrations/{rid}"),
+        key,
+        Some("registration"),
+        now() + 3600,
+    )
+    .unwrap();
+    DeviceCredential::Sas(t)
+}
+
+impl Fixture {
+    async fn enroll(&self, rid: &str, enabled: bool, extra: serde_json::Value) {
+        let mut v = serde_json::json!({
+            "registrationId": rid,
+            "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": KEY, "secondaryKey": KEY}},
+            "provisioningStatus": if enabled { "enabled" } else { "disabled" },
+        });
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let e: IndividualEnrollment = serde_json::from_value(v).unwrap();
+        self.repo
+            .put(
+                Collection::Enrollment,
+                "t",
+                rid,
+                "e1",
+                &e,
+                enrollment_index(&e),
+                Expect::Any,
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn group(&self, gid: &str, extra: serde_json::Value) {
+        let mut v = serde_json::json!({
+            "enrollmentGroupId": gid,
+            "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": KEY, "secondaryKey": KEY}},
+            "provisioningStatus": "enabled",
+        });
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let g: EnrollmentGroup = serde_json::from_value(v).unwrap();
+        self.repo
+            .put(
+                Collection::Group,
+                "t",
+                gid,
+                "g1",
+                &g,
+                group_index(&g),
+                Expect::Any,
+            )
+            .await
+            .unwrap();
+        self.engine.catalog().groups_changed("t");
+    }
+
+    async fn attest(&self, rid: &str, cred: DeviceCredential) -> Result<attest::Admitted> {
+        let rid = RegistrationId::parse(rid).unwrap();
+        self.engine.attest(&self.instance, &rid, &cred).await
+    }
+
+    async fn allocate(&self, rid: &str) -> std::result::Result<String, AssignmentFailure> {
+        let adm = self
+            .attest(rid, token(rid, &device_key(rid)))
+            .await
+            .unwrap();
+        let settings = adm.settings().clone();
+        self.engine
+            .allocate(&adm, &settings, None, None, None)
+            .await
+            .map(|(h, _, _)| h.host)
+            .map_err(|f| f.failure)
+    }
+}
+
+/// The key a device of the group `g` derives.
+fn device_key(rid: &str) -> String {
+    derive_device_key(KEY, rid).unwrap()
+}
+
+fn unauthorized(r: Result<attest::Admitted>) -> AuthFailure {
+    match r {
+        Err(Error::Unauthorized(f)) => f,
+        Err(e) => panic!("expected Unauthorized, got {e}"),
+        Ok(_) => panic!("expected Unauthorized, got admitted"),
+    }
+}
+
+#[tokio::test]
+async fn an_individual_enrollment_admits_its_own_key_and_refuses_another() {
+    let f = fixture(vec![hub("h1")]).await;
+    f.enroll("dev-1", true, serde_json::json!({})).await;
+    let adm = f.attest("dev-1", token("dev-1", KEY)).await.unwrap();
+    assert!(matches!(adm.source, attest::Source::Individual(_)));
+    assert!(adm.enabled());
+    assert_eq!(adm.device_id(), "dev-1");
+    let refused = unauthorized(f.attest("dev-1", token("dev-1", OTHER_KEY)).await);
+    assert!(matches!(refused, AuthFailure::Sas(_)), "{refused:?}");
+}
+
+#[tokio::test]
+async fn a_group_admits_derived_keys_only() {
+    let f = fixture(vec![hub("h1")]).await;
+    f.group("g", serde_json::json!({})).await;
+    let adm = f
+        .attest("meter-7", token("meter-7", &device_key("meter-7")))
+        .await
+        .unwrap();
+    assert_eq!(adm.group_id().as_deref(), Some("g"));
+    // The group key itself is not a device key.
+    assert!(matches!(
+        unauthorized(f.attest("meter-7", token("meter-7", KEY)).await),
+        AuthFailure::UnknownRegistration(_)
+    ));
+    // Nor is another device's derived key.
+    assert!(matches!(
+        unauthorized(
+            f.attest("meter-7", token("meter-7", &device_key("meter-8")))
+                .await
+        ),
+        AuthFailure::UnknownRegistration(_)
+    ));
+}
+
+#[tokio::test]
+async fn a_disabled_individual_enrollment_overrides_its_group() {
+    let f = fixture(vec![hub("h1")]).await;
+    f.group("g", serde_json::json!({})).await;
+    f.enroll("meter-9", false, serde_json::json!({})).await;
+    let adm = f
+        .attest("meter-9", token("meter-9", &device_key("meter-9")))
+        .await
+        .unwrap();
+    assert!(adm.disabled_override);
+    assert!(!adm.enabled());
+}
+
+#[tokio::test]
+async fn no_credential_and_unknown_devices_are_refused_with_their_reason() {
+    let f = fixture(vec![hub("h1")]).await;
+    assert_eq!(
+        unauthorized(f.attest("nobody", DeviceCredential::None).await),
+        AuthFailure::MissingCredential
+    );
+    assert!(matches!(
+        unauthorized(f.attest("nobody", token("nobody", KEY)).await),
+        AuthFailure::UnknownRegistration(_)
+    ));
+}
+
+#[tokio::test]
+async fn hashed_allocation_is_stable_and_skips_full_hubs() {
+    let mut full = hub("h-full");
+    full.max_devices = Some(0);
+    let f = fixture(vec![hub("h1"), hub("h2"), full]).await;
+    f.group("g", serde_json::json!({})).await;
+    for i in 0..20 {
+        let rid = format!("d-{i}");
+        let first = f.allocate(&rid).await.unwrap();
+        assert_ne!(first, "h-full", "a hub at max_devices is never chosen");
+        assert_eq!(
+            f.allocate(&rid).await.unwrap(),
+            first,
+            "same device, same hub"
+        );
+    }
+}
+
+#[tokio::test]
+async fn static_allocation_uses_the_enrollments_hub_and_no_hub_is_a_failure() {
+    let mut full = hub("h-full");
+    full.max_devices = Some(0);
+    let f = fixture(vec![hub("h1"), hub("h2"), full]).await;
+    f.group(
+        "g",
+        serde_json::json!({"allocationPolicy": "static", "iotHubs": ["h2"]}),
+    )
+    .await;
+    assert_eq!(f.allocate("d-1").await.unwrap(), "h2");
+    f.group(
+        "g",
+        serde_json::json!({"allocationPolicy": "static", "iotHubs": ["h-full"]}),
+    )
+    .await;
+    assert_eq!(f.allocate("d-1").await, Err(AssignmentFailure::NoHub));
+}
+
+#[tokio::test]
+async fn custom_allocation_offers_the_eligible_hubs_and_checks_the_answer() {
+    let f = fixture(vec![hub("h1"), hub("h2")]).await;
+    f.group(
+        "g",
+        serde_json::json!({"allocationPolicy": "custom",
+            "customAllocationDefinition": {"webhookUrl": "https://alloc.example/x", "apiVersion": "2021-10-01"}}),
+    )
+    .await;
+    *f.webhook.answer.lock().unwrap() = Some(Ok(CustomAllocationAnswer {
+        hub: Some("H2".into()),
+        ..Default::default()
+    }));
+    assert_eq!(f.allocate("d-1").await.unwrap(), "h2");
+    let asked = f.webhook.asked.lock().unwrap()[0].clone();
+    assert_eq!(asked.url, "https://alloc.example/x");
+    assert_eq!(asked.body["linkedHubs"], serde_json::json!(["h1", "h2"]));
+    assert_eq!(asked.body["deviceRuntimeContext"]["registrationId"], "d-1");
+    // The group goes to the webhook without its keys.
+    assert!(!asked.body["enrollmentGroup"].to_string().contains(KEY));
+
+    *f.webhook.answer.lock().unwrap() = Some(Ok(CustomAllocationAnswer {
+        hub: Some("elsewhere".into()),
+        ..Default::default()
+    }));
+    assert_eq!(
+        f.allocate("d-1").await,
+        Err(AssignmentFailure::CustomAllocation {
+            failure: CustomAllocationFailure::HubNotLinked
+        })
+    );
+    *f.webhook.answer.lock().unwrap() = Some(Ok(CustomAllocationAnswer::default()));
+    assert_eq!(
+        f.allocate("d-1").await,
+        Err(AssignmentFailure::CustomAllocation {
+            failure: CustomAllocationFailure::NoHub
+        })
+    );
+    *f.webhook.answer.lock().unwrap() = Some(Err(CustomAllocationError {
+        failure: CustomAllocationFailure::Status { status: 502 },
+        reason: "answered 502".into(),
+    }));
+    assert_eq!(
+        f.allocate("d-1").await,
+        Err(AssignmentFailure::CustomAllocation {
+            failure: CustomAllocationFailure::Status { status: 502 }
+        })
+    );
+}
+
+#[tokio::test]
+async fn an_exhausted_hub_rate_sends_devices_to_another_hub_then_throttles() {
+    let mut h1 = hub("h1");
+    h1.max_registrations_per_second = Some(1);
+    let mut h2 = hub("h2");
+    h2.max_registrations_per_second = Some(1);
+    let f = fixture(vec![h1, h2]).await;
+    f.group("g", serde_json::json!({})).await;
+    // The buckets start with one token each (burst 1): two devices get a hub, a third waits.
+    let mut got = vec![
+        f.allocate("d-1").await.unwrap(),
+        f.allocate("d-2").await.unwrap(),
+    ];
+    got.sort();
+    assert_eq!(got, ["h1", "h2"]);
+    assert_eq!(
+        f.allocate("d-3").await,
+        Err(AssignmentFailure::HubRateExhausted)
+    );
+}
+
+#[tokio::test]
+async fn a_registration_gets_its_operation_id_from_the_injected_random_source() {
+    let f = fixture(vec![hub("h1")]).await;
+    f.group("g", serde_json::json!({})).await;
+    let req = DeviceRequest {
+        id_scope: SCOPE.into(),
+        registration_id: "d-1".into(),
+        credential: token("d-1", &device_key("d-1")),
+        body: DeviceRegistration::default(),
+        transport: dps_core::device::Transport::Https,
+        api_version: Some("2021-06-01".into()),
+        force_registration: false,
+    };
+    let resp = f.engine.register(req).await.unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body.status, RegistrationStatus::Assigned);
+    let expected = dps_core::random::operation_id(&SeededRandom::new(1));
+    assert_eq!(resp.body.operation_id, expected.as_str());
+    let state = resp.body.registration_state.unwrap();
+    assert_eq!(state.assigned_hub.as_deref(), Some("h1"));
+    // The record's timestamps come from the injected clock.
+    assert_eq!(
+        state.last_updated_date_time_utc.as_deref(),
+        Some("2026-06-01T12:00:00.0000000Z")
+    );
+}
