@@ -33,20 +33,18 @@ pub async fn serve_https(
     handshake_timeout: Duration,
     max_pending_handshakes: usize,
 ) {
-    crate::tls::accept_each(
+    let tls = crate::tls::TlsListener {
         listener,
-        "https",
+        acceptor,
+        name: "https",
+        handshake_timeout,
         max_pending_handshakes,
-        move |tcp, peer, permit| {
-            let acceptor = acceptor.clone();
+    };
+    tls.serve(
+        |_| Some(()),
+        move |tls, certs, peer| {
             let app = app.clone();
             async move {
-                let Some((tls, certs)) =
-                    crate::tls::handshake(&acceptor, tcp, peer, handshake_timeout, "https", permit)
-                        .await
-                else {
-                    return;
-                };
                 let certs = PeerCerts(Arc::new(certs));
                 let svc =
                     hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {

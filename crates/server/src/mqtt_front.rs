@@ -40,39 +40,37 @@ pub async fn serve_mqtt(
     max_connections: usize,
     max_pending_handshakes: usize,
 ) {
-    crate::tls::accept_each(
+    let tls = crate::tls::TlsListener {
         listener,
-        "mqtt",
+        acceptor,
+        name: "mqtt",
+        handshake_timeout,
         max_pending_handshakes,
-        move |tcp, peer, permit| {
-            let acceptor = acceptor.clone();
-            let app = app.clone();
-            async move {
-                let Some(_guard) = conn_guard(max_connections) else {
-                    tracing::warn!(%peer, "MQTT connection refused: max_mqtt_connections reached");
-                    return;
-                };
-                let Some((tls, certs)) =
-                    crate::tls::handshake(&acceptor, tcp, peer, handshake_timeout, "mqtt", permit)
-                        .await
-                else {
-                    return;
-                };
-                let svc: Arc<dyn DeviceService> = app.engine.clone();
-                if let Err(e) = dps_mqtt::serve_connection(
-                    tls,
-                    certs,
-                    Transport::Mqtt,
-                    svc,
-                    app.mqtt_limits.clone(),
-                )
-                .await
-                {
-                    tracing::debug!(%peer, error = %e, "MQTT connection closed");
-                }
+    };
+    let admit = move |peer| {
+        let g = conn_guard(max_connections);
+        if g.is_none() {
+            tracing::warn!(%peer, "MQTT connection refused: max_mqtt_connections reached");
+        }
+        g
+    };
+    tls.serve(admit, move |tls, certs, peer| {
+        let app = app.clone();
+        async move {
+            let svc: Arc<dyn DeviceService> = app.engine.clone();
+            if let Err(e) = dps_mqtt::serve_connection(
+                tls,
+                certs,
+                Transport::Mqtt,
+                svc,
+                app.mqtt_limits.clone(),
+            )
+            .await
+            {
+                tracing::debug!(%peer, error = %e, "MQTT connection closed");
             }
-        },
-    )
+        }
+    })
     .await;
 }
 

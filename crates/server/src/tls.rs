@@ -288,6 +288,73 @@ pub fn server_config(pki: &ServerPki, alpn: &[&[u8]]) -> Result<Arc<ServerConfig
     Ok(Arc::new(cfg))
 }
 
+/// A TLS listener: the one accept loop shared by HTTPS and MQTT. Each accepted connection is
+/// admitted (or closed at once), handshaken with a timeout and served on its own task.
+pub struct TlsListener {
+    /// The bound socket.
+    pub listener: tokio::net::TcpListener,
+    /// The TLS configuration.
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// Its name in logs and metrics (`https`, `mqtt`).
+    pub name: &'static str,
+    /// How long a handshake may take.
+    pub handshake_timeout: std::time::Duration,
+    /// At most this many handshakes in progress (see [`accept_each`]).
+    pub max_pending_handshakes: usize,
+}
+
+impl TlsListener {
+    /// Serve forever. `admit` runs before the handshake: `None` closes the connection at once
+    /// (for example a connection cap), `Some(guard)` keeps the guard for the connection's
+    /// lifetime. `serve` gets the TLS stream, the client's certificate chain (DER, leaf first,
+    /// empty when none) and the peer address.
+    pub async fn serve<A, Adm, F, Fut>(self, admit: Adm, serve: F)
+    where
+        Adm: Fn(std::net::SocketAddr) -> Option<A> + Send + Sync + 'static,
+        A: Send + 'static,
+        F: Fn(
+                tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+                Vec<Vec<u8>>,
+                std::net::SocketAddr,
+            ) -> Fut
+            + Send
+            + Sync
+            + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let TlsListener {
+            listener,
+            acceptor,
+            name,
+            handshake_timeout,
+            max_pending_handshakes,
+        } = self;
+        let serve = Arc::new(serve);
+        accept_each(
+            listener,
+            name,
+            max_pending_handshakes,
+            move |tcp, peer, permit| {
+                let admitted = admit(peer);
+                let acceptor = acceptor.clone();
+                let serve = serve.clone();
+                async move {
+                    let Some(_admitted) = admitted else {
+                        return;
+                    };
+                    let Some((tls, certs)) =
+                        handshake(&acceptor, tcp, peer, handshake_timeout, name, permit).await
+                    else {
+                        return;
+                    };
+                    serve(tls, certs, peer).await
+                }
+            },
+        )
+        .await
+    }
+}
+
 /// A place among the TLS handshakes in progress on a listener, held until the handshake ends.
 pub struct HandshakePermit(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
 
