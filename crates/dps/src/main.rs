@@ -2,8 +2,8 @@
 //! (`dps-cli`), which talks to a running server through its service and admin APIs.
 
 use clap::Parser;
-use dps_server::config::{Config, ListenOverrides, LogOverride, Overrides};
 use dps_cli::{Cli, Command, LogFormat};
+use dps_server::config::{Config, ListenOverrides, LogOverride, Overrides};
 use std::process::ExitCode;
 
 /// mimalloc: the registration path allocates many small, short-lived buffers on several

@@ -130,8 +130,8 @@ fn collect_keys(v: &serde_json::Value, out: &mut BTreeSet<String>) {
 
 #[test]
 fn every_configuration_key_is_documented() {
-    use dps_server::config::{Config, InstanceConfig, PolicyConfig, TlsFiles};
     use dps_core::instance::LinkedHub;
+    use dps_server::config::{Config, InstanceConfig, PolicyConfig, TlsFiles};
 
     let mut keys = BTreeSet::new();
     // The built-in defaults (every top-level key and every key of the nested tables).

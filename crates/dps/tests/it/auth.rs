@@ -3,8 +3,8 @@
 //! admin-API route against every right), and instance isolation by the token's host.
 
 use crate::support::*;
-use dps_server::config::PolicyConfig;
 use dps_core::instance::{LinkedHub, Right};
+use dps_server::config::PolicyConfig;
 use reqwest::Method;
 use serde_json::{json, Value};
 
