@@ -3,9 +3,9 @@
 
 use crate::support::*;
 use crate::support_iothub::*;
-use dps_server::hubs::azure::AzureIotHub;
 use dps_core::hub::{HubAdapter, HubAuth, HubError, HubIdentity};
 use dps_core::model::{TwinProperties, TwinState};
+use dps_server::hubs::azure::AzureIotHub;
 use serde_json::json;
 
 fn identity(id: &str) -> HubIdentity {

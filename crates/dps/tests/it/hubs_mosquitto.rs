@@ -2,8 +2,8 @@
 //! dynamic-security plugin. Skipped (with a message) when mosquitto is not installed.
 
 use crate::support::*;
+use dps_core::instance::{HubKind, LinkedHub};
 use dps_server::hubs::mosquitto::derive_password;
-use dps_core::instance::LinkedHub;
 use reqwest::Method;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use serde_json::json;
@@ -106,7 +106,7 @@ impl Broker {
 
     pub fn linked_hub(&self, host: &str) -> LinkedHub {
         let mut h = LinkedHub::registry(host);
-        h.kind = "mosquitto".into();
+        h.kind = HubKind::Mosquitto;
         h.connection_string = Some(format!("mqtt://admin:{ADMIN_PW}@127.0.0.1:{}", self.port));
         h.options.insert("timeout_ms".into(), 3000.into());
         h
@@ -446,7 +446,7 @@ async fn mosquitto_reassignment_moves_the_device_to_the_other_broker() {
 async fn mosquitto_down_or_wrong_admin_password_maps_to_hub_errors() {
     use dps_core::hub::{HubAdapter, HubError};
     let mut h = LinkedHub::registry("nowhere.local");
-    h.kind = "mosquitto".into();
+    h.kind = HubKind::Mosquitto;
     h.connection_string = Some(format!("mqtt://admin:x@127.0.0.1:{}", free_port()));
     h.options.insert("timeout_ms".into(), 1000.into());
     let a = dps_server::hubs::mosquitto::MosquittoHub::new(&h);

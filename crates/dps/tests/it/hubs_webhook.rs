@@ -5,10 +5,10 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use dps_server::hubs::webhook::WebhookHub;
 use dps_core::hub::{HubAdapter, HubAuth, HubError, HubIdentity};
-use dps_core::instance::LinkedHub;
+use dps_core::instance::{HubKind, LinkedHub};
 use dps_core::model::{TwinProperties, TwinState};
+use dps_server::hubs::webhook::WebhookHub;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -66,7 +66,7 @@ impl FakeWebhook {
 
 pub fn webhook_hub(host: &str, url: &str) -> LinkedHub {
     let mut h = LinkedHub::registry(host);
-    h.kind = "webhook".into();
+    h.kind = HubKind::Webhook;
     h.connection_string = Some(url.to_string());
     h.options.insert("secret".into(), SECRET.into());
     h.options.insert("timeout_ms".into(), 2000.into());

@@ -4,8 +4,8 @@
 
 #![allow(dead_code)]
 
-use dps_server::config::{Config, InstanceConfig, Listen, PolicyConfig};
 use dps_core::instance::{LinkedHub, RegisterResponse, Right};
+use dps_server::config::{Config, InstanceConfig, Listen, PolicyConfig};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
