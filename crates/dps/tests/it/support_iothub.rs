@@ -77,8 +77,7 @@ impl FakeIotHub {
 
     /// The linked hub for dps (`host` = the hub host devices are told).
     pub fn linked_hub(&self, key: &str) -> LinkedHub {
-        let mut h = LinkedHub::registry(&self.state.host);
-        h.kind = HubKind::AzureIotHub;
+        let mut h = LinkedHub::new(&self.state.host, HubKind::AzureIotHub);
         h.connection_string = Some(self.connection_string_with(key));
         h.options
             .insert("endpoint".into(), self.base.clone().into());
