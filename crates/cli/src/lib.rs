@@ -16,6 +16,7 @@
 //! ```
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use dps_core::instance::HubKind;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -195,8 +196,8 @@ pub enum LinkedHubCommand {
         #[arg(long)]
         instance: Option<String>,
         /// Adapter kind: registry, mosquitto, azure-iothub, webhook.
-        #[arg(long, default_value = "registry")]
-        kind: String,
+        #[arg(long, default_value_t = HubKind::Registry)]
+        kind: HubKind,
         /// Allocation weight (1..1000).
         #[arg(long, default_value_t = 1)]
         weight: u32,

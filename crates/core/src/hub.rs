@@ -87,8 +87,6 @@ pub enum HubError {
 /// A linked hub.
 #[async_trait]
 pub trait HubAdapter: Send + Sync + 'static {
-    /// The adapter kind (`registry`, `mosquitto`, `azure-iothub`, `webhook`).
-    fn kind(&self) -> &'static str;
     /// Create or update the identity; when `twin` is `Some`, replace tags and desired properties
     /// with it, otherwise keep the existing twin.
     async fn upsert_device(

@@ -93,50 +93,165 @@ fn yes() -> bool {
     true
 }
 
+/// The adapter kind of a linked hub. Serialized as its configuration name (`registry`,
+/// `mosquitto`, `azure-iothub`, `webhook`), the one list of kinds every layer uses: config
+/// files, the admin API, stored instances and the CLI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum HubKind {
+    /// The built-in device registry (identities and twins in dps's own store).
+    #[default]
+    Registry,
+    /// Mosquitto 2.x through its dynamic-security plugin.
+    Mosquitto,
+    /// Azure IoT Hub through its service REST API.
+    AzureIotHub,
+    /// A generic signed webhook.
+    Webhook,
+}
+
+impl HubKind {
+    /// Every kind, in the order the docs and errors list them.
+    pub const ALL: [HubKind; 4] = [
+        HubKind::Registry,
+        HubKind::Mosquitto,
+        HubKind::AzureIotHub,
+        HubKind::Webhook,
+    ];
+
+    /// The configuration name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HubKind::Registry => "registry",
+            HubKind::Mosquitto => "mosquitto",
+            HubKind::AzureIotHub => "azure-iothub",
+            HubKind::Webhook => "webhook",
+        }
+    }
+}
+
+impl std::fmt::Display for HubKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A hub kind name that is not one of [`HubKind::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown kind '{0}' (known: {known})", known = HubKind::ALL.map(HubKind::as_str).join(", "))]
+pub struct UnknownHubKind(pub String);
+
+impl std::str::FromStr for HubKind {
+    type Err = UnknownHubKind;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        HubKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| UnknownHubKind(s.to_string()))
+    }
+}
+
+impl Serialize for HubKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for HubKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// A linked hub.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", try_from = "LinkedHubDoc")]
 pub struct LinkedHub {
     /// Host name devices are told (`assignedHub`).
     pub host: String,
-    /// Adapter kind: `registry` (built in), `mosquitto`, `azure-iothub`, `webhook`.
-    #[serde(default = "default_kind")]
-    pub kind: String,
+    /// Adapter kind (default `registry`).
+    pub kind: HubKind,
     /// Weight for hashed allocation (1..=1000).
-    #[serde(default = "default_weight")]
     pub allocation_weight: u32,
     /// Whether allocation may pick it.
-    #[serde(default = "yes")]
     pub apply_allocation_policy: bool,
     /// Region name (e.g. `eastus`), for geoLatency.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,
     /// Adapter connection string or URL (secret).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_string: Option<String>,
     /// Maximum number of devices allocation may place on it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_devices: Option<u64>,
     /// Maximum new assignments per second allocation may send to it (token bucket, burst of one
     /// second's worth).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_registrations_per_second: Option<u32>,
     /// Adapter-specific options.
-    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
     pub options: serde_json::Map<String, serde_json::Value>,
 }
 
-fn default_kind() -> String {
-    "registry".to_string()
+/// A linked hub as written (config file, admin API body, stored instance), with its kind still
+/// text: parsing the kind here, where the host is known, lets an unknown kind name its hub
+/// (`linked hub 'h': unknown kind 'x' (known: ...)`) wherever a hub is read.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+struct LinkedHubDoc {
+    host: String,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default = "default_weight")]
+    allocation_weight: u32,
+    #[serde(default = "yes")]
+    apply_allocation_policy: bool,
+    #[serde(default)]
+    location: Option<String>,
+    #[serde(default)]
+    connection_string: Option<String>,
+    #[serde(default)]
+    max_devices: Option<u64>,
+    #[serde(default)]
+    max_registrations_per_second: Option<u32>,
+    #[serde(default)]
+    options: serde_json::Map<String, serde_json::Value>,
+}
+
+impl TryFrom<LinkedHubDoc> for LinkedHub {
+    type Error = String;
+    fn try_from(d: LinkedHubDoc) -> Result<Self, String> {
+        let kind = match d.kind {
+            Some(k) => k
+                .parse()
+                .map_err(|e| format!("linked hub '{}': {e}", d.host))?,
+            None => HubKind::default(),
+        };
+        Ok(LinkedHub {
+            host: d.host,
+            kind,
+            allocation_weight: d.allocation_weight,
+            apply_allocation_policy: d.apply_allocation_policy,
+            location: d.location,
+            connection_string: d.connection_string,
+            max_devices: d.max_devices,
+            max_registrations_per_second: d.max_registrations_per_second,
+            options: d.options,
+        })
+    }
 }
 
 impl LinkedHub {
     /// A built-in registry hub.
     pub fn registry(host: &str) -> Self {
+        Self::new(host, HubKind::Registry)
+    }
+    /// A hub of `kind` with the defaults of a config file entry.
+    pub fn new(host: &str, kind: HubKind) -> Self {
         LinkedHub {
             host: host.to_string(),
-            kind: default_kind(),
-            allocation_weight: 1,
+            kind,
+            allocation_weight: default_weight(),
             apply_allocation_policy: true,
             location: None,
             connection_string: None,
@@ -242,5 +357,43 @@ impl Instance {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_kinds_serialize_as_their_config_names() {
+        for (k, name) in
+            HubKind::ALL
+                .into_iter()
+                .zip(["registry", "mosquitto", "azure-iothub", "webhook"])
+        {
+            assert_eq!(serde_json::to_value(k).unwrap(), name);
+            assert_eq!(serde_json::from_value::<HubKind>(name.into()).unwrap(), k);
+            assert_eq!(name.parse::<HubKind>().unwrap(), k);
+        }
+    }
+
+    #[test]
+    fn a_linked_hub_reads_as_before_and_an_unknown_kind_names_its_hub() {
+        let h: LinkedHub = serde_json::from_value(serde_json::json!({"host": "h1"})).unwrap();
+        assert_eq!(h, LinkedHub::registry("h1"));
+        assert_eq!(
+            serde_json::to_value(&h).unwrap(),
+            serde_json::json!({"host": "h1", "kind": "registry", "allocation_weight": 1, "apply_allocation_policy": true})
+        );
+        let h: LinkedHub =
+            serde_json::from_value(serde_json::json!({"host": "h2", "kind": "azure-iothub"}))
+                .unwrap();
+        assert_eq!(h.kind, HubKind::AzureIotHub);
+        let e = serde_json::from_value::<LinkedHub>(serde_json::json!({"host": "h", "kind": "x"}))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "linked hub 'h': unknown kind 'x' (known: registry, mosquitto, azure-iothub, webhook)"
+        );
     }
 }

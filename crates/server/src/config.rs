@@ -371,10 +371,6 @@ impl Config {
                     }
                 }
             }
-            for h in &inst.linked_hub {
-                crate::hubs::HubSet::validate(h)
-                    .map_err(|e| ConfigError::Invalid(format!("instance '{}': {e}", inst.name)))?;
-            }
         }
         Ok(())
     }
@@ -459,6 +455,23 @@ mod tests {
             .extract::<Config>()
             .unwrap_err();
         assert!(err.to_string().contains("http"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_hub_kind_names_the_hub_and_the_known_kinds() {
+        let err = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(
+                "[[instance]]\nname = \"default\"\n[[instance.linked_hub]]\nhost = \"h\"\nkind = \"x\"\n",
+            ))
+            .extract::<Config>()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "linked hub 'h': unknown kind 'x' (known: registry, mosquitto, azure-iothub, webhook)"
+            ),
+            "{err}"
+        );
     }
 
     #[test]

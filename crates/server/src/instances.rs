@@ -130,9 +130,6 @@ impl Instances {
                 }
             }
         }
-        for h in &inst.linked_hub {
-            crate::hubs::HubSet::validate(h).map_err(|e| Error::invalid(e.to_string()))?;
-        }
         let before = snap
             .by_name
             .get(&inst.name.to_ascii_lowercase())

@@ -1,5 +1,7 @@
-//! `azure-iothub` linked hubs — CONTRACT tests against the local IoT Hub stand-in
-//! (support_iothub.rs), not a real Azure IoT Hub.
+//! `azure-iothub` linked hubs against the local IoT Hub stand-in (support_iothub.rs), not a
+//! real Azure IoT Hub: provisioning end to end, the REST calls and the status mapping. The
+//! adapter's part of the shared contract (upsert, twins, enable, delete, timeouts, refused
+//! credentials) is in hub_contract.rs.
 
 use crate::support::*;
 use crate::support_iothub::*;
@@ -59,8 +61,7 @@ async fn azure_hub_provisioning_creates_identity_twin_and_migrates_between_hubs(
     // The twin changes on the hub, then the enrollment moves the device to hub 2.
     h1.state.twins.lock().unwrap().get_mut("az-dev-1").unwrap()["desired"] =
         json!({"interval": 60});
-    crate::hubs_mosquitto::set_hubs(&s, "az-dev-1", &keys, json!(["fab-2.azure-devices.net"]))
-        .await;
+    set_hubs(&s, "az-dev-1", &keys, json!(["fab-2.azure-devices.net"])).await;
     let r = s.register("az-dev-1", &key, None).await;
     assert_eq!(
         r.body["registrationState"]["assignedHub"], "fab-2.azure-devices.net",
@@ -192,10 +193,7 @@ async fn azure_adapter_follows_the_rest_contract_and_maps_errors() {
 
     // Nothing listening → Unreachable.
     let mut down = h.linked_hub(HUB_KEY);
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = closed_port();
     down.options
         .insert("endpoint".into(), format!("http://127.0.0.1:{port}").into());
     let down = AzureIotHub::new(&down, &http);

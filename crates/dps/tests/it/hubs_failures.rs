@@ -1,17 +1,12 @@
-//! Linked hubs that fail: down, unhealthy, credentials rotated.
+//! Linked hubs that fail: down, unhealthy, credentials rotated, an unknown kind.
 
-use crate::hubs_webhook::{webhook_hub, FakeWebhook};
 use crate::support::*;
 use crate::support_iothub::*;
+use crate::support_webhook::{webhook_hub, FakeWebhook};
 use dps_core::instance::LinkedHub;
 use reqwest::Method;
 use serde_json::json;
 use std::sync::atomic::Ordering;
-
-fn closed_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
 
 #[tokio::test]
 async fn a_burst_against_a_hub_that_is_down_leaves_no_device_assigning() {
@@ -175,4 +170,67 @@ async fn rotated_hub_credentials_fail_with_400209_and_are_reported() {
         .await;
     assert_eq!(rec.body["status"], "failed", "{}", rec.body);
     assert_eq!(rec.body["errorCode"], 400209, "{}", rec.body);
+}
+
+#[tokio::test]
+async fn an_unknown_hub_kind_is_a_400_naming_the_hub_and_the_known_kinds() {
+    let s = TestServer::spawn().await;
+    let known = "(known: registry, mosquitto, azure-iothub, webhook)";
+    let r = s
+        .call(
+            Method::PUT,
+            "/admin/instances/default/linkedHubs/odd.example.net",
+            Some(&s.owner()),
+            Some(json!({"kind": "kafka"})),
+            &[],
+        )
+        .await;
+    assert_error(&r, 400, None);
+    let m = r.body["message"].as_str().unwrap();
+    assert!(
+        m.contains(&format!(
+            "linked hub 'odd.example.net': unknown kind 'kafka' {known}"
+        )),
+        "{m}"
+    );
+    let r = s
+        .call(
+            Method::PUT,
+            "/admin/instances/second",
+            Some(&s.owner()),
+            Some(json!({"linked_hub": [{"host": "h2.example.net", "kind": "Registry"}]})),
+            &[],
+        )
+        .await;
+    assert_error(&r, 400, None);
+    let m = r.body["message"].as_str().unwrap();
+    assert!(
+        m.contains(&format!(
+            "linked hub 'h2.example.net': unknown kind 'Registry' {known}"
+        )),
+        "{m}"
+    );
+    // Nothing changed.
+    let hubs = s
+        .call(
+            Method::GET,
+            "/admin/instances/default/linkedHubs",
+            Some(&s.owner()),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(hubs.body.as_array().map(Vec::len), Some(2), "{}", hubs.body);
+    assert_eq!(
+        s.call(
+            Method::GET,
+            "/admin/instances/second",
+            Some(&s.owner()),
+            None,
+            &[]
+        )
+        .await
+        .status,
+        404
+    );
 }

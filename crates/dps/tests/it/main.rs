@@ -3,6 +3,7 @@
 mod auth;
 mod cli;
 mod device_client;
+mod hub_contract;
 mod hubs_azure;
 mod hubs_failures;
 mod hubs_mosquitto;
@@ -14,5 +15,7 @@ mod service_api;
 mod smoke;
 mod support;
 mod support_iothub;
+mod support_mosquitto;
+mod support_webhook;
 mod vectors;
 mod x509;

@@ -569,3 +569,78 @@ impl Resp {
             .map(str::to_string)
     }
 }
+
+/// Change an enrollment's hubs (GET does not return keys, so they are given again).
+pub async fn set_hubs(s: &TestServer, rid: &str, keys: &(String, String), hubs: serde_json::Value) {
+    let mut e = s
+        .call(
+            reqwest::Method::GET,
+            &format!("/enrollments/{rid}"),
+            Some(&s.owner()),
+            None,
+            &[],
+        )
+        .await
+        .body;
+    e["iotHubs"] = hubs;
+    e["attestation"] = serde_json::json!({"type": "symmetricKey", "symmetricKey": {"primaryKey": keys.0, "secondaryKey": keys.1}});
+    let r = s
+        .call(
+            reqwest::Method::PUT,
+            &format!("/enrollments/{rid}"),
+            Some(&s.owner()),
+            Some(e),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// A local port with nothing listening on it (bound, read, released).
+pub fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// A TCP listener that accepts connections and never answers (nor closes them while it lives):
+/// what a hung hub looks like to an adapter.
+pub struct SilentListener {
+    /// `127.0.0.1:port`.
+    pub addr: std::net::SocketAddr,
+    accepted: Arc<std::sync::atomic::AtomicU32>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SilentListener {
+    pub async fn start() -> SilentListener {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let accepted = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let n = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((sock, _)) = l.accept().await {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(sock);
+            }
+        });
+        SilentListener {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u32 {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for SilentListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

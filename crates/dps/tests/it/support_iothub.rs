@@ -16,7 +16,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use dps_core::instance::LinkedHub;
+use dps_core::instance::{HubKind, LinkedHub};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -77,8 +77,7 @@ impl FakeIotHub {
 
     /// The linked hub for dps (`host` = the hub host devices are told).
     pub fn linked_hub(&self, key: &str) -> LinkedHub {
-        let mut h = LinkedHub::registry(&self.state.host);
-        h.kind = "azure-iothub".into();
+        let mut h = LinkedHub::new(&self.state.host, HubKind::AzureIotHub);
         h.connection_string = Some(self.connection_string_with(key));
         h.options
             .insert("endpoint".into(), self.base.clone().into());

@@ -6,6 +6,7 @@
 //! (the policy needs "Registry write"), options `endpoint` (base URL override, e.g. a test
 //! double), `ca_file` (extra trusted CA PEM for that endpoint), `timeout_ms` (default 10000).
 
+use super::http_client::{retry_after, send_error_text, HttpClient};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use dps_core::hub::{HubAdapter, HubAuth, HubError, HubIdentity};
@@ -112,25 +113,7 @@ fn build(hub: &LinkedHub, shared: &reqwest::Client) -> Result<Ready, String> {
         .and_then(Value::as_str)
         .map(|e| e.trim_end_matches('/').to_string())
         .unwrap_or_else(|| format!("https://{}", cs.host_name));
-    let http = match hub.options.get("ca_file").and_then(Value::as_str) {
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| format!("ca_file {path}: {e}"))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| format!("ca_file {path}: {e}"))?;
-            reqwest::Client::builder()
-                .tls_certs_merge(certs)
-                .build()
-                .map_err(|e| format!("HTTP client: {e}"))?
-        }
-        None => shared.clone(),
-    };
-    let timeout = Duration::from_millis(
-        hub.options
-            .get("timeout_ms")
-            .and_then(Value::as_u64)
-            .unwrap_or(10_000)
-            .clamp(100, 120_000),
-    );
+    let HttpClient { http, timeout } = HttpClient::for_hub(hub, shared, 10_000)?;
     Ok(Ready {
         cs,
         base,
@@ -221,18 +204,10 @@ impl AzureIotHub {
         }
         let resp = rb.send().await.map_err(|e| HubError::Unreachable {
             hub: self.host.clone(),
-            message: if e.is_timeout() {
-                "request timed out".to_string()
-            } else {
-                format!("request failed: {}", e.without_url())
-            },
+            message: send_error_text(e),
         })?;
         let status = resp.status();
-        let retry_after = resp
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u32>().ok());
+        let retry_after = retry_after(&resp);
         let body = resp.text().await.unwrap_or_default();
         match status.as_u16() {
             200..=299 | 404 | 409 | 412 => Ok(Answer { status, body }),
@@ -274,10 +249,6 @@ fn seg(id: &str) -> String {
 
 #[async_trait::async_trait]
 impl HubAdapter for AzureIotHub {
-    fn kind(&self) -> &'static str {
-        "azure-iothub"
-    }
-
     async fn upsert_device(
         &self,
         identity: &HubIdentity,

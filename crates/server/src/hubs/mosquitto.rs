@@ -120,12 +120,6 @@ fn parse_settings(hub: &LinkedHub) -> Result<Settings, String> {
     } else {
         None
     };
-    let timeout_ms = hub
-        .options
-        .get("timeout_ms")
-        .and_then(Value::as_u64)
-        .unwrap_or(5000)
-        .clamp(100, 120_000);
     let password_mode_derived = match opt_str(hub, "password_mode").unwrap_or("derived") {
         "derived" => true,
         "primaryKey" | "primary_key" => false,
@@ -148,7 +142,7 @@ fn parse_settings(hub: &LinkedHub) -> Result<Settings, String> {
         topic_prefix: clean(opt_str(hub, "topic_prefix").unwrap_or("devices")),
         twin_prefix: clean(opt_str(hub, "twin_topic_prefix").unwrap_or("dps/twins")),
         password_mode_derived,
-        timeout: Duration::from_millis(timeout_ms),
+        timeout: super::timeout_option(hub, 5000),
     })
 }
 
@@ -530,10 +524,6 @@ fn dispatch(shared: &Shared, payload: &[u8]) {
 
 #[async_trait::async_trait]
 impl HubAdapter for MosquittoHub {
-    fn kind(&self) -> &'static str {
-        "mosquitto"
-    }
-
     async fn upsert_device(
         &self,
         identity: &HubIdentity,
@@ -760,7 +750,7 @@ mod tests {
     #[test]
     fn settings_parse_the_url_and_options() {
         let mut hub = LinkedHub::registry("broker.example");
-        hub.kind = "mosquitto".into();
+        hub.kind = dps_core::instance::HubKind::Mosquitto;
         hub.connection_string = Some("mqtt://adm%40in:p%3Ass@127.0.0.1:18830".into());
         hub.options.insert("topic_prefix".into(), "/d/".into());
         let s = parse_settings(&hub).unwrap();

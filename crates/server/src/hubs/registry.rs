@@ -144,10 +144,6 @@ fn auth_json(a: &HubAuth) -> serde_json::Value {
 
 #[async_trait::async_trait]
 impl HubAdapter for RegistryHub {
-    fn kind(&self) -> &'static str {
-        "registry"
-    }
-
     async fn upsert_device(
         &self,
         identity: &HubIdentity,

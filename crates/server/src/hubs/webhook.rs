@@ -19,6 +19,7 @@
 //! timeouts are retried (options.retries tries in all, default 3, backoff 200 ms doubling) and
 //! then Unreachable, other 4xx → Rejected at once.
 
+use super::http_client::{retry_after, send_error_text, HttpClient};
 use dps_core::hub::{HubAdapter, HubAuth, HubError, HubIdentity};
 use dps_core::instance::LinkedHub;
 use dps_core::model::TwinState;
@@ -59,24 +60,18 @@ fn build(hub: &LinkedHub, shared: &reqwest::Client) -> Result<Ready, String> {
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err("the webhook URL must be http:// or https://".into());
     }
-    let http = match hub.options.get("ca_file").and_then(Value::as_str) {
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| format!("ca_file {path}: {e}"))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| format!("ca_file {path}: {e}"))?;
-            reqwest::Client::builder()
-                .tls_certs_merge(certs)
-                .build()
-                .map_err(|e| format!("HTTP client: {e}"))?
-        }
-        None => shared.clone(),
-    };
-    let num = |k: &str, d: u64| hub.options.get(k).and_then(Value::as_u64).unwrap_or(d);
+    let HttpClient { http, timeout } = HttpClient::for_hub(hub, shared, 5000)?;
+    let tries = hub
+        .options
+        .get("retries")
+        .and_then(Value::as_u64)
+        .unwrap_or(3)
+        .clamp(1, 10) as u32;
     Ok(Ready {
         url,
         http,
-        timeout: Duration::from_millis(num("timeout_ms", 5000).clamp(100, 120_000)),
-        tries: num("retries", 3).clamp(1, 10) as u32,
+        timeout,
+        tries,
     })
 }
 
@@ -145,20 +140,12 @@ impl WebhookHub {
             let resp = match rb.send().await {
                 Ok(resp) => resp,
                 Err(e) => {
-                    last = if e.is_timeout() {
-                        "request timed out".into()
-                    } else {
-                        format!("request failed: {}", e.without_url())
-                    };
+                    last = send_error_text(e);
                     continue;
                 }
             };
             let status = resp.status().as_u16();
-            let retry_after = resp
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u32>().ok());
+            let retry_after = retry_after(&resp);
             let text = resp.text().await.unwrap_or_default();
             let short: String = text.chars().take(300).collect();
             match status {
@@ -194,10 +181,6 @@ impl WebhookHub {
 
 #[async_trait::async_trait]
 impl HubAdapter for WebhookHub {
-    fn kind(&self) -> &'static str {
-        "webhook"
-    }
-
     async fn upsert_device(
         &self,
         identity: &HubIdentity,
