@@ -6,8 +6,10 @@ use super::custom_allocation::{
     CustomAllocationAnswer, CustomAllocationError, CustomAllocationRequest,
 };
 use super::*;
+use crate::hubs::fake::FakeHub;
 use crate::repo::{enrollment_index, group_index};
 use dps_core::error::CustomAllocationFailure;
+use dps_core::hub::HubError;
 use dps_core::instance::{Instance, LinkedHub};
 use dps_core::random::SeededRandom;
 use dps_core::sas::{derive_device_key, sign_token};
@@ -388,4 +390,119 @@ async fn a_registration_gets_its_operation_id_from_the_injected_random_source() 
         state.last_updated_date_time_utc.as_deref(),
         Some("2026-06-01T12:00:00.0000000Z")
     );
+}
+
+fn register_request(rid: &str) -> DeviceRequest {
+    DeviceRequest {
+        id_scope: SCOPE.into(),
+        registration_id: rid.into(),
+        credential: token(rid, &device_key(rid)),
+        body: DeviceRegistration::default(),
+        transport: dps_core::device::Transport::Https,
+        api_version: Some("2021-06-01".into()),
+        force_registration: false,
+    }
+}
+
+/// An engine whose only hub is a [`FakeHub`].
+async fn with_fake_hub() -> (Fixture, Arc<FakeHub>) {
+    let f = fixture(vec![hub("fake-hub")]).await;
+    f.group("g", serde_json::json!({})).await;
+    let fake = Arc::new(FakeHub::new("fake-hub"));
+    f.engine
+        .hubs
+        .install(f.instance.hub("fake-hub").unwrap(), fake.clone());
+    (f, fake)
+}
+
+#[tokio::test]
+async fn an_assigned_device_has_its_identity_and_initial_twin_on_the_hub() {
+    let (f, fake) = with_fake_hub().await;
+    let resp = f.engine.register(register_request("d-1")).await.unwrap();
+    assert_eq!(resp.body.status, RegistrationStatus::Assigned);
+    let dev = fake.device("d-1").expect("identity written to the hub");
+    assert!(dev.identity.enabled);
+    assert_eq!(
+        dev.identity.auth,
+        dps_core::hub::HubAuth::SymmetricKey {
+            primary: device_key("d-1"),
+            secondary: device_key("d-1"),
+        }
+    );
+}
+
+#[tokio::test]
+async fn hub_errors_become_domain_failures_with_the_right_retryability() {
+    let cases = [
+        (
+            HubError::Unauthorized {
+                hub: "fake-hub".into(),
+                message: "no".into(),
+            },
+            Some(AssignmentFailure::HubUnauthorized),
+        ),
+        (
+            HubError::Rejected {
+                hub: "fake-hub".into(),
+                message: "no".into(),
+            },
+            Some(AssignmentFailure::HubRejected),
+        ),
+        (
+            HubError::Throttled {
+                hub: "fake-hub".into(),
+                retry_after: 9,
+            },
+            None,
+        ),
+        (
+            HubError::Unreachable {
+                hub: "fake-hub".into(),
+                message: "down".into(),
+            },
+            None,
+        ),
+    ];
+    for (i, (hub_error, failed_with)) in cases.into_iter().enumerate() {
+        let (f, fake) = with_fake_hub().await;
+        let retry = matches!(
+            hub_error,
+            HubError::Throttled { .. } | HubError::Unreachable { .. }
+        );
+        fake.fail_next(hub_error);
+        let rid = format!("d-{i}");
+        let r = f.engine.register(register_request(&rid)).await;
+        let (rec, _) = f.repo.registration("t", &rid).await.unwrap().unwrap();
+        assert_eq!(rec.state.status, Some(RegistrationStatus::Failed));
+        if retry {
+            // The device is told to retry (429 or 503 on the wire), not that it failed.
+            let Err(Error::AssignmentRetry {
+                failure,
+                retry_after,
+            }) = r
+            else {
+                panic!("{rid}: expected a retry, got {r:?}");
+            };
+            assert!(failure.is_retryable());
+            assert_eq!(rec.failure, Some(failure.clone()));
+            if failure == AssignmentFailure::HubThrottled {
+                assert_eq!(retry_after, 9, "the hub's own retry-after");
+            } else {
+                assert_eq!(failure, AssignmentFailure::HubUnreachable);
+                assert_eq!(retry_after, 5);
+            }
+        } else {
+            let resp = r.unwrap();
+            assert_eq!(resp.body.status, RegistrationStatus::Failed);
+            assert_eq!(rec.failure, failed_with);
+            let state = resp.body.registration_state.unwrap();
+            assert_eq!(state.error_code, Some(400_209));
+        }
+        assert!(fake.device(&rid).is_none(), "no identity after a failure");
+        // The next attempt, with the hub healthy again, assigns the device.
+        let resp = f.engine.register(register_request(&rid)).await.unwrap();
+        assert_eq!(resp.body.status, RegistrationStatus::Assigned, "{rid}");
+        let (rec, _) = f.repo.registration("t", &rid).await.unwrap().unwrap();
+        assert_eq!(rec.failure, None);
+    }
 }

@@ -111,6 +111,15 @@ impl HubSet {
         Ok(a)
     }
 
+    /// Use `adapter` for `hub` instead of the one its kind builds (engine tests install a
+    /// [`fake::FakeHub`] this way). Replaced like any adapter when the hub's settings change.
+    pub fn install(&self, hub: &LinkedHub, adapter: Arc<dyn HubAdapter>) {
+        self.adapters
+            .lock()
+            .expect("hub map lock")
+            .insert(hub.host.to_ascii_lowercase(), (hub.clone(), adapter));
+    }
+
     /// Take one assignment token from the hub's rate limit (`max_registrations_per_second`);
     /// `true` when the hub has no limit or a token was available.
     pub fn take_rate_token(&self, hub: &LinkedHub) -> bool {
