@@ -22,4 +22,5 @@ pub mod repo;
 pub mod server;
 pub mod service_api;
 pub mod tls;
+pub mod usecases;
 pub(crate) mod x509_attest;
