@@ -2,7 +2,7 @@
 //! operation ids and tracking ids from a [`Random`] they are given, so a test can give them a
 //! seeded source and get the same ids on every run.
 
-use crate::ids::OperationId;
+use crate::ids::{IdScope, OperationId};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use rand::{RngCore, SeedableRng};
@@ -75,6 +75,14 @@ pub fn operation_id(r: &dyn Random) -> OperationId {
         .expect("the generated shape is a valid operation id")
 }
 
+/// A fresh ID scope in Azure's shape: `0ne` and 8 hex digits.
+pub fn id_scope(r: &dyn Random) -> IdScope {
+    let mut n = [0u8; 4];
+    r.fill(&mut n);
+    IdScope::parse(&format!("0ne{:08X}", u32::from_le_bytes(n)))
+        .expect("the generated shape is a valid ID scope")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +93,7 @@ mod tests {
         assert_eq!(etag(&a), etag(&b));
         assert_eq!(operation_id(&a), operation_id(&b));
         assert_eq!(symmetric_key(&a), symmetric_key(&b));
+        assert_eq!(id_scope(&a), id_scope(&b));
         assert_ne!(etag(&a), etag(&SeededRandom::new(8)));
     }
 
@@ -94,5 +103,7 @@ mod tests {
         assert!(crate::sas::valid_key(&symmetric_key(&r)));
         assert!(operation_id(&r).as_str().starts_with("4."));
         assert_eq!(etag(&r).len(), 36);
+        assert!(id_scope(&r).as_str().starts_with("0ne"));
+        assert_eq!(id_scope(&r).as_str().len(), 11);
     }
 }

@@ -1,9 +1,14 @@
-//! The shared application state handed to every front end.
+//! The shared application state handed to every front end: the use cases (the only way the
+//! handlers reach the store), the registration engine, the instances (for authorization) and
+//! the clock (for token expiry).
 
-use crate::catalog::Catalog;
 use crate::engine::Engine;
 use crate::instances::Instances;
-use crate::repo::Repo;
+use crate::usecases::admin::Admin;
+use crate::usecases::certificates::Certificates;
+use crate::usecases::enrollments::Enrollments;
+use crate::usecases::registrations::Registrations;
+use dps_core::clock::Clock;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -11,12 +16,18 @@ use std::sync::Arc;
 pub struct App {
     /// The registration engine.
     pub engine: Arc<Engine>,
-    /// Cached groups and X.509 material (the use cases invalidate what they change).
-    pub catalog: Arc<Catalog>,
-    /// Instances.
+    /// Instances (to authorize callers; changed through [`App::admin`]).
     pub instances: Arc<Instances>,
-    /// Store access.
-    pub repo: Repo,
+    /// Individual enrollments and enrollment groups.
+    pub enrollments: Enrollments,
+    /// Registration records.
+    pub registrations: Registrations,
+    /// CA certificates and the deny list.
+    pub certificates: Certificates,
+    /// Instances, linked hubs, access policies, hub devices, stats, audit log, readiness.
+    pub admin: Admin,
+    /// The clock (service SAS token expiry).
+    pub clock: Arc<dyn Clock>,
     /// The instance whose ServiceConfig policies manage every instance.
     pub admin_instance: String,
     /// Maximum request body.
@@ -25,6 +36,4 @@ pub struct App {
     pub mqtt_limits: dps_mqtt::MqttLimits,
     /// Set once every listener is bound.
     pub listening: AtomicBool,
-    /// The store backend (for readiness: migrations current).
-    pub backend: dps_store::Backend,
 }

@@ -1,7 +1,7 @@
 //! The audit log: who changed what (before and after, secrets redacted), and every registration
 //! outcome. Stored durably through the store's audit table.
 
-use dps_core::clock::azure_timestamp;
+use dps_core::clock::{azure_timestamp, Clock, SystemClock};
 use dps_core::store::{AuditEntry, Store};
 use serde::Serialize;
 use std::sync::Arc;
@@ -10,6 +10,7 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub struct Audit {
     store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
 }
 
 /// Remove secrets from a JSON value: symmetric keys, access-policy keys, connection strings.
@@ -45,9 +46,14 @@ pub fn redact(mut v: serde_json::Value) -> serde_json::Value {
 }
 
 impl Audit {
-    /// Over a store.
+    /// Over a store, entries stamped with the system clock.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Audit { store }
+        Self::with_clock(store, Arc::new(SystemClock))
+    }
+
+    /// Over a store, entries stamped with `clock`.
+    pub fn with_clock(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
+        Audit { store, clock }
     }
 
     /// Record a change or an outcome. Failures to write the audit log are logged, never
@@ -65,7 +71,7 @@ impl Audit {
         let enc = |v: serde_json::Value| serde_json::to_string(&redact(v)).expect("json");
         let entry = AuditEntry {
             seq: 0,
-            timestamp: azure_timestamp(time::OffsetDateTime::now_utc()),
+            timestamp: azure_timestamp(self.clock.now()),
             instance: instance.to_string(),
             actor: actor.to_string(),
             action: action.to_string(),

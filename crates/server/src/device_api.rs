@@ -2,7 +2,7 @@
 //! registration status lookup, translated to [`DeviceService`] calls.
 
 use crate::app::App;
-use crate::http::{err, json_response, param, query_params, read_body, PeerCerts};
+use crate::http::{err, json_response, param, read_request, PeerCerts};
 use axum::body::Body;
 use axum::http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use dps_core::device::{DeviceCredential, DeviceRequest, DeviceResponse, DeviceService, Transport};
@@ -55,20 +55,19 @@ pub async fn handle(
     segs: &[String],
     l: &[&str],
 ) -> Response<Body> {
-    let params = query_params(req.uri());
-    let api_version = match check_api_version(&params) {
-        Ok(v) => v,
+    let (req, api_version) = match read_request(req, app.max_body, check_api_version).await {
+        Ok(x) => x,
         Err(r) => return r,
     };
     let credential = match req
-        .headers()
+        .headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
     {
         Some(sas) => DeviceCredential::Sas(sas.to_string()),
         None => {
             let certs = req
-                .extensions()
+                .extensions
                 .get::<PeerCerts>()
                 .map(|c| c.0.as_ref().clone())
                 .unwrap_or_default();
@@ -79,12 +78,10 @@ pub async fn handle(
             }
         }
     };
-    let method = req.method().clone();
-    let force = param(&params, "forceRegistration").is_some_and(|v| v.eq_ignore_ascii_case("true"));
-    let body = match read_body(req.into_body(), app.max_body).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
+    let method = req.method.clone();
+    let force =
+        param(&req.params, "forceRegistration").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let body = req.body;
     let mk = |body: DeviceRegistration| DeviceRequest {
         id_scope: segs[0].clone(),
         registration_id: segs[2].clone(),

@@ -147,6 +147,88 @@ pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, Respons
         .map_err(|_| err(&dps_core::Error::PayloadTooLarge { limit }))
 }
 
+/// A request's path as the handlers match it.
+#[derive(Clone, Copy)]
+pub struct Path<'a> {
+    /// The segments, percent-decoded.
+    pub segs: &'a [String],
+    /// The same, lowercased (what routes match on).
+    pub l: &'a [&'a str],
+}
+
+/// A request as the device, service and admin handlers see it: method, headers, extensions,
+/// the decoded query parameters and the body (read up to the handler's limit).
+pub struct Incoming {
+    /// Method.
+    pub method: Method,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Extensions ([`PeerCerts`], [`PeerAddr`]).
+    pub extensions: axum::http::Extensions,
+    /// Query parameters, decoded.
+    pub params: Vec<(String, String)>,
+    /// The body.
+    pub body: bytes::Bytes,
+}
+
+/// The handlers' shared prologue: decode the query parameters, run `precheck` on them (what a
+/// handler refuses before reading the body, e.g. the `api-version`), then read the body up to
+/// `limit`. `Err` is the response to send.
+pub async fn read_request<P>(
+    req: Request<Body>,
+    limit: usize,
+    precheck: impl FnOnce(&[(String, String)]) -> Result<P, Response<Body>>,
+) -> Result<(Incoming, P), Response<Body>> {
+    let params = query_params(req.uri());
+    let checked = precheck(&params)?;
+    let (parts, body) = req.into_parts();
+    let body = read_body(body, limit).await?;
+    let incoming = Incoming {
+        method: parts.method,
+        headers: parts.headers,
+        extensions: parts.extensions,
+        params,
+        body,
+    };
+    Ok((incoming, checked))
+}
+
+/// A handler around [`read_request`]: call `inner` with the request, answer its response or
+/// render its error (logging store and internal failures as `"{area} API failed"`).
+pub async fn respond<F, Fut>(
+    req: Request<Body>,
+    limit: usize,
+    area: &str,
+    precheck: impl FnOnce(&[(String, String)]) -> Result<(), Response<Body>>,
+    inner: F,
+) -> Response<Body>
+where
+    F: FnOnce(Incoming) -> Fut,
+    Fut: std::future::Future<Output = Result<Response<Body>, dps_core::Error>>,
+{
+    let (incoming, ()) = match read_request(req, limit, precheck).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    match inner(incoming).await {
+        Ok(r) => r,
+        Err(e) => {
+            if matches!(e, dps_core::Error::Store(_) | dps_core::Error::Internal(_)) {
+                tracing::error!(error = %e, "{area} API failed");
+            }
+            err(&e)
+        }
+    }
+}
+
+/// An empty `204 No Content`.
+pub fn no_content() -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .body(Body::empty())
+        .expect("valid response")
+}
+
 fn is_ws_upgrade(h: &HeaderMap) -> bool {
     h.get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
@@ -171,11 +253,11 @@ pub async fn route(app: Arc<App>, req: Request<Body>) -> Response<Body> {
     let (area, resp) = match l.first().copied() {
         Some("enrollments") | Some("enrollmentgroups") | Some("registrations") => (
             "service",
-            crate::service_api::handle(&app, req, &segs, &l).await,
+            api(&app, req, Path { segs: &segs, l: &l }, false).await,
         ),
         Some("admin") => (
             "admin",
-            crate::admin_api::handle(&app, req, &segs, &l).await,
+            api(&app, req, Path { segs: &segs, l: &l }, true).await,
         ),
         Some("openapi.json") if method == Method::GET => ("docs", openapi()),
         Some("healthz") if method == Method::GET => (
@@ -195,6 +277,33 @@ pub async fn route(app: Arc<App>, req: Request<Body>) -> Response<Body> {
     };
     metrics::histogram!("dps_http_request_duration_seconds", "area" => area, "status" => status_class(resp.status())).record(started.elapsed().as_secs_f64());
     resp
+}
+
+/// The service API (`api-version` checked before the body is read; bodies up to 11 ×
+/// `max_body`, as bulk operations carry up to ten enrollments) or the admin API, behind
+/// [`respond`].
+async fn api(app: &App, req: Request<Body>, path: Path<'_>, admin: bool) -> Response<Body> {
+    let area = if admin { "admin" } else { "service" };
+    let limit = if admin {
+        app.max_body
+    } else {
+        app.max_body * 11
+    };
+    let precheck = |params: &[(String, String)]| {
+        if admin {
+            Ok(())
+        } else {
+            crate::device_api::check_api_version(params).map(drop)
+        }
+    };
+    respond(req, limit, area, precheck, |req| async move {
+        if admin {
+            crate::admin_api::handle(app, &req, path).await
+        } else {
+            crate::service_api::handle(app, &req, path).await
+        }
+    })
+    .await
 }
 
 fn status_class(s: StatusCode) -> &'static str {

@@ -22,3 +22,4 @@ pub mod repo;
 pub mod server;
 pub mod service_api;
 pub mod tls;
+pub mod usecases;

@@ -1,7 +1,9 @@
 //! Typed access to the store: enrollments, groups, registration records, instances, hub
 //! devices, CA certificates and the deny list, as JSON documents with indexed attributes.
 
-use dps_core::model::{EnrollmentGroup, IndividualEnrollment, RegistrationRecord};
+use dps_core::model::{
+    EnrollmentGroup, EnrollmentSettings, IndividualEnrollment, RegistrationRecord,
+};
 use dps_core::store::{Collection, Doc, DocIndex, Expect, Filter, Page, Store, StoreError};
 use dps_core::{Error, Result};
 use serde::de::DeserializeOwned;
@@ -24,33 +26,16 @@ fn encode<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("model types always serialize")
 }
 
-/// Index attributes of an individual enrollment.
-pub fn enrollment_index(e: &IndividualEnrollment) -> DocIndex {
+/// Index attributes of an individual enrollment or a group (from their shared settings).
+pub fn settings_index(s: &EnrollmentSettings) -> DocIndex {
     DocIndex {
         status: Some(
-            e.settings
-                .provisioning_status
+            s.provisioning_status
                 .unwrap_or_default()
                 .as_str()
                 .to_string(),
         ),
-        kind: Some(e.settings.attestation.kind.as_str().to_string()),
-        group: None,
-        hub: None,
-    }
-}
-
-/// Index attributes of a group.
-pub fn group_index(g: &EnrollmentGroup) -> DocIndex {
-    DocIndex {
-        status: Some(
-            g.settings
-                .provisioning_status
-                .unwrap_or_default()
-                .as_str()
-                .to_string(),
-        ),
-        kind: Some(g.settings.attestation.kind.as_str().to_string()),
+        kind: Some(s.attestation.kind.as_str().to_string()),
         group: None,
         hub: None,
     }
@@ -168,17 +153,6 @@ impl Repo {
             .map(|(mut e, etag)| {
                 e.settings.etag = Some(etag);
                 e
-            }))
-    }
-
-    /// A group with its etag.
-    pub async fn group(&self, instance: &str, id: &str) -> Result<Option<EnrollmentGroup>> {
-        Ok(self
-            .get::<EnrollmentGroup>(Collection::Group, instance, id)
-            .await?
-            .map(|(mut g, etag)| {
-                g.settings.etag = Some(etag);
-                g
             }))
     }
 

@@ -9,7 +9,8 @@ use crate::instances::Instances;
 use crate::repo::Repo;
 use anyhow::{anyhow, Context};
 use axum::routing::get;
-use dps_core::clock::SystemClock;
+use dps_core::clock::{Clock, SystemClock};
+use dps_core::random::{Random, SystemRandom};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -144,7 +145,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     } else {
         cfg.instances.clone()
     };
-    let audit = crate::audit::Audit::new(store.clone());
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let random: Arc<dyn Random> = Arc::new(SystemRandom);
+    let audit = crate::audit::Audit::with_clock(store.clone(), clock.clone());
     for ic in &declared {
         let stored = instances.by_name(&ic.name);
         let inst = ic.resolve(stored.as_deref());
@@ -202,10 +205,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         crate::engine::EnginePorts {
             repo: repo.clone(),
             instances: instances.clone(),
-            hubs,
+            hubs: hubs.clone(),
             catalog: catalog.clone(),
-            clock: Arc::new(SystemClock),
-            random: Arc::new(dps_core::random::SystemRandom),
+            clock: clock.clone(),
+            random: random.clone(),
             custom_allocator,
         },
         settings,
@@ -219,16 +222,32 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         ),
         Err(e) => return Err(anyhow!("recovering interrupted registrations: {e}")),
     }
+    let cx = crate::usecases::Context::new(store, clock.clone(), random);
     let app = Arc::new(App {
+        enrollments: crate::usecases::enrollments::Enrollments::new(
+            cx.clone(),
+            catalog.clone(),
+            engine.clone(),
+        ),
+        registrations: crate::usecases::registrations::Registrations::new(
+            cx.clone(),
+            engine.clone(),
+        ),
+        certificates: crate::usecases::certificates::Certificates::new(cx.clone(), catalog),
+        admin: crate::usecases::admin::Admin::new(
+            cx,
+            backend,
+            instances.clone(),
+            hubs,
+            cfg.admin_instance.clone(),
+        ),
         engine,
-        catalog,
         instances: instances.clone(),
-        repo,
+        clock,
         admin_instance: cfg.admin_instance.clone(),
         max_body: cfg.limits.max_body_bytes,
         mqtt_limits: dps_mqtt::MqttLimits::default(),
         listening: Default::default(),
-        backend,
     });
 
     let handshake = Duration::from_millis(cfg.limits.tls_handshake_timeout_ms);
@@ -349,8 +368,8 @@ fn admin_router(app: Arc<App>, metrics: PrometheusHandle) -> axum::Router {
             get(move || {
                 let app = ready_app.clone();
                 async move {
-                    let store_ok = app.repo.store.ping().await.is_ok();
-                    let migrations = app.backend.migrations_current().await.unwrap_or(false);
+                    let ready = app.admin.readiness().await;
+                    let (store_ok, migrations) = (ready.store, ready.migrations_current);
                     let listening = app.listening.load(Ordering::SeqCst);
                     let body = serde_json::json!({"store": store_ok, "migrations_current": migrations, "listeners_bound": listening});
                     let status = if store_ok && migrations && listening { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };

@@ -142,7 +142,7 @@ impl Engine {
         let burst = f64::from(settings.refused_audit_per_second) * 10.0;
         Arc::new_cyclic(|me| Engine {
             me: me.clone(),
-            audit: Audit::new(repo.store.clone()),
+            audit: Audit::with_clock(repo.store.clone(), clock.clone()),
             repo,
             instances,
             hubs,

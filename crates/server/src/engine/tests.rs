@@ -7,7 +7,7 @@ use super::custom_allocation::{
 };
 use super::*;
 use crate::hubs::fake::FakeHub;
-use crate::repo::{enrollment_index, group_index};
+use crate::repo::settings_index;
 use dps_core::error::CustomAllocationFailure;
 use dps_core::hub::HubError;
 use dps_core::instance::{Instance, LinkedHub};
@@ -131,7 +131,7 @@ impl Fixture {
                 rid,
                 "e1",
                 &e,
-                enrollment_index(&e),
+                settings_index(&e.settings),
                 Expect::Any,
             )
             .await
@@ -155,7 +155,7 @@ impl Fixture {
                 gid,
                 "g1",
                 &g,
-                group_index(&g),
+                settings_index(&g.settings),
                 Expect::Any,
             )
             .await
