@@ -18,10 +18,11 @@
 //! the HTTPS endpoint once, so that it costs as little as possible next to a server on the same
 //! machine.
 
-use crate::commands::resolve_instance;
-use crate::device::{default_endpoint, device_trust};
+use crate::commands::device::{default_endpoint, device_trust, TransportArg};
+use crate::commands::enrollment_common::AttestationArg;
+use crate::commands::instance::resolve_instance;
 use crate::service::{enc, svc_path, Service};
-use crate::{AttestationArg, Globals, OutputFormat, TransportArg};
+use crate::{Globals, OutputFormat};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use dps_device::{Auth, ClientTls, PollPolicy, ProvisioningClient};
