@@ -1,14 +1,41 @@
-//! `dps device register`.
+//! `dps device …`: act as a device (`dps device register`); the device transports, trust and
+//! default endpoint, which `dps bench` shares.
 
 use crate::service::{extra_ca_file, ConnectionString};
-use crate::{Globals, OutputFormat, TransportArg};
+use crate::{Globals, OutputFormat};
 use anyhow::{Context, Result};
-use clap::{ArgGroup, Args};
+use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use dps_device::{Auth, Error as DevError, ProvisioningClient, Trust};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+
+/// Device transports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Default)]
+pub enum TransportArg {
+    /// HTTPS.
+    #[default]
+    Https,
+    /// MQTT over TLS.
+    Mqtt,
+}
+
+impl From<TransportArg> for dps_device::Transport {
+    fn from(t: TransportArg) -> Self {
+        match t {
+            TransportArg::Https => dps_device::Transport::Https,
+            TransportArg::Mqtt => dps_device::Transport::Mqtt,
+        }
+    }
+}
+
+/// `dps device …`
+#[derive(Subcommand, Debug)]
+pub enum DeviceCommand {
+    /// Register a device and print where it landed (exit 0 only when assigned).
+    Register(RegisterArgs),
+}
 
 /// `dps device register` arguments.
 #[derive(Args, Debug, Clone)]
