@@ -32,11 +32,7 @@ impl Engine {
         let rid = adm.registration_id.clone();
         let _lock = self.lock_for(&inst.name, &rid.key()).lock().await;
         let started = Instant::now();
-        let existing = self
-            .repo
-            .registration(&inst.name, rid.as_str())
-            .await?
-            .map(|(r, _)| r);
+        let existing = self.record(&inst.name, &rid).await?;
         let now = ts(self.clock.as_ref());
         let mut rec = existing.clone().unwrap_or_else(|| RegistrationRecord {
             state: DeviceRegistrationState {

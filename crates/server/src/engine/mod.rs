@@ -33,7 +33,7 @@ use dps_core::device::{
 };
 use dps_core::error::{AssignmentFailure, AuthFailure};
 use dps_core::ids::RegistrationId;
-use dps_core::instance::RegisterResponse;
+use dps_core::instance::{Instance, RegisterResponse};
 use dps_core::model::*;
 use dps_core::random::Random;
 use dps_core::{Error, Result};
@@ -177,6 +177,28 @@ impl Engine {
         }
     }
 
+    /// The instance (from the ID scope) and the registration id a device request is for.
+    fn addressee(&self, req: &DeviceRequest) -> Result<(Arc<Instance>, RegistrationId)> {
+        let inst = self
+            .instances
+            .by_scope(&req.id_scope)
+            .ok_or_else(|| AuthFailure::UnknownInstance(req.id_scope.clone()))?;
+        Ok((inst, RegistrationId::parse(&req.registration_id)?))
+    }
+
+    /// The device's registration record, if any.
+    pub(super) async fn record(
+        &self,
+        instance: &str,
+        rid: &RegistrationId,
+    ) -> Result<Option<RegistrationRecord>> {
+        Ok(self
+            .repo
+            .registration(instance, rid.as_str())
+            .await?
+            .map(|(r, _)| r))
+    }
+
     /// The cached enrollment groups and X.509 material.
     pub(crate) fn catalog(&self) -> &Catalog {
         &self.catalog
@@ -253,11 +275,7 @@ impl Engine {
     // ---------------------------------------------------------------- use cases
 
     async fn register_inner(&self, req: DeviceRequest) -> Result<(DeviceResponse, &'static str)> {
-        let inst = self
-            .instances
-            .by_scope(&req.id_scope)
-            .ok_or_else(|| AuthFailure::UnknownInstance(req.id_scope.clone()))?;
-        let rid = RegistrationId::parse(&req.registration_id)?;
+        let (inst, rid) = self.addressee(&req)?;
         if req.body.csr.is_some()
             && req
                 .api_version
@@ -357,11 +375,7 @@ impl Engine {
     }
 
     async fn operation_status_inner(&self, req: DeviceRequest, op: &str) -> Result<DeviceResponse> {
-        let inst = self
-            .instances
-            .by_scope(&req.id_scope)
-            .ok_or_else(|| AuthFailure::UnknownInstance(req.id_scope.clone()))?;
-        let rid = RegistrationId::parse(&req.registration_id)?;
+        let (inst, rid) = self.addressee(&req)?;
         self.attest(&inst, &rid, &req.credential).await?;
         if self
             .running
@@ -377,11 +391,7 @@ impl Engine {
                 true,
             ));
         }
-        let rec = self
-            .repo
-            .registration(&inst.name, rid.as_str())
-            .await?
-            .map(|(r, _)| r);
+        let rec = self.record(&inst.name, &rid).await?;
         match rec {
             Some(rec)
                 if rec.operation_id.as_deref() == Some(op)
@@ -405,22 +415,14 @@ impl Engine {
         &self,
         req: DeviceRequest,
     ) -> Result<DeviceRegistrationState> {
-        let inst = self
-            .instances
-            .by_scope(&req.id_scope)
-            .ok_or_else(|| AuthFailure::UnknownInstance(req.id_scope.clone()))?;
-        let rid = RegistrationId::parse(&req.registration_id)?;
+        let (inst, rid) = self.addressee(&req)?;
         if req.body.csr.is_some() {
             return Err(Error::invalid(
                 "a 'csr' is not accepted by the registration status lookup",
             ));
         }
         self.attest(&inst, &rid, &req.credential).await?;
-        let rec = self
-            .repo
-            .registration(&inst.name, rid.as_str())
-            .await?
-            .map(|(r, _)| r);
+        let rec = self.record(&inst.name, &rid).await?;
         match rec {
             Some(r) => Ok(Self::device_state(&r)),
             None => Err(Error::not_found("registration", rid.as_str())),
