@@ -101,14 +101,12 @@ pub struct EnginePorts {
 
 /// The registration engine.
 pub struct Engine {
-    /// Typed store access.
-    pub repo: Repo,
-    /// Instances.
-    pub instances: Arc<Instances>,
-    /// Linked hubs.
-    pub hubs: Arc<HubSet>,
-    /// Audit log.
-    pub audit: Audit,
+    /// Typed store access (the engine's own: nothing outside the engine reaches the store
+    /// through it).
+    repo: Repo,
+    instances: Arc<Instances>,
+    hubs: Arc<HubSet>,
+    audit: Audit,
     clock: Arc<dyn Clock>,
     random: Arc<dyn Random>,
     custom_allocator: Arc<dyn CustomAllocator>,
