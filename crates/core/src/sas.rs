@@ -210,8 +210,11 @@ pub fn derive_device_key(group_key_b64: &str, registration_id: &str) -> Option<S
     Some(B64.encode(hmac_sha256(&k, registration_id.as_bytes())))
 }
 
-/// Build a SAS token (for clients, tests, and our own hub calls).
-/// `resource` is encoded with uppercase escapes, as Node, Python and C# do.
+/// Build a SAS token (for dps's own clients and tests). `resource`, `sig` and `skn` are encoded
+/// with every character but letters and digits escaped (uppercase escapes). That is stricter
+/// than Azure's SDKs, which leave `-`, `_`, `.` and `~` literal (`encodeURIComponent`);
+/// verifiers that sign over `sr` as sent (dps's own, above) accept both. The Azure IoT Hub
+/// adapter makes its tokens as the SDKs do (`dps_server::hubs::azure`).
 pub fn sign_token(
     resource: &str,
     key_b64: &str,

@@ -182,13 +182,34 @@ impl Engine {
         if let Some(old) = &outcome.migrate_from {
             if let Some(old_hub) = inst.hub(old) {
                 if let Ok(a) = self.hubs.adapter(old_hub) {
+                    let t0 = Instant::now();
                     match a
                         .get_twin(previous_device.as_deref().unwrap_or(&device_id))
                         .await
                     {
+                        // `None`: no device on the old hub, hence no twin to lose.
                         Ok(t) => twin = t,
+                        // A migration must never lose the twin: when it cannot be read, end this
+                        // attempt as retryable (before anything is written to the new hub, so
+                        // the old identity and its twin stay where they are) instead of moving
+                        // the device with the initial twin and deleting the old identity.
                         Err(e) => {
-                            tracing::warn!(registration_id = %rid, hub = %old, error = %e, "could not read the twin to migrate; using the initial twin")
+                            self.hubs.record(old, t0, &Err(e.clone()));
+                            let e = match e {
+                                HubError::Throttled { retry_after, .. } => HubError::Throttled {
+                                    hub: old.clone(),
+                                    retry_after,
+                                },
+                                other => HubError::Unreachable {
+                                    hub: old.clone(),
+                                    message: format!(
+                                        "the twin to migrate could not be read; the device stays on its current hub until it can: {other}"
+                                    ),
+                                },
+                            };
+                            return self
+                                .hub_failed(&inst, &mut rec, existing.as_ref(), &hub, e, labels)
+                                .await;
                         }
                     }
                 }
