@@ -37,7 +37,7 @@ use dps_core::instance::{Instance, RegisterResponse};
 use dps_core::model::*;
 use dps_core::random::Random;
 use dps_core::{Error, Result};
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -113,8 +113,10 @@ pub struct Engine {
     settings: EngineSettings,
     locks: Vec<tokio::sync::Mutex<()>>,
     inflight: AtomicUsize,
-    /// Operations still running on this node: (instance, registration key) -> operation id.
-    running: Mutex<HashMap<(String, String), String>>,
+    /// Operations still running on this node: (instance, registration key, operation id).
+    /// Several registrations of one device may be queued on its lock at once; each operation
+    /// stays "running" (polls answer 202) until its own assignment ends.
+    running: Mutex<HashSet<(String, String, String)>>,
     catalog: Arc<Catalog>,
     /// Token bucket for audit entries of refused attempts: (last refill, tokens).
     refused_bucket: Mutex<(Instant, f64)>,
@@ -150,7 +152,7 @@ impl Engine {
             settings,
             locks: (0..1024).map(|_| tokio::sync::Mutex::new(())).collect(),
             inflight: AtomicUsize::new(0),
-            running: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashSet::new()),
             catalog,
             refused_bucket: Mutex::new((Instant::now(), burst)),
         })
@@ -320,11 +322,11 @@ impl Engine {
         metrics::counter!("AttestationAttempts", "instance" => inst.name.clone(), "protocol" => req.transport.as_str(), "attestation" => adm.attestation.as_str(), "result" => "success").increment(1);
         let op = dps_core::random::operation_id(self.random.as_ref()).to_string();
         let reg_key = rid.key();
-        let key = (inst.name.to_ascii_lowercase(), reg_key.clone());
+        let key = (inst.name.to_ascii_lowercase(), reg_key.clone(), op.clone());
         self.running
             .lock()
             .expect("running lock")
-            .insert(key.clone(), op.clone());
+            .insert(key.clone());
         let work = {
             let op = op.clone();
             let payload = req.body.payload.clone();
@@ -375,13 +377,11 @@ impl Engine {
     async fn operation_status_inner(&self, req: DeviceRequest, op: &str) -> Result<DeviceResponse> {
         let (inst, rid) = self.addressee(&req)?;
         self.attest(&inst, &rid, &req.credential).await?;
-        if self
-            .running
-            .lock()
-            .expect("running lock")
-            .get(&(inst.name.to_ascii_lowercase(), rid.key()))
-            .is_some_and(|o| o == op)
-        {
+        if self.running.lock().expect("running lock").contains(&(
+            inst.name.to_ascii_lowercase(),
+            rid.key(),
+            op.to_string(),
+        )) {
             return Ok(self.assigning_response(
                 op,
                 rid.as_str(),

@@ -62,6 +62,10 @@ fn hub(host: &str) -> LinkedHub {
 }
 
 async fn fixture(hubs: Vec<LinkedHub>) -> Fixture {
+    fixture_with(hubs, EngineSettings::default()).await
+}
+
+async fn fixture_with(hubs: Vec<LinkedHub>, settings: EngineSettings) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = dps_store::open("", dir.path()).await.unwrap();
     let repo = Repo::new(store.clone());
@@ -87,7 +91,7 @@ async fn fixture(hubs: Vec<LinkedHub>) -> Fixture {
             random: Arc::new(SeededRandom::new(1)),
             custom_allocator: webhook.clone(),
         },
-        EngineSettings::default(),
+        settings,
     );
     Fixture {
         _dir: dir,
@@ -504,5 +508,58 @@ async fn hub_errors_become_domain_failures_with_the_right_retryability() {
         assert_eq!(resp.body.status, RegistrationStatus::Assigned, "{rid}");
         let (rec, _) = f.repo.registration("t", &rid).await.unwrap().unwrap();
         assert_eq!(rec.failure, None);
+    }
+}
+
+/// Regression: several registrations of one device queue on its lock; a poll of one that has
+/// not started yet was answered 404 (`OperationNotFound`) because only the newest operation of
+/// a device counted as running (seen as a rare failure of
+/// `registration::twenty_concurrent_registrations_of_one_id_…` under load).
+#[tokio::test]
+async fn every_queued_registration_of_a_device_answers_its_polls_until_it_ends() {
+    let settings = EngineSettings {
+        inline_wait: Duration::from_millis(20),
+        ..EngineSettings::default()
+    };
+    let f = fixture_with(vec![hub("fake-hub")], settings).await;
+    f.group("g", serde_json::json!({})).await;
+    // The first registration holds the device's lock while its hub write hangs (3 s).
+    let fake = Arc::new(FakeHub::new("fake-hub").with_timeout(Duration::from_secs(3)));
+    fake.hang_next(1);
+    f.engine
+        .hubs
+        .install(f.instance.hub("fake-hub").unwrap(), fake.clone());
+    let mut ops = Vec::new();
+    for _ in 0..3 {
+        let r = f.engine.register(register_request("q-1")).await.unwrap();
+        assert_eq!(r.status, 202);
+        ops.push(r.body.operation_id);
+    }
+    // The second and third wait for the lock; each of their polls says "assigning".
+    for op in &ops {
+        let r = f
+            .engine
+            .operation_status(register_request("q-1"), op)
+            .await
+            .unwrap_or_else(|e| panic!("poll of {op} while queued: {e}"));
+        assert_eq!(r.status, 202, "{op}");
+        assert_eq!(r.body.status, RegistrationStatus::Assigning);
+    }
+    // Once the hub answers again, every operation ends with a final answer.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for op in &ops[1..] {
+        loop {
+            let r = f
+                .engine
+                .operation_status(register_request("q-1"), op)
+                .await
+                .unwrap();
+            if r.status == 200 {
+                assert_eq!(r.body.status, RegistrationStatus::Assigned, "{op}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{op} still {:?}", r.body.status);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
