@@ -183,10 +183,9 @@ impl Repo {
             .await
     }
 
-    /// Write a registration record (unconditional; callers serialize per device).
-    /// The stored document of a registration record (new ETag set on `rec`), for a batch.
-    pub fn registration_doc(rec: &mut RegistrationRecord) -> Doc {
-        let etag = dps_core::store::new_etag();
+    /// The stored document of a registration record with a new ETag (also set on `rec`), for
+    /// a batch. The caller draws the ETag from its injected `Random`.
+    pub fn registration_doc(rec: &mut RegistrationRecord, etag: String) -> Doc {
         rec.state.etag = Some(etag.clone());
         Doc {
             id: rec.state.registration_id.clone(),
@@ -196,12 +195,14 @@ impl Repo {
         }
     }
 
+    /// Write a registration record with a new ETag (unconditional; callers serialize per
+    /// device). The caller draws the ETag from its injected `Random`.
     pub async fn put_registration(
         &self,
         instance: &str,
         rec: &mut RegistrationRecord,
+        etag: String,
     ) -> Result<()> {
-        let etag = dps_core::store::new_etag();
         rec.state.etag = Some(etag.clone());
         let id = rec.state.registration_id.clone();
         self.put(

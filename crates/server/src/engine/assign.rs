@@ -243,7 +243,9 @@ impl Engine {
             }
         };
         if staged.is_none() {
-            self.repo.put_registration(&inst.name, &mut rec).await?;
+            self.repo
+                .put_registration(&inst.name, &mut rec, self.new_etag())
+                .await?;
             let t0 = Instant::now();
             let r = adapter.upsert_device(&identity, twin.as_ref()).await;
             self.hubs.record(&hub.host, t0, &r);
@@ -311,7 +313,7 @@ impl Engine {
     ) -> Result<()> {
         let mut writes = Vec::with_capacity(3);
         writes.extend(identity);
-        let doc = Repo::registration_doc(rec);
+        let doc = Repo::registration_doc(rec, self.new_etag());
         // The audit entry's `after` is the record without its list of earlier operation ids.
         // A record holds no secrets, but a custom allocation payload is anything: that one goes
         // through redaction. Otherwise the record's own JSON is reused when it is the same.

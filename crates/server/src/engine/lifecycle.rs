@@ -171,7 +171,9 @@ impl Engine {
                 rec.failure = Some(AssignmentFailure::Interrupted);
                 rec.reason = Some(reason);
                 rec.pending = None;
-                self.repo.put_registration(&inst.name, &mut rec).await?;
+                self.repo
+                    .put_registration(&inst.name, &mut rec, self.new_etag())
+                    .await?;
                 self.audit
                     .record(
                         &inst.name,

@@ -177,6 +177,11 @@ impl Engine {
         }
     }
 
+    /// A fresh ETag for a registration record, from the injected source of randomness.
+    fn new_etag(&self) -> String {
+        dps_core::random::etag(self.random.as_ref())
+    }
+
     /// The instance (from the ID scope) and the registration id a device request is for.
     fn addressee(&self, req: &DeviceRequest) -> Result<(Arc<Instance>, RegistrationId)> {
         let inst = self

@@ -385,8 +385,13 @@ async fn a_registration_gets_its_operation_id_from_the_injected_random_source() 
     let resp = f.engine.register(req).await.unwrap();
     assert_eq!(resp.status, 200);
     assert_eq!(resp.body.status, RegistrationStatus::Assigned);
-    let expected = dps_core::random::operation_id(&SeededRandom::new(1));
+    let seeded = SeededRandom::new(1);
+    let expected = dps_core::random::operation_id(&seeded);
     assert_eq!(resp.body.operation_id, expected.as_str());
+    // The record's ETag is the next draw.
+    let (rec, etag) = f.repo.registration("t", "d-1").await.unwrap().unwrap();
+    assert_eq!(etag, dps_core::random::etag(&seeded));
+    assert_eq!(rec.state.etag.as_deref(), Some(etag.as_str()));
     let state = resp.body.registration_state.unwrap();
     assert_eq!(state.assigned_hub.as_deref(), Some("h1"));
     // The record's timestamps come from the injected clock.
