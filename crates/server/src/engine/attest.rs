@@ -245,8 +245,8 @@ async fn x509_admission(
     chain: &[Vec<u8>],
 ) -> Result<X509Admission> {
     let individual = engine.repo.enrollment(&inst.name, rid.as_str()).await?;
-    let groups = engine.catalog().groups(&inst.name, "x509").await?;
-    let material = engine.catalog().x509(&inst.name).await?;
+    let groups = engine.catalog.groups(&inst.name, "x509").await?;
+    let material = engine.catalog.x509(&inst.name).await?;
     let candidates = X509Candidates {
         individual: individual.as_ref(),
         groups: &groups,

@@ -204,11 +204,6 @@ impl Engine {
             .map(|(r, _)| r))
     }
 
-    /// The cached enrollment groups and X.509 material.
-    pub(crate) fn catalog(&self) -> &Catalog {
-        &self.catalog
-    }
-
     fn lock_for(&self, instance: &str, reg_key: &str) -> &tokio::sync::Mutex<()> {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();

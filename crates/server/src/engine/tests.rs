@@ -164,7 +164,7 @@ impl Fixture {
             )
             .await
             .unwrap();
-        self.engine.catalog().groups_changed("t");
+        self.engine.catalog.groups_changed("t");
     }
 
     async fn attest(&self, rid: &str, cred: DeviceCredential) -> Result<attest::Admitted> {
