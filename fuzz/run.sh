@@ -1,32 +1,38 @@
 #!/usr/bin/env bash
 # Build every fuzz target and run each for a fixed time; exit non-zero on the first crash.
 #   fuzz/run.sh SECONDS [TARGET...]      (no TARGET: all of them, one after the other)
-# Needs cargo-fuzz (`cargo install cargo-fuzz --version 0.13.2 --locked`). The pinned stable
-# toolchain runs it with RUSTC_BOOTSTRAP=1 (cargo-fuzz passes nightly-only -Z flags).
-# Environment: FUZZ_JOBS (parallel targets, default 1), FUZZ_SANITIZER (default none: the code
-# has no `unsafe`, so AddressSanitizer adds build time and little signal; `address` works too).
+#
+# Plain stable cargo, no cargo-fuzz needed: the coverage instrumentation libFuzzer feeds on
+# (SanitizerCoverage) is enabled with stable -C flags, the same ones `cargo fuzz build
+# --sanitizer none` passes. `--target` keeps them off build scripts and proc macros.
+# The targets are ordinary libfuzzer-sys targets, so `cargo fuzz run TARGET` (nightly, or
+# RUSTC_BOOTSTRAP=1) works as well and adds AddressSanitizer; see fuzz/README.md.
+# Environment: FUZZ_JOBS (targets run in parallel, default 1).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 secs=${1:?usage: fuzz/run.sh SECONDS [TARGET...]}
 shift
-export RUSTC_BOOTSTRAP=1
-san=${FUZZ_SANITIZER:-none}
 if [[ $# -eq 0 ]]; then
-  mapfile -t targets < <(cargo fuzz list)
+  mapfile -t targets < <(sed -n 's/^name = "\(.*\)"$/\1/p' Cargo.toml | grep -v '^dps-fuzz$')
 else
   targets=("$@")
 fi
+triple=$(rustc -vV | sed -n 's/^host: //p')
+export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+-Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
+-Cllvm-args=-sanitizer-coverage-trace-compares -Cdebug-assertions -Coverflow-checks"
 # One build of every target (one cargo invocation), then each run reuses it.
-cargo fuzz build -O --sanitizer "$san"
+cargo build --release --locked --target "$triple" --bins
+bin="target/$triple/release"
 
 mkdir -p logs
 run_one() {
   local t=$1 log="logs/$1.log" seeds="seeds/$1"
-  mkdir -p "corpus/$t"
+  mkdir -p "corpus/$t" "artifacts/$t"
   local dirs=("corpus/$t")
   [[ -d $seeds ]] && dirs+=("$seeds")
-  if cargo fuzz run -O --sanitizer "$san" "$t" "${dirs[@]}" -- \
-      -max_total_time="$secs" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
+  if "$bin/$t" "${dirs[@]}" -artifact_prefix="artifacts/$t/" -max_total_time="$secs" \
+      -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
     local runs cov
     runs=$(grep -oE 'Done [0-9]+ runs' "$log" | grep -oE '[0-9]+' | tail -n 1)
     cov=$(grep -oE 'cov: [0-9]+' "$log" | tail -n 1 | grep -oE '[0-9]+')
