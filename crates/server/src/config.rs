@@ -157,16 +157,61 @@ impl Limits {
     /// Check the connection limits: each must be within its range (named in the error).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let ranges: [(&str, u64, u64, u64); 10] = [
-            ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms, 1, 600_000),
-            ("http_header_timeout_ms", self.http_header_timeout_ms, 1, 600_000),
-            ("http_idle_timeout_ms", self.http_idle_timeout_ms, 1, 86_400_000),
-            ("http_body_timeout_ms", self.http_body_timeout_ms, 1, 600_000),
-            ("max_https_connections", self.max_https_connections as u64, 1, 10_000_000),
-            ("max_mqtt_connections", self.max_mqtt_connections as u64, 1, 10_000_000),
-            ("max_pending_handshakes", self.max_pending_handshakes as u64, 1, 10_000_000),
+            (
+                "tls_handshake_timeout_ms",
+                self.tls_handshake_timeout_ms,
+                1,
+                600_000,
+            ),
+            (
+                "http_header_timeout_ms",
+                self.http_header_timeout_ms,
+                1,
+                600_000,
+            ),
+            (
+                "http_idle_timeout_ms",
+                self.http_idle_timeout_ms,
+                1,
+                86_400_000,
+            ),
+            (
+                "http_body_timeout_ms",
+                self.http_body_timeout_ms,
+                1,
+                600_000,
+            ),
+            (
+                "max_https_connections",
+                self.max_https_connections as u64,
+                1,
+                10_000_000,
+            ),
+            (
+                "max_mqtt_connections",
+                self.max_mqtt_connections as u64,
+                1,
+                10_000_000,
+            ),
+            (
+                "max_pending_handshakes",
+                self.max_pending_handshakes as u64,
+                1,
+                10_000_000,
+            ),
             ("max_header_count", self.max_header_count as u64, 16, 1000),
-            ("max_header_bytes", self.max_header_bytes as u64, 4096, 1024 * 1024),
-            ("ws_max_message_bytes", self.ws_max_message_bytes as u64, 4096, 64 * 1024 * 1024),
+            (
+                "max_header_bytes",
+                self.max_header_bytes as u64,
+                4096,
+                1024 * 1024,
+            ),
+            (
+                "ws_max_message_bytes",
+                self.ws_max_message_bytes as u64,
+                4096,
+                64 * 1024 * 1024,
+            ),
         ];
         for (key, v, min, max) in ranges {
             if v < min || v > max {
@@ -540,7 +585,10 @@ mod tests {
     #[test]
     fn out_of_range_limits_name_the_key() {
         for (key, set) in [
-            ("http_header_timeout_ms", (|l: &mut Limits| l.http_header_timeout_ms = 0) as fn(&mut Limits)),
+            (
+                "http_header_timeout_ms",
+                (|l: &mut Limits| l.http_header_timeout_ms = 0) as fn(&mut Limits),
+            ),
             ("http_idle_timeout_ms", |l| l.http_idle_timeout_ms = 0),
             ("http_body_timeout_ms", |l| l.http_body_timeout_ms = 0),
             ("max_https_connections", |l| l.max_https_connections = 0),
@@ -553,7 +601,9 @@ mod tests {
             let e = cfg.validate().unwrap_err().to_string();
             assert!(e.contains(&format!("limits.{key}")), "{key}: {e}");
         }
-        Config::default().validate().expect("the defaults are valid");
+        Config::default()
+            .validate()
+            .expect("the defaults are valid");
     }
 
     #[test]

@@ -596,7 +596,10 @@ mod tests {
         assert_eq!(why, CloseReason::HeadTimeout);
         assert!(at <= Instant::now() + l.header_timeout);
         let req = st.request_started();
-        assert!(st.deadline(&l).is_none(), "no deadline while a request is served");
+        assert!(
+            st.deadline(&l).is_none(),
+            "no deadline while a request is served"
+        );
         drop(req);
         assert_eq!(st.deadline(&l).unwrap().1, CloseReason::IdleTimeout);
         st.read_some();

@@ -352,7 +352,11 @@ fn is_websocket_path(path: &str) -> bool {
     let segs: Vec<String> = path
         .split('/')
         .filter(|s| !s.is_empty())
-        .map(|s| percent_decode_str(s).decode_utf8_lossy().to_ascii_lowercase())
+        .map(|s| {
+            percent_decode_str(s)
+                .decode_utf8_lossy()
+                .to_ascii_lowercase()
+        })
         .collect();
     segs.is_empty() || segs == ["$iothub", "websocket"]
 }

@@ -158,11 +158,16 @@ async fn a_half_sent_request_head_is_closed_at_the_head_deadline() {
 
     // Half a header line, then nothing.
     let mut half = https(&s).await;
-    half.write_all(b"PUT /0ne00000T01/registrations/x/register HTTP/1.1\r\nHost: localhost\r\nX-Half: ab")
-        .await
-        .unwrap();
+    half.write_all(
+        b"PUT /0ne00000T01/registrations/x/register HTTP/1.1\r\nHost: localhost\r\nX-Half: ab",
+    )
+    .await
+    .unwrap();
     let took = closed_within(&mut half, "half a head").await;
-    assert!(took >= Duration::from_millis(300), "closed too early: {took:?}");
+    assert!(
+        took >= Duration::from_millis(300),
+        "closed too early: {took:?}"
+    );
 
     // A connection that completes the TLS handshake and sends nothing at all.
     let mut silent = https(&s).await;
@@ -173,7 +178,10 @@ async fn a_half_sent_request_head_is_closed_at_the_head_deadline() {
     let trickle = async {
         // Pacing the client (a slowloris), not waiting for the server.
         let mut tick = tokio::time::interval(Duration::from_millis(50));
-        for b in b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n".iter().cycle() {
+        for b in b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"
+            .iter()
+            .cycle()
+        {
             tick.tick().await;
             if slow.write_all(&[*b]).await.is_err() {
                 return;
@@ -188,7 +196,9 @@ async fn a_half_sent_request_head_is_closed_at_the_head_deadline() {
     metric_rises(&s, "dps_connections_closed_total", &label, before + 2.0).await;
 
     // A complete request in time is still answered.
-    let r = s.call(reqwest::Method::GET, "/healthz", None, None, &[]).await;
+    let r = s
+        .call(reqwest::Method::GET, "/healthz", None, None, &[])
+        .await;
     assert_eq!(r.status, 200);
 }
 
@@ -245,7 +255,10 @@ async fn a_slow_request_body_is_answered_400_and_the_connection_closed() {
     assert_eq!(status, 400, "{head}\n{body}");
     let v: serde_json::Value = serde_json::from_str(&body).expect("JSON error body");
     assert_eq!(v["errorCode"], 400004, "{v}");
-    assert!(v["trackingId"].is_string() && v["message"].is_string(), "{v}");
+    assert!(
+        v["trackingId"].is_string() && v["message"].is_string(),
+        "{v}"
+    );
     assert!(
         head.to_ascii_lowercase().contains("connection: close"),
         "{head}"
@@ -308,9 +321,14 @@ async fn too_many_or_too_large_request_headers_get_431() {
     assert!(head.starts_with("HTTP/1.1 431"), "10 kB header: {head}");
 
     // Within both limits: answered.
-    let fine: String = (0..15).map(|i| format!("X-H{i}: {}\r\n", "v".repeat(300))).collect();
+    let fine: String = (0..15)
+        .map(|i| format!("X-H{i}: {}\r\n", "v".repeat(300)))
+        .collect();
     let (head, _) = s.raw_exchange(&request(fine)).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "15 headers, 4.5 kB: {head}");
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "15 headers, 4.5 kB: {head}"
+    );
 
     metric_rises(&s, "dps_connections_closed_total", &label, before + 1.0).await;
 }
@@ -321,10 +339,7 @@ async fn too_many_or_too_large_request_headers_get_431() {
 async fn ws_connect(
     s: &TestServer,
     path: &str,
-) -> Result<
-    tokio_tungstenite::WebSocketStream<Tls>,
-    tokio_tungstenite::tungstenite::Error,
-> {
+) -> Result<tokio_tungstenite::WebSocketStream<Tls>, tokio_tungstenite::tungstenite::Error> {
     let tls = https(s).await;
     let mut req = format!("wss://localhost:{}{path}", s.server.https.port())
         .into_client_request()
@@ -379,7 +394,12 @@ impl WsMqtt {
 }
 
 /// Register `rid` over MQTT over WebSocket on `path`; returns the final status topic and body.
-async fn register_over_ws(s: &TestServer, path: &str, rid: &str, key: &str) -> (String, serde_json::Value) {
+async fn register_over_ws(
+    s: &TestServer,
+    path: &str,
+    rid: &str,
+    key: &str,
+) -> (String, serde_json::Value) {
     let ws = ws_connect(s, path).await.expect("upgrade");
     let mut m = WsMqtt {
         ws,
@@ -393,7 +413,9 @@ async fn register_over_ws(s: &TestServer, path: &str, rid: &str, key: &str) -> (
     );
     m.send(Packet::Connect(c)).await;
     match m.recv().await {
-        Packet::ConnAck(a) => assert_eq!(a.code, rumqttc::mqttbytes::v4::ConnectReturnCode::Success),
+        Packet::ConnAck(a) => {
+            assert_eq!(a.code, rumqttc::mqttbytes::v4::ConnectReturnCode::Success)
+        }
         p => panic!("expected CONNACK, got {p:?}"),
     }
     let mut sub = Subscribe::new("$dps/registrations/res/#", QoS::AtLeastOnce);
@@ -410,12 +432,20 @@ async fn register_over_ws(s: &TestServer, path: &str, rid: &str, key: &str) -> (
     let deadline = Instant::now() + PATIENCE;
     let mut rid_n = 1;
     while p.topic.starts_with("$dps/registrations/res/202/") {
-        assert!(Instant::now() < deadline, "still assigning after {PATIENCE:?}");
+        assert!(
+            Instant::now() < deadline,
+            "still assigning after {PATIENCE:?}"
+        );
         let body: serde_json::Value = serde_json::from_slice(&p.payload).expect("JSON");
-        let op = body["operationId"].as_str().expect("operationId").to_string();
+        let op = body["operationId"]
+            .as_str()
+            .expect("operationId")
+            .to_string();
         rid_n += 1;
         m.send(Packet::Publish(Publish::new(
-            format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid_n}&operationId={op}"),
+            format!(
+                "$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid_n}&operationId={op}"
+            ),
             QoS::AtMostOnce,
             Vec::new(),
         )))
@@ -435,7 +465,10 @@ async fn mqtt_over_websocket_registers_on_the_sdk_paths_and_other_paths_get_404(
     // C, Node and Python; C# (and Java's Paho given no path).
     for path in ["/$iothub/websocket", "/"] {
         let (topic, body) = register_over_ws(&s, path, "ws-dev", &key).await;
-        assert!(topic.starts_with("$dps/registrations/res/200/"), "{path}: {topic} {body}");
+        assert!(
+            topic.starts_with("$dps/registrations/res/200/"),
+            "{path}: {topic} {body}"
+        );
         assert_eq!(body["status"], "assigned", "{path}: {body}");
     }
     for path in ["/mqtt", "/$iothub/websocket/x", "/enrollments"] {
@@ -445,7 +478,11 @@ async fn mqtt_over_websocket_registers_on_the_sdk_paths_and_other_paths_get_404(
                 let body: serde_json::Value =
                     serde_json::from_slice(r.body().as_deref().unwrap_or_default())
                         .expect("Azure error body");
-                assert_eq!(body["errorCode"].as_u64().map(|c| c / 1000), Some(404), "{body}");
+                assert_eq!(
+                    body["errorCode"].as_u64().map(|c| c / 1000),
+                    Some(404),
+                    "{body}"
+                );
             }
             Err(e) => panic!("{path}: {e}"),
             Ok(_) => panic!("{path}: the upgrade was accepted"),
