@@ -272,14 +272,21 @@ impl ConnState {
 
     fn write_progress(&self, blocked: bool) {
         let mut s = self.lock();
-        match (blocked, s.write_blocked) {
-            (true, None) => {
-                s.write_blocked = Some(Instant::now());
-                drop(s);
-                self.changed.notify_one();
+        let newly_blocked = blocked && s.write_blocked.is_none();
+        if newly_blocked {
+            s.write_blocked = Some(Instant::now());
+        } else if !blocked {
+            s.write_blocked = None;
+            // HTTP/1.1: a response still being written (slowly, but progressing) keeps the
+            // connection from counting as idle. Not on HTTP/2, where the server also writes on
+            // its own (PING answers) and a client could keep a connection open with pings.
+            if !self.h2 && s.active == 0 && s.first_byte.is_none() && s.requests > 0 {
+                s.idle_since = Instant::now();
             }
-            (false, Some(_)) => s.write_blocked = None,
-            _ => {}
+        }
+        drop(s);
+        if newly_blocked {
+            self.changed.notify_one();
         }
     }
 

@@ -24,6 +24,10 @@ type Tls = TlsStream<TcpStream>;
 
 /// A TLS connection (no ALPN: HTTP/1.1) to `port`, trusting the server's development CA.
 async fn tls_connect(ca_pem: &str, port: u16) -> std::io::Result<Tls> {
+    tls_connect_alpn(ca_pem, port, &[]).await
+}
+
+async fn tls_connect_alpn(ca_pem: &str, port: u16, alpn: &[&[u8]]) -> std::io::Result<Tls> {
     let mut roots = rustls::RootCertStore::empty();
     let der = rustls_pki_types::pem::PemObject::from_pem_slice(ca_pem.as_bytes()).expect("ca");
     roots.add(der).expect("root");
@@ -34,6 +38,8 @@ async fn tls_connect(ca_pem: &str, port: u16) -> std::io::Result<Tls> {
     .expect("versions")
     .with_root_certificates(roots)
     .with_no_client_auth();
+    let mut cfg = cfg;
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
     let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
@@ -235,6 +241,44 @@ async fn an_idle_kept_alive_connection_is_closed_at_the_idle_timeout() {
         "closed after {took:?}: before the idle timeout"
     );
     metric_rises(&s, "dps_connections_closed_total", &label, before).await;
+}
+
+#[tokio::test]
+async fn http2_is_served_and_an_idle_http2_connection_is_closed_at_the_idle_timeout() {
+    let s = TestServer::spawn_with(|c| {
+        c.limits.http_header_timeout_ms = 200;
+        c.limits.http_idle_timeout_ms = 1500;
+    })
+    .await;
+    let tls = tls_connect_alpn(&s.ca_pem, s.server.https.port(), &[b"h2"])
+        .await
+        .expect("TLS");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .expect("HTTP/2 handshake");
+    let conn = tokio::spawn(conn);
+    for _ in 0..2 {
+        let req = hyper::Request::get("https://localhost/healthz")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.expect("HTTP/2 response");
+        assert_eq!(resp.status(), 200);
+    }
+    let start = Instant::now();
+    let ended = tokio::time::timeout(PATIENCE, conn).await;
+    let took = start.elapsed();
+    assert!(
+        ended.is_ok(),
+        "the idle HTTP/2 connection is still open after {PATIENCE:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(1200),
+        "closed after {took:?}: before the idle timeout"
+    );
 }
 
 #[tokio::test]
