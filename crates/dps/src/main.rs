@@ -67,12 +67,28 @@ fn serve(
     };
     init_logging(&cfg);
     let limit = |l: Option<u64>| l.map_or("unlimited".to_string(), |n| n.to_string());
+    let files_now = open_files.as_ref().ok().and_then(|(_, now)| *now);
     match open_files {
         Ok((before, after)) if before != after => {
             tracing::info!(from = %limit(before), to = %limit(after), "raised the open-file limit")
         }
         Ok((_, now)) => tracing::info!(limit = %limit(now), "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
+    // The connection caps only act if they are reached before the open-file limit is.
+    if let Some(files) = files_now {
+        let caps = (cfg.limits.max_https_connections as u64)
+            .saturating_add(cfg.limits.max_mqtt_connections as u64);
+        if caps > files {
+            tracing::warn!(
+                open_file_limit = files,
+                max_https_connections = cfg.limits.max_https_connections,
+                max_mqtt_connections = cfg.limits.max_mqtt_connections,
+                "the connection limits add up to more than the open-file limit: at that limit \
+                 new connections wait in the accept queue instead of being refused; raise the \
+                 hard limit (LimitNOFILE=) or lower the connection limits"
+            );
+        }
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

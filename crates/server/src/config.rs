@@ -103,8 +103,24 @@ pub struct Limits {
     pub max_pending_handshakes: usize,
     /// Maximum request body (bytes).
     pub max_body_bytes: usize,
-    /// Concurrent MQTT connections (beyond: refused).
+    /// Concurrent MQTT connections, over TLS and over WebSocket together (beyond: refused).
     pub max_mqtt_connections: usize,
+    /// Concurrent connections on the HTTPS listener (beyond: closed before the TLS handshake).
+    pub max_https_connections: usize,
+    /// Time allowed for an HTTPS request head: from the end of the TLS handshake for the first
+    /// request on a connection, from the head's first byte for the next ones (ms).
+    pub http_header_timeout_ms: u64,
+    /// A kept-alive HTTPS connection with no request for this long is closed (ms).
+    pub http_idle_timeout_ms: u64,
+    /// Time allowed for an HTTPS request body after its head, and for a stalled response
+    /// write (ms).
+    pub http_body_timeout_ms: u64,
+    /// Header lines in an HTTPS request head (beyond: 431).
+    pub max_header_count: usize,
+    /// Bytes of an HTTPS request head, request line included (beyond: 431).
+    pub max_header_bytes: usize,
+    /// Largest WebSocket message and frame on MQTT over WebSocket (bytes).
+    pub ws_max_message_bytes: usize,
     /// A registration still `assigning` this long after it started is considered interrupted
     /// (crash) and marked failed-retryable (ms).
     pub recovery_after_ms: u64,
@@ -124,9 +140,87 @@ impl Default for Limits {
             max_pending_handshakes: 8192,
             max_body_bytes: 96 * 1024,
             max_mqtt_connections: 100_000,
+            max_https_connections: 20_000,
+            http_header_timeout_ms: 10_000,
+            http_idle_timeout_ms: 60_000,
+            http_body_timeout_ms: 30_000,
+            max_header_count: 100,
+            max_header_bytes: 16 * 1024,
+            ws_max_message_bytes: 128 * 1024,
             recovery_after_ms: 60_000,
             refused_audit_per_second: 100,
         }
+    }
+}
+
+impl Limits {
+    /// Check the connection limits: each must be within its range (named in the error).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ranges: [(&str, u64, u64, u64); 10] = [
+            (
+                "tls_handshake_timeout_ms",
+                self.tls_handshake_timeout_ms,
+                1,
+                600_000,
+            ),
+            (
+                "http_header_timeout_ms",
+                self.http_header_timeout_ms,
+                1,
+                600_000,
+            ),
+            (
+                "http_idle_timeout_ms",
+                self.http_idle_timeout_ms,
+                1,
+                86_400_000,
+            ),
+            (
+                "http_body_timeout_ms",
+                self.http_body_timeout_ms,
+                1,
+                600_000,
+            ),
+            (
+                "max_https_connections",
+                self.max_https_connections as u64,
+                1,
+                10_000_000,
+            ),
+            (
+                "max_mqtt_connections",
+                self.max_mqtt_connections as u64,
+                1,
+                10_000_000,
+            ),
+            (
+                "max_pending_handshakes",
+                self.max_pending_handshakes as u64,
+                1,
+                10_000_000,
+            ),
+            ("max_header_count", self.max_header_count as u64, 16, 1000),
+            (
+                "max_header_bytes",
+                self.max_header_bytes as u64,
+                4096,
+                1024 * 1024,
+            ),
+            (
+                "ws_max_message_bytes",
+                self.ws_max_message_bytes as u64,
+                4096,
+                64 * 1024 * 1024,
+            ),
+        ];
+        for (key, v, min, max) in ranges {
+            if v < min || v > max {
+                return Err(ConfigError::Invalid(format!(
+                    "limits.{key} = {v} is out of range: it must be between {min} and {max}"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -348,6 +442,7 @@ impl Config {
                 }
             }
         }
+        self.limits.validate()?;
         let mut seen = std::collections::HashSet::new();
         for (i, inst) in self.instances.iter().enumerate() {
             if !seen.insert(inst.name.to_ascii_lowercase()) {
@@ -485,6 +580,30 @@ mod tests {
         };
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("listen.https"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_limits_name_the_key() {
+        for (key, set) in [
+            (
+                "http_header_timeout_ms",
+                (|l: &mut Limits| l.http_header_timeout_ms = 0) as fn(&mut Limits),
+            ),
+            ("http_idle_timeout_ms", |l| l.http_idle_timeout_ms = 0),
+            ("http_body_timeout_ms", |l| l.http_body_timeout_ms = 0),
+            ("max_https_connections", |l| l.max_https_connections = 0),
+            ("max_header_count", |l| l.max_header_count = 5000),
+            ("max_header_bytes", |l| l.max_header_bytes = 100),
+            ("ws_max_message_bytes", |l| l.ws_max_message_bytes = 1 << 30),
+        ] {
+            let mut cfg = Config::default();
+            set(&mut cfg.limits);
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("limits.{key}")), "{key}: {e}");
+        }
+        Config::default()
+            .validate()
+            .expect("the defaults are valid");
     }
 
     #[test]

@@ -9,7 +9,6 @@ use axum::extract::FromRequestParts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use dps_core::clock::azure_timestamp;
 use dps_core::wire::WireError;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use percent_encoding::percent_decode_str;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,13 +24,16 @@ pub struct PeerCerts(pub Arc<Vec<Vec<u8>>>);
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub SocketAddr);
 
-/// Serve HTTPS on `listener` until the task is dropped.
+/// Serve HTTPS on `listener` until the task is dropped: at most `conn.slots.max()`
+/// connections at once (beyond: closed before the handshake), each served by
+/// [`crate::connections::serve_http`] under `conn.http`'s deadlines and header limits.
 pub async fn serve_https(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     app: Arc<App>,
     handshake_timeout: Duration,
     max_pending_handshakes: usize,
+    conn: HttpsConnections,
 ) {
     let tls = crate::tls::TlsListener {
         listener,
@@ -40,32 +42,53 @@ pub async fn serve_https(
         handshake_timeout,
         max_pending_handshakes,
     };
+    let HttpsConnections { slots, http, ws } = conn;
+    let http = Arc::new(http);
     tls.serve(
-        |_| Some(()),
+        move |peer| {
+            let slot = slots.try_acquire(crate::connections::listener::HTTPS);
+            if slot.is_none() {
+                tracing::debug!(%peer, "HTTPS connection refused: max_https_connections reached");
+            }
+            slot
+        },
         move |tls, certs, peer| {
             let app = app.clone();
+            let http = http.clone();
+            let ws = ws.clone();
             async move {
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                 let certs = PeerCerts(Arc::new(certs));
-                let svc =
-                    hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
-                        let app = app.clone();
-                        req.extensions_mut().insert(certs.clone());
-                        req.extensions_mut().insert(PeerAddr(peer));
-                        async move {
-                            Ok::<_, std::convert::Infallible>(route(app, req.map(Body::new)).await)
-                        }
-                    });
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                if let Err(e) = builder
-                    .serve_connection_with_upgrades(TokioIo::new(tls), svc)
-                    .await
-                {
-                    tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
-                }
+                let handler = move |mut req: Request<Body>| {
+                    let app = app.clone();
+                    req.extensions_mut().insert(certs.clone());
+                    req.extensions_mut().insert(PeerAddr(peer));
+                    req.extensions_mut().insert(ws.clone());
+                    route(app, req)
+                };
+                crate::connections::serve_http(
+                    tls,
+                    h2,
+                    &http,
+                    crate::connections::listener::HTTPS,
+                    handler,
+                )
+                .await;
             }
         },
     )
     .await;
+}
+
+/// The connection limits of the HTTPS listener.
+#[derive(Clone, Debug)]
+pub struct HttpsConnections {
+    /// Its connection cap (`max_https_connections`).
+    pub slots: crate::connections::Slots,
+    /// Deadlines and header limits per connection.
+    pub http: crate::connections::HttpLimits,
+    /// MQTT over WebSocket: the MQTT connection cap and the message size.
+    pub ws: crate::connections::WsSettings,
 }
 
 /// A JSON response with Azure's content type.
@@ -322,12 +345,38 @@ fn openapi() -> Response<Body> {
         .expect("valid response")
 }
 
+/// Whether `path` is one the Azure SDKs open MQTT over WebSocket on: `/$iothub/websocket` (C,
+/// Node, Python; matched like every route: case-insensitively, percent-decoded, trailing slash
+/// tolerated) or `/` (C#, and Java's Paho given no path).
+fn is_websocket_path(path: &str) -> bool {
+    let segs: Vec<String> = path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            percent_decode_str(s)
+                .decode_utf8_lossy()
+                .to_ascii_lowercase()
+        })
+        .collect();
+    segs.is_empty() || segs == ["$iothub", "websocket"]
+}
+
 async fn websocket(app: Arc<App>, req: Request<Body>) -> Response<Body> {
+    if !is_websocket_path(req.uri().path()) {
+        return err(&dps_core::Error::NoRoute(format!(
+            "no WebSocket endpoint at {}; MQTT over WebSocket is served at /$iothub/websocket",
+            req.uri().path()
+        )));
+    }
     let certs = req
         .extensions()
         .get::<PeerCerts>()
         .cloned()
         .unwrap_or_default();
+    let settings = req
+        .extensions()
+        .get::<crate::connections::WsSettings>()
+        .cloned();
     let (mut parts, _body) = req.into_parts();
     let mut ws =
         match axum::extract::ws::WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
@@ -343,8 +392,24 @@ async fn websocket(app: Arc<App>, req: Request<Body>) -> Response<Body> {
             "WebSocket subprotocol 'mqtt' is required",
         ));
     };
+    // The MQTT connection cap covers WebSocket connections too; the place is taken before the
+    // upgrade and held by the upgraded connection.
+    let (slot, max_message) = match &settings {
+        Some(s) => match s.slots.try_acquire(crate::connections::listener::MQTT_WS) {
+            Some(slot) => (Some(slot), s.max_message_bytes),
+            None => {
+                tracing::debug!("MQTT over WebSocket refused: max_mqtt_connections reached");
+                return err(&dps_core::Error::Throttled { retry_after: 10 });
+            }
+        },
+        None => (None, crate::config::Limits::default().ws_max_message_bytes),
+    };
     ws.set_selected_protocol(proto);
-    ws.on_upgrade(move |socket| async move {
-        crate::mqtt_front::serve_ws(app, socket, certs.0.as_ref().clone()).await
-    })
+    // Before authentication a client must not make us buffer more than one MQTT packet's worth
+    // (the library's default is 64 MiB per message).
+    ws.max_message_size(max_message)
+        .max_frame_size(max_message)
+        .on_upgrade(move |socket| async move {
+            crate::mqtt_front::serve_ws(app, socket, certs.0.as_ref().clone(), slot).await
+        })
 }

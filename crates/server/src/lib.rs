@@ -11,6 +11,7 @@ pub mod audit;
 pub mod catalog;
 pub mod certificates;
 pub mod config;
+pub mod connections;
 pub mod device_api;
 pub mod engine;
 pub mod http;

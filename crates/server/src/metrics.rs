@@ -41,7 +41,22 @@ pub fn describe() {
         "dps_hub_healthy",
         "1 when the linked hub is healthy, 0 while allocation avoids it"
     );
-    describe_gauge!("dps_mqtt_connections", "Open MQTT connections");
+    describe_gauge!(
+        "dps_mqtt_connections",
+        "Open MQTT connections (TLS and WebSocket)"
+    );
+    describe_gauge!(
+        "dps_connections_open",
+        "Open connections by listener (https, mqtt, mqtt_ws)"
+    );
+    describe_counter!(
+        "dps_connections_refused_total",
+        "Connections closed at once because the listener's connection limit was reached, by listener and reason"
+    );
+    describe_counter!(
+        "dps_connections_closed_total",
+        "HTTPS connections closed, by listener and reason (closed, error, header_limit, head_timeout, idle_timeout, body_timeout, write_timeout)"
+    );
     describe_counter!(
         "dps_tls_handshakes_total",
         "TLS handshakes by listener and result"

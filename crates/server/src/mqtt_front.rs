@@ -2,42 +2,23 @@
 //! WebSocket (upgraded on the HTTPS listener), both served by `dps_mqtt` over the engine.
 
 use crate::app::App;
+use crate::connections::{Slot, Slots};
 use axum::extract::ws::{Message, WebSocket};
 use dps_core::device::{DeviceService, Transport};
 use futures::{SinkExt, StreamExt};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-static MQTT_CONNECTIONS: AtomicUsize = AtomicUsize::new(0);
-
-struct ConnGuard;
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        let n = MQTT_CONNECTIONS.fetch_sub(1, Ordering::SeqCst) - 1;
-        metrics::gauge!("dps_mqtt_connections").set(n as f64);
-    }
-}
-
-fn conn_guard(max: usize) -> Option<ConnGuard> {
-    let n = MQTT_CONNECTIONS.fetch_add(1, Ordering::SeqCst) + 1;
-    let g = ConnGuard;
-    if n > max {
-        return None;
-    }
-    metrics::gauge!("dps_mqtt_connections").set(n as f64);
-    Some(g)
-}
-
-/// Serve MQTT over TLS.
+/// Serve MQTT over TLS. `slots` is the MQTT connection cap (`max_mqtt_connections`), shared
+/// with MQTT over WebSocket; a connection beyond it is closed before the handshake.
 pub async fn serve_mqtt(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     app: Arc<App>,
     handshake_timeout: Duration,
-    max_connections: usize,
+    slots: Slots,
     max_pending_handshakes: usize,
 ) {
     let tls = crate::tls::TlsListener {
@@ -48,7 +29,7 @@ pub async fn serve_mqtt(
         max_pending_handshakes,
     };
     let admit = move |peer| {
-        let g = conn_guard(max_connections);
+        let g = slots.try_acquire(crate::connections::listener::MQTT);
         if g.is_none() {
             tracing::warn!(%peer, "MQTT connection refused: max_mqtt_connections reached");
         }
@@ -74,11 +55,10 @@ pub async fn serve_mqtt(
     .await;
 }
 
-/// Serve MQTT over an upgraded WebSocket.
-pub async fn serve_ws(app: Arc<App>, socket: WebSocket, certs: Vec<Vec<u8>>) {
-    let Some(_guard) = conn_guard(usize::MAX) else {
-        return;
-    };
+/// Serve MQTT over an upgraded WebSocket; `slot` is its place among the MQTT connections,
+/// held until the connection ends.
+pub async fn serve_ws(app: Arc<App>, socket: WebSocket, certs: Vec<Vec<u8>>, slot: Option<Slot>) {
+    let _slot = slot;
     let (sink, stream) = socket.split();
     let stream = stream
         .take_while(|m| futures::future::ready(!matches!(m, Ok(Message::Close(_)))))

@@ -254,12 +254,25 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     let mut tasks = Vec::new();
     let https = bind(&cfg.listen.https, "https").await?;
     let https_addr = https.local_addr()?;
+    // One MQTT connection cap for MQTT over TLS and MQTT over WebSocket.
+    let mqtt_slots = crate::connections::Slots::with_total_gauge(
+        cfg.limits.max_mqtt_connections,
+        "dps_mqtt_connections",
+    );
     tasks.push(tokio::spawn(crate::http::serve_https(
         https,
         tokio_rustls::TlsAcceptor::from(https_tls),
         app.clone(),
         handshake,
         cfg.limits.max_pending_handshakes,
+        crate::http::HttpsConnections {
+            slots: crate::connections::Slots::new(cfg.limits.max_https_connections),
+            http: crate::connections::HttpLimits::from_config(&cfg.limits),
+            ws: crate::connections::WsSettings {
+                slots: mqtt_slots.clone(),
+                max_message_bytes: cfg.limits.ws_max_message_bytes,
+            },
+        },
     )));
     let mqtt_addr = if cfg.listen.mqtt.is_empty() {
         None
@@ -271,7 +284,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             tokio_rustls::TlsAcceptor::from(mqtt_tls),
             app.clone(),
             handshake,
-            cfg.limits.max_mqtt_connections,
+            mqtt_slots,
             cfg.limits.max_pending_handshakes,
         )));
         Some(a)

@@ -2,6 +2,7 @@
 
 mod auth;
 mod cli;
+mod connections;
 mod device_client;
 mod hub_contract;
 mod hubs_azure;
