@@ -30,6 +30,8 @@ pub struct Config {
     pub log: Log,
     /// Limits and timeouts.
     pub limits: Limits,
+    /// Authentication rules.
+    pub auth: Auth,
     /// Provisioning instances declared here are created or updated at start.
     #[serde(rename = "instance")]
     pub instances: Vec<InstanceConfig>,
@@ -130,6 +132,16 @@ impl Default for Limits {
     }
 }
 
+/// Authentication rules.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    /// The longest SAS token lifetime accepted, in seconds: a device or service token whose
+    /// expiry (`se`) is more than this (plus the 5-minute clock skew) after now is refused with
+    /// 401 (`401002`). 0: no limit.
+    pub max_token_lifetime_secs: u64,
+}
+
 /// An access policy in the config (keys generated when omitted, and kept).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -183,6 +195,7 @@ impl Default for Config {
             tls: None,
             log: Log::default(),
             limits: Limits::default(),
+            auth: Auth::default(),
             instances: Vec::new(),
         }
     }
@@ -255,6 +268,7 @@ const ENV_KEYS: &[&str] = &[
     "tls",
     "log",
     "limits",
+    "auth",
 ];
 
 impl Config {
