@@ -453,6 +453,19 @@ mod tests {
         assert_eq!(cfg.instances.len(), 2);
         assert_eq!(cfg.instances[0].linked_hub.len(), 2);
         assert_eq!(cfg.listen.https, "[::]:443");
+        assert_eq!(cfg.auth.max_token_lifetime_secs, 0);
+    }
+
+    #[test]
+    fn the_auth_section_parses_and_defaults_to_no_lifetime_limit() {
+        assert_eq!(Config::default().auth.max_token_lifetime_secs, 0);
+        let cfg = toml_parse("[auth]\nmax_token_lifetime_secs = 3600\n");
+        assert_eq!(cfg.auth.max_token_lifetime_secs, 3600);
+        let err = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string("[auth]\nmax_lifetime = 1\n"))
+            .extract::<Config>()
+            .unwrap_err();
+        assert!(err.to_string().contains("max_lifetime"), "{err}");
     }
 
     fn toml_parse(text: &str) -> Config {
