@@ -44,6 +44,16 @@ pub enum SasError {
     /// No key produced the signature.
     #[error("SAS signature does not match any key")]
     BadSignature,
+    /// `se` is further in the future than the configured maximum token lifetime allows.
+    #[error(
+        "SAS token expiry {expiry} is more than {max_lifetime_secs} s in the future (the maximum token lifetime)"
+    )]
+    LifetimeTooLong {
+        /// The token's expiry, seconds since the epoch.
+        expiry: i64,
+        /// The configured maximum lifetime, seconds.
+        max_lifetime_secs: u64,
+    },
 }
 
 /// A parsed SAS token. `Debug` never prints the signature.
@@ -137,6 +147,26 @@ impl SasToken {
         Ok(())
     }
 
+    /// Check the expiry against a maximum token lifetime: refused when `se` is more than
+    /// `max_lifetime_secs` + [`CLOCK_SKEW_SECS`] after `now` (the same skew [`check_expiry`]
+    /// allows, for clients whose clock runs ahead). `max_lifetime_secs == 0`: no limit.
+    ///
+    /// [`check_expiry`]: SasToken::check_expiry
+    pub fn check_lifetime(&self, now: i64, max_lifetime_secs: u64) -> Result<(), SasError> {
+        if max_lifetime_secs == 0 {
+            return Ok(());
+        }
+        let max = i64::try_from(max_lifetime_secs).unwrap_or(i64::MAX);
+        let latest = now.saturating_add(max).saturating_add(CLOCK_SKEW_SECS);
+        if self.expiry > latest {
+            return Err(SasError::LifetimeTooLong {
+                expiry: self.expiry,
+                max_lifetime_secs,
+            });
+        }
+        Ok(())
+    }
+
     /// Verify the signature against any of `keys` (base64). Constant-time comparison.
     /// Returns the index of the key that matched.
     pub fn verify_signature<'a>(
@@ -183,16 +213,52 @@ impl SasToken {
         self.verify_signature(keys)
     }
 
-    /// For a service token: does `sr` cover `host` (segment prefix of the host, or host/path)?
-    pub fn audience_covers_host(&self, host: &str) -> bool {
-        let aud = self.sr.trim_end_matches('/').to_ascii_lowercase();
-        let host = host.to_ascii_lowercase();
-        // sr may be "host" or "host/path..." ; the request target is host/anything.
-        let aud_host = aud.split('/').next().unwrap_or("");
-        let aud_host = aud_host.split(':').next().unwrap_or("");
-        let host_only = host.split(':').next().unwrap_or("");
-        aud_host == host_only
+    /// For a service token: the host named by `sr` (its first segment, URL-decoded, port
+    /// included as sent). The service API finds the instance by this host.
+    pub fn audience_host(&self) -> &str {
+        self.sr.split('/').next().unwrap_or("")
     }
+
+    /// For a service token (§7.1): does `sr` cover a request to `host` with the path
+    /// `path_segments` (percent-decoded)? The rule, Azure's "URI prefix computed by segment":
+    ///
+    /// - `sr` is taken URL-decoded and without trailing `/`, then split on `/`;
+    /// - its first segment, without a `:port`, must equal `host` (without a port),
+    ///   ASCII-case-insensitively;
+    /// - each further segment of `sr` must equal the request path's segment at the same
+    ///   position, ASCII-case-insensitively (so `host/enrollments` covers `/enrollments/x` but
+    ///   neither `/enrollmentGroups/x` nor `/enroll`, and `host/enroll` covers nothing under
+    ///   `/enrollments`); `sr` may not have more segments than the path.
+    ///
+    /// Empty segments (`host//enrollments`) never match.
+    pub fn audience_covers(&self, host: &str, path_segments: &[&str]) -> bool {
+        let aud = self.sr.trim_end_matches('/');
+        let mut parts = aud.split('/');
+        let aud_host = parts.next().unwrap_or("");
+        if aud_host.is_empty() || !strip_port(aud_host).eq_ignore_ascii_case(strip_port(host)) {
+            return false;
+        }
+        let mut path = path_segments.iter();
+        for seg in parts {
+            match path.next() {
+                Some(p) if !seg.is_empty() && seg.eq_ignore_ascii_case(p) => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+}
+
+/// `host` without a `:port` (an IPv6 literal keeps its brackets' content only when a port
+/// follows: `[::1]:443` → `::1`, `[::1]` → `::1`; a bare `::1` is left alone).
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or("");
+    }
+    if host.matches(':').count() == 1 {
+        return host.split(':').next().unwrap_or("");
+    }
+    host
 }
 
 /// HMAC-SHA256.
@@ -364,6 +430,67 @@ mod tests {
         ] {
             assert!(SasToken::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn lifetime_limit_allows_the_skew_and_refuses_beyond() {
+        let now = 1_000_000;
+        let tok = |se: i64| SasToken::parse(&sign_token("h", KEY, Some("p"), se).unwrap()).unwrap();
+        // No limit.
+        assert!(tok(now + 10 * 365 * 86_400).check_lifetime(now, 0).is_ok());
+        // Exactly max, and max plus the skew: accepted.
+        assert!(tok(now + 3600).check_lifetime(now, 3600).is_ok());
+        assert!(tok(now + 3600 + CLOCK_SKEW_SECS)
+            .check_lifetime(now, 3600)
+            .is_ok());
+        // One second beyond: refused.
+        assert_eq!(
+            tok(now + 3600 + CLOCK_SKEW_SECS + 1).check_lifetime(now, 3600),
+            Err(SasError::LifetimeTooLong {
+                expiry: now + 3600 + CLOCK_SKEW_SECS + 1,
+                max_lifetime_secs: 3600
+            })
+        );
+        // Huge limits do not overflow.
+        assert!(tok(i64::MAX).check_lifetime(now, u64::MAX).is_ok());
+        assert!(tok(i64::MAX).check_lifetime(now, 60).is_err());
+    }
+
+    #[test]
+    fn service_audience_is_host_then_a_segment_prefix_of_the_path() {
+        let t = |sr: &str| {
+            SasToken::parse(&format!("SharedAccessSignature sr={sr}&sig=x&se=1&skn=p")).unwrap()
+        };
+        let p: &[&str] = &["enrollments", "dev-1"];
+        // Host only, any case, with or without a port or a trailing slash, encoded or not.
+        for sr in [
+            "dps.example.net",
+            "DPS.Example.NET",
+            "dps.example.net:443",
+            "dps.example.net/",
+            "dps.example.net%2Fenrollments",
+            "dps.example.net%2fEnrollments%2fDEV-1",
+            "dps.example.net/enrollments/",
+        ] {
+            assert!(t(sr).audience_covers("dps.example.net", p), "{sr}");
+        }
+        // Another host, a host prefix, a string (not segment) prefix, a sibling path, a longer
+        // path, an empty segment: refused.
+        for sr in [
+            "other.example.net",
+            "dps.example",
+            "dps.example.net.evil.com",
+            "dps.example.net%2Fenroll",
+            "dps.example.net/enrollmentGroups",
+            "dps.example.net/enrollments/dev-1/attestationmechanism",
+            "dps.example.net//enrollments",
+            "",
+            "/enrollments",
+        ] {
+            assert!(!t(sr).audience_covers("dps.example.net", p), "{sr}");
+        }
+        assert!(t("[::1]:443/enrollments").audience_covers("::1", p));
+        assert_eq!(t("h%2Fx").audience_host(), "h");
     }
 
     proptest! {

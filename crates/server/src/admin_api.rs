@@ -2,17 +2,19 @@
 //! the built-in registry's devices, stats and the audit log. SAS auth with `ServiceConfig`; a
 //! token acts on its own instance, and a token of the admin instance may act on all of them.
 //!
-//! The handlers authorize (the right, then the target instance), parse the request, call one
+//! The dispatcher checks the right (ServiceConfig, from the route table in [`crate::routes`]);
+//! the handlers check the target instance, parse the request, call one
 //! use case ([`crate::usecases::admin`], [`crate::usecases::certificates`]) and write the
 //! answer.
 
 use crate::app::App;
 use crate::http::{json_response, no_content, param, Incoming, Path};
-use crate::service_api::{authorize, Caller};
+use crate::routes::Op;
+use crate::service_api::{misrouted, Caller};
 use axum::body::Body;
-use axum::http::{Method, Response, StatusCode};
+use axum::http::{Response, StatusCode};
 use dps_core::error::AuthFailure;
-use dps_core::instance::{AccessPolicy, Instance, Right};
+use dps_core::instance::{AccessPolicy, Instance};
 use dps_core::store::AuditQuery;
 use dps_core::Error;
 use std::sync::Arc;
@@ -53,18 +55,22 @@ fn json_body(body: &[u8], what: &str) -> Result<serde_json::Value, Error> {
     serde_json::from_slice(body).map_err(|e| Error::invalid(format!("invalid {what}: {e}")))
 }
 
-/// Handle `/admin/...` (behind [`crate::http::respond`]).
-pub async fn handle(app: &App, req: &Incoming, path: Path<'_>) -> Result<Response<Body>, Error> {
-    let Path { segs, l } = path;
-    let caller = authorize(app, &req.headers, Right::ServiceConfig)?;
+/// Handle `/admin/...` (behind [`crate::http::respond`]) for a caller the dispatcher
+/// authorized with ServiceConfig.
+pub async fn handle(
+    app: &App,
+    req: &Incoming,
+    path: Path<'_>,
+    op: Op,
+    caller: &Caller,
+) -> Result<Response<Body>, Error> {
+    let segs = path.segs;
     let (params, body) = (&req.params, &req.body[..]);
     let uc = &app.admin;
-    match (&l[1..], req.method.clone()) {
-        (["instances"], Method::GET) => {
-            ok(&uc.list_instances(|i| may_manage(app, &caller, &i.name).is_ok()))
-        }
-        (["instances", _], Method::GET) => ok(&target(app, &caller, &segs[2])?.redacted()),
-        (["instances", _], Method::PUT) => {
+    match op {
+        Op::InstanceList => ok(&uc.list_instances(|i| may_manage(app, caller, &i.name).is_ok())),
+        Op::InstanceGet => ok(&target(app, caller, &segs[2])?.redacted()),
+        Op::InstancePut => {
             if app.instances.by_name(&segs[2]).is_none()
                 && !caller
                     .instance
@@ -77,7 +83,7 @@ pub async fn handle(app: &App, req: &Incoming, path: Path<'_>) -> Result<Respons
                 }
                 .into());
             }
-            may_manage(app, &caller, &segs[2]).or_else(|e| {
+            may_manage(app, caller, &segs[2]).or_else(|e| {
                 if app.instances.by_name(&segs[2]).is_none() {
                     Ok(())
                 } else {
@@ -85,51 +91,51 @@ pub async fn handle(app: &App, req: &Incoming, path: Path<'_>) -> Result<Respons
                 }
             })?;
             let v = json_body(body, "instance")?;
-            ok(&uc.put_instance(&caller, &segs[2], v).await?)
+            ok(&uc.put_instance(caller, &segs[2], v).await?)
         }
-        (["instances", _], Method::DELETE) => {
-            let inst = target(app, &caller, &segs[2])?;
-            uc.delete_instance(&caller, &inst).await?;
+        Op::InstanceDelete => {
+            let inst = target(app, caller, &segs[2])?;
+            uc.delete_instance(caller, &inst).await?;
             Ok(no_content())
         }
-        (["instances", _, "stats"], Method::GET) => {
-            let inst = target(app, &caller, &segs[2])?;
+        Op::InstanceStats => {
+            let inst = target(app, caller, &segs[2])?;
             ok(&uc.stats(&inst).await?)
         }
-        (["instances", _, "linkedhubs"], Method::GET) => {
-            let inst = target(app, &caller, &segs[2])?;
+        Op::LinkedHubList => {
+            let inst = target(app, caller, &segs[2])?;
             ok(&uc.linked_hubs(&inst))
         }
-        (["instances", _, "linkedhubs", _], Method::PUT) => {
-            let inst = target(app, &caller, &segs[2])?;
+        Op::LinkedHubPut => {
+            let inst = target(app, caller, &segs[2])?;
             let v = json_body(body, "linked hub")?;
-            ok(&uc.put_linked_hub(&caller, &inst, &segs[4], v).await?)
+            ok(&uc.put_linked_hub(caller, &inst, &segs[4], v).await?)
         }
-        (["instances", _, "linkedhubs", _], Method::DELETE) => {
-            let inst = target(app, &caller, &segs[2])?;
-            uc.remove_linked_hub(&caller, &inst, &segs[4]).await?;
+        Op::LinkedHubDelete => {
+            let inst = target(app, caller, &segs[2])?;
+            uc.remove_linked_hub(caller, &inst, &segs[4]).await?;
             Ok(no_content())
         }
-        (["instances", _, "accesspolicies"], Method::GET) => {
-            let inst = target(app, &caller, &segs[2])?;
+        Op::AccessPolicyList => {
+            let inst = target(app, caller, &segs[2])?;
             ok(&inst
                 .access_policy
                 .iter()
                 .map(AccessPolicy::redacted)
                 .collect::<Vec<_>>())
         }
-        (["instances", _, "accesspolicies", _], Method::PUT) => {
-            let inst = target(app, &caller, &segs[2])?;
+        Op::AccessPolicyPut => {
+            let inst = target(app, caller, &segs[2])?;
             let v = json_body(body, "access policy")?;
-            ok(&uc.put_access_policy(&caller, &inst, &segs[4], v).await?)
+            ok(&uc.put_access_policy(caller, &inst, &segs[4], v).await?)
         }
-        (["instances", _, "accesspolicies", _], Method::DELETE) => {
-            let inst = target(app, &caller, &segs[2])?;
-            uc.remove_access_policy(&caller, &inst, &segs[4]).await?;
+        Op::AccessPolicyDelete => {
+            let inst = target(app, caller, &segs[2])?;
+            uc.remove_access_policy(caller, &inst, &segs[4]).await?;
             Ok(no_content())
         }
-        (["instances", _, "hubs", _, "devices"], Method::GET) => {
-            let inst = target(app, &caller, &segs[2])?;
+        Op::HubDeviceList => {
+            let inst = target(app, caller, &segs[2])?;
             let limit = param(params, "limit")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(100usize)
@@ -139,14 +145,14 @@ pub async fn handle(app: &App, req: &Incoming, path: Path<'_>) -> Result<Respons
                 .await?;
             ok(&serde_json::json!({"items": items, "continuation": next}))
         }
-        (["instances", _, "hubs", _, "devices", _], Method::GET) => {
-            let inst = target(app, &caller, &segs[2])?;
+        Op::HubDeviceGet => {
+            let inst = target(app, caller, &segs[2])?;
             ok(&uc.hub_device(&inst, &segs[4], &segs[6]).await?)
         }
-        (["audit"], Method::GET) => {
+        Op::AuditLog => {
             let instance = match param(params, "instance") {
                 Some(i) => {
-                    may_manage(app, &caller, i)?;
+                    may_manage(app, caller, i)?;
                     Some(i.to_string())
                 }
                 None if caller
@@ -184,6 +190,6 @@ pub async fn handle(app: &App, req: &Incoming, path: Path<'_>) -> Result<Respons
                 .collect();
             ok(&list)
         }
-        _ => crate::certificates::handle(app, &caller, req, path).await,
+        other => Err(misrouted(other)),
     }
 }

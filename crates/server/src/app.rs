@@ -32,6 +32,8 @@ pub struct App {
     pub admin_instance: String,
     /// Maximum request body.
     pub max_body: usize,
+    /// Longest accepted service SAS token lifetime (`se` − now, seconds); 0: no limit.
+    pub max_token_lifetime_secs: u64,
     /// MQTT limits.
     pub mqtt_limits: dps_mqtt::MqttLimits,
     /// Set once every listener is bound.

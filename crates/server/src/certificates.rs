@@ -10,9 +10,10 @@
 use crate::admin_api::ok;
 use crate::app::App;
 use crate::http::{no_content, Incoming, Path};
+use crate::routes::Op;
 use crate::service_api::Caller;
 use axum::body::Body;
-use axum::http::{Method, Response};
+use axum::http::Response;
 use dps_core::Error;
 
 pub use crate::usecases::certificates::{load_cas, load_deny_list, DenyEntry, StoredCa};
@@ -31,56 +32,48 @@ fn cert_from_body(body: &[u8]) -> Result<(Vec<u8>, serde_json::Value), Error> {
     Ok((der, v))
 }
 
-/// Handle certificate and deny-list routes.
+/// Handle certificate and deny-list routes for a caller the dispatcher authorized with
+/// ServiceConfig ([`crate::routes`]); the target instance is checked here.
 pub async fn handle(
     app: &App,
     caller: &Caller,
     req: &Incoming,
     path: Path<'_>,
+    op: Op,
 ) -> Result<Response<Body>, Error> {
-    let Path { segs, l } = path;
-    let method = &req.method;
+    let segs = path.segs;
     let body = &req.body[..];
-    let no_route = || {
-        Error::Unsupported(format!(
-            "no admin API route for {method} /{}",
-            segs.join("/")
-        ))
-    };
-    if l.len() < 4 || l[1] != "instances" {
-        return Err(no_route());
-    }
     let inst = crate::admin_api::target(app, caller, &segs[2])?;
     let inst = inst.name.as_str();
     let uc = &app.certificates;
-    match (&l[3..], method.clone()) {
-        (["certificates"], Method::GET) => {
+    match op {
+        Op::CertificateList => {
             let all = uc.list(inst).await?;
             ok(&all.iter().map(StoredCa::public).collect::<Vec<_>>())
         }
-        (["certificates", _], Method::GET) => ok(&uc.get(inst, &segs[4]).await?.public()),
-        (["certificates", _], Method::PUT) => {
+        Op::CertificateGet => ok(&uc.get(inst, &segs[4]).await?.public()),
+        Op::CertificatePut => {
             let (der, v) = cert_from_body(body)?;
             let verified = v.get("verified").and_then(|b| b.as_bool()).unwrap_or(false);
             let c = uc.put(caller, inst, &segs[4], &der, verified).await?;
             ok(&c.public())
         }
-        (["certificates", _], Method::DELETE) => {
+        Op::CertificateDelete => {
             uc.delete(caller, inst, &segs[4]).await?;
             Ok(no_content())
         }
-        (["certificates", _, "generateverificationcode"], Method::POST) => {
+        Op::CertificateVerificationCode => {
             let (c, code) = uc
                 .generate_verification_code(caller, inst, &segs[4])
                 .await?;
             ok(&serde_json::json!({"name": c.name, "verificationCode": code}))
         }
-        (["certificates", _, "verify"], Method::POST) => {
+        Op::CertificateVerify => {
             let proof = cert_from_body(body).map(|(der, _)| der);
             ok(&uc.verify(caller, inst, &segs[4], proof).await?.public())
         }
-        (["denylist"], Method::GET) => ok(&uc.deny_list(inst).await?),
-        (["denylist", _], Method::PUT) => {
+        Op::DenyList => ok(&uc.deny_list(inst).await?),
+        Op::DenyListPut => {
             let v: serde_json::Value = if body.is_empty() {
                 serde_json::json!({})
             } else {
@@ -91,10 +84,10 @@ pub async fn handle(
             let reason = v.get("reason").and_then(|r| r.as_str()).map(str::to_string);
             ok(&uc.deny(caller, inst, &segs[4], kind, reason).await?)
         }
-        (["denylist", _], Method::DELETE) => {
+        Op::DenyListDelete => {
             uc.allow(caller, inst, &segs[4]).await?;
             Ok(no_content())
         }
-        _ => Err(no_route()),
+        other => Err(crate::service_api::misrouted(other)),
     }
 }

@@ -30,6 +30,8 @@ pub struct Config {
     pub log: Log,
     /// Limits and timeouts.
     pub limits: Limits,
+    /// Authentication rules.
+    pub auth: Auth,
     /// Provisioning instances declared here are created or updated at start.
     #[serde(rename = "instance")]
     pub instances: Vec<InstanceConfig>,
@@ -224,6 +226,16 @@ impl Limits {
     }
 }
 
+/// Authentication rules.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    /// The longest SAS token lifetime accepted, in seconds: a device or service token whose
+    /// expiry (`se`) is more than this (plus the 5-minute clock skew) after now is refused with
+    /// 401 (`401002`). 0: no limit.
+    pub max_token_lifetime_secs: u64,
+}
+
 /// An access policy in the config (keys generated when omitted, and kept).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -277,6 +289,7 @@ impl Default for Config {
             tls: None,
             log: Log::default(),
             limits: Limits::default(),
+            auth: Auth::default(),
             instances: Vec::new(),
         }
     }
@@ -349,6 +362,7 @@ const ENV_KEYS: &[&str] = &[
     "tls",
     "log",
     "limits",
+    "auth",
 ];
 
 impl Config {
@@ -534,6 +548,19 @@ mod tests {
         assert_eq!(cfg.instances.len(), 2);
         assert_eq!(cfg.instances[0].linked_hub.len(), 2);
         assert_eq!(cfg.listen.https, "[::]:443");
+        assert_eq!(cfg.auth.max_token_lifetime_secs, 0);
+    }
+
+    #[test]
+    fn the_auth_section_parses_and_defaults_to_no_lifetime_limit() {
+        assert_eq!(Config::default().auth.max_token_lifetime_secs, 0);
+        let cfg = toml_parse("[auth]\nmax_token_lifetime_secs = 3600\n");
+        assert_eq!(cfg.auth.max_token_lifetime_secs, 3600);
+        let err = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string("[auth]\nmax_lifetime = 1\n"))
+            .extract::<Config>()
+            .unwrap_err();
+        assert!(err.to_string().contains("max_lifetime"), "{err}");
     }
 
     fn toml_parse(text: &str) -> Config {

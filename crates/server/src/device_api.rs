@@ -3,8 +3,9 @@
 
 use crate::app::App;
 use crate::http::{err, json_response, param, read_request, PeerCerts};
+use crate::routes::Op;
 use axum::body::Body;
-use axum::http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use axum::http::{header, HeaderValue, Request, Response, StatusCode};
 use dps_core::device::{DeviceCredential, DeviceRequest, DeviceResponse, DeviceService, Transport};
 use dps_core::model::DeviceRegistration;
 use dps_core::Error;
@@ -48,13 +49,9 @@ fn render(resp: DeviceResponse) -> Response<Body> {
     r
 }
 
-/// Handle `/{idScope}/registrations/...`.
-pub async fn handle(
-    app: &Arc<App>,
-    req: Request<Body>,
-    segs: &[String],
-    l: &[&str],
-) -> Response<Body> {
+/// Handle `/{idScope}/registrations/...` (the route found in [`crate::routes`]; the device's
+/// credential is checked by the registration engine).
+pub async fn handle(app: &Arc<App>, req: Request<Body>, segs: &[String], op: Op) -> Response<Body> {
     let (req, api_version) = match read_request(req, app.max_body, check_api_version).await {
         Ok(x) => x,
         Err(r) => return r,
@@ -78,7 +75,6 @@ pub async fn handle(
             }
         }
     };
-    let method = req.method.clone();
     let force =
         param(&req.params, "forceRegistration").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let body = req.body;
@@ -98,8 +94,8 @@ pub async fn handle(
             )))
         })
     };
-    match (method, l.len()) {
-        (Method::PUT, 4) if l[3] == "register" => {
+    match op {
+        Op::DeviceRegister => {
             let reg = match parse(&body) {
                 Ok(r) => r,
                 Err(r) => return r,
@@ -109,7 +105,7 @@ pub async fn handle(
                 Err(e) => err(&e),
             }
         }
-        (Method::GET, 5) if l[3] == "operations" => match app
+        Op::DeviceOperationStatus => match app
             .engine
             .operation_status(mk(DeviceRegistration::default()), &segs[4])
             .await
@@ -117,7 +113,7 @@ pub async fn handle(
             Ok(resp) => render(resp),
             Err(e) => err(&e),
         },
-        (Method::POST, 3) => {
+        Op::DeviceRegistrationStatus => {
             let reg = match parse(&body) {
                 Ok(r) => r,
                 Err(r) => return r,
@@ -127,9 +123,8 @@ pub async fn handle(
                 Err(e) => err(&e),
             }
         }
-        (m, _) => err(&Error::NoRoute(format!(
-            "no device API route for {m} {}",
-            segs.join("/")
+        other => err(&Error::Internal(format!(
+            "route operation {other:?} handed to the device API"
         ))),
     }
 }

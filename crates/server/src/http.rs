@@ -4,10 +4,13 @@
 //! percent-decoded, and a trailing slash is tolerated.
 
 use crate::app::App;
+use crate::routes::{self, Access, Family, Op, Route};
+use crate::usecases::Caller;
 use axum::body::Body;
 use axum::extract::FromRequestParts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use dps_core::clock::azure_timestamp;
+use dps_core::instance::Right;
 use dps_core::wire::WireError;
 use percent_encoding::percent_decode_str;
 use std::net::SocketAddr;
@@ -258,7 +261,9 @@ fn is_ws_upgrade(h: &HeaderMap) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
-/// Route one request.
+/// Route one request: find its [`Route`](crate::routes::Route) in the one table, authorize it
+/// there (service and admin routes: the service SAS token and the route's right, before the
+/// body is read), then hand it to its API's handler.
 pub async fn route(app: Arc<App>, req: Request<Body>) -> Response<Body> {
     let started = std::time::Instant::now();
     if is_ws_upgrade(req.headers()) {
@@ -273,23 +278,35 @@ pub async fn route(app: Arc<App>, req: Request<Body>) -> Response<Body> {
     let lower: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
     let l: Vec<&str> = lower.iter().map(String::as_str).collect();
     let method = req.method().clone();
-    let (area, resp) = match l.first().copied() {
-        Some("enrollments") | Some("enrollmentgroups") | Some("registrations") => (
+    let family = routes::family_of(&l);
+    let found = family.and_then(|f| routes::find(f, &method, &l));
+    let p = Path { segs: &segs, l: &l };
+    let (area, resp) = match (family, found) {
+        (_, Some(r)) => (area_of(r), dispatch(&app, req, r, p).await),
+        (Some(Family::Service), None) => (
             "service",
-            api(&app, req, Path { segs: &segs, l: &l }, false).await,
+            err(&dps_core::Error::Unsupported(format!(
+                "no service API route for {method} /{}",
+                segs.join("/")
+            ))),
         ),
-        Some("admin") => (
+        // Unknown admin paths are only described to ServiceConfig callers.
+        (Some(Family::Admin), None) => (
             "admin",
-            api(&app, req, Path { segs: &segs, l: &l }, true).await,
+            match routes::authorize(&app, req.headers(), &l, Right::ServiceConfig) {
+                Ok(_) => err(&dps_core::Error::Unsupported(format!(
+                    "no admin API route for {method} /{}",
+                    segs.join("/")
+                ))),
+                Err(e) => err(&e),
+            },
         ),
-        Some("openapi.json") if method == Method::GET => ("docs", openapi()),
-        Some("healthz") if method == Method::GET => (
-            "health",
-            json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-        ),
-        Some(_) if l.get(1) == Some(&"registrations") => (
+        (Some(Family::Device), None) => (
             "device",
-            crate::device_api::handle(&app, req, &segs, &l).await,
+            err(&dps_core::Error::NoRoute(format!(
+                "no device API route for {method} {}",
+                segs.join("/")
+            ))),
         ),
         _ => (
             "unknown",
@@ -302,28 +319,70 @@ pub async fn route(app: Arc<App>, req: Request<Body>) -> Response<Body> {
     resp
 }
 
+fn area_of(r: &Route) -> &'static str {
+    match (r.family, r.op) {
+        (Family::Device, _) => "device",
+        (Family::Service, _) => "service",
+        (Family::Admin | Family::Certificates, _) => "admin",
+        (Family::Public, Op::OpenApi) => "docs",
+        (Family::Public, _) => "health",
+    }
+}
+
+/// Authorize a matched route and run it.
+async fn dispatch(
+    app: &Arc<App>,
+    req: Request<Body>,
+    route: &'static Route,
+    path: Path<'_>,
+) -> Response<Body> {
+    match route.access {
+        Access::Public => match route.op {
+            Op::OpenApi => openapi(),
+            _ => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        },
+        Access::Device => crate::device_api::handle(app, req, path.segs, route.op).await,
+        Access::Right(right) => {
+            // Central authorization: the token and the right, before the body is read.
+            let caller = match routes::authorize(app, req.headers(), path.l, right) {
+                Ok(c) => c,
+                Err(e) => return err(&e),
+            };
+            api(app, req, path, route, caller).await
+        }
+    }
+}
+
 /// The service API (`api-version` checked before the body is read; bodies up to 11 ×
 /// `max_body`, as bulk operations carry up to ten enrollments) or the admin API, behind
-/// [`respond`].
-async fn api(app: &App, req: Request<Body>, path: Path<'_>, admin: bool) -> Response<Body> {
-    let area = if admin { "admin" } else { "service" };
-    let limit = if admin {
-        app.max_body
+/// [`respond`], for an authorized caller.
+async fn api(
+    app: &App,
+    req: Request<Body>,
+    path: Path<'_>,
+    route: &'static Route,
+    caller: Caller,
+) -> Response<Body> {
+    let service = route.family == Family::Service;
+    let (area, limit) = if service {
+        ("service", app.max_body * 11)
     } else {
-        app.max_body * 11
+        ("admin", app.max_body)
     };
     let precheck = |params: &[(String, String)]| {
-        if admin {
-            Ok(())
-        } else {
+        if service {
             crate::device_api::check_api_version(params).map(drop)
+        } else {
+            Ok(())
         }
     };
     respond(req, limit, area, precheck, |req| async move {
-        if admin {
-            crate::admin_api::handle(app, &req, path).await
-        } else {
-            crate::service_api::handle(app, &req, path).await
+        match route.family {
+            Family::Service => crate::service_api::handle(app, &req, path, route.op, &caller).await,
+            Family::Certificates => {
+                crate::certificates::handle(app, &caller, &req, path, route.op).await
+            }
+            _ => crate::admin_api::handle(app, &req, path, route.op, &caller).await,
         }
     })
     .await

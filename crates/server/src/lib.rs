@@ -20,6 +20,7 @@ pub mod instances;
 pub mod metrics;
 pub mod mqtt_front;
 pub mod repo;
+pub mod routes;
 pub mod server;
 pub mod service_api;
 pub mod tls;

@@ -194,6 +194,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         inline_wait: Duration::from_millis(cfg.limits.register_wait_ms),
         max_inflight: cfg.limits.max_inflight_registrations,
         refused_audit_per_second: cfg.limits.refused_audit_per_second,
+        max_token_lifetime_secs: cfg.auth.max_token_lifetime_secs,
         ..EngineSettings::default()
     };
     let catalog = crate::catalog::Catalog::new(repo.clone());
@@ -246,6 +247,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         clock,
         admin_instance: cfg.admin_instance.clone(),
         max_body: cfg.limits.max_body_bytes,
+        max_token_lifetime_secs: cfg.auth.max_token_lifetime_secs,
         mqtt_limits: dps_mqtt::MqttLimits::default(),
         listening: Default::default(),
     });

@@ -1,61 +1,29 @@
 //! The Azure DPS service API (protocol digest §7): individual enrollments, enrollment groups,
 //! attestation mechanisms, queries with paging, bulk operations and registration records.
-//! Authenticated with service SAS tokens; each route requires its right.
+//! Authenticated with service SAS tokens; each route requires its right, checked centrally by
+//! the dispatcher from the route table ([`crate::routes`]).
 //!
-//! The handlers authorize, parse the request, call one use case ([`crate::usecases`]) and
+//! The handlers parse the request, call one use case ([`crate::usecases`]) and
 //! write the answer. Enrollments and groups share one set of routes, generic over
 //! [`Enrollment`].
 
 use crate::app::App;
 use crate::http::{json_response, no_content, param, Incoming, Path};
+use crate::routes::{Kind, Op};
 use crate::usecases::enrollments::Enrollment;
 use axum::body::Body;
-use axum::http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use base64::Engine as _;
-use dps_core::error::AuthFailure;
-use dps_core::instance::Right;
 use dps_core::model::{
     BulkEnrollmentGroupOperation, BulkEnrollmentOperation, BulkEnrollmentOperationError,
     BulkEnrollmentOperationResult, BulkMode, EnrollmentGroup, IndividualEnrollment,
 };
-use dps_core::sas::SasToken;
 use dps_core::store::{Expect, Filter};
 use dps_core::wire::WireError;
 use dps_core::Error;
 
 pub use crate::usecases::enrollments::strip_quotes;
 pub use crate::usecases::Caller;
-
-/// Verify a service SAS token (expiry against the application's clock) and the right it needs.
-pub fn authorize(app: &App, headers: &HeaderMap, right: Right) -> Result<Caller, Error> {
-    let raw = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or(AuthFailure::MissingCredential)?;
-    let tok = SasToken::parse(raw).map_err(AuthFailure::from)?;
-    let host = tok.sr.split('/').next().unwrap_or("");
-    let instance = app
-        .instances
-        .by_host(host)
-        .ok_or_else(|| AuthFailure::UnknownInstance(host.to_string()))?;
-    let policy_name = tok.skn.clone().unwrap_or_default();
-    let policy = instance
-        .policy(&policy_name)
-        .ok_or_else(|| AuthFailure::UnknownPolicy(policy_name.clone()))?;
-    tok.check_expiry(app.clock.now().unix_timestamp())
-        .map_err(AuthFailure::from)?;
-    tok.verify_signature([policy.primary_key.as_str(), policy.secondary_key.as_str()])
-        .map_err(AuthFailure::from)?;
-    if !policy.has(right) {
-        return Err(AuthFailure::MissingRight {
-            policy: policy.name.clone(),
-            right: right.as_str(),
-        }
-        .into());
-    }
-    let policy = policy.name.clone();
-    Ok(Caller { instance, policy })
-}
 
 fn if_match(headers: &HeaderMap) -> Expect {
     match headers
@@ -225,20 +193,29 @@ fn query_text(body: &[u8]) -> Result<String, Error> {
         .to_string())
 }
 
-fn no_route(method: &Method, segs: &[String]) -> Error {
-    Error::Unsupported(format!(
-        "no service API route for {method} /{}",
-        segs.join("/")
-    ))
-}
-
 /// Handle `/enrollments`, `/enrollmentGroups`, `/registrations` (behind
-/// [`crate::http::respond`]).
-pub async fn handle(app: &App, req: &Incoming, path: Path<'_>) -> Result<Response<Body>, Error> {
-    match path.l[0] {
-        "enrollments" => enrollment_route::<IndividualEnrollment>(app, req, path).await,
-        "enrollmentgroups" => enrollment_route::<EnrollmentGroup>(app, req, path).await,
-        _ => registration_route(app, req, path).await,
+/// [`crate::http::respond`]) for a caller the dispatcher authorized for this route's right
+/// ([`crate::routes`]).
+pub async fn handle(
+    app: &App,
+    req: &Incoming,
+    path: Path<'_>,
+    op: Op,
+    caller: &Caller,
+) -> Result<Response<Body>, Error> {
+    match op {
+        Op::EnrollmentBulk(k)
+        | Op::EnrollmentQuery(k)
+        | Op::EnrollmentGet(k)
+        | Op::EnrollmentPut(k)
+        | Op::EnrollmentDelete(k)
+        | Op::EnrollmentAttestation(k) => match k {
+            Kind::Individual => {
+                enrollment_route::<IndividualEnrollment>(app, req, path, op, caller).await
+            }
+            Kind::Group => enrollment_route::<EnrollmentGroup>(app, req, path, op, caller).await,
+        },
+        _ => registration_route(app, req, path, op, caller).await,
     }
 }
 
@@ -247,19 +224,19 @@ async fn enrollment_route<T: Enrollment>(
     app: &App,
     req: &Incoming,
     path: Path<'_>,
+    op: Op,
+    caller: &Caller,
 ) -> Result<Response<Body>, Error> {
-    let Path { segs, l } = path;
+    let segs = path.segs;
     let (headers, body) = (&req.headers, &req.body[..]);
     let uc = &app.enrollments;
-    match (l.len(), &req.method) {
-        (1, &Method::POST) => {
-            let caller = authorize(app, headers, Right::EnrollmentWrite)?;
+    match op {
+        Op::EnrollmentBulk(_) => {
             let (mode, items) = parse_bulk::<T>(body)?;
-            let failed = uc.bulk::<T>(&caller, mode, items).await?;
+            let failed = uc.bulk::<T>(caller, mode, items).await?;
             Ok(json_response(StatusCode::OK, &bulk_result::<T>(failed)))
         }
-        (2, &Method::POST) if l[1] == "query" => {
-            let caller = authorize(app, headers, Right::EnrollmentRead)?;
+        Op::EnrollmentQuery(_) => {
             let filter = parse_query(&query_text(body)?, &req.params)?;
             let size = page_size(headers);
             let cont = continuation(headers)?;
@@ -273,30 +250,26 @@ async fn enrollment_route<T: Enrollment>(
             };
             Ok(paged(&items, next, item_type, size))
         }
-        (2, &Method::GET) => {
-            let caller = authorize(app, headers, Right::EnrollmentRead)?;
+        Op::EnrollmentGet(_) => {
             let e = uc.get::<T>(&caller.instance.name, &segs[1]).await?;
             Ok(json_response(StatusCode::OK, &e))
         }
-        (2, &Method::PUT) => {
-            let caller = authorize(app, headers, Right::EnrollmentWrite)?;
+        Op::EnrollmentPut(_) => {
             let e: T = parse_json(body, T::NAME)?;
-            let e = uc.put(&caller, &segs[1], e, if_match(headers)).await?;
+            let e = uc.put(caller, &segs[1], e, if_match(headers)).await?;
             Ok(json_response(StatusCode::OK, &e))
         }
-        (2, &Method::DELETE) => {
-            let caller = authorize(app, headers, Right::EnrollmentWrite)?;
-            uc.delete::<T>(&caller, &segs[1], if_match(headers)).await?;
+        Op::EnrollmentDelete(_) => {
+            uc.delete::<T>(caller, &segs[1], if_match(headers)).await?;
             Ok(no_content())
         }
-        (3, &Method::POST) if l[2] == "attestationmechanism" => {
-            let caller = authorize(app, headers, Right::EnrollmentRead)?;
+        Op::EnrollmentAttestation(_) => {
             let m = uc
                 .attestation_mechanism::<T>(&caller.instance.name, &segs[1])
                 .await?;
             Ok(json_response(StatusCode::OK, &m))
         }
-        _ => Err(no_route(&req.method, segs)),
+        other => Err(misrouted(other)),
     }
 }
 
@@ -305,23 +278,22 @@ async fn registration_route(
     app: &App,
     req: &Incoming,
     path: Path<'_>,
+    op: Op,
+    caller: &Caller,
 ) -> Result<Response<Body>, Error> {
-    let Path { segs, l } = path;
+    let segs = path.segs;
     let headers = &req.headers;
     let uc = &app.registrations;
-    match (l.len(), &req.method) {
-        (2, &Method::GET) => {
-            let caller = authorize(app, headers, Right::RegistrationStatusRead)?;
+    match op {
+        Op::RegistrationGet => {
             let state = uc.get(&caller.instance.name, &segs[1]).await?;
             Ok(json_response(StatusCode::OK, &state))
         }
-        (2, &Method::DELETE) => {
-            let caller = authorize(app, headers, Right::RegistrationStatusWrite)?;
-            uc.delete(&caller, &segs[1], if_match(headers)).await?;
+        Op::RegistrationDelete => {
+            uc.delete(caller, &segs[1], if_match(headers)).await?;
             Ok(no_content())
         }
-        (3, &Method::POST) if l[2] == "query" => {
-            let caller = authorize(app, headers, Right::RegistrationStatusRead)?;
+        Op::RegistrationQuery => {
             let status = param(&req.params, "status");
             let size = page_size(headers);
             let cont = continuation(headers)?;
@@ -336,8 +308,13 @@ async fn registration_route(
                 .await?;
             Ok(paged(&items, next, "deviceRegistration", size))
         }
-        _ => Err(no_route(&req.method, segs)),
+        other => Err(misrouted(other)),
     }
+}
+
+/// A route operation handed to the wrong handler: a bug in the route table.
+pub(crate) fn misrouted(op: Op) -> Error {
+    Error::Internal(format!("route operation {op:?} reached the wrong handler"))
 }
 
 #[cfg(test)]

@@ -10,7 +10,8 @@
 //!   `spawn_blocking`. `synchronous=FULL` by default, so an acknowledged write survives a crash.
 //! - [`PostgresStore`]: tokio-postgres behind a deadpool pool; every conditional write is a single
 //!   statement (`INSERT .. ON CONFLICT`, `UPDATE .. WHERE etag = $n`). PostgreSQL group-commits
-//!   on its own.
+//!   on its own. TLS with rustls and libpq's `sslmode`/`sslrootcert`/`sslcert`/`sslkey`
+//!   ([`pg_tls`]).
 //!
 //! [`open`] picks the engine from a URL. The crate depends only on `dps-core`; it knows nothing of
 //! HTTP, MQTT or configuration files.
@@ -24,6 +25,7 @@
 //! - An audit entry appended with an empty timestamp gets the current time.
 
 mod migrate;
+pub mod pg_tls;
 mod postgres;
 mod sql;
 mod sqlite;
@@ -94,7 +96,7 @@ pub enum OpenError {
         source: tokio_postgres::Error,
     },
     /// PostgreSQL could not be reached or refused a setup statement.
-    #[error("cannot use PostgreSQL at `{url}`: {source}")]
+    #[error("cannot use PostgreSQL at `{url}`: {}", error_chain(.source))]
     Postgres {
         /// The URL, password redacted.
         url: String,
@@ -136,6 +138,23 @@ pub enum OpenError {
         /// Newest version known to this binary.
         supported: i64,
     },
+}
+
+/// An error and its sources, `: `-separated, skipping a source whose text its parent already
+/// shows (tokio-postgres hides the cause of a failed handshake or a server refusal in its
+/// source).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
 }
 
 /// Which engine a URL selects.

@@ -15,11 +15,11 @@ use dps_core::store::{
     Write,
 };
 use tokio_postgres::types::ToSql;
-use tokio_postgres::NoTls;
 
 use crate::migrate::{self, SCHEMA_VERSION};
+use crate::pg_tls::{self, MakeRustlsConnect};
 use crate::sql::{self, Dialect, Param};
-use crate::{redact_url, OpenError};
+use crate::{error_chain, redact_url, OpenError};
 
 /// PostgreSQL tuning.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,7 +40,8 @@ impl Default for PostgresOptions {
     }
 }
 
-/// The PostgreSQL implementation of [`Store`]. TLS is not supported yet (`NoTls`).
+/// The PostgreSQL implementation of [`Store`], over TLS as the URL's `sslmode` says
+/// ([`pg_tls`]).
 pub struct PostgresStore {
     pool: Pool,
     url: String,
@@ -68,7 +69,7 @@ fn pg_err(e: tokio_postgres::Error) -> StoreError {
 }
 
 fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
-    StoreError::Unavailable(format!("postgres pool: {e}"))
+    StoreError::Unavailable(format!("postgres pool: {}", error_chain(&e)))
 }
 
 fn row_to_doc(r: &tokio_postgres::Row) -> Result<(Doc, String), StoreError> {
@@ -161,11 +162,20 @@ impl PostgresStore {
     /// Connect with options and migrate.
     pub async fn open_with(url: &str, opts: PostgresOptions) -> Result<Self, OpenError> {
         let redacted = redact_url(url);
+        let invalid = |e: pg_tls::PgTlsError| OpenError::InvalidOption {
+            url: redacted.clone(),
+            reason: e.to_string(),
+        };
+        let (driver_url, tls) = pg_tls::split_url(url).map_err(invalid)?;
         let mut cfg: tokio_postgres::Config =
-            url.parse().map_err(|source| OpenError::PostgresUrl {
-                url: redacted.clone(),
-                source,
-            })?;
+            driver_url
+                .parse()
+                .map_err(|source| OpenError::PostgresUrl {
+                    url: redacted.clone(),
+                    source,
+                })?;
+        cfg.ssl_mode(tls.driver_mode());
+        let connector: MakeRustlsConnect = tls.connector().map_err(invalid)?;
         if cfg.get_connect_timeout().is_none() {
             cfg.connect_timeout(Duration::from_secs(10));
         }
@@ -182,7 +192,7 @@ impl PostgresStore {
             }
             // Create the schema on a plain connection before the pool pins search_path to it.
             let (client, conn) =
-                cfg.connect(NoTls)
+                cfg.connect(connector.clone())
                     .await
                     .map_err(|source| OpenError::Postgres {
                         url: redacted.clone(),
@@ -202,7 +212,7 @@ impl PostgresStore {
         }
         let mgr = Manager::from_config(
             cfg,
-            NoTls,
+            connector,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -234,13 +244,13 @@ impl PostgresStore {
     async fn migrate(&self) -> Result<(), OpenError> {
         let pool_fail = |e: deadpool_postgres::PoolError| OpenError::PostgresPool {
             url: self.url.clone(),
-            reason: e.to_string(),
+            reason: error_chain(&e),
         };
         let fail = |version, e: tokio_postgres::Error| OpenError::Migration {
             engine: "postgres",
             location: self.url.clone(),
             version,
-            reason: e.to_string(),
+            reason: error_chain(&e),
         };
         let mut client = self.pool.get().await.map_err(pool_fail)?;
         let tx = client.transaction().await.map_err(|e| fail(0, e))?;

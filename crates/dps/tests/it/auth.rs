@@ -1,6 +1,7 @@
 //! Service SAS authentication and authorization (§7.1): signature over the raw `sr`, expiry with
-//! bounded clock skew, primary and secondary keys, one right per route (every service-API and
-//! admin-API route against every right), and instance isolation by the token's host.
+//! bounded clock skew, the maximum token lifetime, the audience rule (host, then a segment
+//! prefix of the path), primary and secondary keys, and instance isolation by the token's host.
+//! Every route against every right is the authorization matrix (`authz_matrix.rs`).
 
 use crate::support::*;
 use dps_core::instance::{LinkedHub, Right};
@@ -57,270 +58,6 @@ async fn spawn_with_rights() -> TestServer {
 
 fn other_owner() -> String {
     service_token(OTHER_HOST, "provisioningserviceowner", OTHER_KEY)
-}
-
-struct Route {
-    method: Method,
-    path: &'static str,
-    body: Option<Value>,
-    right: Right,
-}
-
-fn route(method: Method, path: &'static str, body: Option<Value>, right: Right) -> Route {
-    Route {
-        method,
-        path,
-        body,
-        right,
-    }
-}
-
-/// Every route of the service API and the admin API with the right it needs.
-fn routes() -> Vec<Route> {
-    use Right::*;
-    let enr = json!({"registrationId": "auth-enr", "attestation": {"type": "symmetricKey"}});
-    let grp = json!({"enrollmentGroupId": "auth-grp", "attestation": {"type": "symmetricKey"}});
-    vec![
-        // individual enrollments
-        route(
-            Method::PUT,
-            "/enrollments/auth-enr",
-            Some(enr.clone()),
-            EnrollmentWrite,
-        ),
-        route(Method::GET, "/enrollments/auth-enr", None, EnrollmentRead),
-        route(
-            Method::POST,
-            "/enrollments/auth-enr/attestationmechanism",
-            None,
-            EnrollmentRead,
-        ),
-        route(
-            Method::POST,
-            "/enrollments/query",
-            Some(json!({"query": "SELECT * FROM enrollments"})),
-            EnrollmentRead,
-        ),
-        route(
-            Method::POST,
-            "/enrollments",
-            Some(json!({"mode": "update", "enrollments": [enr]})),
-            EnrollmentWrite,
-        ),
-        route(
-            Method::DELETE,
-            "/enrollments/auth-enr",
-            None,
-            EnrollmentWrite,
-        ),
-        // groups
-        route(
-            Method::PUT,
-            "/enrollmentGroups/auth-grp",
-            Some(grp.clone()),
-            EnrollmentWrite,
-        ),
-        route(
-            Method::GET,
-            "/enrollmentGroups/auth-grp",
-            None,
-            EnrollmentRead,
-        ),
-        route(
-            Method::POST,
-            "/enrollmentGroups/auth-grp/attestationmechanism",
-            None,
-            EnrollmentRead,
-        ),
-        route(
-            Method::POST,
-            "/enrollmentGroups/query",
-            Some(json!({"query": "SELECT * FROM enrollmentGroups"})),
-            EnrollmentRead,
-        ),
-        route(
-            Method::POST,
-            "/enrollmentGroups",
-            Some(json!({"mode": "update", "enrollmentGroups": [grp]})),
-            EnrollmentWrite,
-        ),
-        route(
-            Method::DELETE,
-            "/enrollmentGroups/auth-grp",
-            None,
-            EnrollmentWrite,
-        ),
-        // registration records
-        route(
-            Method::GET,
-            "/registrations/auth-dev",
-            None,
-            RegistrationStatusRead,
-        ),
-        route(
-            Method::POST,
-            "/registrations/auth-grp/query",
-            None,
-            RegistrationStatusRead,
-        ),
-        route(
-            Method::DELETE,
-            "/registrations/auth-dev",
-            None,
-            RegistrationStatusWrite,
-        ),
-        // admin API
-        route(Method::GET, "/admin/instances", None, ServiceConfig),
-        route(Method::GET, "/admin/instances/default", None, ServiceConfig),
-        route(
-            Method::PUT,
-            "/admin/instances/scratch",
-            Some(json!({"hostnames": ["scratch.local"]})),
-            ServiceConfig,
-        ),
-        route(
-            Method::DELETE,
-            "/admin/instances/never-existed",
-            None,
-            ServiceConfig,
-        ),
-        route(
-            Method::GET,
-            "/admin/instances/default/stats",
-            None,
-            ServiceConfig,
-        ),
-        route(
-            Method::GET,
-            "/admin/instances/default/linkedHubs",
-            None,
-            ServiceConfig,
-        ),
-        route(
-            Method::PUT,
-            "/admin/instances/default/linkedHubs/hub-c.example.net",
-            Some(json!({"kind": "registry"})),
-            ServiceConfig,
-        ),
-        route(
-            Method::DELETE,
-            "/admin/instances/default/linkedHubs/not-linked.example.net",
-            None,
-            ServiceConfig,
-        ),
-        route(
-            Method::GET,
-            "/admin/instances/default/accessPolicies",
-            None,
-            ServiceConfig,
-        ),
-        route(
-            Method::PUT,
-            "/admin/instances/default/accessPolicies/extra",
-            Some(json!({"rights": ["EnrollmentRead"]})),
-            ServiceConfig,
-        ),
-        route(
-            Method::DELETE,
-            "/admin/instances/default/accessPolicies/not-a-policy",
-            None,
-            ServiceConfig,
-        ),
-        route(
-            Method::GET,
-            "/admin/instances/default/hubs/hub-a.example.net/devices",
-            None,
-            ServiceConfig,
-        ),
-        route(
-            Method::GET,
-            "/admin/instances/default/hubs/hub-a.example.net/devices/auth-dev",
-            None,
-            ServiceConfig,
-        ),
-        route(Method::GET, "/admin/audit", None, ServiceConfig),
-        route(
-            Method::GET,
-            "/admin/instances/default/certificates",
-            None,
-            ServiceConfig,
-        ),
-    ]
-}
-
-#[tokio::test]
-async fn every_route_requires_exactly_its_right() {
-    let s = spawn_with_rights().await;
-    // Something to act on: an enrollment, a group with a registered device.
-    s.enroll("auth-enr", json!({})).await;
-    let gkey = s.enroll_group("auth-grp", json!({})).await;
-    assert_eq!(
-        s.register("auth-dev", &derive_key(&gkey, "auth-dev"), None)
-            .await
-            .body["status"],
-        "assigned"
-    );
-
-    let mut failures = Vec::new();
-    for rt in routes() {
-        for r in Right::ALL {
-            let resp = s
-                .call(
-                    rt.method.clone(),
-                    rt.path,
-                    Some(&token_for(r)),
-                    rt.body.clone(),
-                    &[],
-                )
-                .await;
-            let allowed = r == rt.right;
-            if allowed && resp.status == 401 {
-                failures.push(format!(
-                    "{} {} with {}: refused (401) but it has the right: {}",
-                    rt.method,
-                    rt.path,
-                    r.as_str(),
-                    resp.body
-                ));
-            }
-            if !allowed {
-                if resp.status != 401 {
-                    failures.push(format!(
-                        "{} {} with {}: got {} instead of 401 (needs {}): {}",
-                        rt.method,
-                        rt.path,
-                        r.as_str(),
-                        resp.status,
-                        rt.right.as_str(),
-                        resp.body
-                    ));
-                } else {
-                    assert_error(&resp, 401, Some(401002));
-                }
-            }
-        }
-        // The owner policy (every right) is never refused.
-        let resp = s
-            .call(
-                rt.method.clone(),
-                rt.path,
-                Some(&s.owner()),
-                rt.body.clone(),
-                &[],
-            )
-            .await;
-        if resp.status == 401 {
-            failures.push(format!(
-                "{} {} refused for the owner: {}",
-                rt.method, rt.path, resp.body
-            ));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "authorization mismatches:\n{}",
-        failures.join("\n")
-    );
 }
 
 #[tokio::test]
@@ -847,5 +584,120 @@ async fn admin_responses_never_show_policy_keys_or_hub_secrets() {
             !text.contains(OWNER_KEY) && !text.contains(READER_KEY),
             "{path} leaks a key: {text}"
         );
+    }
+}
+
+#[tokio::test]
+async fn a_service_token_outliving_the_maximum_lifetime_is_401() {
+    let s = TestServer::spawn_with(|c| c.auth.max_token_lifetime_secs = 3600).await;
+    let p = "provisioningserviceowner";
+    let within = raw_token("localhost", "localhost", OWNER_KEY, Some(p), now() + 3600);
+    assert_eq!(get_with(&s, &within).await.status, 200);
+    // Beyond max + the 5-minute skew (with a margin for the test's own clock).
+    let beyond = raw_token(
+        "localhost",
+        "localhost",
+        OWNER_KEY,
+        Some(p),
+        now() + 3600 + 300 + 60,
+    );
+    assert_error(&get_with(&s, &beyond).await, 401, Some(401002));
+    // No limit by default.
+    let d = TestServer::spawn().await;
+    let decade = raw_token(
+        "localhost",
+        "localhost",
+        OWNER_KEY,
+        Some(p),
+        now() + 10 * 365 * 86_400,
+    );
+    assert_eq!(get_with(&d, &decade).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_device_token_outliving_the_maximum_lifetime_is_401() {
+    let s = TestServer::spawn_with(|c| c.auth.max_token_lifetime_secs = 3600).await;
+    let key = s.enroll("life-1", json!({})).await;
+    let sign = |se: i64| {
+        dps_core::sas::sign_token(
+            &format!("{SCOPE}/registrations/life-1"),
+            &key,
+            Some("registration"),
+            se,
+        )
+        .unwrap()
+    };
+    let path = format!("/{SCOPE}/registrations/life-1/register?api-version=2021-10-01");
+    let body = json!({"registrationId": "life-1"});
+    let r = s
+        .call(
+            Method::PUT,
+            &path,
+            Some(&sign(now() + 3600 + 300 + 60)),
+            Some(body.clone()),
+            &[],
+        )
+        .await;
+    assert_error(&r, 401, Some(401002));
+    let r = s
+        .call(
+            Method::PUT,
+            &path,
+            Some(&sign(now() + 600)),
+            Some(body),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+}
+
+#[tokio::test]
+async fn sr_names_the_host_and_optionally_a_segment_prefix_of_the_path() {
+    let s = TestServer::spawn().await;
+    let p = "provisioningserviceowner";
+    let se = now() + 600;
+    let tok = |sr: &str| raw_token(sr, sr, OWNER_KEY, Some(p), se);
+    let query = |path: &'static str, t: String| {
+        let s = &s;
+        async move {
+            s.call(
+                Method::POST,
+                path,
+                Some(&t),
+                Some(json!({"query": "SELECT * FROM x"})),
+                &[],
+            )
+            .await
+        }
+    };
+    // Covered: the host (any case, a port, a trailing slash), or host + a prefix of the path.
+    for sr in [
+        "localhost",
+        "LOCALHOST",
+        "localhost:443",
+        "localhost%2F",
+        "localhost%2Fenrollments",
+        "LocalHost%2FEnrollments%2Fquery",
+        "localhost/enrollments",
+    ] {
+        assert_eq!(
+            query("/enrollments/query", tok(sr)).await.status,
+            200,
+            "{sr}"
+        );
+    }
+    // Not covered: a sibling path, a string (not segment) prefix, a longer path, another host.
+    for (path, sr) in [
+        ("/enrollmentGroups/query", "localhost%2Fenrollments"),
+        ("/enrollments/query", "localhost%2Fenroll"),
+        (
+            "/enrollments/query",
+            "localhost%2Fenrollments%2Fquery%2Fmore",
+        ),
+        ("/enrollments/query", "localhost%2F%2Fenrollments"),
+        ("/enrollments/query", "localhost.example.net"),
+        ("/enrollments/query", "localhos"),
+    ] {
+        assert_error(&query(path, tok(sr)).await, 401, Some(401002));
     }
 }

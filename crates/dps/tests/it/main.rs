@@ -1,6 +1,7 @@
 //! Integration tests: the real server in-process on port 0.
 
 mod auth;
+mod authz_matrix;
 mod cli;
 mod connections;
 mod device_client;

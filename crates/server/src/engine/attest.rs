@@ -92,6 +92,8 @@ impl Engine {
     ) -> Result<Admitted> {
         let tok = SasToken::parse(token).map_err(AuthFailure::from)?;
         let now = self.clock.now().unix_timestamp();
+        tok.check_lifetime(now, self.settings.max_token_lifetime_secs)
+            .map_err(AuthFailure::from)?;
         let individual = self.repo.enrollment(&inst.name, rid.as_str()).await?;
         let mut individual_failure = None;
         if let Some(e) = &individual {

@@ -57,6 +57,8 @@ pub struct EngineSettings {
     pub max_inflight: usize,
     /// Refused attempts audited per second (burst ten times as many); 0: no limit.
     pub refused_audit_per_second: u32,
+    /// Longest accepted device SAS token lifetime (`se` − now, seconds); 0: no limit.
+    pub max_token_lifetime_secs: u64,
 }
 
 impl Default for EngineSettings {
@@ -68,6 +70,7 @@ impl Default for EngineSettings {
             busy_retry_after: 3,
             max_inflight: 10_000,
             refused_audit_per_second: 100,
+            max_token_lifetime_secs: 0,
         }
     }
 }
