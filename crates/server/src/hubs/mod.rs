@@ -65,7 +65,7 @@ impl Health {
 /// The adapters and health of all linked hubs.
 pub struct HubSet {
     store: Arc<dyn Store>,
-    http: reqwest::Client,
+    outbound: Arc<crate::outbound::Outbound>,
     adapters: Mutex<HashMap<String, (LinkedHub, Arc<dyn HubAdapter>)>>,
     health: Mutex<HashMap<String, Health>>,
     buckets: Mutex<HashMap<String, (f64, Instant)>>,
@@ -73,10 +73,10 @@ pub struct HubSet {
 
 impl HubSet {
     /// A new set.
-    pub fn new(store: Arc<dyn Store>, http: reqwest::Client) -> Self {
+    pub fn new(store: Arc<dyn Store>, outbound: Arc<crate::outbound::Outbound>) -> Self {
         HubSet {
             store,
-            http,
+            outbound,
             adapters: Mutex::new(HashMap::new()),
             health: Mutex::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
@@ -89,9 +89,14 @@ impl HubSet {
                 Arc::new(registry::RegistryHub::new(self.store.clone(), &hub.host))
             }
             HubKind::Mosquitto => Arc::new(mosquitto::MosquittoHub::new(hub)),
-            HubKind::AzureIotHub => Arc::new(azure::AzureIotHub::new(hub, &self.http)),
-            HubKind::Webhook => Arc::new(webhook::WebhookHub::new(hub, &self.http)),
+            HubKind::AzureIotHub => Arc::new(azure::AzureIotHub::new(hub, &self.outbound)),
+            HubKind::Webhook => Arc::new(webhook::WebhookHub::new(hub, &self.outbound)),
         }
+    }
+
+    /// What outbound calls may reach (linked hub settings are checked against it).
+    pub fn outbound(&self) -> &crate::outbound::Outbound {
+        &self.outbound
     }
 
     /// The adapter for a linked hub (built on first use, rebuilt when its settings change).
