@@ -432,7 +432,8 @@ impl Outbound {
         )
     }
 
-    /// For unit tests: private addresses allowed, the default limit.
+    /// Private addresses allowed (the local emulator's setting, and tests' with doubles on
+    /// 127.0.0.1), the default limit.
     pub fn permissive() -> Arc<Self> {
         Arc::new(
             Self::new(
