@@ -500,3 +500,36 @@ async fn keys_and_run_json_are_created_private_and_replaced_atomically() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// `dps serve` with a bad value: exit status 1, one line naming the key, nothing bound, no panic.
+#[tokio::test]
+async fn dps_serve_names_the_key_of_a_bad_value_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = format!(
+        "data_dir = \"{}\"\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"\"\nadmin = \"\"\n",
+        dir.path().join("data").display()
+    );
+    for (extra, key) in [
+        ("[log]\nlevel = \"info,dps=loud\"\n", "log.level"),
+        ("[outbound]\nmax_response_bytes = 0\n", "outbound.max_response_bytes"),
+        ("[limits]\nwebhook_timeout_ms = 0\n", "limits.webhook_timeout_ms"),
+        (
+            "[[instance]]\nname = \"default\"\n[[instance.linked_hub]]\nhost = \"h\"\n\
+             kind = \"azure-iothub\"\nconnection_string = \"HostName=h;SharedAccessKeyName=p;SharedAccessKey= !!\"\n",
+            "SharedAccessKey",
+        ),
+    ] {
+        let file = dir.path().join("dps.toml");
+        std::fs::write(&file, format!("{base}{extra}")).unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dps"));
+        cmd.args(["serve", "--config"]).arg(&file).env_remove("RUST_LOG");
+        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{key}: {err}");
+        assert!(err.contains(key), "{key}: {err}");
+        assert!(!err.contains("panicked"), "{key}: {err}");
+        assert!(!dir.path().join("data").join("run.json").exists());
+    }
+}

@@ -105,7 +105,10 @@ impl HubSet {
     /// the engine's call sites ready for adapters whose construction can fail.
     pub fn adapter(&self, hub: &LinkedHub) -> Result<Arc<dyn HubAdapter>, HubError> {
         let key = hub.host.to_ascii_lowercase();
-        let mut map = self.adapters.lock().expect("hub map lock");
+        let mut map = self
+            .adapters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((cfg, a)) = map.get(&key) {
             if cfg == hub {
                 return Ok(a.clone());
@@ -121,7 +124,7 @@ impl HubSet {
     pub fn install(&self, hub: &LinkedHub, adapter: Arc<dyn HubAdapter>) {
         self.adapters
             .lock()
-            .expect("hub map lock")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(hub.host.to_ascii_lowercase(), (hub.clone(), adapter));
     }
 
@@ -131,7 +134,10 @@ impl HubSet {
         let Some(rate) = hub.max_registrations_per_second.filter(|r| *r > 0) else {
             return true;
         };
-        let mut buckets = self.buckets.lock().expect("bucket lock");
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (tokens, at) = buckets
             .entry(hub.host.to_ascii_lowercase())
             .or_insert((rate as f64, Instant::now()));
@@ -150,7 +156,7 @@ impl HubSet {
     pub fn unhealthy(&self, host: &str) -> bool {
         self.health
             .lock()
-            .expect("health lock")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&host.to_ascii_lowercase())
             .is_some_and(Health::unhealthy)
     }
@@ -158,7 +164,10 @@ impl HubSet {
     /// Record the outcome of a hub call.
     pub fn record(&self, host: &str, started: Instant, result: &Result<(), HubError>) {
         let ms = started.elapsed().as_secs_f64() * 1000.0;
-        let mut map = self.health.lock().expect("health lock");
+        let mut map = self
+            .health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let h = map.entry(host.to_ascii_lowercase()).or_default();
         h.latency_ms = if h.successes + h.failures == 0 {
             ms
@@ -194,7 +203,10 @@ impl HubSet {
 
     /// A snapshot of every hub's health.
     pub fn health_snapshot(&self) -> Vec<(String, Health)> {
-        let map = self.health.lock().expect("health lock");
+        let map = self
+            .health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut v: Vec<_> = map.iter().map(|(k, h)| (k.clone(), h.clone())).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
