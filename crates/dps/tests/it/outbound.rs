@@ -533,3 +533,70 @@ async fn dps_serve_names_the_key_of_a_bad_value_and_exits_cleanly() {
         assert!(!dir.path().join("data").join("run.json").exists());
     }
 }
+
+/// The Azure IoT Hub adapter: connection strings with spaces around the key sign right, answers
+/// are bounded, metadata endpoints refused, private endpoints allowed (Private Link) even when
+/// webhooks may not reach private addresses.
+#[tokio::test]
+async fn the_azure_adapter_is_bounded_and_reads_spaced_connection_strings() {
+    use crate::support_iothub::{FakeIotHub, HUB_KEY};
+    use dps_core::hub::{HubAdapter, HubAuth, HubError, HubIdentity};
+    use dps_server::hubs::azure::AzureIotHub;
+    use dps_server::outbound::{Outbound, Policy, DEFAULT_MAX_RESPONSE_BYTES};
+    let strict = Outbound::new(
+        Policy::new(false, &[]),
+        DEFAULT_MAX_RESPONSE_BYTES,
+        std::time::Duration::from_secs(10),
+    )
+    .unwrap();
+    let identity = HubIdentity {
+        device_id: "spaced-1".into(),
+        auth: HubAuth::SymmetricKey {
+            primary: OWNER_KEY.into(),
+            secondary: READER_KEY.into(),
+        },
+        capabilities: Default::default(),
+        enabled: true,
+    };
+
+    let h = FakeIotHub::start("spaced.azure-devices.net").await;
+    let mut l = h.linked_hub(HUB_KEY);
+    let cs = l.connection_string.clone().unwrap();
+    l.connection_string = Some(format!(
+        " {} ",
+        cs.replace("SharedAccessKey=", "SharedAccessKey= ")
+            .replace(';', " ; ")
+    ));
+    let a = AzureIotHub::new(&l, &strict);
+    a.upsert_device(&identity, None)
+        .await
+        .expect("the hub accepts the token signed with the trimmed key");
+    assert!(h.device("spaced-1").is_some());
+
+    // A 5 MiB answer is refused unread.
+    let mut l = h.linked_hub(HUB_KEY);
+    let app = axum::Router::new().fallback(|| async { answer(Answer::HugeStreamed) });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    l.options
+        .insert("endpoint".into(), format!("http://127.0.0.1:{port}").into());
+    match AzureIotHub::new(&l, &strict).get_twin("x").await {
+        Err(HubError::Rejected { message, .. }) => {
+            assert!(message.contains("max_response_bytes"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A metadata endpoint is refused without a request.
+    l.options
+        .insert("endpoint".into(), "http://169.254.169.254".into());
+    match AzureIotHub::new(&l, &strict).get_twin("x").await {
+        Err(HubError::Rejected { message, .. }) => {
+            assert!(message.contains("cloud metadata"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
