@@ -647,6 +647,9 @@ mod tests {
         assert_eq!(cfg.instances.len(), 2);
         assert_eq!(cfg.instances[0].linked_hub.len(), 2);
         assert_eq!(cfg.listen.https, "[::]:443");
+        assert_eq!(cfg.outbound.max_response_bytes, 1_048_576);
+        assert!(!cfg.outbound.allow_private_addresses);
+        cfg.validate().expect("every value of the example is valid");
     }
 
     fn toml_parse(text: &str) -> Config {

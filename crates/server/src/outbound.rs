@@ -690,4 +690,42 @@ mod tests {
             "the policy let a connection through"
         );
     }
+
+    /// `HTTP_PROXY` in the environment is not used: the request goes to its URL.
+    #[test]
+    fn proxies_from_the_environment_are_not_used() {
+        // Figment's Jail serializes the tests that touch the process environment.
+        figment::Jail::expect_with(|jail| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+                for k in ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
+                    jail.set_env(k, &proxy_url);
+                }
+                jail.set_env("NO_PROXY", "");
+                jail.set_env("no_proxy", "");
+                let out = Outbound::new(
+                    Policy::new(true, &[]),
+                    DEFAULT_MAX_RESPONSE_BYTES,
+                    Duration::from_secs(5),
+                )
+                .unwrap();
+                let url = format!("http://{}/", target.local_addr().unwrap());
+                let call =
+                    tokio::spawn(async move { out.client(Target::Webhook).get(url).send().await });
+                // Whichever listener the client reaches first tells where the request went.
+                tokio::select! {
+                    r = target.accept() => { r.unwrap(); }
+                    r = proxy.accept() => { r.unwrap(); panic!("the request went to the proxy"); }
+                }
+                call.abort();
+            });
+            Ok(())
+        });
+    }
 }
