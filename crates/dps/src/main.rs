@@ -65,7 +65,10 @@ fn serve(
             return ExitCode::FAILURE;
         }
     };
-    init_logging(&cfg);
+    if let Err(e) = init_logging(&cfg) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let limit = |l: Option<u64>| l.map_or("unlimited".to_string(), |n| n.to_string());
     let files_now = open_files.as_ref().ok().and_then(|(_, now)| *now);
     match open_files {
@@ -138,9 +141,16 @@ async fn shutdown_signal() {
     }
 }
 
-fn init_logging(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
+fn init_logging(cfg: &Config) -> Result<(), String> {
+    let filter = match tracing_subscriber::EnvFilter::try_from_default_env() {
+        Ok(f) => f,
+        Err(_) => tracing_subscriber::EnvFilter::try_new(&cfg.log.level).map_err(|e| {
+            format!(
+                "invalid configuration: log.level = '{}' is not a filter directive: {e}",
+                cfg.log.level
+            )
+        })?,
+    };
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -149,4 +159,5 @@ fn init_logging(cfg: &Config) {
     } else {
         b.init();
     }
+    Ok(())
 }

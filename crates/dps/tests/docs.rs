@@ -194,6 +194,7 @@ fn every_configuration_key_is_documented() {
         "[tls]",
         "[log]",
         "[limits]",
+        "[outbound]",
         "[[instance]]",
         "[[instance.access_policy]]",
         "[[instance.linked_hub]]",

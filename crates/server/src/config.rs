@@ -32,6 +32,8 @@ pub struct Config {
     pub limits: Limits,
     /// Authentication rules.
     pub auth: Auth,
+    /// What outbound calls (webhooks, linked hubs) may reach and read.
+    pub outbound: Outbound,
     /// Provisioning instances declared here are created or updated at start.
     #[serde(rename = "instance")]
     pub instances: Vec<InstanceConfig>,
@@ -222,7 +224,7 @@ impl Limits {
                 )));
             }
         }
-        Ok(())
+        self.validate_usable()
     }
 }
 
@@ -234,6 +236,30 @@ pub struct Auth {
     /// expiry (`se`) is more than this (plus the 5-minute clock skew) after now is refused with
     /// 401 (`401002`). 0: no limit.
     pub max_token_lifetime_secs: u64,
+}
+
+/// Outbound calls: the custom allocation webhook, `webhook` linked hubs, the Azure IoT Hub
+/// adapter (see [`crate::outbound`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Outbound {
+    /// The most bytes of an answer read; a larger answer fails the call.
+    pub max_response_bytes: usize,
+    /// May webhook URLs reach loopback and private addresses (127.0.0.0/8, ::1, RFC 1918,
+    /// fc00::/7, …)? Link-local and cloud metadata addresses are refused regardless.
+    pub allow_private_addresses: bool,
+    /// When not empty, the only hosts webhook URLs may name (`*.example.com` for subdomains).
+    pub allowed_webhook_hosts: Vec<String>,
+}
+
+impl Default for Outbound {
+    fn default() -> Self {
+        Outbound {
+            max_response_bytes: crate::outbound::DEFAULT_MAX_RESPONSE_BYTES,
+            allow_private_addresses: false,
+            allowed_webhook_hosts: Vec::new(),
+        }
+    }
 }
 
 /// An access policy in the config (keys generated when omitted, and kept).
@@ -290,6 +316,7 @@ impl Default for Config {
             log: Log::default(),
             limits: Limits::default(),
             auth: Auth::default(),
+            outbound: Outbound::default(),
             instances: Vec::new(),
         }
     }
@@ -363,6 +390,7 @@ const ENV_KEYS: &[&str] = &[
     "log",
     "limits",
     "auth",
+    "outbound",
 ];
 
 impl Config {
@@ -456,7 +484,13 @@ impl Config {
                 }
             }
         }
+        self.validate_globals()?;
         self.limits.validate()?;
+        self.outbound.validate()?;
+        let policy = crate::outbound::Policy::new(
+            self.outbound.allow_private_addresses,
+            &self.outbound.allowed_webhook_hosts,
+        );
         let mut seen = std::collections::HashSet::new();
         for (i, inst) in self.instances.iter().enumerate() {
             if !seen.insert(inst.name.to_ascii_lowercase()) {
@@ -465,6 +499,7 @@ impl Config {
                     inst.name
                 )));
             }
+            inst.validate(i, &policy)?;
             for p in &inst.access_policy {
                 for (k, key) in [
                     ("primary_key", &p.primary_key),
@@ -480,6 +515,178 @@ impl Config {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+impl Config {
+    /// The top-level values: `data_dir`, `store`, `location`, `admin_instance`.
+    fn validate_globals(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir must not be empty"));
+        }
+        dps_store::parse_target(&self.store, &self.data_dir)
+            .map_err(|e| invalid(format!("store: {e}")))?;
+        if let Some(loc) = &self.location {
+            let known = dps_core::allocation::region_coordinates(loc).is_some_and(|(lat, lon)| {
+                (-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon)
+            });
+            if !known {
+                return Err(invalid(format!(
+                    "location = '{loc}' is neither a known Azure region name (e.g. 'westeurope') \
+                     nor 'latitude,longitude'"
+                )));
+            }
+        }
+        dps_core::ids::InstanceName::parse(&self.admin_instance)
+            .map_err(|e| invalid(format!("admin_instance: {e}")))?;
+        Ok(())
+    }
+}
+
+impl Limits {
+    /// Every other limit must be usable: no zero timeouts or capacities.
+    fn validate_usable(&self) -> Result<(), ConfigError> {
+        let ms = |key: &str, v: u64, min: u64, max: u64| {
+            if (min..=max).contains(&v) {
+                Ok(())
+            } else {
+                Err(invalid(format!(
+                    "limits.{key} = {v} must be between {min} and {max} (milliseconds)"
+                )))
+            }
+        };
+        ms("register_wait_ms", self.register_wait_ms, 0, 60_000)?;
+        ms("webhook_timeout_ms", self.webhook_timeout_ms, 100, 120_000)?;
+        ms(
+            "tls_handshake_timeout_ms",
+            self.tls_handshake_timeout_ms,
+            100,
+            600_000,
+        )?;
+        ms(
+            "recovery_after_ms",
+            self.recovery_after_ms,
+            1_000,
+            86_400_000,
+        )?;
+        for (key, v) in [
+            (
+                "max_inflight_registrations",
+                self.max_inflight_registrations,
+            ),
+            ("max_pending_handshakes", self.max_pending_handshakes),
+            ("max_mqtt_connections", self.max_mqtt_connections),
+        ] {
+            if v == 0 {
+                return Err(invalid(format!("limits.{key} must be at least 1")));
+            }
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(invalid(format!(
+                "limits.max_body_bytes = {} must be at least 1024",
+                self.max_body_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Outbound {
+    /// The limit must be usable; allowed hosts must be host names (`*.` prefix allowed).
+    fn validate(&self) -> Result<(), ConfigError> {
+        const MAX: usize = 256 * 1024 * 1024;
+        if !(1024..=MAX).contains(&self.max_response_bytes) {
+            return Err(invalid(format!(
+                "outbound.max_response_bytes = {} must be between 1024 and {MAX}",
+                self.max_response_bytes
+            )));
+        }
+        for h in &self.allowed_webhook_hosts {
+            let name = h.strip_prefix("*.").unwrap_or(h);
+            let ok = !name.is_empty()
+                && !name.contains(['*', '/', '@', '?', '#'])
+                && !name.chars().any(char::is_whitespace)
+                && (name.parse::<std::net::IpAddr>().is_ok() || !name.contains(':'));
+            if !ok {
+                return Err(invalid(format!(
+                    "outbound.allowed_webhook_hosts: '{h}' is not a host name \
+                     (write 'hooks.example.com' or '*.example.com', no scheme, port or path)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl InstanceConfig {
+    /// The instance's own values and its linked hubs (`policy`: the outbound policy their
+    /// URLs must follow).
+    fn validate(&self, i: usize, policy: &crate::outbound::Policy) -> Result<(), ConfigError> {
+        dps_core::ids::InstanceName::parse(&self.name)
+            .map_err(|e| invalid(format!("instance[{i}].name: {e}")))?;
+        let at = |what: String| invalid(format!("instance '{}': {what}", self.name));
+        if let Some(scope) = &self.id_scope {
+            dps_core::ids::IdScope::parse(scope).map_err(|e| at(format!("id_scope: {e}")))?;
+        }
+        if let Some(hosts) = &self.hostnames {
+            if hosts.is_empty() || hosts.iter().any(|h| h.trim().is_empty()) {
+                return Err(at(
+                    "hostnames must list at least one non-empty host name".into()
+                ));
+            }
+        }
+        if self.allocation_policy == AllocationPolicy::Custom {
+            return Err(at(
+                "allocation_policy 'custom' cannot be an instance default (it needs an \
+                 enrollment's customAllocationDefinition)"
+                    .into(),
+            ));
+        }
+        for p in &self.access_policy {
+            if p.name.trim().is_empty() {
+                return Err(at("access_policy: name must not be empty".into()));
+            }
+        }
+        let mut hosts = std::collections::HashSet::new();
+        for h in &self.linked_hub {
+            let hub = |what: String| at(format!("linked_hub '{}': {what}", h.host));
+            dps_core::ids::HubHost::parse(&h.host)
+                .map_err(|e| at(format!("linked_hub host: {e}")))?;
+            if !hosts.insert(h.host.to_ascii_lowercase()) {
+                return Err(hub("duplicate host".into()));
+            }
+            if !(1..=1000).contains(&h.allocation_weight) {
+                return Err(hub("allocation_weight must be 1 to 1000".into()));
+            }
+            match h.kind {
+                dps_core::instance::HubKind::AzureIotHub => {
+                    let cs = h
+                        .connection_string
+                        .as_deref()
+                        .ok_or_else(|| hub("connection_string is required".into()))?;
+                    crate::hubs::azure::HubConnectionString::parse(cs)
+                        .map_err(|e| hub(format!("connection_string: {e}")))?;
+                }
+                dps_core::instance::HubKind::Webhook if h.connection_string.is_none() => {
+                    return Err(hub("connection_string (the webhook URL) is required".into()));
+                }
+                dps_core::instance::HubKind::Mosquitto => {
+                    let cs = h
+                        .connection_string
+                        .as_deref()
+                        .ok_or_else(|| hub("connection_string is required".into()))?;
+                    reqwest::Url::parse(cs)
+                        .map_err(|e| hub(format!("connection_string is not a URL: {e}")))?;
+                }
+                _ => {}
+            }
+            policy.check_linked_hub(h).map_err(at)?;
         }
         Ok(())
     }
@@ -549,6 +756,9 @@ mod tests {
         assert_eq!(cfg.instances[0].linked_hub.len(), 2);
         assert_eq!(cfg.listen.https, "[::]:443");
         assert_eq!(cfg.auth.max_token_lifetime_secs, 0);
+        assert_eq!(cfg.outbound.max_response_bytes, 1_048_576);
+        assert!(!cfg.outbound.allow_private_addresses);
+        cfg.validate().expect("every value of the example is valid");
     }
 
     #[test]
@@ -702,5 +912,274 @@ mod tests {
         };
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("primary_key") && e.contains("'p'"), "{e}");
+    }
+
+    /// One bad value of each class: the error names its key.
+    #[test]
+    fn every_class_of_bad_value_names_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = || Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        let hub = |kind: &str, cs: Option<&str>| -> LinkedHub {
+            let mut v = serde_json::json!({"host": "hub-1.example.net", "kind": kind});
+            if let Some(cs) = cs {
+                v["connection_string"] = cs.into();
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        let inst = |f: &dyn Fn(&mut InstanceConfig)| {
+            let mut i = InstanceConfig {
+                name: "default".into(),
+                id_scope: None,
+                hostnames: None,
+                access_policy: vec![],
+                linked_hub: vec![],
+                allocation_policy: AllocationPolicy::Hashed,
+                register_response: RegisterResponse::Accepted,
+            };
+            f(&mut i);
+            Config {
+                instances: vec![i],
+                ..base()
+            }
+        };
+        let cases: Vec<(Config, &str)> = vec![
+            (
+                Config {
+                    data_dir: PathBuf::new(),
+                    ..base()
+                },
+                "data_dir",
+            ),
+            (
+                Config {
+                    store: "mysql://h/db".into(),
+                    ..base()
+                },
+                "store",
+            ),
+            (
+                Config {
+                    store: "sqlite://?x=1".into(),
+                    ..base()
+                },
+                "store",
+            ),
+            (
+                Config {
+                    location: Some("atlantis".into()),
+                    ..base()
+                },
+                "location",
+            ),
+            (
+                Config {
+                    location: Some("91,0".into()),
+                    ..base()
+                },
+                "location",
+            ),
+            (
+                Config {
+                    admin_instance: "".into(),
+                    ..base()
+                },
+                "admin_instance",
+            ),
+            (
+                Config {
+                    log: Log {
+                        format: "xml".into(),
+                        ..Log::default()
+                    },
+                    ..base()
+                },
+                "log.format",
+            ),
+            (
+                Config {
+                    limits: Limits {
+                        webhook_timeout_ms: 0,
+                        ..Limits::default()
+                    },
+                    ..base()
+                },
+                "limits.webhook_timeout_ms",
+            ),
+            (
+                Config {
+                    limits: Limits {
+                        register_wait_ms: 3_600_000,
+                        ..Limits::default()
+                    },
+                    ..base()
+                },
+                "limits.register_wait_ms",
+            ),
+            (
+                Config {
+                    limits: Limits {
+                        tls_handshake_timeout_ms: 0,
+                        ..Limits::default()
+                    },
+                    ..base()
+                },
+                "limits.tls_handshake_timeout_ms",
+            ),
+            (
+                Config {
+                    limits: Limits {
+                        recovery_after_ms: 0,
+                        ..Limits::default()
+                    },
+                    ..base()
+                },
+                "limits.recovery_after_ms",
+            ),
+            (
+                Config {
+                    limits: Limits {
+                        max_inflight_registrations: 0,
+                        ..Limits::default()
+                    },
+                    ..base()
+                },
+                "limits.max_inflight_registrations",
+            ),
+            (
+                Config {
+                    limits: Limits {
+                        max_pending_handshakes: 0,
+                        ..Limits::default()
+                    },
+                    ..base()
+                },
+                "limits.max_pending_handshakes",
+            ),
+            (
+                Config {
+                    limits: Limits {
+                        max_mqtt_connections: 0,
+                        ..Limits::default()
+                    },
+                    ..base()
+                },
+                "limits.max_mqtt_connections",
+            ),
+            (
+                Config {
+                    limits: Limits {
+                        max_body_bytes: 10,
+                        ..Limits::default()
+                    },
+                    ..base()
+                },
+                "limits.max_body_bytes",
+            ),
+            (
+                Config {
+                    outbound: Outbound {
+                        max_response_bytes: 0,
+                        ..Outbound::default()
+                    },
+                    ..base()
+                },
+                "outbound.max_response_bytes",
+            ),
+            (
+                Config {
+                    outbound: Outbound {
+                        allowed_webhook_hosts: vec!["https://x.example/".into()],
+                        ..Outbound::default()
+                    },
+                    ..base()
+                },
+                "outbound.allowed_webhook_hosts",
+            ),
+            (
+                Config {
+                    outbound: Outbound {
+                        allowed_webhook_hosts: vec!["a.*.example".into()],
+                        ..Outbound::default()
+                    },
+                    ..base()
+                },
+                "outbound.allowed_webhook_hosts",
+            ),
+            (inst(&|i| i.name = "bad name!".into()), "instance[0].name"),
+            (
+                inst(&|i| i.id_scope = Some("not-a-scope".into())),
+                "id_scope",
+            ),
+            (inst(&|i| i.hostnames = Some(vec![])), "hostnames"),
+            (
+                inst(&|i| i.allocation_policy = AllocationPolicy::Custom),
+                "allocation_policy",
+            ),
+            (
+                inst(&|i| i.linked_hub = vec![hub("registry", None), hub("registry", None)]),
+                "duplicate host",
+            ),
+            (
+                inst(&|i| {
+                    let mut h = hub("registry", None);
+                    h.allocation_weight = 0;
+                    i.linked_hub = vec![h]
+                }),
+                "allocation_weight",
+            ),
+            (
+                inst(&|i| i.linked_hub = vec![hub("azure-iothub", None)]),
+                "connection_string is required",
+            ),
+            (
+                inst(&|i| {
+                    i.linked_hub = vec![hub(
+                        "azure-iothub",
+                        Some("HostName=h;SharedAccessKeyName=p;SharedAccessKey= %%"),
+                    )]
+                }),
+                "connection_string: SharedAccessKey",
+            ),
+            (
+                inst(&|i| i.linked_hub = vec![hub("webhook", None)]),
+                "connection_string (the webhook URL)",
+            ),
+            (
+                inst(&|i| i.linked_hub = vec![hub("webhook", Some("http://169.254.169.254/"))]),
+                "metadata",
+            ),
+            (
+                inst(&|i| i.linked_hub = vec![hub("webhook", Some("http://127.0.0.1:9/hook"))]),
+                "allow_private_addresses",
+            ),
+            (
+                inst(&|i| i.linked_hub = vec![hub("mosquitto", Some("not a url"))]),
+                "connection_string is not a URL",
+            ),
+        ];
+        for (cfg, key) in cases {
+            let e = cfg.validate().expect_err(key).to_string();
+            assert!(e.contains(key), "expected the error to name '{key}': {e}");
+        }
+        // The defaults, and the values beside each bad one, are valid.
+        base().validate().unwrap();
+        inst(&|i| {
+            i.linked_hub = vec![hub(
+                "azure-iothub",
+                Some(
+                    "HostName=h.azure-devices.net;SharedAccessKeyName=p;SharedAccessKey= c2VjcmV0 ",
+                ),
+            )]
+        })
+        .validate()
+        .unwrap();
+        let mut ok =
+            inst(&|i| i.linked_hub = vec![hub("webhook", Some("http://127.0.0.1:9/hook"))]);
+        ok.outbound.allow_private_addresses = true;
+        ok.location = Some("47.6, -122.3".into());
+        ok.validate().unwrap();
     }
 }

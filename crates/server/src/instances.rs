@@ -62,12 +62,18 @@ impl Instances {
             .all::<Instance>(Collection::Instance, "", &Filter::default())
             .await?;
         let snap = Snapshot::build(all.into_iter().map(|(i, _)| i).collect());
-        *self.snap.write().expect("instances lock") = Arc::new(snap);
+        *self
+            .snap
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(snap);
         Ok(())
     }
 
     fn snap(&self) -> Arc<Snapshot> {
-        self.snap.read().expect("instances lock").clone()
+        self.snap
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// All instances.

@@ -184,11 +184,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     let https_tls = crate::tls::server_config(&pki, &[b"h2", b"http/1.1"])?;
     let mqtt_tls = crate::tls::server_config(&pki, &[])?;
 
-    let http_client = reqwest::Client::builder()
-        .timeout(Duration::from_millis(cfg.limits.webhook_timeout_ms))
-        .build()
-        .context("building the HTTP client")?;
-    let hubs = Arc::new(HubSet::new(store.clone(), http_client.clone()));
+    let outbound = Arc::new(
+        crate::outbound::Outbound::from_config(
+            &cfg.outbound,
+            Duration::from_millis(cfg.limits.webhook_timeout_ms),
+        )
+        .context("building the HTTP client")?,
+    );
+    let hubs = Arc::new(HubSet::new(store.clone(), outbound.clone()));
     let settings = EngineSettings {
         node_location: cfg.location.clone(),
         inline_wait: Duration::from_millis(cfg.limits.register_wait_ms),
@@ -199,7 +202,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     };
     let catalog = crate::catalog::Catalog::new(repo.clone());
     let custom_allocator = Arc::new(crate::engine::WebhookAllocator::new(
-        http_client,
+        outbound.clone(),
         Duration::from_millis(cfg.limits.webhook_timeout_ms),
     ));
     let engine = Engine::new(
@@ -229,6 +232,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             cx.clone(),
             catalog.clone(),
             engine.clone(),
+            outbound,
         ),
         registrations: crate::usecases::registrations::Registrations::new(
             cx.clone(),
@@ -360,16 +364,10 @@ fn write_run_json(cfg: &Config, s: &Server) -> anyhow::Result<()> {
         "ca": s.ca_path.as_ref().map(|p| std::fs::canonicalize(p).unwrap_or(p.clone()).display().to_string()),
         "instances": s.instances.iter().map(|(n, scope, cs)| serde_json::json!({"name": n, "id_scope": scope, "connection_string": cs})).collect::<Vec<_>>(),
     });
+    // It holds the owner connection string: private from the start.
     let path = cfg.data_dir.join("run.json");
-    let tmp = cfg.data_dir.join("run.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&v)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-    }
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    crate::files::write_private_atomic(&path, &serde_json::to_vec_pretty(&v)?)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 

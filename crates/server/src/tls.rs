@@ -67,19 +67,17 @@ fn read(path: &Path) -> Result<String, TlsError> {
     })
 }
 
+/// Write a generated file atomically; keys (`secret`) are created with mode 0600 from the start.
 fn write(path: &Path, contents: &str, secret: bool) -> Result<(), TlsError> {
-    let io = |source| TlsError::Io {
+    let written = if secret {
+        crate::files::write_private_atomic(path, contents.as_bytes())
+    } else {
+        crate::files::write_atomic(path, contents.as_bytes(), 0o644)
+    };
+    written.map_err(|source| TlsError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    std::fs::write(path, contents).map_err(io)?;
-    #[cfg(unix)]
-    if secret {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
-    }
-    let _ = secret;
-    Ok(())
+    })
 }
 
 /// Load the configured files, or create (once) and reuse the development CA and a server

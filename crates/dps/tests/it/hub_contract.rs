@@ -387,12 +387,12 @@ impl RefusesCredentials for MosquittoFixture {
 struct AzureFixture {
     hub: dps_server::hubs::azure::AzureIotHub,
     iothub: FakeIotHub,
-    http: reqwest::Client,
+    http: std::sync::Arc<dps_server::outbound::Outbound>,
 }
 
 async fn azure_fixture() -> Option<AzureFixture> {
     let iothub = FakeIotHub::start("contract.azure-devices.net").await;
-    let http = reqwest::Client::new();
+    let http = dps_server::outbound::Outbound::permissive();
     let hub = dps_server::hubs::azure::AzureIotHub::new(&iothub.linked_hub(HUB_KEY), &http);
     Some(AzureFixture { hub, iothub, http })
 }
@@ -437,12 +437,12 @@ impl RefusesCredentials for AzureFixture {
 struct WebhookFixture {
     hub: dps_server::hubs::webhook::WebhookHub,
     hook: FakeWebhook,
-    http: reqwest::Client,
+    http: std::sync::Arc<dps_server::outbound::Outbound>,
 }
 
 async fn webhook_fixture() -> Option<WebhookFixture> {
     let hook = FakeWebhook::start().await;
-    let http = reqwest::Client::new();
+    let http = dps_server::outbound::Outbound::permissive();
     let hub = dps_server::hubs::webhook::WebhookHub::new(&hook.linked_hub("hook.contract"), &http);
     Some(WebhookFixture { hub, hook, http })
 }

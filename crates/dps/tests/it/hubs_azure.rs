@@ -47,7 +47,10 @@ fn twin(tags: Value, desired: Value) -> TwinState {
 }
 
 fn adapter(h: &FakeIotHub) -> AzureIotHub {
-    AzureIotHub::new(&h.linked_hub(HUB_KEY), &reqwest::Client::new())
+    AzureIotHub::new(
+        &h.linked_hub(HUB_KEY),
+        &dps_server::outbound::Outbound::permissive(),
+    )
 }
 
 #[tokio::test]
@@ -125,7 +128,7 @@ async fn azure_hub_provisioning_creates_identity_twin_and_migrates_between_hubs(
 #[tokio::test]
 async fn azure_adapter_follows_the_rest_contract_and_maps_errors() {
     let h = FakeIotHub::start("contract.azure-devices.net").await;
-    let http = reqwest::Client::new();
+    let http = dps_server::outbound::Outbound::permissive();
     let a = adapter(&h);
     let t = twin(json!({"a": 1}), json!({"b": 2}));
 
@@ -278,7 +281,7 @@ async fn problem_1_registry_read_write_policy_registers_without_writing_an_empty
     );
 
     // With an initial twin the policy must have ServiceConnect: the error says so.
-    let a = AzureIotHub::new(&l, &reqwest::Client::new());
+    let a = AzureIotHub::new(&l, &dps_server::outbound::Outbound::permissive());
     match a
         .upsert_device(
             &identity("p1-twin"),
@@ -305,7 +308,7 @@ async fn problem_1_basic_tier_hub_is_a_configuration_error_not_refused_credentia
     let r = s.register("p1-basic", &key, None).await;
     assert_eq!(r.body["status"], "assigned", "{}", r.body);
 
-    let a = AzureIotHub::new(&l, &reqwest::Client::new());
+    let a = AzureIotHub::new(&l, &dps_server::outbound::Outbound::permissive());
     match a
         .upsert_device(
             &identity("p1-basic-twin"),
@@ -628,7 +631,7 @@ async fn problem_7_one_registry_operation_per_registration_and_a_deadline() {
         .insert("endpoint".into(), format!("http://{}", silent.addr).into());
     slow.options.insert("timeout_ms".into(), 10_000.into());
     slow.options.insert("deadline_ms".into(), 300.into());
-    let a = AzureIotHub::new(&slow, &reqwest::Client::new());
+    let a = AzureIotHub::new(&slow, &dps_server::outbound::Outbound::permissive());
     let t0 = Instant::now();
     match a.upsert_device(&identity("p7-slow"), None).await {
         Err(HubError::Unreachable { message, .. }) => {

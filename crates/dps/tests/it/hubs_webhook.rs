@@ -53,7 +53,7 @@ async fn webhook_hub_receives_signed_identity_and_twin_on_assignment() {
 #[tokio::test]
 async fn webhook_adapter_actions_retries_and_error_mapping() {
     let w = FakeWebhook::start().await;
-    let http = reqwest::Client::new();
+    let http = dps_server::outbound::Outbound::permissive();
     let a = WebhookHub::new(&w.linked_hub("hook-hub"), &http);
     let id = HubIdentity {
         device_id: "w-1".into(),

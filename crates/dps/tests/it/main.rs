@@ -11,6 +11,7 @@ mod hubs_failures;
 mod hubs_mosquitto;
 mod hubs_webhook;
 mod observability;
+mod outbound;
 mod registration;
 mod registration_limits;
 mod service_api;

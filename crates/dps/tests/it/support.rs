@@ -21,7 +21,9 @@ pub struct TestServer {
     pub ca_pem: String,
 }
 
-/// Builder for the test server's config.
+/// Builder for the test server's config. Like a local emulator, it lets webhooks and test
+/// doubles run on 127.0.0.1 (`[outbound] allow_private_addresses = true`); the tests of the
+/// outbound policy (`outbound.rs`) turn it off.
 pub fn config(dir: &std::path::Path) -> Config {
     Config {
         data_dir: dir.to_path_buf(),
@@ -29,6 +31,10 @@ pub fn config(dir: &std::path::Path) -> Config {
             https: "127.0.0.1:0".into(),
             mqtt: "127.0.0.1:0".into(),
             admin: "127.0.0.1:0".into(),
+        },
+        outbound: dps_server::config::Outbound {
+            allow_private_addresses: true,
+            ..Default::default()
         },
         instances: vec![instance(
             "default",

@@ -139,7 +139,9 @@ impl Engine {
             // An enabled individual enrollment is authoritative; only a disabled one lets us look
             // at the groups (to refuse a group device that the individual enrollment disables).
             if e.settings.enabled() {
-                return Err(individual_failure.expect("set above").into());
+                if let Some(f) = individual_failure.take() {
+                    return Err(f.into());
+                }
             }
         }
         // Check audience and expiry once, for precise reasons.

@@ -8,9 +8,11 @@
 
 use super::attest::{Admitted, Source};
 use super::{Engine, Failure};
+use crate::outbound::{Outbound, OutboundError, Target};
 use dps_core::error::{AssignmentFailure, CustomAllocationFailure};
 use dps_core::instance::LinkedHub;
 use dps_core::model::{AttestationType, CustomAllocationDefinition, TwinState};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What the webhook is asked: its URL and Azure's request body.
@@ -52,16 +54,18 @@ pub trait CustomAllocator: Send + Sync {
     ) -> Result<CustomAllocationAnswer, CustomAllocationError>;
 }
 
-/// The real webhook over HTTP(S), with a timeout per call.
+/// The real webhook over HTTP(S), with a timeout per call, under the outbound policy (the URL
+/// and the addresses it resolves to; no proxy, no redirect) and reading at most
+/// `[outbound] max_response_bytes` of the answer.
 pub struct WebhookAllocator {
-    http: reqwest::Client,
+    outbound: Arc<Outbound>,
     timeout: Duration,
 }
 
 impl WebhookAllocator {
     /// A webhook client.
-    pub fn new(http: reqwest::Client, timeout: Duration) -> Self {
-        WebhookAllocator { http, timeout }
+    pub fn new(outbound: Arc<Outbound>, timeout: Duration) -> Self {
+        WebhookAllocator { outbound, timeout }
     }
 }
 
@@ -89,18 +93,29 @@ impl CustomAllocator for WebhookAllocator {
         req: CustomAllocationRequest,
     ) -> Result<CustomAllocationAnswer, CustomAllocationError> {
         let fail = |failure, reason| CustomAllocationError { failure, reason };
+        let url = self
+            .outbound
+            .policy()
+            .check_url(&req.url, Target::Webhook)
+            .map_err(|e| {
+                fail(
+                    CustomAllocationFailure::Unreachable,
+                    format!("custom allocation webhook refused by the outbound policy: {e}"),
+                )
+            })?;
         let resp = self
-            .http
-            .post(&req.url)
+            .outbound
+            .client(Target::Webhook)
+            .post(url)
             .timeout(self.timeout)
             .json(&req.body)
             .send()
             .await
             .map_err(|e| {
-                let what = if e.is_timeout() {
-                    "timed out".to_string()
-                } else {
-                    format!("failed: {e}")
+                let what = match crate::outbound::refusal(&e) {
+                    Some(r) => format!("refused by the outbound policy: {r}"),
+                    None if e.is_timeout() => "timed out".to_string(),
+                    None => format!("failed: {}", crate::outbound::describe(e)),
                 };
                 fail(
                     CustomAllocationFailure::Unreachable,
@@ -114,7 +129,19 @@ impl CustomAllocator for WebhookAllocator {
                 format!("custom allocation webhook answered HTTP {status}"),
             ));
         }
-        let v: serde_json::Value = resp.json().await.map_err(|e| {
+        let body = crate::outbound::read_limited(resp, self.outbound.max_response_bytes())
+            .await
+            .map_err(|e| match e {
+                OutboundError::TooLarge { .. } => fail(
+                    CustomAllocationFailure::InvalidResponse,
+                    format!("custom allocation webhook answer refused: {e}"),
+                ),
+                e => fail(
+                    CustomAllocationFailure::Unreachable,
+                    format!("custom allocation webhook: {e}"),
+                ),
+            })?;
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
             fail(
                 CustomAllocationFailure::InvalidResponse,
                 format!("custom allocation webhook answered invalid JSON: {e}"),

@@ -85,7 +85,7 @@ async fn fixture_with(hubs: Vec<LinkedHub>, settings: EngineSettings) -> Fixture
         EnginePorts {
             repo: repo.clone(),
             instances: instances.clone(),
-            hubs: Arc::new(HubSet::new(store, reqwest::Client::new())),
+            hubs: Arc::new(HubSet::new(store, crate::outbound::Outbound::permissive())),
             catalog: Catalog::new(repo.clone()),
             clock: Arc::new(FixedClock(time::macros::datetime!(2026-06-01 12:00 UTC))),
             random: Arc::new(SeededRandom::new(1)),

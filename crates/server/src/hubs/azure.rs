@@ -8,13 +8,17 @@
 //! policy lacks ServiceConnect; see docs/linked-hubs.md). Options: `endpoint` (base URL
 //! override, e.g. a test double), `ca_file` (extra trusted CA PEM for that endpoint),
 //! `timeout_ms` (per request, default 10000), `deadline_ms` (all requests of one adapter call,
-//! e.g. one registration's upsert, default [`DEFAULT_DEADLINE_MS`]).
+//! e.g. one registration's upsert, default [`DEFAULT_DEADLINE_MS`]). Calls go through
+//! [`crate::outbound`]: link-local and metadata addresses refused (private ones allowed: a hub
+//! behind a private endpoint resolves to one), no proxy, no redirect, answers read up to
+//! `[outbound] max_response_bytes`.
 //!
 //! What the hub answers is classified by its error code, not its status alone ([`classify`]):
 //! the numeric `errorCode` of current hubs (in the JSON body, or JSON inside its `Message`), the
 //! `iothub-errorcode` header, or the older `ErrorCode:Name;…` text.
 
 use super::http_client::{retry_after, send_error_text, HttpClient};
+use crate::outbound::{Outbound, Target};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use dps_core::hub::{HubAdapter, HubAuth, HubError, HubIdentity};
@@ -74,6 +78,8 @@ impl HubConnectionString {
             let Some((k, v)) = part.split_once('=') else {
                 return Err("malformed connection string (expected key=value pairs)".into());
             };
+            // Spaces around names and values (`SharedAccessKey= abc`) are not part of them.
+            let (k, v) = (k.trim(), v.trim());
             match k.to_ascii_lowercase().as_str() {
                 "hostname" => host = Some(v.to_string()),
                 "sharedaccesskeyname" => name = Some(v.to_string()),
@@ -87,7 +93,10 @@ impl HubConnectionString {
                     .into(),
             );
         };
-        let key = match B64.decode(key.trim()) {
+        if host_name.is_empty() || key_name.is_empty() {
+            return Err("HostName and SharedAccessKeyName must not be empty".into());
+        }
+        let key = match B64.decode(&key) {
             Ok(k) if !k.is_empty() => k,
             _ => return Err("SharedAccessKey is not a valid base64 key".into()),
         };
@@ -127,6 +136,7 @@ struct Ready {
     base: String,
     http: reqwest::Client,
     timeout: Duration,
+    max_response_bytes: usize,
     deadline: Duration,
 }
 
@@ -136,19 +146,34 @@ pub struct AzureIotHub {
     ready: Result<Ready, String>,
 }
 
-fn build(hub: &LinkedHub, shared: &reqwest::Client) -> Result<Ready, String> {
+/// The base URL the adapter calls: the `endpoint` option, else `https://{HostName}` of the
+/// connection string; `None` when neither can be read.
+pub fn endpoint_of(hub: &LinkedHub) -> Option<String> {
+    match hub.options.get("endpoint").and_then(Value::as_str) {
+        Some(e) => Some(e.trim_end_matches('/').to_string()),
+        None => {
+            let cs = HubConnectionString::parse(hub.connection_string.as_deref()?).ok()?;
+            Some(format!("https://{}", cs.host_name))
+        }
+    }
+}
+
+fn build(hub: &LinkedHub, outbound: &Outbound) -> Result<Ready, String> {
     let cs = HubConnectionString::parse(
         hub.connection_string
             .as_deref()
             .ok_or("an azure-iothub hub needs connection_string")?,
     )?;
-    let base = hub
-        .options
-        .get("endpoint")
-        .and_then(Value::as_str)
-        .map(|e| e.trim_end_matches('/').to_string())
-        .unwrap_or_else(|| format!("https://{}", cs.host_name));
-    let HttpClient { http, timeout } = HttpClient::for_hub(hub, shared, 10_000)?;
+    let base = endpoint_of(hub).unwrap_or_else(|| format!("https://{}", cs.host_name));
+    outbound
+        .policy()
+        .check_url(&base, Target::Hub)
+        .map_err(|e| format!("endpoint: {e}"))?;
+    let HttpClient {
+        http,
+        timeout,
+        max_response_bytes,
+    } = HttpClient::for_hub(hub, outbound, Target::Hub, 10_000)?;
     let deadline = Duration::from_millis(
         hub.options
             .get("deadline_ms")
@@ -161,6 +186,7 @@ fn build(hub: &LinkedHub, shared: &reqwest::Client) -> Result<Ready, String> {
         base,
         http,
         timeout,
+        max_response_bytes,
         deadline,
     })
 }
@@ -433,16 +459,24 @@ impl Call<'_> {
         if let Some(b) = body {
             rb = rb.json(b);
         }
-        let resp = rb.send().await.map_err(|e| HubError::Unreachable {
-            hub: host.clone(),
-            message: if Instant::now() >= self.deadline {
-                format!(
-                    "deadline of {} ms for this hub operation exceeded",
-                    self.r.deadline.as_millis()
-                )
-            } else {
-                send_error_text(e)
-            },
+        let resp = rb.send().await.map_err(|e| {
+            if let Some(refused) = crate::outbound::refusal(&e) {
+                return HubError::Rejected {
+                    hub: host.clone(),
+                    message: format!("refused by the outbound policy: {refused}"),
+                };
+            }
+            HubError::Unreachable {
+                hub: host.clone(),
+                message: if Instant::now() >= self.deadline {
+                    format!(
+                        "deadline of {} ms for this hub operation exceeded",
+                        self.r.deadline.as_millis()
+                    )
+                } else {
+                    send_error_text(e)
+                },
+            }
         })?;
         let status = resp.status().as_u16();
         let ra = retry_after(&resp);
@@ -451,7 +485,21 @@ impl Call<'_> {
             .get("iothub-errorcode")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let body = resp.text().await.unwrap_or_default();
+        let body = match crate::outbound::read_limited(resp, self.r.max_response_bytes).await {
+            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+            Err(e @ crate::outbound::OutboundError::TooLarge { .. }) => {
+                return Err(HubError::Rejected {
+                    hub: host.clone(),
+                    message: format!("HTTP {status}: {e}"),
+                })
+            }
+            Err(e) => {
+                return Err(HubError::Unreachable {
+                    hub: host.clone(),
+                    message: format!("HTTP {status}: {e}"),
+                })
+            }
+        };
         let code = if (200..300).contains(&status) {
             None
         } else {
@@ -496,10 +544,10 @@ impl Call<'_> {
 
 impl AzureIotHub {
     /// An adapter for a linked hub; settings errors surface on every call as `Rejected`.
-    pub fn new(hub: &LinkedHub, shared: &reqwest::Client) -> Self {
+    pub fn new(hub: &LinkedHub, outbound: &Outbound) -> Self {
         AzureIotHub {
             host: hub.host.to_ascii_lowercase(),
-            ready: build(hub, shared),
+            ready: build(hub, outbound),
         }
     }
 
@@ -748,6 +796,35 @@ mod tests {
         assert_eq!(t.sr, "h.azure-devices.net");
         assert_eq!(t.skn.as_deref(), Some("registryReadWrite"));
         assert!(HubConnectionString::parse("HostName=x").is_err());
+    }
+
+    #[test]
+    fn spaces_around_names_and_values_are_not_part_of_them() {
+        let tight = HubConnectionString::parse(
+            "HostName=h.azure-devices.net;SharedAccessKeyName=p;SharedAccessKey=c2VjcmV0LWtleS0wMTIzNDU2Nzg5",
+        )
+        .unwrap();
+        let spaced = HubConnectionString::parse(
+            " HostName = h.azure-devices.net ; SharedAccessKeyName= p ;SharedAccessKey= c2VjcmV0LWtleS0wMTIzNDU2Nzg5 ",
+        )
+        .unwrap();
+        assert_eq!(spaced.host_name, "h.azure-devices.net");
+        assert_eq!(spaced.key_name, "p");
+        assert_eq!(
+            spaced.token_at(1_900_000_000),
+            tight.token_at(1_900_000_000)
+        );
+        for bad in [
+            "HostName=h;SharedAccessKeyName=p;SharedAccessKey= ",
+            "HostName=h;SharedAccessKeyName=p;SharedAccessKey=not base64!",
+            "HostName= ;SharedAccessKeyName=p;SharedAccessKey=c2VjcmV0",
+            "HostName=h;SharedAccessKeyName=;SharedAccessKey=c2VjcmV0",
+            "HostName=h;SharedAccessKey",
+            "",
+        ] {
+            let e = HubConnectionString::parse(bad).unwrap_err();
+            assert!(!e.contains("c2Vj"), "the error repeats the key: {e}");
+        }
     }
 
     #[test]

@@ -65,7 +65,7 @@ impl Health {
 /// The adapters and health of all linked hubs.
 pub struct HubSet {
     store: Arc<dyn Store>,
-    http: reqwest::Client,
+    outbound: Arc<crate::outbound::Outbound>,
     adapters: Mutex<HashMap<String, (LinkedHub, Arc<dyn HubAdapter>)>>,
     health: Mutex<HashMap<String, Health>>,
     buckets: Mutex<HashMap<String, (f64, Instant)>>,
@@ -73,10 +73,10 @@ pub struct HubSet {
 
 impl HubSet {
     /// A new set.
-    pub fn new(store: Arc<dyn Store>, http: reqwest::Client) -> Self {
+    pub fn new(store: Arc<dyn Store>, outbound: Arc<crate::outbound::Outbound>) -> Self {
         HubSet {
             store,
-            http,
+            outbound,
             adapters: Mutex::new(HashMap::new()),
             health: Mutex::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
@@ -89,9 +89,14 @@ impl HubSet {
                 Arc::new(registry::RegistryHub::new(self.store.clone(), &hub.host))
             }
             HubKind::Mosquitto => Arc::new(mosquitto::MosquittoHub::new(hub)),
-            HubKind::AzureIotHub => Arc::new(azure::AzureIotHub::new(hub, &self.http)),
-            HubKind::Webhook => Arc::new(webhook::WebhookHub::new(hub, &self.http)),
+            HubKind::AzureIotHub => Arc::new(azure::AzureIotHub::new(hub, &self.outbound)),
+            HubKind::Webhook => Arc::new(webhook::WebhookHub::new(hub, &self.outbound)),
         }
+    }
+
+    /// What outbound calls may reach (linked hub settings are checked against it).
+    pub fn outbound(&self) -> &crate::outbound::Outbound {
+        &self.outbound
     }
 
     /// The adapter for a linked hub (built on first use, rebuilt when its settings change).
@@ -100,7 +105,10 @@ impl HubSet {
     /// the engine's call sites ready for adapters whose construction can fail.
     pub fn adapter(&self, hub: &LinkedHub) -> Result<Arc<dyn HubAdapter>, HubError> {
         let key = hub.host.to_ascii_lowercase();
-        let mut map = self.adapters.lock().expect("hub map lock");
+        let mut map = self
+            .adapters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((cfg, a)) = map.get(&key) {
             if cfg == hub {
                 return Ok(a.clone());
@@ -116,7 +124,7 @@ impl HubSet {
     pub fn install(&self, hub: &LinkedHub, adapter: Arc<dyn HubAdapter>) {
         self.adapters
             .lock()
-            .expect("hub map lock")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(hub.host.to_ascii_lowercase(), (hub.clone(), adapter));
     }
 
@@ -126,7 +134,10 @@ impl HubSet {
         let Some(rate) = hub.max_registrations_per_second.filter(|r| *r > 0) else {
             return true;
         };
-        let mut buckets = self.buckets.lock().expect("bucket lock");
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (tokens, at) = buckets
             .entry(hub.host.to_ascii_lowercase())
             .or_insert((rate as f64, Instant::now()));
@@ -145,7 +156,7 @@ impl HubSet {
     pub fn unhealthy(&self, host: &str) -> bool {
         self.health
             .lock()
-            .expect("health lock")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&host.to_ascii_lowercase())
             .is_some_and(Health::unhealthy)
     }
@@ -153,7 +164,10 @@ impl HubSet {
     /// Record the outcome of a hub call.
     pub fn record(&self, host: &str, started: Instant, result: &Result<(), HubError>) {
         let ms = started.elapsed().as_secs_f64() * 1000.0;
-        let mut map = self.health.lock().expect("health lock");
+        let mut map = self
+            .health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let h = map.entry(host.to_ascii_lowercase()).or_default();
         h.latency_ms = if h.successes + h.failures == 0 {
             ms
@@ -189,7 +203,10 @@ impl HubSet {
 
     /// A snapshot of every hub's health.
     pub fn health_snapshot(&self) -> Vec<(String, Health)> {
-        let map = self.health.lock().expect("health lock");
+        let map = self
+            .health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut v: Vec<_> = map.iter().map(|(k, h)| (k.clone(), h.clone())).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v

@@ -259,7 +259,11 @@ impl MosquittoHub {
     async fn exec(&self, conn: &Conn, mut commands: Vec<Value>) -> Result<Vec<Value>, HubError> {
         let mut waits = Vec::with_capacity(commands.len());
         {
-            let mut pending = conn.shared.pending.lock().expect("pending lock");
+            let mut pending = conn
+                .shared
+                .pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             for c in commands.iter_mut() {
                 let id = uuid::Uuid::new_v4().to_string();
                 c["correlationData"] = Value::String(id.clone());
@@ -285,7 +289,11 @@ impl MosquittoHub {
             Ok::<_, String>(out)
         })
         .await;
-        let mut pending = conn.shared.pending.lock().expect("pending lock");
+        let mut pending = conn
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (id, _) in &waits {
             pending.remove(id);
         }
@@ -464,8 +472,11 @@ fn start(s: Settings) -> Conn {
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if p.topic == RESPONSE_TOPIC {
                             dispatch(&shared, &p.payload);
-                        } else if let Some(slot) =
-                            shared.retained.lock().expect("retained").get_mut(&p.topic)
+                        } else if let Some(slot) = shared
+                            .retained
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .get_mut(&p.topic)
                         {
                             *slot = Some(p.payload.to_vec());
                         }
@@ -488,7 +499,11 @@ fn start(s: Settings) -> Conn {
                             message,
                         });
                         // Fail waiting commands now rather than at their timeout.
-                        shared.pending.lock().expect("pending lock").clear();
+                        shared
+                            .pending
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .clear();
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
@@ -512,7 +527,10 @@ fn dispatch(shared: &Shared, payload: &[u8]) {
     let Some(responses) = v.get("responses").and_then(Value::as_array) else {
         return;
     };
-    let mut pending = shared.pending.lock().expect("pending lock");
+    let mut pending = shared
+        .pending
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     for r in responses {
         if let Some(id) = r.get("correlationData").and_then(Value::as_str) {
             if let Some(tx) = pending.remove(id) {
@@ -632,7 +650,7 @@ impl HubAdapter for MosquittoHub {
         conn.shared
             .retained
             .lock()
-            .expect("retained")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(topic.clone(), None);
         // The broker sends retained messages right after the SUBACK, before it handles our next
         // publish; so once the getClient answer is in, any retained twin has arrived too.
@@ -661,7 +679,7 @@ impl HubAdapter for MosquittoHub {
             .shared
             .retained
             .lock()
-            .expect("retained")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&topic)
             .flatten();
         let answer = answer?;

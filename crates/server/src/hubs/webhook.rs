@@ -17,9 +17,13 @@
 //! when the device does not exist; 404 on `delete` and `setEnabled` is success.
 //! Failures: 401/403 → Unauthorized, 429 → Throttled (Retry-After), 5xx / connect errors /
 //! timeouts are retried (options.retries tries in all, default 3, backoff 200 ms doubling) and
-//! then Unreachable, other 4xx → Rejected at once.
+//! then Unreachable, other 4xx → Rejected at once. Redirects are not followed (3xx → Rejected).
+//! The URL follows the outbound policy ([`crate::outbound`]; a refused URL or address →
+//! Rejected at once), and answers are read up to `[outbound] max_response_bytes` (a larger one
+//! → Rejected).
 
 use super::http_client::{retry_after, send_error_text, HttpClient};
+use crate::outbound::{Outbound, Target};
 use dps_core::hub::{HubAdapter, HubAuth, HubError, HubIdentity};
 use dps_core::instance::LinkedHub;
 use dps_core::model::TwinState;
@@ -41,6 +45,7 @@ struct Ready {
     url: String,
     http: reqwest::Client,
     timeout: Duration,
+    max_response_bytes: usize,
     tries: u32,
 }
 
@@ -51,16 +56,20 @@ pub struct WebhookHub {
     ready: Result<Ready, String>,
 }
 
-fn build(hub: &LinkedHub, shared: &reqwest::Client) -> Result<Ready, String> {
+fn build(hub: &LinkedHub, outbound: &Outbound) -> Result<Ready, String> {
     let url = hub
         .connection_string
         .clone()
         .ok_or("a webhook hub needs connection_string = \"https://...\"")?;
-    let parsed = reqwest::Url::parse(&url).map_err(|e| format!("invalid webhook URL: {e}"))?;
-    if !matches!(parsed.scheme(), "http" | "https") {
-        return Err("the webhook URL must be http:// or https://".into());
-    }
-    let HttpClient { http, timeout } = HttpClient::for_hub(hub, shared, 5000)?;
+    outbound
+        .policy()
+        .check_url(&url, Target::Webhook)
+        .map_err(|e| format!("webhook URL: {e}"))?;
+    let HttpClient {
+        http,
+        timeout,
+        max_response_bytes,
+    } = HttpClient::for_hub(hub, outbound, Target::Webhook, 5000)?;
     let tries = hub
         .options
         .get("retries")
@@ -71,6 +80,7 @@ fn build(hub: &LinkedHub, shared: &reqwest::Client) -> Result<Ready, String> {
         url,
         http,
         timeout,
+        max_response_bytes,
         tries,
     })
 }
@@ -94,7 +104,7 @@ enum Outcome {
 
 impl WebhookHub {
     /// An adapter for a linked hub; settings errors surface on every call as `Rejected`.
-    pub fn new(hub: &LinkedHub, shared: &reqwest::Client) -> Self {
+    pub fn new(hub: &LinkedHub, outbound: &Outbound) -> Self {
         WebhookHub {
             host: hub.host.to_ascii_lowercase(),
             secret: hub
@@ -102,7 +112,7 @@ impl WebhookHub {
                 .get("secret")
                 .and_then(Value::as_str)
                 .map(|s| s.as_bytes().to_vec()),
-            ready: build(hub, shared),
+            ready: build(hub, outbound),
         }
     }
 
@@ -121,7 +131,10 @@ impl WebhookHub {
             hub: self.host.clone(),
             message: format!("misconfigured webhook hub: {e}"),
         })?;
-        let bytes = serde_json::to_vec(body).expect("json");
+        let bytes = serde_json::to_vec(body).map_err(|e| HubError::Rejected {
+            hub: self.host.clone(),
+            message: format!("request body: {e}"),
+        })?;
         let sig = self.secret.as_ref().map(|s| signature(s, &bytes));
         let mut last = String::new();
         for attempt in 0..r.tries {
@@ -140,13 +153,32 @@ impl WebhookHub {
             let resp = match rb.send().await {
                 Ok(resp) => resp,
                 Err(e) => {
+                    if let Some(refused) = crate::outbound::refusal(&e) {
+                        // The policy will refuse the next try too.
+                        return Err(HubError::Rejected {
+                            hub: self.host.clone(),
+                            message: format!("refused by the outbound policy: {refused}"),
+                        });
+                    }
                     last = send_error_text(e);
                     continue;
                 }
             };
             let status = resp.status().as_u16();
             let retry_after = retry_after(&resp);
-            let text = resp.text().await.unwrap_or_default();
+            let text = match crate::outbound::read_limited(resp, r.max_response_bytes).await {
+                Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+                Err(e @ crate::outbound::OutboundError::TooLarge { .. }) => {
+                    return Err(HubError::Rejected {
+                        hub: self.host.clone(),
+                        message: format!("HTTP {status}: {e}"),
+                    })
+                }
+                Err(e) => {
+                    last = format!("HTTP {status}: {e}");
+                    continue;
+                }
+            };
             let short: String = text.chars().take(300).collect();
             match status {
                 200..=299 => return Ok(Outcome::Ok(text)),
@@ -189,9 +221,13 @@ impl HubAdapter for WebhookHub {
         let mut b = self.base("upsert", &identity.device_id);
         b["authentication"] = auth_json(&identity.auth);
         b["capabilities"] = json!({"iotEdge": identity.capabilities.iot_edge});
-        b["twin"] = twin
-            .map(|t| serde_json::to_value(t.for_hub()).expect("json"))
-            .unwrap_or(Value::Null);
+        b["twin"] = match twin {
+            Some(t) => serde_json::to_value(t.for_hub()).map_err(|e| HubError::Rejected {
+                hub: self.host.clone(),
+                message: format!("twin: {e}"),
+            })?,
+            None => Value::Null,
+        };
         b["enabled"] = identity.enabled.into();
         match self.post(&b).await? {
             Outcome::Ok(_) => Ok(()),

@@ -114,6 +114,9 @@ impl Admin {
                 .into();
         }
         let mut inst: Instance = serde_json::from_value(v).map_err(invalid("instance"))?;
+        for hub in &inst.linked_hub {
+            self.check_hub(hub)?;
+        }
         if inst.access_policy.is_empty() {
             inst.access_policy = existing
                 .as_ref()
@@ -128,6 +131,15 @@ impl Admin {
         };
         self.save(caller, &inst, action).await?;
         Ok(inst)
+    }
+
+    /// A linked hub's URLs must follow the outbound policy.
+    fn check_hub(&self, hub: &LinkedHub) -> Result<()> {
+        self.hubs
+            .outbound()
+            .policy()
+            .check_linked_hub(hub)
+            .map_err(Error::invalid)
     }
 
     fn owner_policy(&self, name: &str) -> AccessPolicy {
@@ -237,6 +249,7 @@ impl Admin {
     ) -> Result<LinkedHub> {
         v["host"] = host.into();
         let hub: LinkedHub = serde_json::from_value(v).map_err(invalid("linked hub"))?;
+        self.check_hub(&hub)?;
         let mut new = inst.clone();
         new.linked_hub
             .retain(|h| !h.host.eq_ignore_ascii_case(&hub.host));

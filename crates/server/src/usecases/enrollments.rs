@@ -13,6 +13,7 @@
 use super::{map_store, Caller, Context};
 use crate::catalog::Catalog;
 use crate::engine::Engine;
+use crate::outbound::{Outbound, Target};
 use crate::repo::settings_index;
 use base64::Engine as _;
 use dps_core::ids::{DeviceId, EnrollmentGroupId, RegistrationId};
@@ -297,16 +298,23 @@ pub struct Enrollments {
     cx: Context,
     catalog: Arc<Catalog>,
     engine: Arc<Engine>,
+    outbound: Arc<Outbound>,
 }
 
 impl Enrollments {
-    /// In `cx`, with the catalog whose groups it invalidates and the engine it tells about
-    /// status changes.
-    pub fn new(cx: Context, catalog: Arc<Catalog>, engine: Arc<Engine>) -> Self {
+    /// In `cx`, with the catalog whose groups it invalidates, the engine it tells about status
+    /// changes and the outbound policy custom allocation webhook URLs must follow.
+    pub fn new(
+        cx: Context,
+        catalog: Arc<Catalog>,
+        engine: Arc<Engine>,
+        outbound: Arc<Outbound>,
+    ) -> Self {
         Enrollments {
             cx,
             catalog,
             engine,
+            outbound,
         }
     }
 
@@ -369,6 +377,14 @@ impl Enrollments {
         }
         e.check()?;
         normalize_settings(e.settings_mut(), inst, T::IS_GROUP, &*self.cx.random)?;
+        if let Some(d) = &e.settings().custom_allocation_definition {
+            self.outbound
+                .policy()
+                .check_url(&d.webhook_url, Target::Webhook)
+                .map_err(|err| {
+                    Error::invalid(format!("customAllocationDefinition.webhookUrl: {err}"))
+                })?;
+        }
         let existing = self.stored::<T>(&inst.name, &id).await?;
         let now = self.cx.now();
         let s = e.settings_mut();
@@ -535,7 +551,12 @@ mod tests {
     use dps_core::store::AuditQuery;
 
     fn enrollments(f: &Fixture) -> Enrollments {
-        Enrollments::new(f.cx.clone(), f.catalog.clone(), f.engine.clone())
+        Enrollments::new(
+            f.cx.clone(),
+            f.catalog.clone(),
+            f.engine.clone(),
+            crate::outbound::Outbound::permissive(),
+        )
     }
 
     fn symmetric(id: &str) -> IndividualEnrollment {

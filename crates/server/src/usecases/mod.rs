@@ -182,7 +182,8 @@ pub(crate) mod testing {
         instances.put(&inst).await.unwrap();
         let clock = Arc::new(FixedClock(NOW));
         let catalog = Catalog::new(repo.clone());
-        let hubs = Arc::new(HubSet::new(store.clone(), reqwest::Client::new()));
+        let outbound = crate::outbound::Outbound::permissive();
+        let hubs = Arc::new(HubSet::new(store.clone(), outbound.clone()));
         let engine = Engine::new(
             crate::engine::EnginePorts {
                 repo,
@@ -192,7 +193,7 @@ pub(crate) mod testing {
                 clock: clock.clone(),
                 random: Arc::new(SeededRandom::new(seed)),
                 custom_allocator: Arc::new(crate::engine::WebhookAllocator::new(
-                    reqwest::Client::new(),
+                    outbound,
                     std::time::Duration::from_secs(1),
                 )),
             },
