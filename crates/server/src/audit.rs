@@ -13,36 +13,19 @@ pub struct Audit {
     clock: Arc<dyn Clock>,
 }
 
-/// Remove secrets from a JSON value: symmetric keys, access-policy keys, connection strings.
-pub fn redact(mut v: serde_json::Value) -> serde_json::Value {
-    fn walk(v: &mut serde_json::Value) {
-        match v {
-            serde_json::Value::Object(m) => {
-                for (k, val) in m.iter_mut() {
-                    let lk = k.to_ascii_lowercase();
-                    if matches!(
-                        lk.as_str(),
-                        "primarykey"
-                            | "secondarykey"
-                            | "primary_key"
-                            | "secondary_key"
-                            | "connection_string"
-                            | "connectionstring"
-                            | "sharedaccesskey"
-                    ) && val.is_string()
-                    {
-                        *val = serde_json::Value::String("<redacted>".into());
-                    } else {
-                        walk(val);
-                    }
-                }
-            }
-            serde_json::Value::Array(a) => a.iter_mut().for_each(walk),
-            _ => {}
-        }
+/// Hide secrets in a JSON value: the one rule of [`dps_core::redact`].
+pub fn redact(v: serde_json::Value) -> serde_json::Value {
+    dps_core::redact::redact(v)
+}
+
+/// An entry's `before`/`after` text as JSON with secrets hidden, for answers: rows written
+/// before the rule covered a field are hidden on the way out too. Text that is not JSON is
+/// scrubbed as free text.
+pub fn redacted_json(text: &str) -> serde_json::Value {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(v) => redact(v),
+        Err(_) => serde_json::Value::String(dps_core::redact::scrub(text).into_owned()),
     }
-    walk(&mut v);
-    v
 }
 
 impl Audit {
@@ -96,5 +79,12 @@ mod tests {
         assert_eq!(r["attestation"]["symmetricKey"]["primaryKey"], "<redacted>");
         assert_eq!(r["access_policy"][0]["primary_key"], "<redacted>");
         assert_eq!(r["x"], "y");
+    }
+
+    #[test]
+    fn old_rows_are_hidden_on_read() {
+        let r = redacted_json(r#"{"options": {"secret": "w"}, "connection_string": "c"}"#);
+        assert_eq!(r, serde_json::json!({"options": {"secret": "<redacted>"}, "connection_string": "<redacted>"}));
+        assert_eq!(redacted_json("not json sig=abc"), "not json sig=<redacted>");
     }
 }

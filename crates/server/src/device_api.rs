@@ -2,7 +2,7 @@
 //! registration status lookup, translated to [`DeviceService`] calls.
 
 use crate::app::App;
-use crate::http::{err, json_response, param, read_request, PeerCerts};
+use crate::http::{err, json_response, param, read_request, PeerAddr, PeerCerts};
 use axum::body::Body;
 use axum::http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use dps_core::device::{DeviceCredential, DeviceRequest, DeviceResponse, DeviceService, Transport};
@@ -90,6 +90,7 @@ pub async fn handle(
         transport: Transport::Https,
         api_version: Some(api_version.clone()),
         force_registration: force,
+        peer: req.extensions.get::<PeerAddr>().map(|p| p.0.ip()),
     };
     let parse = |b: &[u8]| {
         DeviceRegistration::parse_lenient(b).map_err(|e| {

@@ -328,6 +328,7 @@ async fn websocket(app: Arc<App>, req: Request<Body>) -> Response<Body> {
         .get::<PeerCerts>()
         .cloned()
         .unwrap_or_default();
+    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
     let (mut parts, _body) = req.into_parts();
     let mut ws =
         match axum::extract::ws::WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
@@ -345,6 +346,6 @@ async fn websocket(app: Arc<App>, req: Request<Body>) -> Response<Body> {
     };
     ws.set_selected_protocol(proto);
     ws.on_upgrade(move |socket| async move {
-        crate::mqtt_front::serve_ws(app, socket, certs.0.as_ref().clone()).await
+        crate::mqtt_front::serve_ws(app, socket, peer, certs.0.as_ref().clone()).await
     })
 }

@@ -60,6 +60,7 @@ pub async fn serve_mqtt(
             let svc: Arc<dyn DeviceService> = app.engine.clone();
             if let Err(e) = dps_mqtt::serve_connection(
                 tls,
+                Some(peer.ip()),
                 certs,
                 Transport::Mqtt,
                 svc,
@@ -74,8 +75,13 @@ pub async fn serve_mqtt(
     .await;
 }
 
-/// Serve MQTT over an upgraded WebSocket.
-pub async fn serve_ws(app: Arc<App>, socket: WebSocket, certs: Vec<Vec<u8>>) {
+/// Serve MQTT over an upgraded WebSocket from `peer`.
+pub async fn serve_ws(
+    app: Arc<App>,
+    socket: WebSocket,
+    peer: Option<std::net::IpAddr>,
+    certs: Vec<Vec<u8>>,
+) {
     let Some(_guard) = conn_guard(usize::MAX) else {
         return;
     };
@@ -94,6 +100,7 @@ pub async fn serve_ws(app: Arc<App>, socket: WebSocket, certs: Vec<Vec<u8>>) {
     if let Err(e) = dps_mqtt::serve_ws_messages(
         Box::pin(stream),
         Box::pin(sink),
+        peer,
         certs,
         Transport::MqttWs,
         svc,
