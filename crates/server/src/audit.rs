@@ -28,6 +28,46 @@ pub fn redacted_json(text: &str) -> serde_json::Value {
     }
 }
 
+/// Prunes the audit log to its retention: entries older than `retention`, then the oldest
+/// beyond `max_rows`.
+pub struct Pruner {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Now.
+    pub clock: Arc<dyn Clock>,
+    /// Entries older than this are deleted; `None` keeps them.
+    pub retention: Option<std::time::Duration>,
+    /// At most this many entries are kept; `None`: no cap.
+    pub max_rows: Option<u64>,
+}
+
+impl Pruner {
+    /// Prune once; the number of entries deleted (counted in `dps_audit_pruned_total`). A
+    /// failure is logged and retried at the next run.
+    pub async fn prune(&self) -> u64 {
+        if self.retention.is_none() && self.max_rows.is_none() {
+            return 0;
+        }
+        let cut = self.retention.and_then(|r| {
+            let r = time::Duration::try_from(r).ok()?;
+            self.clock.now().checked_sub(r).map(azure_timestamp)
+        });
+        match self.store.prune_audit(cut.as_deref(), self.max_rows).await {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::info!(deleted = n, "audit log pruned");
+                    metrics::counter!("dps_audit_pruned_total").increment(n);
+                }
+                n
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pruning the audit log failed");
+                0
+            }
+        }
+    }
+}
+
 impl Audit {
     /// Over a store, entries stamped with the system clock.
     pub fn new(store: Arc<dyn Store>) -> Self {

@@ -100,7 +100,8 @@ impl CustomAllocator for WebhookAllocator {
                 let what = if e.is_timeout() {
                     "timed out".to_string()
                 } else {
-                    format!("failed: {e}")
+                    // Without the URL: an Azure Functions URL carries its key (`?code=`).
+                    format!("failed: {}", e.without_url())
                 };
                 fail(
                     CustomAllocationFailure::Unreachable,
