@@ -87,7 +87,13 @@ pub fn contains_placeholder(v: &Value) -> bool {
 
 /// Fragments whose value [`scrub`] hides: `name=value`, the value ending at `;`, `&`, a quote,
 /// white space, `,` or a closing bracket.
-const FRAGMENTS: &[&str] = &["sharedaccesskey=", "accountkey=", "sig=", "secret=", "password="];
+const FRAGMENTS: &[&str] = &[
+    "sharedaccesskey=",
+    "accountkey=",
+    "sig=",
+    "secret=",
+    "password=",
+];
 
 fn value_end(b: &[u8], from: usize) -> usize {
     b[from..]
@@ -198,7 +204,11 @@ pub fn restore(new: &mut Value, old: Option<&Value>) -> Result<(), NothingToKeep
     restore_at(new, old, &mut String::new())
 }
 
-fn restore_at(new: &mut Value, old: Option<&Value>, path: &mut String) -> Result<(), NothingToKeep> {
+fn restore_at(
+    new: &mut Value,
+    old: Option<&Value>,
+    path: &mut String,
+) -> Result<(), NothingToKeep> {
     match new {
         Value::String(s) if s == REDACTED => match old {
             Some(o @ (Value::String(_) | Value::Number(_) | Value::Bool(_)))
@@ -299,7 +309,10 @@ mod tests {
         });
         let r = redact(v);
         assert_eq!(r["attestation"]["symmetricKey"]["primaryKey"], REDACTED);
-        assert_eq!(r["attestation"]["symmetricKey"]["secondaryKey"], Value::Null);
+        assert_eq!(
+            r["attestation"]["symmetricKey"]["secondaryKey"],
+            Value::Null
+        );
         assert_eq!(r["attestation"]["type"], "symmetricKey");
         assert_eq!(r["attestation"]["tpm"]["endorsementKey"], "ek");
         assert_eq!(r["attestation"]["tpm"]["storageRootKey"], "srk");
@@ -333,7 +346,10 @@ mod tests {
                 "postgres://u:pw@db/x?password=pw2",
                 "postgres://u:<redacted>@db/x?password=<redacted>",
             ),
-            ("DefaultEndpointsProtocol=https;AccountKey=abc;x=y", "DefaultEndpointsProtocol=https;AccountKey=<redacted>;x=y"),
+            (
+                "DefaultEndpointsProtocol=https;AccountKey=abc;x=y",
+                "DefaultEndpointsProtocol=https;AccountKey=<redacted>;x=y",
+            ),
             (
                 "{\"secret\": \"x\", secret=\"y z\"}",
                 "{\"secret\": \"x\", secret=\"<redacted>\"}",
@@ -368,7 +384,8 @@ mod tests {
         assert_eq!(new["linked_hub"][0]["options"]["secret"], "w");
         assert!(!contains_placeholder(&new));
 
-        let mut orphan = json!({"linked_hub": [{"host": "other", "options": {"secret": REDACTED}}]});
+        let mut orphan =
+            json!({"linked_hub": [{"host": "other", "options": {"secret": REDACTED}}]});
         let e = restore(&mut orphan, Some(&old)).unwrap_err();
         assert_eq!(e.path, "linked_hub[other].options.secret");
         let mut none = json!({"secret": REDACTED});

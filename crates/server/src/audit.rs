@@ -124,7 +124,10 @@ mod tests {
     #[test]
     fn old_rows_are_hidden_on_read() {
         let r = redacted_json(r#"{"options": {"secret": "w"}, "connection_string": "c"}"#);
-        assert_eq!(r, serde_json::json!({"options": {"secret": "<redacted>"}, "connection_string": "<redacted>"}));
+        assert_eq!(
+            r,
+            serde_json::json!({"options": {"secret": "<redacted>"}, "connection_string": "<redacted>"})
+        );
         assert_eq!(redacted_json("not json sig=abc"), "not json sig=<redacted>");
     }
 }

@@ -409,7 +409,10 @@ enum Op {
     },
     Audit(AuditEntry),
     /// Delete one batch of audit entries: `sql` with its one parameter.
-    PruneAudit { sql: String, param: Param },
+    PruneAudit {
+        sql: String,
+        param: Param,
+    },
     /// Several writes, all or none (a savepoint inside the batch's transaction).
     Many(Vec<Op>),
 }
@@ -548,7 +551,9 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<Result<Answer, StoreErr
         Op::PruneAudit { sql, param } => {
             let n = conn
                 .prepare_cached(sql)?
-                .execute(rusqlite::params_from_iter(to_sql(std::slice::from_ref(param))))?;
+                .execute(rusqlite::params_from_iter(to_sql(std::slice::from_ref(
+                    param,
+                ))))?;
             Ok(Ok(Answer::Count(n as u64)))
         }
         Op::DeleteScope { c, scope } => {

@@ -997,7 +997,10 @@ async fn open_rejects_unknown_scheme_without_creating_files() {
         .err()
         .expect("unknown scheme must fail");
     let msg = err.to_string();
-    assert!(msg.contains("mysql://root:<redacted>@localhost/dps"), "{msg}");
+    assert!(
+        msg.contains("mysql://root:<redacted>@localhost/dps"),
+        "{msg}"
+    );
     assert!(!msg.contains("hunter2"), "{msg}");
     assert!(msg.contains("postgres://"), "{msg}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);

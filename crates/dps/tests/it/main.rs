@@ -1,5 +1,6 @@
 //! Integration tests: the real server in-process on port 0.
 
+mod audit_limits;
 mod auth;
 mod cli;
 mod device_client;
@@ -11,6 +12,7 @@ mod hubs_webhook;
 mod observability;
 mod registration;
 mod registration_limits;
+mod secrets;
 mod service_api;
 mod smoke;
 mod support;

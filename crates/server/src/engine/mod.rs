@@ -518,23 +518,22 @@ impl DeviceService for Engine {
         };
         match credential {
             DeviceCredential::Certificates(c) if !c.is_empty() => Ok(()),
-            DeviceCredential::Sas(_) | DeviceCredential::None => match self
-                .attest(&inst, &rid, credential)
-                .await
-            {
-                Ok(_) => Ok(()),
-                Err(Error::Unauthorized(f)) => {
-                    // The transport is not known here: MQTT over TLS and over WebSocket both
-                    // check at CONNECT; both are MQTT.
-                    self.refused(&inst, &rid, &f, Transport::Mqtt, credential, peer)
-                        .await;
-                    Err(ConnectRefusal::NotAuthorized)
+            DeviceCredential::Sas(_) | DeviceCredential::None => {
+                match self.attest(&inst, &rid, credential).await {
+                    Ok(_) => Ok(()),
+                    Err(Error::Unauthorized(f)) => {
+                        // The transport is not known here: MQTT over TLS and over WebSocket both
+                        // check at CONNECT; both are MQTT.
+                        self.refused(&inst, &rid, &f, Transport::Mqtt, credential, peer)
+                            .await;
+                        Err(ConnectRefusal::NotAuthorized)
+                    }
+                    Err(e) => {
+                        tracing::error!(registration_id, error = %e, "MQTT connect check failed");
+                        Err(ConnectRefusal::ServerUnavailable)
+                    }
                 }
-                Err(e) => {
-                    tracing::error!(registration_id, error = %e, "MQTT connect check failed");
-                    Err(ConnectRefusal::ServerUnavailable)
-                }
-            },
+            }
             _ => Err(ConnectRefusal::NotAuthorized),
         }
     }

@@ -291,8 +291,16 @@ fn keep_stored_keys(s: &mut EnrollmentSettings, stored: Option<&EnrollmentSettin
     };
     let old = stored.and_then(|o| o.attestation.symmetric_key.as_ref());
     for (name, k, old_k) in [
-        ("primaryKey", &mut sk.primary_key, old.and_then(|o| o.primary_key.as_ref())),
-        ("secondaryKey", &mut sk.secondary_key, old.and_then(|o| o.secondary_key.as_ref())),
+        (
+            "primaryKey",
+            &mut sk.primary_key,
+            old.and_then(|o| o.primary_key.as_ref()),
+        ),
+        (
+            "secondaryKey",
+            &mut sk.secondary_key,
+            old.and_then(|o| o.secondary_key.as_ref()),
+        ),
     ] {
         if k.as_deref() == Some(dps_core::redact::REDACTED) {
             *k = Some(old_k.cloned().ok_or_else(|| {
