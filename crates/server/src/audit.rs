@@ -121,6 +121,51 @@ mod tests {
         assert_eq!(r["x"], "y");
     }
 
+    #[tokio::test]
+    async fn the_pruner_cuts_by_age_from_its_clock_then_by_count() {
+        use crate::usecases::testing::FixedClock;
+        use dps_core::store::AuditQuery;
+        let dir = tempfile::tempdir().unwrap();
+        let store = dps_store::open_backend("", dir.path())
+            .await
+            .unwrap()
+            .store();
+        for day in ["01", "05", "08", "09", "10"] {
+            let e = AuditEntry {
+                timestamp: format!("2026-03-{day}T00:00:00.0000000Z"),
+                action: "x".into(),
+                target_id: day.into(),
+                ..Default::default()
+            };
+            store.append_audit(e).await.unwrap();
+        }
+        let now = time::macros::datetime!(2026-03-10 12:00 UTC);
+        let pruner = |retention_days: Option<u64>, max_rows| Pruner {
+            store: store.clone(),
+            clock: Arc::new(FixedClock(now)),
+            retention: retention_days.map(|d| std::time::Duration::from_secs(d * 86_400)),
+            max_rows,
+        };
+        let left = || async {
+            store
+                .list_audit(&AuditQuery {
+                    limit: 100,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.target_id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(pruner(None, None).prune().await, 0);
+        // Three days back from 2026-03-10T12:00: the 1st and the 5th go.
+        assert_eq!(pruner(Some(3), None).prune().await, 2);
+        assert_eq!(left().await, ["08", "09", "10"]);
+        assert_eq!(pruner(Some(3), Some(1)).prune().await, 2);
+        assert_eq!(left().await, ["10"]);
+    }
+
     #[test]
     fn old_rows_are_hidden_on_read() {
         let r = redacted_json(r#"{"options": {"secret": "w"}, "connection_string": "c"}"#);

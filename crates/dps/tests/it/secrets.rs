@@ -76,6 +76,10 @@ async fn no_configured_secret_appears_in_any_answer_log_or_cli_output() {
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
+    // tracing-core treats a lone registered dispatcher like a global one: a callsite first hit
+    // on another test's thread (no subscriber there) would be cached as disabled for ours too.
+    // With a second live dispatcher it asks every dispatcher, ours included.
+    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let dir = tempfile::tempdir().unwrap();
