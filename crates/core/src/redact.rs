@@ -2,7 +2,7 @@
 //! value written back by a client (GET → modify → PUT) is kept instead of overwritten.
 //!
 //! A field is secret by its **name** ([`is_secret_name`]): compared case-insensitively with
-//! `_` and `-` ignored, a name that ends in `key`, `secret` or `password`, or is a
+//! `_` and `-` ignored, a name that ends in `key`, `secret` or `password` (or a plural), or is a
 //! `connectionString` (or ends in one), or `sig`. Public keys are exempt: the TPM
 //! `endorsementKey` and `storageRootKey` and any `publicKey`. Names such as `keyName`,
 //! `key_file` or `password_mode` do not end in a secret word and stay visible.
@@ -20,7 +20,12 @@ use std::borrow::Cow;
 pub const REDACTED: &str = "<redacted>";
 
 /// Secret-looking names whose values are public.
-const PUBLIC_NAMES: &[&str] = &["endorsementkey", "storagerootkey", "publickey"];
+const PUBLIC_NAMES: &[&str] = &[
+    "endorsementkey",
+    "storagerootkey",
+    "publickey",
+    "publickeys",
+];
 
 /// Is a field with this name a secret?
 pub fn is_secret_name(name: &str) -> bool {
@@ -32,9 +37,9 @@ pub fn is_secret_name(name: &str) -> bool {
     if PUBLIC_NAMES.iter().any(|p| n.ends_with(p)) {
         return false;
     }
-    n.ends_with("key")
-        || n.ends_with("secret")
-        || n.ends_with("password")
+    ["key", "secret", "password"]
+        .iter()
+        .any(|w| n.ends_with(w) || n.strip_suffix('s').is_some_and(|n| n.ends_with(w)))
         || n.ends_with("connectionstring")
         || n == "sig"
 }
@@ -135,7 +140,7 @@ pub fn scrub(s: &str) -> Cow<'_, str> {
                 }
                 _ => value_end(b, start),
             };
-            if end > start && &s[start..end] != REDACTED {
+            if end > start && !s[start..].starts_with(REDACTED) {
                 cuts.push((start, end));
             }
             i = end.max(start);
@@ -278,6 +283,8 @@ mod tests {
             "connection_string",
             "connectionString",
             "sig",
+            "keys",
+            "clientSecrets",
         ] {
             assert!(is_secret_name(n), "{n}");
         }
