@@ -16,10 +16,19 @@ pub(crate) fn emit(g: &Globals, v: &Value, table: impl FnOnce(&Value) -> String)
     }
 }
 
+/// Print a configuration read back (a list or show command) as JSON or a table, secrets hidden
+/// by the one rule of [`dps_core::redact`] whatever the server sent: only create and rotate
+/// commands print a secret, once.
+pub(crate) fn emit_config(g: &Globals, v: &Value, table: impl FnOnce(&Value) -> String) {
+    let v = dps_core::redact::redact(v.clone());
+    emit(g, &v, table)
+}
+
 /// Print a list as JSON or as a table: one row per item, a column per header, each cell the
-/// first of its JSON pointers that exists.
+/// first of its JSON pointers that exists. Secrets are hidden as by [`emit_config`].
 pub(crate) fn emit_list(g: &Globals, items: &[Value], headers: &[&str], cols: &[&[&str]]) {
-    let v = Value::Array(items.to_vec());
+    let v = dps_core::redact::redact(Value::Array(items.to_vec()));
+    let items = v.as_array().map(Vec::as_slice).unwrap_or_default();
     emit(g, &v, |_| {
         let rows: Vec<Vec<String>> = items
             .iter()

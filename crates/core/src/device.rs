@@ -71,6 +71,9 @@ pub struct DeviceRequest {
     pub api_version: Option<String>,
     /// `forceRegistration=true`.
     pub force_registration: bool,
+    /// The network peer's address (the TCP source), when the transport knows it: what
+    /// refusals are rate-limited by in the audit log.
+    pub peer: Option<std::net::IpAddr>,
 }
 
 /// A successful device-API answer.
@@ -112,10 +115,12 @@ pub trait DeviceService: Send + Sync + 'static {
         req: DeviceRequest,
     ) -> Result<DeviceRegistrationState, Error>;
     /// Check credentials at MQTT CONNECT (SAS tokens; X.509 is checked at register time).
+    /// `peer` is the network peer's address, when known.
     async fn authorize_connect(
         &self,
         id_scope: &str,
         registration_id: &str,
         credential: &DeviceCredential,
+        peer: Option<std::net::IpAddr>,
     ) -> Result<(), ConnectRefusal>;
 }

@@ -47,11 +47,12 @@ pub struct HubIdentity {
     pub enabled: bool,
 }
 
-/// A hub call failed.
+/// A hub call failed. `Display` hides secret fragments an adapter's message may echo (see
+/// [`crate::redact::scrub`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HubError {
     /// The hub refused dps's credentials (401/403): rotated keys, wrong policy.
-    #[error("hub {hub} refused dps's credentials: {message}")]
+    #[error("hub {hub} refused dps's credentials: {}", crate::redact::scrub(.message))]
     Unauthorized {
         /// Hub host.
         hub: String,
@@ -59,7 +60,7 @@ pub enum HubError {
         message: String,
     },
     /// Network failure, timeout, 5xx.
-    #[error("hub {hub} unreachable: {message}")]
+    #[error("hub {hub} unreachable: {}", crate::redact::scrub(.message))]
     Unreachable {
         /// Hub host.
         hub: String,
@@ -75,7 +76,7 @@ pub enum HubError {
         retry_after: u32,
     },
     /// The hub rejected the request itself (4xx other than auth/throttle).
-    #[error("hub {hub} rejected the request: {message}")]
+    #[error("hub {hub} rejected the request: {}", crate::redact::scrub(.message))]
     Rejected {
         /// Hub host.
         hub: String,

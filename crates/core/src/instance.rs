@@ -79,8 +79,8 @@ impl AccessPolicy {
     /// The policy with keys hidden.
     pub fn redacted(&self) -> Self {
         AccessPolicy {
-            primary_key: "<redacted>".into(),
-            secondary_key: "<redacted>".into(),
+            primary_key: crate::redact::REDACTED.into(),
+            secondary_key: crate::redact::REDACTED.into(),
             ..self.clone()
         }
     }
@@ -163,8 +163,8 @@ impl<'de> Deserialize<'de> for HubKind {
     }
 }
 
-/// A linked hub.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A linked hub. Its `Debug` hides the connection string and the secret options.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", try_from = "LinkedHubDoc")]
 pub struct LinkedHub {
     /// Host name devices are told (`assignedHub`).
@@ -260,13 +260,35 @@ impl LinkedHub {
             options: Default::default(),
         }
     }
-    /// The hub with secrets hidden.
+    /// The hub with secrets hidden: the connection string, and the options the
+    /// [redaction rule](crate::redact) names secret.
     pub fn redacted(&self) -> Self {
         let mut h = self.clone();
         if h.connection_string.is_some() {
-            h.connection_string = Some("<redacted>".into());
+            h.connection_string = Some(crate::redact::REDACTED.into());
         }
+        crate::redact::redact_map_in_place(&mut h.options);
         h
+    }
+}
+
+impl std::fmt::Debug for LinkedHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let h = self.redacted();
+        f.debug_struct("LinkedHub")
+            .field("host", &h.host)
+            .field("kind", &h.kind)
+            .field("allocation_weight", &h.allocation_weight)
+            .field("apply_allocation_policy", &h.apply_allocation_policy)
+            .field("location", &h.location)
+            .field("connection_string", &h.connection_string)
+            .field("max_devices", &h.max_devices)
+            .field(
+                "max_registrations_per_second",
+                &h.max_registrations_per_second,
+            )
+            .field("options", &h.options)
+            .finish()
     }
 }
 

@@ -17,6 +17,7 @@ pub mod ids;
 pub mod instance;
 pub mod model;
 pub mod random;
+pub mod redact;
 pub mod reprovision;
 pub mod sas;
 pub mod store;

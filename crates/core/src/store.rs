@@ -240,6 +240,15 @@ pub trait Store: Send + Sync + 'static {
     async fn append_audit(&self, entry: AuditEntry) -> Result<(), StoreError>;
     /// Read the audit log.
     async fn list_audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Prune the audit log: delete the entries stamped before `older_than` (an Azure-format
+    /// timestamp; they compare lexically), then the oldest entries beyond the newest
+    /// `max_rows`. `None` skips that rule. Returns how many entries were deleted. Deletes in
+    /// bounded batches so that other writes are not held up behind one large delete.
+    async fn prune_audit(
+        &self,
+        older_than: Option<&str>,
+        max_rows: Option<u64>,
+    ) -> Result<u64, StoreError>;
     /// Apply several writes atomically, in order: all of them or none (a failed condition is
     /// a `Conflict` and nothing is written). One commit, so one fsync, for all of them: the
     /// registration path writes the device's record, its identity on the built-in hub and the

@@ -308,6 +308,7 @@ fn main() {
                                 transport: Transport::Https,
                                 api_version: Some("2019-03-31".into()),
                                 force_registration: false,
+                                peer: None,
                             };
                             matches!(engine.register(req).await, Ok(r) if r.body.status == dps_core::model::RegistrationStatus::Assigned)
                         }

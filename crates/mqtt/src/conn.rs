@@ -26,6 +26,8 @@ type CallFuture = Pin<Box<dyn Future<Output = CallOutcome> + Send>>;
 /// Run one device connection (MQTT 3.1.1 over an already-established TLS or WebSocket
 /// byte stream) to completion.
 ///
+/// * `peer`: the network peer's address, when known (passed on to the service with every
+///   credential check and request).
 /// * `peer_certs`: the TLS client certificate chain, DER, leaf first (empty if none). It is
 ///   the device credential when CONNECT carries no password (X.509 attestation).
 /// * Returns `Ok(())` when the client sends DISCONNECT or closes the stream at a packet
@@ -33,6 +35,7 @@ type CallFuture = Pin<Box<dyn Future<Output = CallOutcome> + Send>>;
 ///   protocol violation, timeouts, I/O). Only this connection is affected; never panics.
 pub async fn serve_connection<S>(
     stream: S,
+    peer: Option<std::net::IpAddr>,
     peer_certs: Vec<Vec<u8>>,
     transport: Transport,
     service: Arc<dyn DeviceService>,
@@ -49,7 +52,7 @@ where
     );
     let result = Driver {
         stream,
-        session: Session::new(transport, peer_certs),
+        session: Session::new(transport, peer_certs).with_peer(peer),
         service,
         limits,
         rbuf: BytesMut::new(),

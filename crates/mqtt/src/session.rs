@@ -58,13 +58,20 @@ pub struct AuthorizeConnect {
     pub registration_id: String,
     /// SAS token or certificate chain.
     pub credential: DeviceCredential,
+    /// The network peer's address, when known.
+    pub peer: Option<std::net::IpAddr>,
 }
 
 impl AuthorizeConnect {
     /// Ask the service.
     pub async fn run(&self, service: &dyn DeviceService) -> Result<(), ConnectRefusal> {
         service
-            .authorize_connect(&self.id_scope, &self.registration_id, &self.credential)
+            .authorize_connect(
+                &self.id_scope,
+                &self.registration_id,
+                &self.credential,
+                self.peer,
+            )
             .await
     }
 }
@@ -129,6 +136,7 @@ enum State {
 pub struct Session {
     transport: Transport,
     peer_certs: Vec<Vec<u8>>,
+    peer: Option<std::net::IpAddr>,
     state: State,
     keep_alive: u16,
     granted: Option<QoS>,
@@ -157,11 +165,18 @@ impl Session {
         Session {
             transport,
             peer_certs,
+            peer: None,
             state: State::AwaitingConnect,
             keep_alive: 0,
             granted: None,
             next_pkid: 0,
         }
+    }
+
+    /// The network peer's address, passed on with every credential check and request.
+    pub fn with_peer(mut self, peer: Option<std::net::IpAddr>) -> Self {
+        self.peer = peer;
+        self
     }
 
     /// True until CONNECT has been received.
@@ -253,6 +268,7 @@ impl Session {
         let auth = AuthorizeConnect {
             id_scope: id_scope.clone(),
             registration_id: registration_id.clone(),
+            peer: self.peer,
             credential: credential.clone(),
         };
         self.state = State::Authorizing(Box::new(Connected {
@@ -384,6 +400,7 @@ impl Session {
             transport: self.transport,
             api_version: ctx.api_version.clone(),
             force_registration: false,
+            peer: self.peer,
         };
         out.push(Action::Call(ServiceCall {
             rid: req.rid,

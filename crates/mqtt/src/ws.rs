@@ -35,12 +35,13 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 ///     }
 /// });
 /// let sink = sink.with(|b: Bytes| async move { Ok::<_, axum::Error>(Message::Binary(b)) });
-/// dps_mqtt::serve_ws_messages(Box::pin(stream), Box::pin(sink), certs, Transport::MqttWs, svc, limits).await
+/// dps_mqtt::serve_ws_messages(Box::pin(stream), Box::pin(sink), peer, certs, Transport::MqttWs, svc, limits).await
 /// ```
 /// (To stop at a close message use `take_while` before `filter_map`.)
 pub async fn serve_ws_messages<St, Si, B, E>(
     stream: St,
     sink: Si,
+    peer: Option<std::net::IpAddr>,
     peer_certs: Vec<Vec<u8>>,
     transport: Transport,
     service: Arc<dyn DeviceService>,
@@ -57,6 +58,7 @@ where
     let writer = SinkWriter::new(CopyToBytes::new(sink.sink_map_err(io::Error::other)));
     serve_connection(
         tokio::io::join(reader, writer),
+        peer,
         peer_certs,
         transport,
         service,

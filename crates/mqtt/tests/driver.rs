@@ -20,6 +20,7 @@ fn start(svc: Arc<Fake>, limits: MqttLimits) -> (DuplexStream, JoinHandle<Result
     let svc: Arc<dyn DeviceService> = svc;
     let h = tokio::spawn(serve_connection(
         server,
+        None,
         vec![],
         Transport::Mqtt,
         svc,
@@ -295,6 +296,7 @@ async fn websocket_messages_split_and_combined() {
     let h = tokio::spawn(serve_ws_messages(
         from_client,
         to_client,
+        None,
         vec![],
         Transport::MqttWs,
         svc2,

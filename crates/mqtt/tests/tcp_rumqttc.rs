@@ -18,6 +18,7 @@ async fn listen(svc: Arc<Fake>) -> u16 {
             let svc: Arc<dyn DeviceService> = svc.clone();
             tokio::spawn(serve_connection(
                 s,
+                None,
                 vec![],
                 Transport::Mqtt,
                 svc,

@@ -183,8 +183,8 @@ pub async fn handle(
                     serde_json::json!({
                         "seq": e.seq, "timestamp": e.timestamp, "instance": e.instance, "actor": e.actor,
                         "action": e.action, "targetKind": e.target_kind, "targetId": e.target_id,
-                        "before": e.before.and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok()),
-                        "after": e.after.and_then(|a| serde_json::from_str::<serde_json::Value>(&a).ok()),
+                        "before": e.before.as_deref().map(crate::audit::redacted_json),
+                        "after": e.after.as_deref().map(crate::audit::redacted_json),
                     })
                 })
                 .collect();

@@ -13,36 +13,59 @@ pub struct Audit {
     clock: Arc<dyn Clock>,
 }
 
-/// Remove secrets from a JSON value: symmetric keys, access-policy keys, connection strings.
-pub fn redact(mut v: serde_json::Value) -> serde_json::Value {
-    fn walk(v: &mut serde_json::Value) {
-        match v {
-            serde_json::Value::Object(m) => {
-                for (k, val) in m.iter_mut() {
-                    let lk = k.to_ascii_lowercase();
-                    if matches!(
-                        lk.as_str(),
-                        "primarykey"
-                            | "secondarykey"
-                            | "primary_key"
-                            | "secondary_key"
-                            | "connection_string"
-                            | "connectionstring"
-                            | "sharedaccesskey"
-                    ) && val.is_string()
-                    {
-                        *val = serde_json::Value::String("<redacted>".into());
-                    } else {
-                        walk(val);
-                    }
+/// Hide secrets in a JSON value: the one rule of [`dps_core::redact`].
+pub fn redact(v: serde_json::Value) -> serde_json::Value {
+    dps_core::redact::redact(v)
+}
+
+/// An entry's `before`/`after` text as JSON with secrets hidden, for answers: rows written
+/// before the rule covered a field are hidden on the way out too. Text that is not JSON is
+/// scrubbed as free text.
+pub fn redacted_json(text: &str) -> serde_json::Value {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(v) => redact(v),
+        Err(_) => serde_json::Value::String(dps_core::redact::scrub(text).into_owned()),
+    }
+}
+
+/// Prunes the audit log to its retention: entries older than `retention`, then the oldest
+/// beyond `max_rows`.
+pub struct Pruner {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Now.
+    pub clock: Arc<dyn Clock>,
+    /// Entries older than this are deleted; `None` keeps them.
+    pub retention: Option<std::time::Duration>,
+    /// At most this many entries are kept; `None`: no cap.
+    pub max_rows: Option<u64>,
+}
+
+impl Pruner {
+    /// Prune once; the number of entries deleted (counted in `dps_audit_pruned_total`). A
+    /// failure is logged and retried at the next run.
+    pub async fn prune(&self) -> u64 {
+        if self.retention.is_none() && self.max_rows.is_none() {
+            return 0;
+        }
+        let cut = self.retention.and_then(|r| {
+            let r = time::Duration::try_from(r).ok()?;
+            self.clock.now().checked_sub(r).map(azure_timestamp)
+        });
+        match self.store.prune_audit(cut.as_deref(), self.max_rows).await {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::info!(deleted = n, "audit log pruned");
+                    metrics::counter!("dps_audit_pruned_total").increment(n);
                 }
+                n
             }
-            serde_json::Value::Array(a) => a.iter_mut().for_each(walk),
-            _ => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "pruning the audit log failed");
+                0
+            }
         }
     }
-    walk(&mut v);
-    v
 }
 
 impl Audit {
@@ -96,5 +119,60 @@ mod tests {
         assert_eq!(r["attestation"]["symmetricKey"]["primaryKey"], "<redacted>");
         assert_eq!(r["access_policy"][0]["primary_key"], "<redacted>");
         assert_eq!(r["x"], "y");
+    }
+
+    #[tokio::test]
+    async fn the_pruner_cuts_by_age_from_its_clock_then_by_count() {
+        use crate::usecases::testing::FixedClock;
+        use dps_core::store::AuditQuery;
+        let dir = tempfile::tempdir().unwrap();
+        let store = dps_store::open_backend("", dir.path())
+            .await
+            .unwrap()
+            .store();
+        for day in ["01", "05", "08", "09", "10"] {
+            let e = AuditEntry {
+                timestamp: format!("2026-03-{day}T00:00:00.0000000Z"),
+                action: "x".into(),
+                target_id: day.into(),
+                ..Default::default()
+            };
+            store.append_audit(e).await.unwrap();
+        }
+        let now = time::macros::datetime!(2026-03-10 12:00 UTC);
+        let pruner = |retention_days: Option<u64>, max_rows| Pruner {
+            store: store.clone(),
+            clock: Arc::new(FixedClock(now)),
+            retention: retention_days.map(|d| std::time::Duration::from_secs(d * 86_400)),
+            max_rows,
+        };
+        let left = || async {
+            store
+                .list_audit(&AuditQuery {
+                    limit: 100,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.target_id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(pruner(None, None).prune().await, 0);
+        // Three days back from 2026-03-10T12:00: the 1st and the 5th go.
+        assert_eq!(pruner(Some(3), None).prune().await, 2);
+        assert_eq!(left().await, ["08", "09", "10"]);
+        assert_eq!(pruner(Some(3), Some(1)).prune().await, 2);
+        assert_eq!(left().await, ["10"]);
+    }
+
+    #[test]
+    fn old_rows_are_hidden_on_read() {
+        let r = redacted_json(r#"{"options": {"secret": "w"}, "connection_string": "c"}"#);
+        assert_eq!(
+            r,
+            serde_json::json!({"options": {"secret": "<redacted>"}, "connection_string": "<redacted>"})
+        );
+        assert_eq!(redacted_json("not json sig=abc"), "not json sig=<redacted>");
     }
 }

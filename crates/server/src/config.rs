@@ -10,8 +10,9 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// The whole configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The whole configuration. Its `Debug` hides secrets (the store URL's password, access-policy
+/// keys, linked-hub credentials) by the rule of [`dps_core::redact`].
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Where the embedded SQLite store, the development CA and `run.json` live.
@@ -34,6 +35,8 @@ pub struct Config {
     pub auth: Auth,
     /// What outbound calls (webhooks, linked hubs) may reach and read.
     pub outbound: Outbound,
+    /// Audit log retention and the sampling of refused attempts.
+    pub audit: AuditConfig,
     /// Provisioning instances declared here are created or updated at start.
     #[serde(rename = "instance")]
     pub instances: Vec<InstanceConfig>,
@@ -262,8 +265,40 @@ impl Default for Outbound {
     }
 }
 
-/// An access policy in the config (keys generated when omitted, and kept).
+/// Audit log retention and the sampling of refused device attempts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Entries older than this many days are pruned; 0 keeps them forever.
+    pub retention_days: u32,
+    /// At most this many entries are kept (the oldest pruned first); 0: no cap.
+    pub max_rows: u64,
+    /// How often the prune runs (ms).
+    pub prune_interval_ms: u64,
+    /// Refused device attempts written to the audit log per second per source address (IPv6:
+    /// per /64), burst ten times as many; beyond, they are counted in
+    /// `dps_audit_refusals_dropped_total{limit="source"}`. 0: no per-source limit.
+    pub refused_per_source_per_second: u32,
+    /// Source addresses the per-source limit tracks at once; refusals from further sources
+    /// are dropped (`limit="node"`) until tracked sources go quiet.
+    pub refused_max_sources: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            retention_days: 90,
+            max_rows: 1_000_000,
+            prune_interval_ms: 60_000,
+            refused_per_source_per_second: 1,
+            refused_max_sources: 10_000,
+        }
+    }
+}
+
+/// An access policy in the config (keys generated when omitted, and kept). `Debug` hides the
+/// keys.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Name.
@@ -276,6 +311,32 @@ pub struct PolicyConfig {
     pub secondary_key: Option<String>,
     /// Rights.
     pub rights: Vec<Right>,
+}
+
+impl std::fmt::Debug for PolicyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyConfig")
+            .field("name", &self.name)
+            .field("rights", &self.rights)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("data_dir", &self.data_dir)
+            .field("store", &dps_core::redact::scrub(&self.store))
+            .field("location", &self.location)
+            .field("admin_instance", &self.admin_instance)
+            .field("listen", &self.listen)
+            .field("tls", &self.tls)
+            .field("log", &self.log)
+            .field("limits", &self.limits)
+            .field("audit", &self.audit)
+            .field("instances", &self.instances)
+            .finish()
+    }
 }
 
 /// A provisioning instance in the config.
@@ -317,6 +378,7 @@ impl Default for Config {
             limits: Limits::default(),
             auth: Auth::default(),
             outbound: Outbound::default(),
+            audit: AuditConfig::default(),
             instances: Vec::new(),
         }
     }
@@ -391,6 +453,7 @@ const ENV_KEYS: &[&str] = &[
     "limits",
     "auth",
     "outbound",
+    "audit",
 ];
 
 impl Config {
@@ -491,6 +554,17 @@ impl Config {
             self.outbound.allow_private_addresses,
             &self.outbound.allowed_webhook_hosts,
         );
+        if self.audit.prune_interval_ms < 1000 {
+            return Err(ConfigError::Invalid(format!(
+                "audit.prune_interval_ms = {} is below 1000",
+                self.audit.prune_interval_ms
+            )));
+        }
+        if self.audit.refused_max_sources == 0 {
+            return Err(ConfigError::Invalid(
+                "audit.refused_max_sources must be at least 1".into(),
+            ));
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, inst) in self.instances.iter().enumerate() {
             if !seen.insert(inst.name.to_ascii_lowercase()) {

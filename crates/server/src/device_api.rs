@@ -2,7 +2,7 @@
 //! registration status lookup, translated to [`DeviceService`] calls.
 
 use crate::app::App;
-use crate::http::{err, json_response, param, read_request, PeerCerts};
+use crate::http::{err, json_response, param, read_request, PeerAddr, PeerCerts};
 use crate::routes::Op;
 use axum::body::Body;
 use axum::http::{header, HeaderValue, Request, Response, StatusCode};
@@ -86,6 +86,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Body>, segs: &[String], op: Op)
         transport: Transport::Https,
         api_version: Some(api_version.clone()),
         force_registration: force,
+        peer: req.extensions.get::<PeerAddr>().map(|p| p.0.ip()),
     };
     let parse = |b: &[u8]| {
         DeviceRegistration::parse_lenient(b).map_err(|e| {

@@ -436,6 +436,7 @@ async fn websocket(app: Arc<App>, req: Request<Body>) -> Response<Body> {
         .extensions()
         .get::<crate::connections::WsSettings>()
         .cloned();
+    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
     let (mut parts, _body) = req.into_parts();
     let mut ws =
         match axum::extract::ws::WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
@@ -469,6 +470,6 @@ async fn websocket(app: Arc<App>, req: Request<Body>) -> Response<Body> {
     ws.max_message_size(max_message)
         .max_frame_size(max_message)
         .on_upgrade(move |socket| async move {
-            crate::mqtt_front::serve_ws(app, socket, certs.0.as_ref().clone(), slot).await
+            crate::mqtt_front::serve_ws(app, socket, peer, certs.0.as_ref().clone(), slot).await
         })
 }

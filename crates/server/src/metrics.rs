@@ -58,6 +58,14 @@ pub fn describe() {
         "HTTPS connections closed, by listener and reason (closed, error, header_limit, head_timeout, idle_timeout, body_timeout, write_timeout)"
     );
     describe_counter!(
+        "dps_audit_pruned_total",
+        "Audit log entries deleted by the retention prune (audit.retention_days, audit.max_rows)"
+    );
+    describe_counter!(
+        "dps_audit_refusals_dropped_total",
+        "Refused device attempts not written to the audit log, by the limit that dropped them (source, node)"
+    );
+    describe_counter!(
         "dps_tls_handshakes_total",
         "TLS handshakes by listener and result"
     );

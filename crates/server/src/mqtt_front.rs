@@ -41,6 +41,7 @@ pub async fn serve_mqtt(
             let svc: Arc<dyn DeviceService> = app.engine.clone();
             if let Err(e) = dps_mqtt::serve_connection(
                 tls,
+                Some(peer.ip()),
                 certs,
                 Transport::Mqtt,
                 svc,
@@ -55,9 +56,15 @@ pub async fn serve_mqtt(
     .await;
 }
 
-/// Serve MQTT over an upgraded WebSocket; `slot` is its place among the MQTT connections,
-/// held until the connection ends.
-pub async fn serve_ws(app: Arc<App>, socket: WebSocket, certs: Vec<Vec<u8>>, slot: Option<Slot>) {
+/// Serve MQTT over an upgraded WebSocket from `peer`; `slot` is its place among the MQTT
+/// connections, held until the connection ends.
+pub async fn serve_ws(
+    app: Arc<App>,
+    socket: WebSocket,
+    peer: Option<std::net::IpAddr>,
+    certs: Vec<Vec<u8>>,
+    slot: Option<Slot>,
+) {
     let _slot = slot;
     let (sink, stream) = socket.split();
     let stream = stream
@@ -74,6 +81,7 @@ pub async fn serve_ws(app: Arc<App>, socket: WebSocket, certs: Vec<Vec<u8>>, slo
     if let Err(e) = dps_mqtt::serve_ws_messages(
         Box::pin(stream),
         Box::pin(sink),
+        peer,
         certs,
         Transport::MqttWs,
         svc,

@@ -32,6 +32,8 @@ pub struct Server {
     pub ca_path: Option<PathBuf>,
     /// `(name, id scope, owner connection string)` per instance.
     pub instances: Vec<(String, String, Option<String>)>,
+    /// The `run.json` file (mode 0600) that holds the addresses and the connection strings.
+    pub run_json: PathBuf,
     /// The application.
     pub app: Arc<App>,
     tasks: Vec<JoinHandle<()>>,
@@ -198,6 +200,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         max_inflight: cfg.limits.max_inflight_registrations,
         refused_audit_per_second: cfg.limits.refused_audit_per_second,
         max_token_lifetime_secs: cfg.auth.max_token_lifetime_secs,
+        refused_per_source_per_second: cfg.audit.refused_per_source_per_second,
+        refused_max_sources: cfg.audit.refused_max_sources,
         ..EngineSettings::default()
     };
     let catalog = crate::catalog::Catalog::new(repo.clone());
@@ -226,6 +230,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         ),
         Err(e) => return Err(anyhow!("recovering interrupted registrations: {e}")),
     }
+    let pruner = crate::audit::Pruner {
+        store: store.clone(),
+        clock: clock.clone(),
+        retention: (cfg.audit.retention_days > 0)
+            .then(|| Duration::from_secs(u64::from(cfg.audit.retention_days) * 86_400)),
+        max_rows: (cfg.audit.max_rows > 0).then_some(cfg.audit.max_rows),
+    };
     let cx = crate::usecases::Context::new(store, clock.clone(), random);
     let app = Arc::new(App {
         enrollments: crate::usecases::enrollments::Enrollments::new(
@@ -324,6 +335,17 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             }
         }));
     }
+    // The audit log is pruned to its retention (age and row count).
+    {
+        let every = Duration::from_millis(cfg.audit.prune_interval_ms.max(1000));
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                pruner.prune().await;
+            }
+        }));
+    }
     // Nodes sharing a store pick up instance changes made elsewhere.
     {
         let instances = instances.clone();
@@ -349,6 +371,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         admin: admin_addr,
         ca_path: pki.ca_path.clone(),
         instances: list,
+        run_json: cfg.data_dir.join("run.json"),
         app,
         tasks,
     };
@@ -392,8 +415,12 @@ fn admin_router(app: Arc<App>, metrics: PrometheusHandle) -> axum::Router {
         )
 }
 
-/// Print what an operator needs on start.
+/// Print what an operator needs on start. The owner connection strings are printed only to a
+/// terminal (the quickstart); under a service manager stdout ends up in a log, so they are
+/// pointed to in `run.json` instead.
 pub fn print_banner(s: &Server) {
+    use std::io::IsTerminal;
+    let to_terminal = std::io::stdout().is_terminal();
     println!("dps {} is running", env!("CARGO_PKG_VERSION"));
     println!("  https (device + service API): {}", s.https);
     if let Some(m) = s.mqtt {
@@ -407,8 +434,13 @@ pub fn print_banner(s: &Server) {
     }
     for (name, scope, cs) in &s.instances {
         println!("  instance '{name}': ID scope {scope}");
-        if let Some(cs) = cs {
-            println!("    connection string: {cs}");
+        match cs {
+            Some(cs) if to_terminal => println!("    connection string: {cs}"),
+            Some(_) => println!(
+                "    connection string: in {} (not printed: stdout is not a terminal)",
+                s.run_json.display()
+            ),
+            None => {}
         }
     }
 }

@@ -232,32 +232,10 @@ fn has_url_scheme(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
 }
 
-/// Replace the password of a URL (in the userinfo or a `password=` query parameter) by `***`,
-/// so that URLs can be logged and put in errors.
+/// Hide the password of a URL (in the userinfo or a `password=` query parameter), so that
+/// URLs can be logged and put in errors: the one rule of [`dps_core::redact::scrub`].
 pub fn redact_url(url: &str) -> String {
-    let mut out = url.to_owned();
-    if let Some(start) = out.find("://").map(|i| i + 3) {
-        let end = out[start..]
-            .find(['/', '?', '#'])
-            .map_or(out.len(), |i| start + i);
-        if let Some(at) = out[start..end].rfind('@').map(|i| start + i) {
-            if let Some(colon) = out[start..at].find(':').map(|i| start + i) {
-                out.replace_range(colon + 1..at, "***");
-            }
-        }
-    }
-    if let Some(q) = out.find('?') {
-        let (head, query) = out.split_at(q + 1);
-        let redacted: Vec<String> = query
-            .split('&')
-            .map(|pair| match pair.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-                _ => pair.to_owned(),
-            })
-            .collect();
-        out = format!("{head}{}", redacted.join("&"));
-    }
-    out
+    dps_core::redact::scrub(url).into_owned()
 }
 
 /// An opened store with its concrete engine, for callers that need more than the port (the
@@ -338,11 +316,11 @@ mod tests {
     fn redacts_userinfo_and_query_passwords() {
         assert_eq!(
             redact_url("postgres://u:s3cret@h:5432/db"),
-            "postgres://u:***@h:5432/db"
+            "postgres://u:<redacted>@h:5432/db"
         );
         assert_eq!(
             redact_url("postgres://u@h/db?password=x&sslmode=disable"),
-            "postgres://u@h/db?password=***&sslmode=disable"
+            "postgres://u@h/db?password=<redacted>&sslmode=disable"
         );
         assert_eq!(redact_url("postgres://h/db"), "postgres://h/db");
     }
@@ -378,7 +356,7 @@ mod tests {
     fn unknown_scheme_is_an_error_naming_url_and_forms() {
         let e = parse_target("mysql://u:pw@h/db", Path::new("/d")).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("mysql://u:***@h/db"), "{msg}");
+        assert!(msg.contains("mysql://u:<redacted>@h/db"), "{msg}");
         assert!(!msg.contains("pw@"), "{msg}");
         assert!(msg.contains("sqlite://PATH"), "{msg}");
         assert!(parse_target("postgress:h", Path::new("/d")).is_err());

@@ -644,6 +644,56 @@ impl Store for PostgresStore {
         tx.commit().await.map_err(pg_err)
     }
 
+    async fn prune_audit(
+        &self,
+        older_than: Option<&str>,
+        max_rows: Option<u64>,
+    ) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let mut deleted = 0;
+        if let Some(ts) = older_than {
+            let stmt = client
+                .prepare_cached(&sql::prune_older_than(Dialect::Postgres))
+                .await
+                .map_err(pg_err)?;
+            loop {
+                let n = client.execute(&stmt, &[&ts]).await.map_err(pg_err)?;
+                deleted += n;
+                if n < sql::PRUNE_BATCH {
+                    break;
+                }
+            }
+        }
+        if let Some(max) = max_rows {
+            let offset = i64::try_from(max).unwrap_or(i64::MAX);
+            let stmt = client
+                .prepare_cached(&sql::prune_cut(Dialect::Postgres))
+                .await
+                .map_err(pg_err)?;
+            let cut: Option<i64> = client
+                .query_opt(&stmt, &[&offset])
+                .await
+                .map_err(pg_err)?
+                .map(|r| r.try_get(0))
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(format!("postgres row: {e}")))?;
+            if let Some(cut) = cut {
+                let stmt = client
+                    .prepare_cached(&sql::prune_up_to(Dialect::Postgres))
+                    .await
+                    .map_err(pg_err)?;
+                loop {
+                    let n = client.execute(&stmt, &[&cut]).await.map_err(pg_err)?;
+                    deleted += n;
+                    if n < sql::PRUNE_BATCH {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
     async fn list_audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
         let built = sql::audit(Dialect::Postgres, q);
         let client = self.client().await?;

@@ -160,6 +160,39 @@ pub(crate) fn count(d: Dialect, c: Collection, scope: &str, filter: &Filter) -> 
     }
 }
 
+/// Audit entries deleted per statement by a prune.
+pub(crate) const PRUNE_BATCH: u64 = 5000;
+
+/// `DELETE` of at most [`PRUNE_BATCH`] of the oldest audit entries stamped before `$1`.
+pub(crate) fn prune_older_than(d: Dialect) -> String {
+    prune_where(d, "ts < ")
+}
+
+/// `DELETE` of at most [`PRUNE_BATCH`] of the oldest audit entries with `seq <= $1`.
+pub(crate) fn prune_up_to(d: Dialect) -> String {
+    prune_where(d, "seq <= ")
+}
+
+fn prune_where(d: Dialect, cond: &str) -> String {
+    let p = match d {
+        Dialect::Sqlite => "?1",
+        Dialect::Postgres => "$1",
+    };
+    format!(
+        "DELETE FROM audit WHERE seq IN \
+         (SELECT seq FROM audit WHERE {cond}{p} ORDER BY seq LIMIT {PRUNE_BATCH})"
+    )
+}
+
+/// `SELECT` of the newest `seq` that a prune to `$1` rows deletes (none when fewer are kept).
+pub(crate) fn prune_cut(d: Dialect) -> String {
+    let p = match d {
+        Dialect::Sqlite => "?1",
+        Dialect::Postgres => "$1",
+    };
+    format!("SELECT seq FROM audit ORDER BY seq DESC LIMIT 1 OFFSET {p}")
+}
+
 /// `SELECT` of audit entries, oldest first.
 pub(crate) fn audit(d: Dialect, q: &AuditQuery) -> Built {
     let mut b = Builder::new(d);

@@ -178,6 +178,23 @@ impl SqliteStore {
             .map_err(|e| StoreError::Unavailable(format!("sqlite read task failed: {e}")))?
     }
 
+    /// Run a prune statement batch after batch (each its own write, so that other writes
+    /// interleave) until a batch deletes less than a full one.
+    async fn prune_batches(&self, sql: String, param: Param) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        loop {
+            let op = Op::PruneAudit {
+                sql: sql.clone(),
+                param: param.clone(),
+            };
+            let n = self.write(op, Reply::Count).await?;
+            deleted += n;
+            if n < sql::PRUNE_BATCH {
+                return Ok(deleted);
+            }
+        }
+    }
+
     async fn write<T>(
         &self,
         op: Op,
@@ -391,6 +408,11 @@ enum Op {
         scope: String,
     },
     Audit(AuditEntry),
+    /// Delete one batch of audit entries: `sql` with its one parameter.
+    PruneAudit {
+        sql: String,
+        param: Param,
+    },
     /// Several writes, all or none (a savepoint inside the batch's transaction).
     Many(Vec<Op>),
 }
@@ -525,6 +547,14 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<Result<Answer, StoreErr
                 .execute(params![c.as_str(), scope, key])?;
             }
             Ok(Ok(Answer::Doc(current)))
+        }
+        Op::PruneAudit { sql, param } => {
+            let n = conn
+                .prepare_cached(sql)?
+                .execute(rusqlite::params_from_iter(to_sql(std::slice::from_ref(
+                    param,
+                ))))?;
+            Ok(Ok(Answer::Count(n as u64)))
         }
         Op::DeleteScope { c, scope } => {
             let n = conn
@@ -784,6 +814,39 @@ impl Store for SqliteStore {
             })
             .collect();
         self.write(Op::Many(ops), Reply::Unit).await
+    }
+
+    async fn prune_audit(
+        &self,
+        older_than: Option<&str>,
+        max_rows: Option<u64>,
+    ) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        if let Some(ts) = older_than {
+            deleted += self
+                .prune_batches(
+                    sql::prune_older_than(Dialect::Sqlite),
+                    Param::Text(ts.to_owned()),
+                )
+                .await?;
+        }
+        if let Some(max) = max_rows {
+            let offset = i64::try_from(max).unwrap_or(i64::MAX);
+            let cut_sql = sql::prune_cut(Dialect::Sqlite);
+            let cut: Option<i64> = self
+                .read(move |conn| {
+                    conn.prepare_cached(&cut_sql)?
+                        .query_row(params![offset], |r| r.get(0))
+                        .optional()
+                })
+                .await?;
+            if let Some(cut) = cut {
+                deleted += self
+                    .prune_batches(sql::prune_up_to(Dialect::Sqlite), Param::Int(cut))
+                    .await?;
+            }
+        }
+        Ok(deleted)
     }
 
     async fn list_audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {

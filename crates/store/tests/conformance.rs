@@ -156,6 +156,8 @@ conformance!(
     count_matches_filters,
     delete_scope_removes_only_that_scope,
     audit_append_and_list_with_every_filter,
+    audit_prune_by_age_then_by_count_keeps_the_newest,
+    audit_prune_deletes_past_a_batch,
     concurrent_absent_puts_on_one_id_exactly_one_wins,
     concurrent_puts_on_distinct_ids_all_succeed,
     concurrent_etag_updates_never_lose_a_write,
@@ -742,6 +744,98 @@ async fn audit_append_and_list_with_every_filter(ctx: &Ctx) {
     assert!(c[0].timestamp.ends_with('Z') && c[0].timestamp.len() > 20);
 }
 
+async fn all_audit(s: &Arc<dyn Store>) -> Vec<AuditEntry> {
+    s.list_audit(&AuditQuery {
+        limit: 10_000,
+        ..AuditQuery::default()
+    })
+    .await
+    .unwrap()
+}
+
+async fn audit_prune_by_age_then_by_count_keeps_the_newest(ctx: &Ctx) {
+    let s = ctx.store();
+    for day in 1..=9 {
+        let ts = format!("2026-01-0{day}T00:00:00.0000000Z");
+        s.append_audit(entry(&ts, "a", "x", &format!("d{day}")))
+            .await
+            .unwrap();
+    }
+    let targets = |v: Vec<AuditEntry>| v.into_iter().map(|e| e.target_id).collect::<Vec<_>>();
+    // Nothing to prune.
+    assert_eq!(s.prune_audit(None, None).await.unwrap(), 0);
+    assert_eq!(
+        s.prune_audit(Some("2026-01-01T00:00:00.0000000Z"), Some(9))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(all_audit(&s).await.len(), 9);
+    // By age: strictly before the cut.
+    assert_eq!(
+        s.prune_audit(Some("2026-01-03T00:00:00.0000000Z"), None)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        targets(all_audit(&s).await),
+        ["d3", "d4", "d5", "d6", "d7", "d8", "d9"]
+    );
+    // By count: the newest `max_rows` stay.
+    assert_eq!(s.prune_audit(None, Some(4)).await.unwrap(), 3);
+    assert_eq!(targets(all_audit(&s).await), ["d6", "d7", "d8", "d9"]);
+    // Both: age first, then the count.
+    assert_eq!(
+        s.prune_audit(Some("2026-01-07T00:00:00.0000000Z"), Some(1))
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(targets(all_audit(&s).await), ["d9"]);
+    // Zero rows kept empties the log; new entries still get later sequence numbers.
+    let last = all_audit(&s).await[0].seq;
+    assert_eq!(s.prune_audit(None, Some(0)).await.unwrap(), 1);
+    assert!(all_audit(&s).await.is_empty());
+    s.append_audit(entry("2026-02-01T00:00:00.0000000Z", "a", "x", "d10"))
+        .await
+        .unwrap();
+    let after = all_audit(&s).await;
+    assert_eq!(targets(after.clone()), ["d10"]);
+    assert!(after[0].seq > last);
+}
+
+async fn audit_prune_deletes_past_a_batch(ctx: &Ctx) {
+    // More rows than one delete batch (5000) takes, by age and by count.
+    let s = ctx.store();
+    for chunk in 0..12 {
+        let writes = (0..1000)
+            .map(|i| {
+                let n = chunk * 1000 + i;
+                let day = if n < 6000 { "01" } else { "02" };
+                Write::Audit(entry(
+                    &format!("2026-01-{day}T00:00:00.0000000Z"),
+                    "a",
+                    "registration.refused",
+                    &format!("d{n}"),
+                ))
+            })
+            .collect();
+        s.write_all(writes).await.unwrap();
+    }
+    assert_eq!(
+        s.prune_audit(Some("2026-01-02T00:00:00.0000000Z"), None)
+            .await
+            .unwrap(),
+        6000
+    );
+    assert_eq!(s.prune_audit(None, Some(500)).await.unwrap(), 5500);
+    let left = all_audit(&s).await;
+    assert_eq!(left.len(), 500);
+    assert_eq!(left[0].target_id, "d11500");
+    assert_eq!(left[499].target_id, "d11999");
+}
+
 async fn concurrent_absent_puts_on_one_id_exactly_one_wins(ctx: &Ctx) {
     let s = ctx.store();
     let mut tasks = Vec::new();
@@ -903,7 +997,10 @@ async fn open_rejects_unknown_scheme_without_creating_files() {
         .err()
         .expect("unknown scheme must fail");
     let msg = err.to_string();
-    assert!(msg.contains("mysql://root:***@localhost/dps"), "{msg}");
+    assert!(
+        msg.contains("mysql://root:<redacted>@localhost/dps"),
+        "{msg}"
+    );
     assert!(!msg.contains("hunter2"), "{msg}");
     assert!(msg.contains("postgres://"), "{msg}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);

@@ -1,7 +1,7 @@
 //! `dps hub device …`: the devices on a linked hub (admin API).
 
 use super::instance::resolve_instance;
-use crate::output::{emit, emit_list};
+use crate::output::{emit_config, emit_list};
 use crate::service::{enc, Service};
 use crate::table::render_object;
 use crate::Globals;
@@ -113,7 +113,7 @@ pub(crate) async fn run(g: &Globals, svc: &Service, c: HubDeviceCommand) -> Resu
                     enc(&device)
                 ))
                 .await?;
-            emit(g, &v, render_object);
+            emit_config(g, &v, render_object);
         }
     }
     Ok(())

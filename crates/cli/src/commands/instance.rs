@@ -1,6 +1,6 @@
 //! `dps instance …`: provisioning instances (admin API), and which instance a command acts on.
 
-use crate::output::{done, emit};
+use crate::output::{done, emit, emit_config};
 use crate::service::{enc, Service};
 use crate::table::{cell, render, render_object};
 use crate::Globals;
@@ -96,7 +96,7 @@ pub(crate) async fn run(g: &Globals, svc: &Service, c: InstanceCommand) -> Resul
         InstanceCommand::List => {
             let v = svc.get("/admin/instances").await?;
             let items = v.as_array().cloned().unwrap_or_default();
-            emit(g, &v, |_| {
+            emit_config(g, &v, |_| {
                 let rows: Vec<Vec<String>> = items
                     .iter()
                     .map(|it| {
@@ -121,7 +121,7 @@ pub(crate) async fn run(g: &Globals, svc: &Service, c: InstanceCommand) -> Resul
         }
         InstanceCommand::Show { name } => {
             let v = svc.get(&format!("/admin/instances/{}", enc(&name))).await?;
-            emit(g, &v, render_object);
+            emit_config(g, &v, render_object);
         }
         InstanceCommand::Create {
             name,

@@ -1,5 +1,6 @@
 //! Integration tests: the real server in-process on port 0.
 
+mod audit_limits;
 mod auth;
 mod authz_matrix;
 mod cli;
@@ -14,6 +15,7 @@ mod observability;
 mod outbound;
 mod registration;
 mod registration_limits;
+mod secrets;
 mod service_api;
 mod smoke;
 mod support;

@@ -137,6 +137,7 @@ impl DeviceService for Fake {
         id_scope: &str,
         registration_id: &str,
         credential: &DeviceCredential,
+        _peer: Option<std::net::IpAddr>,
     ) -> Result<(), ConnectRefusal> {
         self.seen.lock().unwrap().push(Seen::Authorize {
             id_scope: id_scope.into(),

@@ -115,7 +115,7 @@ impl CustomAllocator for WebhookAllocator {
                 let what = match crate::outbound::refusal(&e) {
                     Some(r) => format!("refused by the outbound policy: {r}"),
                     None if e.is_timeout() => "timed out".to_string(),
-                    None => format!("failed: {}", crate::outbound::describe(e)),
+                    None => format!("failed: {}", crate::outbound::describe(e.without_url())),
                 };
                 fail(
                     CustomAllocationFailure::Unreachable,

@@ -17,6 +17,7 @@ mod assign;
 mod attest;
 pub mod custom_allocation;
 mod lifecycle;
+pub mod refusals;
 #[cfg(test)]
 mod tests;
 
@@ -29,7 +30,7 @@ use crate::instances::Instances;
 use crate::repo::Repo;
 use dps_core::clock::{azure_timestamp, Clock};
 use dps_core::device::{
-    ConnectRefusal, DeviceCredential, DeviceRequest, DeviceResponse, DeviceService,
+    ConnectRefusal, DeviceCredential, DeviceRequest, DeviceResponse, DeviceService, Transport,
 };
 use dps_core::error::{AssignmentFailure, AuthFailure};
 use dps_core::ids::RegistrationId;
@@ -55,10 +56,14 @@ pub struct EngineSettings {
     pub busy_retry_after: u32,
     /// Registrations in flight on this node beyond which new ones are throttled (429).
     pub max_inflight: usize,
-    /// Refused attempts audited per second (burst ten times as many); 0: no limit.
+    /// Refused attempts audited per second on the node (burst ten times as many); 0: no limit.
     pub refused_audit_per_second: u32,
     /// Longest accepted device SAS token lifetime (`se` − now, seconds); 0: no limit.
     pub max_token_lifetime_secs: u64,
+    /// Refused attempts audited per second per source (burst ten times as many); 0: no limit.
+    pub refused_per_source_per_second: u32,
+    /// Sources the per-source limit tracks at once.
+    pub refused_max_sources: usize,
 }
 
 impl Default for EngineSettings {
@@ -71,6 +76,8 @@ impl Default for EngineSettings {
             max_inflight: 10_000,
             refused_audit_per_second: 100,
             max_token_lifetime_secs: 0,
+            refused_per_source_per_second: 1,
+            refused_max_sources: 10_000,
         }
     }
 }
@@ -121,8 +128,8 @@ pub struct Engine {
     /// stays "running" (polls answer 202) until its own assignment ends.
     running: Mutex<HashSet<(String, String, String)>>,
     catalog: Arc<Catalog>,
-    /// Token bucket for audit entries of refused attempts: (last refill, tokens).
-    refused_bucket: Mutex<(Instant, f64)>,
+    /// Which refused attempts are audited (per source, per node).
+    refusals: refusals::RefusalSampler,
     me: std::sync::Weak<Engine>,
 }
 
@@ -142,7 +149,14 @@ impl Engine {
             random,
             custom_allocator,
         } = ports;
-        let burst = f64::from(settings.refused_audit_per_second) * 10.0;
+        let refusals = refusals::RefusalSampler::new(
+            refusals::RefusalLimits {
+                per_source_per_second: settings.refused_per_source_per_second,
+                max_sources: settings.refused_max_sources,
+                node_per_second: settings.refused_audit_per_second,
+            },
+            Instant::now(),
+        );
         Arc::new_cyclic(|me| Engine {
             me: me.clone(),
             audit: Audit::with_clock(repo.store.clone(), clock.clone()),
@@ -157,27 +171,45 @@ impl Engine {
             inflight: AtomicUsize::new(0),
             running: Mutex::new(HashSet::new()),
             catalog,
-            refused_bucket: Mutex::new((Instant::now(), burst)),
+            refusals,
         })
     }
 
-    /// May this refused attempt be written to the audit log? A token bucket of
-    /// `refused_audit_per_second`, ten seconds deep, per node.
-    fn take_refused_audit_token(&self) -> bool {
-        let rate = f64::from(self.settings.refused_audit_per_second);
-        if rate == 0.0 {
-            return true;
+    /// A device attempt was refused (attestation failed): log it, count it in
+    /// `AttestationAttempts{result="failure"}`, and audit it as `registration.refused` unless
+    /// its source or the node is over the refusal audit rate (then it is counted in
+    /// `dps_audit_refusals_dropped_total`). Every transport's refusals come here, MQTT CONNECT
+    /// included.
+    async fn refused(
+        &self,
+        inst: &Instance,
+        rid: &RegistrationId,
+        failure: &AuthFailure,
+        transport: Transport,
+        credential: &DeviceCredential,
+        peer: Option<std::net::IpAddr>,
+    ) {
+        tracing::info!(registration_id = %rid, id_scope = %inst.id_scope, transport = transport.as_str(), reason = %failure, "registration refused");
+        match self.refusals.admit(peer, Instant::now()) {
+            Ok(()) => {
+                self.audit
+                    .record(
+                        &inst.name,
+                        "device",
+                        "registration.refused",
+                        "registration",
+                        rid.as_str(),
+                        None::<&()>,
+                        Some(&serde_json::json!({"reason": failure.to_string(), "transport": transport.as_str()})),
+                    )
+                    .await;
+            }
+            Err(limit) => {
+                metrics::counter!("dps_audit_refusals_dropped_total", "limit" => limit.as_str())
+                    .increment(1);
+            }
         }
-        let mut b = self.refused_bucket.lock().expect("bucket lock");
-        let now = Instant::now();
-        b.1 = (b.1 + now.duration_since(b.0).as_secs_f64() * rate).min(rate * 10.0);
-        b.0 = now;
-        if b.1 >= 1.0 {
-            b.1 -= 1.0;
-            true
-        } else {
-            false
-        }
+        metrics::counter!("AttestationAttempts", "instance" => inst.name.clone(), "protocol" => transport.as_str(), "attestation" => cred_kind(credential), "result" => "failure").increment(1);
     }
 
     /// A fresh ETag for a registration record, from the injected source of randomness.
@@ -309,15 +341,8 @@ impl Engine {
             Ok(a) => a,
             Err(e) => {
                 if let Error::Unauthorized(f) = &e {
-                    tracing::info!(registration_id = %rid, id_scope = %inst.id_scope, reason = %f, "registration refused");
-                    if self.take_refused_audit_token() {
-                        self.audit
-                            .record(&inst.name, "device", "registration.refused", "registration", rid.as_str(), None::<&()>, Some(&serde_json::json!({"reason": f.to_string(), "transport": req.transport.as_str()})))
-                            .await;
-                    } else {
-                        metrics::counter!("dps_audit_refusals_dropped_total").increment(1);
-                    }
-                    metrics::counter!("AttestationAttempts", "instance" => inst.name.clone(), "protocol" => req.transport.as_str(), "attestation" => cred_kind(&req.credential), "result" => "failure").increment(1);
+                    self.refused(&inst, &rid, f, req.transport, &req.credential, req.peer)
+                        .await;
                 }
                 return Err(e);
             }
@@ -486,6 +511,7 @@ impl DeviceService for Engine {
         id_scope: &str,
         registration_id: &str,
         credential: &DeviceCredential,
+        peer: Option<std::net::IpAddr>,
     ) -> std::result::Result<(), ConnectRefusal> {
         let Some(inst) = self.instances.by_scope(id_scope) else {
             return Err(ConnectRefusal::NotAuthorized);
@@ -495,17 +521,22 @@ impl DeviceService for Engine {
         };
         match credential {
             DeviceCredential::Certificates(c) if !c.is_empty() => Ok(()),
-            DeviceCredential::Sas(_) => match self.attest(&inst, &rid, credential).await {
-                Ok(_) => Ok(()),
-                Err(Error::Unauthorized(f)) => {
-                    tracing::info!(registration_id, reason = %f, "MQTT connect refused");
-                    Err(ConnectRefusal::NotAuthorized)
+            DeviceCredential::Sas(_) | DeviceCredential::None => {
+                match self.attest(&inst, &rid, credential).await {
+                    Ok(_) => Ok(()),
+                    Err(Error::Unauthorized(f)) => {
+                        // The transport is not known here: MQTT over TLS and over WebSocket both
+                        // check at CONNECT; both are MQTT.
+                        self.refused(&inst, &rid, &f, Transport::Mqtt, credential, peer)
+                            .await;
+                        Err(ConnectRefusal::NotAuthorized)
+                    }
+                    Err(e) => {
+                        tracing::error!(registration_id, error = %e, "MQTT connect check failed");
+                        Err(ConnectRefusal::ServerUnavailable)
+                    }
                 }
-                Err(e) => {
-                    tracing::error!(registration_id, error = %e, "MQTT connect check failed");
-                    Err(ConnectRefusal::ServerUnavailable)
-                }
-            },
+            }
             _ => Err(ConnectRefusal::NotAuthorized),
         }
     }

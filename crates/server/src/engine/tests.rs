@@ -381,6 +381,7 @@ async fn a_registration_gets_its_operation_id_from_the_injected_random_source() 
         transport: dps_core::device::Transport::Https,
         api_version: Some("2021-06-01".into()),
         force_registration: false,
+        peer: None,
     };
     let resp = f.engine.register(req).await.unwrap();
     assert_eq!(resp.status, 200);
@@ -410,6 +411,7 @@ fn register_request(rid: &str) -> DeviceRequest {
         transport: dps_core::device::Transport::Https,
         api_version: Some("2021-06-01".into()),
         force_registration: false,
+        peer: None,
     }
 }
 

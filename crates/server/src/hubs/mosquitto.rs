@@ -490,7 +490,8 @@ fn start(s: Settings) -> Conn {
                                     | ConnectReturnCode::BadUserNamePassword
                             )
                         );
-                        let message = format!("broker {broker}: {e}");
+                        let message =
+                            dps_core::redact::scrub(&format!("broker {broker}: {e}")).into_owned();
                         if !matches!(&*state_tx.borrow(), Link::Down { .. }) {
                             tracing::warn!(error = %message, "mosquitto: admin connection down");
                         }

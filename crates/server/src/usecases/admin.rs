@@ -15,6 +15,7 @@ use crate::hubs::HubSet;
 use crate::instances::Instances;
 use dps_core::instance::{AccessPolicy, Instance, LinkedHub, Right};
 use dps_core::random;
+use dps_core::redact;
 use dps_core::store::{AuditEntry, AuditQuery, Collection, Filter};
 use dps_core::{Error, Result};
 use std::collections::HashMap;
@@ -40,6 +41,17 @@ pub struct Admin {
 
 fn invalid(what: &str) -> impl Fn(serde_json::Error) -> Error + '_ {
     move |e| Error::invalid(format!("invalid {what}: {e}"))
+}
+
+/// Put back the stored secrets a client wrote back as `"<redacted>"` (a GET → modify → PUT
+/// round trip), from `old`, the stored object the body replaces.
+fn keep_secrets<T: serde::Serialize>(
+    v: &mut serde_json::Value,
+    old: Option<&T>,
+    what: &str,
+) -> Result<()> {
+    let old = old.map(|o| serde_json::to_value(o).unwrap_or_default());
+    redact::restore(v, old.as_ref()).map_err(|e| Error::invalid(format!("invalid {what}: {e}")))
 }
 
 impl Admin {
@@ -97,7 +109,9 @@ impl Admin {
     }
 
     /// Create or replace the instance `name` from its JSON; an ID scope is generated and an
-    /// owner policy created when none is given (or kept from the instance it replaces).
+    /// owner policy created when none is given (or kept from the instance it replaces). The
+    /// instance as written, its access-policy keys included (a new instance's generated owner
+    /// keys are shown once this way) and its linked hubs' secrets hidden.
     pub async fn put_instance(
         &self,
         caller: &Caller,
@@ -106,6 +120,7 @@ impl Admin {
     ) -> Result<Instance> {
         v["name"] = name.into();
         let existing = self.instances.by_name(name);
+        keep_secrets(&mut v, existing.as_deref(), "instance")?;
         if v.get("id_scope").is_none() {
             v["id_scope"] = existing
                 .as_ref()
@@ -130,7 +145,9 @@ impl Admin {
             "instance.create"
         };
         self.save(caller, &inst, action).await?;
-        Ok(inst)
+        let mut shown = inst;
+        shown.linked_hub = shown.linked_hub.iter().map(LinkedHub::redacted).collect();
+        Ok(shown)
     }
 
     /// A linked hub's URLs must follow the outbound policy.
@@ -231,7 +248,7 @@ impl Admin {
                     "failures": hh.failures,
                     "successes": hh.successes,
                     "latency_ms": hh.latency_ms,
-                    "last_error": hh.last_error,
+                    "last_error": hh.last_error.as_deref().map(|e| redact::scrub(e).into_owned()),
                     "credentials_refused": hh.credentials_refused,
                 });
                 v
@@ -248,6 +265,7 @@ impl Admin {
         mut v: serde_json::Value,
     ) -> Result<LinkedHub> {
         v["host"] = host.into();
+        keep_secrets(&mut v, inst.hub(host), "linked hub")?;
         let hub: LinkedHub = serde_json::from_value(v).map_err(invalid("linked hub"))?;
         self.check_hub(&hub)?;
         let mut new = inst.clone();
@@ -285,6 +303,7 @@ impl Admin {
     ) -> Result<AccessPolicy> {
         v["name"] = name.into();
         let old = inst.policy(name).cloned();
+        keep_secrets(&mut v, old.as_ref(), "access policy")?;
         for (field, old_key) in [
             ("primary_key", old.as_ref().map(|o| o.primary_key.clone())),
             (

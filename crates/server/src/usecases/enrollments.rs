@@ -283,6 +283,37 @@ pub fn normalize_settings(
     Ok(())
 }
 
+/// Symmetric keys written back as `"<redacted>"` (a client's GET → modify → PUT round trip
+/// through a redacting tool) are kept from the stored enrollment, never stored as the
+/// placeholder.
+fn keep_stored_keys(s: &mut EnrollmentSettings, stored: Option<&EnrollmentSettings>) -> Result<()> {
+    let Some(sk) = s.attestation.symmetric_key.as_mut() else {
+        return Ok(());
+    };
+    let old = stored.and_then(|o| o.attestation.symmetric_key.as_ref());
+    for (name, k, old_k) in [
+        (
+            "primaryKey",
+            &mut sk.primary_key,
+            old.and_then(|o| o.primary_key.as_ref()),
+        ),
+        (
+            "secondaryKey",
+            &mut sk.secondary_key,
+            old.and_then(|o| o.secondary_key.as_ref()),
+        ),
+    ] {
+        if k.as_deref() == Some(dps_core::redact::REDACTED) {
+            *k = Some(old_k.cloned().ok_or_else(|| {
+                Error::invalid(format!(
+                    "attestation.symmetricKey.{name} is \"<redacted>\" but there is no stored key to keep"
+                ))
+            })?);
+        }
+    }
+    Ok(())
+}
+
 /// The public view of an enrollment's attestation: certificate bodies removed, and symmetric
 /// keys too unless `with_keys`.
 fn public_settings(s: &mut EnrollmentSettings, with_keys: bool) {
@@ -376,7 +407,6 @@ impl Enrollments {
             )));
         }
         e.check()?;
-        normalize_settings(e.settings_mut(), inst, T::IS_GROUP, &*self.cx.random)?;
         if let Some(d) = &e.settings().custom_allocation_definition {
             self.outbound
                 .policy()
@@ -386,6 +416,8 @@ impl Enrollments {
                 })?;
         }
         let existing = self.stored::<T>(&inst.name, &id).await?;
+        keep_stored_keys(e.settings_mut(), existing.as_ref().map(|x| x.settings()))?;
+        normalize_settings(e.settings_mut(), inst, T::IS_GROUP, &*self.cx.random)?;
         let now = self.cx.now();
         let s = e.settings_mut();
         s.created_date_time_utc = Some(
