@@ -167,7 +167,7 @@ impl Limits {
             (
                 "tls_handshake_timeout_ms",
                 self.tls_handshake_timeout_ms,
-                1,
+                100,
                 600_000,
             ),
             (
