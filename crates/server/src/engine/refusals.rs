@@ -114,7 +114,7 @@ impl RefusalSampler {
     /// May a refusal from `peer` at `now` be audited? `Err` names the limit that dropped it.
     pub fn admit(&self, peer: Option<IpAddr>, now: Instant) -> Result<(), Dropped> {
         let l = self.limits;
-        let mut st = self.state.lock().expect("refusal sampler lock");
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if l.per_source_per_second > 0 {
             let (rate, burst) = (f64::from(l.per_source_per_second), Self::source_burst(&l));
             let key = source_key(peer);
@@ -154,7 +154,7 @@ impl RefusalSampler {
     pub fn sources(&self) -> usize {
         self.state
             .lock()
-            .expect("refusal sampler lock")
+            .unwrap_or_else(|e| e.into_inner())
             .sources
             .len()
     }
