@@ -47,6 +47,43 @@ pub struct HubIdentity {
     pub enabled: bool,
 }
 
+/// The fingerprint of an identity write: SHA-256 (lowercase hex) over a canonical JSON array of
+/// exactly what decides the hub's state for the device, in a fixed order: the hub (lowercased
+/// host and kind), the device id, the credentials as sent to the hub (keys or thumbprints), the
+/// capabilities, the enabled state, the version (ETag) of the enrollment that admitted the
+/// device, and the hub's `write_epoch` option. The engine compares it with the one stored in the
+/// registration record to skip a write that would change nothing (see `docs/linked-hubs.md`).
+///
+/// The twin is not part of it: a write that carries a twin (initial assignment, reset policy,
+/// migration) is never skipped, because the twin on the hub may have changed since.
+pub fn write_fingerprint(
+    hub: &crate::instance::LinkedHub,
+    identity: &HubIdentity,
+    enrollment_etag: Option<&str>,
+) -> String {
+    use sha2::{Digest, Sha256};
+    let auth = match &identity.auth {
+        HubAuth::SymmetricKey { primary, secondary } => {
+            serde_json::json!(["symmetricKey", primary, secondary])
+        }
+        HubAuth::X509Thumbprint { primary, secondary } => {
+            serde_json::json!(["x509", primary, secondary])
+        }
+    };
+    let canonical = serde_json::json!([
+        "dps-hub-write-v1",
+        hub.host.to_ascii_lowercase(),
+        hub.kind.as_str(),
+        identity.device_id,
+        auth,
+        identity.capabilities.iot_edge,
+        identity.enabled,
+        enrollment_etag,
+        hub.options.get("write_epoch"),
+    ]);
+    hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+}
+
 /// A hub call failed. `Display` hides secret fragments an adapter's message may echo (see
 /// [`crate::redact::scrub`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -790,6 +790,21 @@ pub struct RegistrationRecord {
     /// Transport of the last attempt (`https`, `mqtt`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<String>,
+    /// What dps last wrote to the assigned hub for this device (a hub outside dps's store), so
+    /// that a re-registration that would write the same again does not write at all. Cleared
+    /// whenever the hub's state is no longer known to match (failure, disabled, intent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_write: Option<HubWrite>,
+}
+
+/// The fingerprint of the last identity write to a hub (`dps_core::hub::write_fingerprint`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HubWrite {
+    /// The hub written to (host as linked).
+    pub hub: String,
+    /// SHA-256 (lowercase hex) of the canonical form of the write.
+    pub sha256: String,
 }
 
 /// An assignment that was decided but not yet confirmed on the hub.

@@ -28,6 +28,14 @@ pub fn describe() {
         Unit::Seconds,
         "Latency of linked-hub calls"
     );
+    describe_counter!(
+        "dps_hub_writes_total",
+        "Device identity writes sent to linked hubs during registration, by hub kind"
+    );
+    describe_counter!(
+        "dps_hub_writes_skipped_total",
+        "Registrations whose hub write was skipped because it would write what the hub already holds (same fingerprint), by hub kind"
+    );
     describe_histogram!(
         "dps_http_request_duration_seconds",
         Unit::Seconds,

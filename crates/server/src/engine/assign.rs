@@ -27,6 +27,7 @@ impl Engine {
         op: &str,
         payload: Option<serde_json::Value>,
         transport: Transport,
+        force: bool,
     ) -> Result<RegistrationRecord> {
         let inst = adm.instance.clone();
         let rid = adm.registration_id.clone();
@@ -50,6 +51,7 @@ impl Engine {
             reason: None,
             pending: None,
             transport: None,
+            hub_write: None,
         });
         if let Some(prev) = rec.operation_id.replace(op.to_string()) {
             rec.recent_operations.push(prev);
@@ -79,6 +81,7 @@ impl Engine {
             rec.state.error_message = None;
             rec.failure = None;
             rec.state.substatus = None;
+            rec.hub_write = None;
             rec.reason = Some(if adm.disabled_override {
                 "the individual enrollment for this registration id is disabled (it overrides the group)".to_string()
             } else {
@@ -242,7 +245,35 @@ impl Engine {
                     .await;
             }
         };
-        if staged.is_none() {
+        // A hub outside the store is not written when the write would change nothing: the same
+        // identity (device id, credentials, capabilities, enabled) from the same version of the
+        // enrollment, as last written to this hub, and no twin to write (see
+        // `dps_core::hub::write_fingerprint` and docs/linked-hubs.md).
+        let kind = hub.kind.as_str();
+        let fingerprint = staged.is_none().then(|| {
+            dps_core::hub::write_fingerprint(&hub, &identity, adm.settings().etag.as_deref())
+        });
+        let unchanged = fingerprint.as_deref().is_some_and(|f| {
+            twin.is_none()
+                && !force
+                && skip_unchanged(&hub)
+                && existing.as_ref().is_some_and(|r| {
+                    r.state.status == Some(RegistrationStatus::Assigned)
+                        && r.state.device_id.as_deref() == Some(device_id.as_str())
+                        && r.state
+                            .assigned_hub
+                            .as_deref()
+                            .is_some_and(|h| h.eq_ignore_ascii_case(&hub.host))
+                        && r.hub_write.as_ref().is_some_and(|w| {
+                            w.hub.eq_ignore_ascii_case(&hub.host) && w.sha256 == f
+                        })
+                })
+        });
+        if unchanged {
+            metrics::counter!("dps_hub_writes_skipped_total", "kind" => kind).increment(1);
+        } else if staged.is_none() {
+            // Until the write is confirmed, dps does not know what the hub holds.
+            rec.hub_write = None;
             self.repo
                 .put_registration(&inst.name, &mut rec, self.new_etag())
                 .await?;
@@ -254,6 +285,16 @@ impl Engine {
                     .hub_failed(&inst, &mut rec, existing.as_ref(), &hub, e, labels)
                     .await;
             }
+            metrics::counter!("dps_hub_writes_total", "kind" => kind).increment(1);
+            rec.hub_write = fingerprint.map(|sha256| HubWrite {
+                hub: hub.host.clone(),
+                sha256,
+            });
+        } else {
+            // The built-in registry's identity is written in the same transaction as the record
+            // (no extra round trip); it is always written and keeps no fingerprint.
+            rec.hub_write = None;
+            metrics::counter!("dps_hub_writes_total", "kind" => kind).increment(1);
         }
 
         rec.state.status = Some(RegistrationStatus::Assigned);
@@ -371,6 +412,8 @@ impl Engine {
         rec.state.last_updated_date_time_utc = Some(ts(self.clock.as_ref()));
         rec.reason = Some(reason);
         rec.pending = None;
+        // What the hub holds is no longer known: the next assignment writes.
+        rec.hub_write = None;
         let result = if failure.is_retryable() {
             "retry"
         } else {
@@ -423,4 +466,13 @@ impl Engine {
         )
         .await
     }
+}
+
+/// The linked hub's `skip_unchanged` option (default `true`): `false` writes the identity on
+/// every registration, as before fingerprints.
+fn skip_unchanged(hub: &LinkedHub) -> bool {
+    hub.options
+        .get("skip_unchanged")
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(true)
 }

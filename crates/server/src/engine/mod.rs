@@ -359,9 +359,10 @@ impl Engine {
             let op = op.clone();
             let payload = req.body.payload.clone();
             let transport = req.transport;
+            let force = req.force_registration;
             let me = self.self_arc();
             async move {
-                let r = me.assign(adm, &op, payload, transport).await;
+                let r = me.assign(adm, &op, payload, transport, force).await;
                 me.running.lock().expect("running lock").remove(&key);
                 r
             }
