@@ -570,3 +570,200 @@ async fn every_queued_registration_of_a_device_answers_its_polls_until_it_ends()
         }
     }
 }
+
+impl Fixture {
+    /// Put the group `g` as given, with the ETag given (the same ETag: an edit the fingerprint
+    /// does not see through the enrollment's version, so that only the identity can tell).
+    async fn put_group(&self, etag: &str, v: serde_json::Value) {
+        let mut base = serde_json::json!({
+            "enrollmentGroupId": "g",
+            "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": KEY, "secondaryKey": KEY}},
+            "provisioningStatus": "enabled",
+        });
+        base.as_object_mut()
+            .unwrap()
+            .extend(v.as_object().unwrap().clone());
+        let g: EnrollmentGroup = serde_json::from_value(base).unwrap();
+        self.repo
+            .put(
+                Collection::Group,
+                "t",
+                "g",
+                etag,
+                &g,
+                settings_index(&g.settings),
+                Expect::Any,
+            )
+            .await
+            .unwrap();
+        self.engine.catalog.groups_changed("t");
+    }
+}
+
+fn upserts(fake: &FakeHub) -> usize {
+    fake.calls()
+        .iter()
+        .filter(|c| matches!(c, crate::hubs::fake::Call::Upsert { .. }))
+        .count()
+}
+
+#[tokio::test]
+async fn a_registration_that_would_write_the_same_again_makes_no_hub_call() {
+    let (f, fake) = with_fake_hub().await;
+    let register = |req: DeviceRequest| {
+        let e = f.engine.clone();
+        async move {
+            let r = e.register(req).await.unwrap();
+            assert_eq!(r.body.status, RegistrationStatus::Assigned);
+        }
+    };
+    register(register_request("d-1")).await;
+    assert_eq!(upserts(&fake), 1, "the first registration writes");
+    let (rec, _) = f.repo.registration("t", "d-1").await.unwrap().unwrap();
+    let first = rec.hub_write.clone().expect("the write's fingerprint is kept");
+    assert_eq!(first.hub, "fake-hub");
+
+    // Nothing changed: no hub call at all, however often.
+    fake.clear_calls();
+    for _ in 0..3 {
+        register(register_request("d-1")).await;
+    }
+    assert_eq!(fake.calls(), vec![], "an unchanged re-registration calls the hub");
+    let (rec, _) = f.repo.registration("t", "d-1").await.unwrap().unwrap();
+    assert_eq!(rec.hub_write, Some(first.clone()));
+    assert!(fake.device("d-1").is_some());
+
+    // forceRegistration writes.
+    let mut forced = register_request("d-1");
+    forced.force_registration = true;
+    register(forced).await;
+    assert_eq!(upserts(&fake), 1, "forceRegistration writes");
+    register(register_request("d-1")).await;
+    assert_eq!(upserts(&fake), 1, "and the next one is skipped again");
+
+    // Changed keys (same enrollment version): written.
+    const NEW_KEY: &str = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+    f.put_group(
+        "g1",
+        serde_json::json!({"attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": NEW_KEY, "secondaryKey": NEW_KEY}}}),
+    )
+    .await;
+    let mut req = register_request("d-1");
+    req.credential = token("d-1", &derive_device_key(NEW_KEY, "d-1").unwrap());
+    fake.clear_calls();
+    register(req.clone()).await;
+    assert_eq!(upserts(&fake), 1, "new keys are written");
+    assert_eq!(
+        fake.device("d-1").unwrap().identity.auth,
+        dps_core::hub::HubAuth::SymmetricKey {
+            primary: derive_device_key(NEW_KEY, "d-1").unwrap(),
+            secondary: derive_device_key(NEW_KEY, "d-1").unwrap(),
+        }
+    );
+    register(req.clone()).await;
+    assert_eq!(upserts(&fake), 1, "and not again");
+
+    // Disabled, then enabled again (same enrollment version): the enabled identity is written.
+    f.put_group(
+        "g1",
+        serde_json::json!({"provisioningStatus": "disabled", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": NEW_KEY, "secondaryKey": NEW_KEY}}}),
+    )
+    .await;
+    let r = f.engine.register(req.clone()).await.unwrap();
+    assert_eq!(r.body.status, RegistrationStatus::Disabled);
+    f.put_group(
+        "g1",
+        serde_json::json!({"attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": NEW_KEY, "secondaryKey": NEW_KEY}}}),
+    )
+    .await;
+    fake.clear_calls();
+    register(req.clone()).await;
+    assert_eq!(upserts(&fake), 1, "enabled again after disabled: written");
+    assert!(fake.device("d-1").unwrap().identity.enabled);
+
+    // A changed enrollment (a new initial twin, a new ETag): the identity is written again.
+    f.put_group(
+        "g2",
+        serde_json::json!({"initialTwin": {"tags": {"t": 2}}, "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": NEW_KEY, "secondaryKey": NEW_KEY}}}),
+    )
+    .await;
+    fake.clear_calls();
+    register(req.clone()).await;
+    register(req.clone()).await;
+    assert_eq!(upserts(&fake), 1, "a changed enrollment writes once");
+
+    // A twin to write (reset policy: the initial twin on every reprovisioning) is always written.
+    f.put_group(
+        "g3",
+        serde_json::json!({"initialTwin": {"tags": {"t": 3}}, "reprovisionPolicy": {"updateHubAssignment": true, "migrateDeviceData": false},
+                           "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": NEW_KEY, "secondaryKey": NEW_KEY}}}),
+    )
+    .await;
+    fake.clear_calls();
+    register(req.clone()).await;
+    register(req.clone()).await;
+    assert_eq!(upserts(&fake), 2, "a twin write is never skipped");
+    assert_eq!(
+        fake.device("d-1").unwrap().twin.tags,
+        Some(serde_json::json!({"t": 3}))
+    );
+
+    // A failed write forgets the fingerprint: the next registration writes.
+    f.put_group(
+        "g4",
+        serde_json::json!({"attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": NEW_KEY, "secondaryKey": NEW_KEY}}}),
+    )
+    .await;
+    register(req.clone()).await;
+    fake.clear_calls();
+    register(req.clone()).await;
+    assert_eq!(upserts(&fake), 0);
+    let mut forced = req.clone();
+    forced.force_registration = true;
+    fake.fail_next(HubError::Rejected {
+        hub: "fake-hub".into(),
+        message: "no".into(),
+    });
+    let r = f.engine.register(forced).await.unwrap();
+    assert_eq!(r.body.status, RegistrationStatus::Failed);
+    let (rec, _) = f.repo.registration("t", "d-1").await.unwrap().unwrap();
+    assert_eq!(rec.hub_write, None);
+    fake.clear_calls();
+    register(req.clone()).await;
+    assert_eq!(upserts(&fake), 1, "written after a failure");
+}
+
+#[tokio::test]
+async fn the_hub_options_can_turn_the_skip_off_or_invalidate_every_fingerprint() {
+    let (f, fake) = with_fake_hub().await;
+    f.engine.register(register_request("d-1")).await.unwrap();
+    fake.clear_calls();
+    f.engine.register(register_request("d-1")).await.unwrap();
+    assert_eq!(upserts(&fake), 0);
+    let relink = |options: serde_json::Value| {
+        let mut inst = (*f.instance).clone();
+        let mut h = hub("fake-hub");
+        h.options = options.as_object().unwrap().clone();
+        inst.linked_hub = vec![h.clone()];
+        let engine = f.engine.clone();
+        let fake = fake.clone();
+        async move {
+            engine.instances.put(&inst).await.unwrap();
+            engine.hubs.install(&h, fake);
+        }
+    };
+    // A new write epoch (after a hub was reset): every device is written once more.
+    relink(serde_json::json!({"write_epoch": 2})).await;
+    for _ in 0..2 {
+        let r = f.engine.register(register_request("d-1")).await.unwrap();
+        assert_eq!(r.body.status, RegistrationStatus::Assigned);
+    }
+    assert_eq!(upserts(&fake), 1);
+    // skip_unchanged = false: every registration writes.
+    relink(serde_json::json!({"write_epoch": 2, "skip_unchanged": false})).await;
+    fake.clear_calls();
+    for _ in 0..2 {
+        f.engine.register(register_request("d-1")).await.unwrap();
+    }
+    assert_eq!(upserts(&fake), 2);
+}
