@@ -165,6 +165,7 @@ conformance!(
     write_all_with_a_failed_condition_writes_nothing,
     concurrent_write_alls_all_commit,
     write_all_refused_by_the_database_writes_nothing_and_the_store_keeps_working,
+    hub_write_fingerprint_round_trips_with_the_registration_record,
 );
 
 // ------------------------------------------------------------------------------------------------
@@ -1249,4 +1250,86 @@ async fn write_all_refused_by_the_database_writes_nothing_and_the_store_keeps_wo
             .unwrap(),
         40
     );
+}
+
+/// The fingerprint of the last hub write (issue #14) lives in the registration record: it is
+/// written with the record (and its audit entry) in one `write_all`, read back intact, cleared
+/// by the next write of the record without it, and a record stored before the field existed
+/// reads as "no fingerprint" (so the first registration after an upgrade writes once).
+async fn hub_write_fingerprint_round_trips_with_the_registration_record(ctx: &Ctx) {
+    use dps_core::model::{HubWrite, RegistrationRecord};
+    let s = ctx.store();
+    let r = Collection::Registration;
+    let old_body = r#"{"state":{"registrationId":"Dev-1","status":"assigned","assignedHub":"broker-a.local","deviceId":"Dev-1"},"hubHistory":["broker-a.local"]}"#;
+    let mut rec: RegistrationRecord = serde_json::from_str(old_body).unwrap();
+    assert_eq!(rec.hub_write, None);
+    let fingerprint = HubWrite {
+        hub: "Broker-A.local".into(),
+        sha256: "9f".repeat(32),
+    };
+    rec.hub_write = Some(fingerprint.clone());
+    let put = |etag: &str, rec: &RegistrationRecord| Write::Put {
+        c: r,
+        scope: "inst".into(),
+        doc: Doc {
+            id: "Dev-1".into(),
+            etag: etag.into(),
+            body: serde_json::to_string(rec).unwrap(),
+            index: DocIndex {
+                status: Some("assigned".into()),
+                hub: Some("broker-a.local".into()),
+                ..DocIndex::default()
+            },
+        },
+        expect: Expect::Any,
+    };
+    s.write_all(vec![
+        put("e1", &rec),
+        Write::Audit(AuditEntry {
+            timestamp: "2026-06-01T12:00:00.0000000Z".into(),
+            instance: "inst".into(),
+            actor: "device".into(),
+            action: "registration.assigned".into(),
+            target_kind: "registration".into(),
+            target_id: "Dev-1".into(),
+            ..AuditEntry::default()
+        }),
+    ])
+    .await
+    .unwrap();
+    let read = |d: Option<Doc>| -> RegistrationRecord {
+        serde_json::from_str(&d.expect("stored").body).unwrap()
+    };
+    let got = read(s.get(r, "inst", "dev-1").await.unwrap());
+    assert_eq!(got.hub_write, Some(fingerprint.clone()));
+    assert_eq!(got, rec);
+    // Cleared (a failed or disabled registration): gone on read-back.
+    let mut cleared = got.clone();
+    cleared.hub_write = None;
+    s.write_all(vec![put("e2", &cleared)]).await.unwrap();
+    let d = s.get(r, "inst", "DEV-1").await.unwrap();
+    assert!(!d.as_ref().unwrap().body.contains("hubWrite"));
+    assert_eq!(read(d).hub_write, None);
+    // Written again: back, and per record (another device's record is untouched).
+    s.write_all(vec![put("e3", &rec)]).await.unwrap();
+    let mut other = cleared.clone();
+    other.state.registration_id = "dev-2".into();
+    s.put(
+        r,
+        "inst",
+        Doc {
+            id: "dev-2".into(),
+            etag: "x".into(),
+            body: serde_json::to_string(&other).unwrap(),
+            index: DocIndex::default(),
+        },
+        Expect::Absent,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        read(s.get(r, "inst", "dev-1").await.unwrap()).hub_write,
+        Some(fingerprint)
+    );
+    assert_eq!(read(s.get(r, "inst", "dev-2").await.unwrap()).hub_write, None);
 }
