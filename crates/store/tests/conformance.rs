@@ -1331,5 +1331,8 @@ async fn hub_write_fingerprint_round_trips_with_the_registration_record(ctx: &Ct
         read(s.get(r, "inst", "dev-1").await.unwrap()).hub_write,
         Some(fingerprint)
     );
-    assert_eq!(read(s.get(r, "inst", "dev-2").await.unwrap()).hub_write, None);
+    assert_eq!(
+        read(s.get(r, "inst", "dev-2").await.unwrap()).hub_write,
+        None
+    );
 }

@@ -254,3 +254,168 @@ async fn mosquitto_down_maps_to_unreachable_fast() {
     ));
     assert!(t0.elapsed() < Duration::from_secs(3));
 }
+
+/// Read `rx` until a dynamic-security response carrying `correlation` arrives; returns how many
+/// other responses came before it.
+async fn responses_before(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+    correlation: &str,
+) -> usize {
+    let mut others = 0;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some((topic, body)) = rx.recv().await {
+            if topic != dps_server::hubs::mosquitto::RESPONSE_TOPIC {
+                continue;
+            }
+            if body.contains(correlation) {
+                return;
+            }
+            others += 1;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no response for {correlation}"));
+    others
+}
+
+/// Issue #14: a reboot storm of a provisioned fleet must not rewrite the broker's
+/// dynamic-security file once per device. Every control message dps sends gets one response on
+/// the response topic, which a watching admin sees in the broker's order; a sentinel command of
+/// the watcher's own marks "everything before this has been answered".
+#[tokio::test]
+async fn mosquitto_re_registering_an_unchanged_device_sends_no_control_commands() {
+    let Some(b) = Broker::start().await else {
+        return;
+    };
+    let s = TestServer::spawn_with(|c| {
+        c.instances[0].linked_hub = vec![b.linked_hub("broker-a.local")]
+    })
+    .await;
+    // A watcher of its own (the broker kicks every `admin` session when dps grants its admin
+    // client the twin-writer role), with the init's `admin` role: it may use the control topics.
+    let r = dynsec(
+        b.port,
+        json!({"command": "createClient", "username": "control-watcher", "password": "watch-pw",
+               "roles": [{"rolename": "admin"}]}),
+    )
+    .await;
+    assert!(r.get("error").is_none(), "{r}");
+    let (watcher, el) = connect(b.port, "control-watcher", "control-watcher", "watch-pw")
+        .await
+        .unwrap();
+    let mut rx = drive(el);
+    subscribe(
+        &watcher,
+        &mut rx,
+        dps_server::hubs::mosquitto::RESPONSE_TOPIC,
+    )
+    .await;
+    let sentinel = |n: u32| {
+        let watcher = watcher.clone();
+        async move {
+            let id = format!("sentinel-{n}-{}", uuid::Uuid::new_v4().simple());
+            watcher
+                .publish(
+                    dps_server::hubs::mosquitto::CONTROL_TOPIC,
+                    QoS::AtLeastOnce,
+                    false,
+                    json!({"commands": [{"command": "getClient", "username": id, "correlationData": id}]}).to_string(),
+                )
+                .await
+                .unwrap();
+            id
+        }
+    };
+    let metrics = || async {
+        let admin = s.server.admin.expect("admin listener");
+        let text = reqwest::get(format!("http://{admin}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let get = |name: &str| -> f64 {
+            text.lines()
+                .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains("kind=\"mosquitto\""))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        (
+            get("dps_hub_writes_total"),
+            get("dps_hub_writes_skipped_total"),
+        )
+    };
+
+    let key = s.enroll("storm-dev", json!({})).await;
+    let before = metrics().await;
+    let r = s.register("storm-dev", &key, None).await;
+    assert_eq!(r.body["status"], "assigned", "{}", r.body);
+    let id = sentinel(1).await;
+    let first = responses_before(&mut rx, &id).await;
+    assert!(first >= 1, "the first registration writes to the broker");
+
+    for i in 0..19 {
+        let r = s.register("storm-dev", &key, None).await;
+        assert_eq!(r.body["status"], "assigned", "registration {i}: {}", r.body);
+        assert_eq!(r.body["registrationState"]["assignedHub"], "broker-a.local");
+    }
+    let id = sentinel(2).await;
+    assert_eq!(
+        responses_before(&mut rx, &id).await,
+        0,
+        "19 unchanged re-registrations sent control commands to the broker"
+    );
+    let after = metrics().await;
+    assert!(after.0 - before.0 >= 1.0, "{before:?} -> {after:?}");
+    assert!(after.1 - before.1 >= 19.0, "{before:?} -> {after:?}");
+
+    // The device still logs in with its credentials.
+    let pw = derive_password(&key, "storm-dev").unwrap();
+    connect(b.port, "storm-dev", "storm-dev", &pw)
+        .await
+        .expect("the device connects after the storm");
+    assert!(dynsec_client(b.port, "storm-dev").await.is_some());
+
+    // forceRegistration writes again (the operator's and the device's way out).
+    let tok = device_token(SCOPE, "storm-dev", &key);
+    let r = s
+        .call(
+            reqwest::Method::PUT,
+            &format!("/{SCOPE}/registrations/storm-dev/register?api-version=2019-03-31&forceRegistration=true"),
+            Some(&tok),
+            Some(json!({"registrationId": "storm-dev"})),
+            &[],
+        )
+        .await;
+    if r.status == 202 {
+        let op = r.body["operationId"]
+            .as_str()
+            .expect("operation id")
+            .to_string();
+        let path =
+            format!("/{SCOPE}/registrations/storm-dev/operations/{op}?api-version=2019-03-31");
+        let done = eventually(Duration::from_secs(10), || {
+            let (path, tok) = (path.clone(), tok.clone());
+            let s = &s;
+            async move {
+                let r = s
+                    .call(reqwest::Method::GET, &path, Some(&tok), None, &[])
+                    .await;
+                if r.status == 202 {
+                    Err(format!("still assigning: {}", r.body))
+                } else {
+                    Ok(r)
+                }
+            }
+        })
+        .await;
+        assert_eq!(done.body["status"], "assigned", "{}", done.body);
+    } else {
+        assert_eq!(r.body["status"], "assigned", "{}", r.body);
+    }
+    let id = sentinel(3).await;
+    assert!(
+        responses_before(&mut rx, &id).await >= 1,
+        "forceRegistration writes"
+    );
+}

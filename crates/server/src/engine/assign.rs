@@ -264,9 +264,9 @@ impl Engine {
                             .assigned_hub
                             .as_deref()
                             .is_some_and(|h| h.eq_ignore_ascii_case(&hub.host))
-                        && r.hub_write.as_ref().is_some_and(|w| {
-                            w.hub.eq_ignore_ascii_case(&hub.host) && w.sha256 == f
-                        })
+                        && r.hub_write
+                            .as_ref()
+                            .is_some_and(|w| w.hub.eq_ignore_ascii_case(&hub.host) && w.sha256 == f)
                 })
         });
         if unchanged {

@@ -620,7 +620,10 @@ async fn a_registration_that_would_write_the_same_again_makes_no_hub_call() {
     register(register_request("d-1")).await;
     assert_eq!(upserts(&fake), 1, "the first registration writes");
     let (rec, _) = f.repo.registration("t", "d-1").await.unwrap().unwrap();
-    let first = rec.hub_write.clone().expect("the write's fingerprint is kept");
+    let first = rec
+        .hub_write
+        .clone()
+        .expect("the write's fingerprint is kept");
     assert_eq!(first.hub, "fake-hub");
 
     // Nothing changed: no hub call at all, however often.
@@ -628,7 +631,11 @@ async fn a_registration_that_would_write_the_same_again_makes_no_hub_call() {
     for _ in 0..3 {
         register(register_request("d-1")).await;
     }
-    assert_eq!(fake.calls(), vec![], "an unchanged re-registration calls the hub");
+    assert_eq!(
+        fake.calls(),
+        vec![],
+        "an unchanged re-registration calls the hub"
+    );
     let (rec, _) = f.repo.registration("t", "d-1").await.unwrap().unwrap();
     assert_eq!(rec.hub_write, Some(first.clone()));
     assert!(fake.device("d-1").is_some());
