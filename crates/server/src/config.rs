@@ -333,6 +333,8 @@ impl std::fmt::Debug for Config {
             .field("tls", &self.tls)
             .field("log", &self.log)
             .field("limits", &self.limits)
+            .field("auth", &self.auth)
+            .field("outbound", &self.outbound)
             .field("audit", &self.audit)
             .field("instances", &self.instances)
             .finish()

@@ -4,45 +4,8 @@
 
 use crate::support::*;
 use dps_device::{Auth, ProvisioningClient, Transport, Trust};
-use reqwest::Method;
 use serde_json::json;
 use std::time::{Duration, Instant};
-
-async fn scrape(s: &TestServer) -> String {
-    reqwest::get(format!("http://{}/metrics", s.server.admin.expect("admin")))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-/// The sum of a metric's samples whose labels include `labels`.
-fn sample(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-async fn audit(s: &TestServer, query: &str) -> Vec<serde_json::Value> {
-    let r = s
-        .call(
-            Method::GET,
-            &format!("/admin/audit?{query}"),
-            Some(&s.owner()),
-            None,
-            &[],
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    r.body.as_array().cloned().unwrap_or_default()
-}
 
 #[tokio::test]
 async fn a_flood_of_refusals_from_one_source_writes_at_most_its_burst() {
@@ -64,7 +27,9 @@ async fn a_flood_of_refusals_from_one_source_writes_at_most_its_burst() {
         assert_error(&r, 401, Some(401002));
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let stored = audit(&s, "target=src-flood-1&action=registration.refused").await;
+    let stored = s
+        .audit("target=src-flood-1&action=registration.refused")
+        .await;
     // The burst, plus what one token a second refilled while the flood ran.
     let allowed = 10 + elapsed.ceil() as usize;
     assert!(
@@ -117,7 +82,9 @@ async fn an_mqtt_connect_with_a_bad_key_is_counted_and_audited() {
     assert!(r.is_err(), "a bad key must be refused: {r:?}");
     let after = sample(&scrape(&s).await, "AttestationAttempts", &labels);
     assert_eq!(after - before, 1.0, "one refused CONNECT, one failure");
-    let rows = audit(&s, "target=mqtt-bad-1&action=registration.refused").await;
+    let rows = s
+        .audit("target=mqtt-bad-1&action=registration.refused")
+        .await;
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["after"]["transport"], "mqtt", "{rows:?}");
     assert_eq!(rows[0]["instance"], "mqtt-refusals");
@@ -134,9 +101,9 @@ async fn the_audit_log_is_pruned_to_max_rows() {
     for i in 0..6 {
         let _ = s.enroll(&format!("prune-{i}"), json!({})).await;
     }
-    assert!(audit(&s, "limit=100").await.len() >= 3);
+    assert!(s.audit("limit=100").await.len() >= 3);
     let left = eventually(Duration::from_secs(15), || async {
-        let all = audit(&s, "limit=100").await;
+        let all = s.audit("limit=100").await;
         if all.len() <= 3 {
             Ok(all)
         } else {

@@ -114,29 +114,6 @@ async fn read_response<S: tokio::io::AsyncRead + Unpin>(io: &mut S) -> (u16, Str
         .expect("a response in time")
 }
 
-async fn scrape(s: &TestServer) -> String {
-    let admin = s.server.admin.expect("admin listener");
-    reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text")
-}
-
-/// Sum of the samples of `metric` whose labels include every `label="value"` given.
-fn sample(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Poll the metrics until `metric{labels}` is above `before`.
 async fn metric_rises(s: &TestServer, metric: &str, labels: &[(&str, &str)], before: f64) {
     eventually(PATIENCE, || async {

@@ -4,29 +4,6 @@ use crate::support::*;
 use reqwest::Method;
 use serde_json::json;
 
-async fn scrape(s: &TestServer) -> String {
-    let admin = s.server.admin.expect("admin listener");
-    reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-/// Sum of the samples of `metric` whose labels include every `label="value"` given.
-fn sample(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 async fn spawn_named(name: &str) -> TestServer {
     let name = name.to_string();
     TestServer::spawn_with(move |cfg| cfg.instances[0].name = name).await
@@ -105,20 +82,6 @@ async fn health_and_readiness_answer_on_the_admin_listener() {
     );
 }
 
-async fn audit(s: &TestServer, query: &str) -> Vec<serde_json::Value> {
-    let r = s
-        .call(
-            Method::GET,
-            &format!("/admin/audit?{query}"),
-            Some(&s.owner()),
-            None,
-            &[],
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    r.body.as_array().cloned().unwrap_or_default()
-}
-
 fn actions(entries: &[serde_json::Value]) -> Vec<String> {
     entries
         .iter()
@@ -146,7 +109,7 @@ async fn every_kind_of_change_is_audited_with_secrets_redacted() {
         .status,
         204
     );
-    let e = audit(&s, "target=audit-e1").await;
+    let e = s.audit("target=audit-e1").await;
     assert_eq!(
         actions(&e),
         [
@@ -179,7 +142,7 @@ async fn every_kind_of_change_is_audited_with_secrets_redacted() {
         204
     );
     assert_eq!(
-        actions(&audit(&s, "target=audit-g1").await),
+        actions(&s.audit("target=audit-g1").await),
         ["group.create", "group.delete"]
     );
 
@@ -204,9 +167,9 @@ async fn every_kind_of_change_is_audited_with_secrets_redacted() {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let inst = audit(&s, "target=default&action=linked_hub").await;
+    let inst = s.audit("target=default&action=linked_hub").await;
     assert_eq!(actions(&inst), ["linked_hub.put"]);
-    let pol = audit(&s, "target=default&action=access_policy").await;
+    let pol = s.audit("target=default&action=access_policy").await;
     assert_eq!(actions(&pol), ["access_policy.put"]);
     let policies = pol[0]["after"]["access_policy"].as_array().unwrap();
     assert!(
@@ -227,7 +190,7 @@ async fn every_kind_of_change_is_audited_with_secrets_redacted() {
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(
-        actions(&audit(&s, "target=audit-ca").await),
+        actions(&s.audit("target=audit-ca").await),
         ["certificate.put"]
     );
 
@@ -257,7 +220,7 @@ async fn every_kind_of_change_is_audited_with_secrets_redacted() {
         .status,
         204
     );
-    let d = actions(&audit(&s, "target=audit-d1&action=registration").await);
+    let d = actions(&s.audit("target=audit-d1&action=registration").await);
     assert_eq!(
         d,
         [
@@ -269,11 +232,11 @@ async fn every_kind_of_change_is_audited_with_secrets_redacted() {
     );
 
     // Paging with `after` and `since`.
-    let all = audit(&s, "limit=3").await;
+    let all = s.audit("limit=3").await;
     assert_eq!(all.len(), 3);
-    let next = audit(&s, &format!("limit=3&after={}", all[2]["seq"])).await;
+    let next = s.audit(&format!("limit=3&after={}", all[2]["seq"])).await;
     assert!(next[0]["seq"].as_i64() > all[2]["seq"].as_i64());
-    let future = audit(&s, "since=2999-01-01T00:00:00.0000000Z").await;
+    let future = s.audit("since=2999-01-01T00:00:00.0000000Z").await;
     assert!(future.is_empty());
 }
 
@@ -282,7 +245,7 @@ async fn instance_creation_through_the_admin_api_is_audited() {
     let s = TestServer::spawn().await;
     let r = s.call(Method::PUT, "/admin/instances/second", Some(&s.owner()), Some(json!({"hostnames": ["second.example.net"], "linked_hub": [{"host": "hub-x.example.net"}]})), &[]).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let e = audit(&s, "instance=second&action=instance").await;
+    let e = s.audit("instance=second&action=instance").await;
     assert_eq!(actions(&e), ["instance.create"]);
     assert_eq!(e[0]["after"]["hostnames"], json!(["second.example.net"]));
 }
@@ -299,7 +262,7 @@ async fn refused_attempts_beyond_the_audit_rate_are_counted_not_stored() {
             .await;
         assert_error(&r, 401, Some(401002));
     }
-    let stored = audit(&s, "target=flood-1&action=registration.refused").await;
+    let stored = s.audit("target=flood-1&action=registration.refused").await;
     assert!(
         (10..=13).contains(&stored.len()),
         "stored {} refusals",

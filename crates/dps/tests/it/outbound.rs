@@ -126,6 +126,14 @@ async fn put_with_webhook(s: &TestServer, id: &str, url: &str, group: bool) -> R
         .await
 }
 
+/// The primary key of the enrollment a PUT answered with.
+fn primary_key(r: &Resp) -> String {
+    r.body["attestation"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .expect("primary key in the PUT answer")
+        .to_string()
+}
+
 /// The final answer of a registration that failed with 400207, and the operator's reason (from
 /// the audit log's `registration.failed` entry).
 async fn failed_custom_allocation(s: &TestServer, rid: &str, key: &str) -> String {
@@ -234,10 +242,7 @@ async fn private_webhook_urls_are_refused_by_default_and_allowed_with_the_flag()
     let open = TestServer::spawn_with(|c| c.outbound.allow_private_addresses = true).await;
     let r = put_with_webhook(&open, "priv-1", &url, false).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let key = r.body["attestation"]["symmetricKey"]["primaryKey"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = primary_key(&r);
     let r = open.register("priv-1", &key, None).await;
     assert_eq!(r.body["status"], "assigned", "{}", r.body);
     assert_eq!(r.body["registrationState"]["assignedHub"], HUB_A);
@@ -308,10 +313,7 @@ async fn allowed_webhook_hosts_narrow_the_urls_and_the_calls() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let key = r.body["attestation"]["symmetricKey"]["primaryKey"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = primary_key(&r);
     let r = s.register("list-3", &key, None).await;
     assert_eq!(r.body["status"], "assigned", "{}", r.body);
     assert_eq!(h.alloc_hits.load(Ordering::SeqCst), 1);
@@ -330,10 +332,7 @@ async fn a_host_name_resolving_to_a_refused_address_is_refused_at_connect() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let key = r.body["attestation"]["symmetricKey"]["primaryKey"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = primary_key(&r);
     // ...and the addresses it resolves to are refused when dps connects.
     let reason = failed_custom_allocation(&s, "rebind-1", &key).await;
     assert!(
@@ -384,10 +383,7 @@ async fn a_webhook_answering_5_mib_is_cut_at_the_limit_and_the_registration_fail
         )
         .await;
         assert_eq!(r.status, 200, "{}", r.body);
-        let key = r.body["attestation"]["symmetricKey"]["primaryKey"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let key = primary_key(&r);
         let reason = failed_custom_allocation(&s, &rid, &key).await;
         assert!(
             reason.contains("max_response_bytes (1048576 bytes)"),
@@ -432,10 +428,7 @@ async fn redirects_are_not_followed() {
         false,
     )
     .await;
-    let key = r.body["attestation"]["symmetricKey"]["primaryKey"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = primary_key(&r);
     let r = s.register("redir-1", &key, None).await;
     assert_eq!(r.body["status"], "failed", "{}", r.body);
     assert_eq!(

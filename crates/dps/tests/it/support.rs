@@ -465,10 +465,15 @@ impl TestServer {
 
     /// Audit entries for a target id.
     pub async fn audit_for(&self, target: &str) -> Vec<serde_json::Value> {
+        self.audit(&format!("target={target}&limit=1000")).await
+    }
+
+    /// Audit entries answering `GET /admin/audit?{query}` (owner token).
+    pub async fn audit(&self, query: &str) -> Vec<serde_json::Value> {
         let r = self
             .call(
                 reqwest::Method::GET,
-                &format!("/admin/audit?target={target}&limit=1000"),
+                &format!("/admin/audit?{query}"),
                 Some(&self.owner()),
                 None,
                 &[],
@@ -649,4 +654,28 @@ impl Drop for SilentListener {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// The admin listener's `/metrics` text.
+pub async fn scrape(s: &TestServer) -> String {
+    let admin = s.server.admin.expect("admin listener");
+    reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+/// Sum of the samples of `metric` whose labels include every `label="value"` given.
+pub fn sample(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
