@@ -930,10 +930,17 @@ mod tests {
         assert_eq!(d.hub_cleanup.initial_backoff_ms, 1000);
         let s = d.hub_cleanup.settings();
         assert_eq!(s.backoff(20), std::time::Duration::from_secs(300));
-        let cfg = toml_parse("[hub_cleanup]\ninterval_ms = 50\ninitial_backoff_ms = 100\nmax_backoff_ms = 400\n");
-        cfg.hub_cleanup.validate().expect("small values for tests are valid");
+        let cfg = toml_parse(
+            "[hub_cleanup]\ninterval_ms = 50\ninitial_backoff_ms = 100\nmax_backoff_ms = 400\n",
+        );
+        cfg.hub_cleanup
+            .validate()
+            .expect("small values for tests are valid");
         for (text, key) in [
-            ("[hub_cleanup]\ninterval_ms = 0\n", "hub_cleanup.interval_ms"),
+            (
+                "[hub_cleanup]\ninterval_ms = 0\n",
+                "hub_cleanup.interval_ms",
+            ),
             ("[hub_cleanup]\nbatch = 0\n", "hub_cleanup.batch"),
             ("[hub_cleanup]\nlease_ms = 10\n", "hub_cleanup.lease_ms"),
             (

@@ -316,9 +316,12 @@ impl Engine {
         // retries until it is gone (see `cleanup.rs`). The first attempt is made right away,
         // unless that hub is known to be unhealthy.
         let stale = match &outcome.remove_from {
-            Some(old) => inst
-                .hub(old)
-                .map(|h| (h.clone(), previous_device.clone().unwrap_or(device_id.clone()))),
+            Some(old) => inst.hub(old).map(|h| {
+                (
+                    h.clone(),
+                    previous_device.clone().unwrap_or(device_id.clone()),
+                )
+            }),
             None => previous_device
                 .clone()
                 .filter(|p| *p != device_id)

@@ -305,7 +305,13 @@ impl Engine {
 
     /// Queue the removal of the identity of a deleted registration (the linked hub's
     /// `delete_identity_on_deregister`) and try it at once.
-    pub(super) async fn cleanup_deregistered(&self, inst: &Instance, rid: &str, hub: &str, dev: &str) {
+    pub(super) async fn cleanup_deregistered(
+        &self,
+        inst: &Instance,
+        rid: &str,
+        hub: &str,
+        dev: &str,
+    ) {
         let Some(h) = inst.hub(hub) else { return };
         let _lock = self
             .lock_for(&inst.name, &rid.to_ascii_lowercase())
