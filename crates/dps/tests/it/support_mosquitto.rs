@@ -228,3 +228,40 @@ pub async fn dynsec_client(port: u16, username: &str) -> Option<Value> {
         Some(e) => panic!("getClient {username}: {e}"),
     }
 }
+
+// ------------------------------------------------------------------------------------------------
+// Stop and start again (hub_cleanup.rs): the same port, config and dynamic-security data.
+
+impl Broker {
+    /// Stop the broker (killed, as a crash or an outage), keeping its port and data for
+    /// [`start_again`](Self::start_again).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start the stopped broker again on its port with its config and dynamic-security data
+    /// (clients created before the stop are still there); returns once `admin` can connect.
+    pub async fn start_again(&mut self) {
+        let bin = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .expect("mosquitto was found at start");
+        self.child = Command::new(bin)
+            .arg("-c")
+            .arg(self._dir.path().join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mosquitto");
+        let port = self.port;
+        eventually(Duration::from_secs(10), || async move {
+            connect(port, "probe", "admin", ADMIN_PW)
+                .await
+                .map(drop)
+                .map_err(|e| format!("mosquitto did not start again: {e}"))
+        })
+        .await;
+    }
+}

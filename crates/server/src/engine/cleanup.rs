@@ -342,6 +342,15 @@ impl Engine {
         }
     }
 
+    /// The queued clean-ups, of one instance or all, oldest first, at most `limit`.
+    pub async fn cleanup_queue(
+        &self,
+        instance: Option<&str>,
+        limit: usize,
+    ) -> dps_core::Result<Vec<CleanupTask>> {
+        Ok(self.repo.store.list_cleanup(instance, limit).await?)
+    }
+
     /// One pass of the clean-up worker: claim due tasks (at most the configured batch) and work
     /// them. Tasks of a hub that fails in this pass are put off without a call; an unhealthy hub
     /// gets one trial call per pass.
