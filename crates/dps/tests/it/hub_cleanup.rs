@@ -78,6 +78,13 @@ async fn an_old_broker_login_stops_working_once_the_broker_is_back() {
     assert_eq!(task.key.hub, "broker-a.local");
     assert_eq!(task.key.device_id, "leaver");
     assert!(task.last_error.is_some(), "{task:?}");
+    // `dps hub cleanup list` (the admin API) shows it, with its last error.
+    let listed = cli_json(&s, &["hub", "cleanup", "list"]).await;
+    assert_eq!(listed[0]["hub"], "broker-a.local", "{listed}");
+    assert_eq!(listed[0]["deviceId"], "leaver", "{listed}");
+    assert_eq!(listed[0]["action"], "delete", "{listed}");
+    assert!(listed[0]["failedAttempts"].as_u64() >= Some(3), "{listed}");
+    assert!(listed[0]["lastError"].is_string(), "{listed}");
     let m = scrape(&s).await;
     assert!(
         sample(
@@ -125,4 +132,32 @@ async fn an_old_broker_login_stops_working_once_the_broker_is_back() {
             && e["after"]["failedAttempts"].as_u64() >= Some(3)),
         "{audit:#?}"
     );
+}
+
+/// `dps --output json <args>` with the owner connection string, as JSON.
+async fn cli_json(s: &TestServer, args: &[&str]) -> serde_json::Value {
+    let cs = format!(
+        "HostName=localhost;SharedAccessKeyName=provisioningserviceowner;SharedAccessKey={OWNER_KEY}"
+    );
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dps"));
+    cmd.args(["--output", "json"])
+        .args(args)
+        .env("DPS_CONNECTION_STRING", cs)
+        .env("DPS_URL", &s.base)
+        .env("DPS_CA_FILE", s.dir.path().join("ca.pem"))
+        .current_dir(s.dir.path());
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run dps"))
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dps {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "dps {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
