@@ -1019,3 +1019,33 @@ async fn a_hub_that_fails_in_a_pass_gets_no_more_calls_in_it_and_a_task_of_an_un
     }
     assert_eq!(f.cleanup_tasks().await.len(), 5);
 }
+
+#[tokio::test]
+async fn a_deleted_registrations_identity_is_removed_through_the_queue_when_its_hub_was_down() {
+    let (f, clock, a, _b) = two_fake_hubs().await;
+    // hub-a deletes identities of deleted registrations.
+    let mut inst = (*f.instance).clone();
+    let mut ha = hub("hub-a");
+    ha.options
+        .insert("delete_identity_on_deregister".into(), true.into());
+    inst.linked_hub = vec![ha.clone(), hub("hub-b")];
+    f.engine.instances.put(&inst).await.unwrap();
+    f.engine.hubs.install(&ha, a.clone());
+    let rec = f.move_to("hub-a").await;
+    f.repo
+        .store
+        .delete(Collection::Registration, "t", "d-1", Expect::Any)
+        .await
+        .unwrap();
+    a.fail_next(down("hub-a"));
+    f.engine.registration_deleted("t", &rec).await;
+    assert!(a.device("d-1").is_some(), "hub-a was down");
+    let tasks = f.cleanup_tasks().await;
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    assert_eq!(tasks[0].attempts, 1);
+    clock.advance(Duration::from_secs(1));
+    let pass = f.engine.cleanup_pass().await.unwrap();
+    assert_eq!(pass.deleted, 1, "{pass:?}");
+    assert!(a.device("d-1").is_none());
+    assert!(f.cleanup_tasks().await.is_empty());
+}
