@@ -313,8 +313,7 @@ impl Engine {
         // The identity the device leaves behind (on its previous hub, or its previous device id
         // on this hub) is queued for removal in the same transaction as the record that makes it
         // stale, so that neither a crash nor a hub that is down loses it; the queue's worker
-        // retries until it is gone (see `cleanup.rs`). The first attempt is made right away,
-        // unless that hub is known to be unhealthy.
+        // retries until it is gone (see `cleanup.rs`). The first attempt is made right away.
         let stale = match &outcome.remove_from {
             Some(old) => inst.hub(old).map(|h| {
                 (
@@ -329,8 +328,7 @@ impl Engine {
         }
         .filter(|(h, d)| !(h.host.eq_ignore_ascii_case(&hub.host) && *d == device_id));
         let cleanup = stale.map(|(h, d)| {
-            let try_now = !self.hubs.unhealthy(&h.host);
-            let task = self.new_cleanup(&inst.name, &h.host, &d, rid.as_str(), try_now);
+            let task = self.new_cleanup(&inst.name, &h.host, &d, rid.as_str(), true);
             (h, task)
         });
         let mut writes: Vec<Write> = staged.into_iter().collect();
