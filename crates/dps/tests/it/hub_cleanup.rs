@@ -94,8 +94,14 @@ async fn an_old_broker_login_stops_working_once_the_broker_is_back() {
         ) >= 3.0
     );
 
-    // A is back with its data: the login the device left there exists until the retry removes
-    // it, within the backoff's bound (1 s) plus the hub call.
+    // A is back with its data, the old login included (it is in the broker's saved clients);
+    // the retry removes it within the backoff's bound (1 s), the adapter's reconnect (up to
+    // 5 s) and the hub call.
+    assert!(
+        a.saved_clients().iter().any(|c| c == "leaver"),
+        "the old login is still on broker A: {:?}",
+        a.saved_clients()
+    );
     a.start_again().await;
     let back = Instant::now();
     eventually(Duration::from_secs(15), || async {

@@ -240,6 +240,20 @@ impl Broker {
         let _ = self.child.wait();
     }
 
+    /// The usernames of the dynamic-security clients in the broker's saved data (read from
+    /// its file: meaningful while the broker is stopped).
+    pub fn saved_clients(&self) -> Vec<String> {
+        let text = std::fs::read_to_string(self._dir.path().join("dynsec.json"))
+            .expect("dynsec.json exists");
+        let v: Value = serde_json::from_str(&text).expect("dynsec.json is JSON");
+        v["clients"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["username"].as_str().map(str::to_owned))
+            .collect()
+    }
+
     /// Start the stopped broker again on its port with its config and dynamic-security data
     /// (clients created before the stop are still there); returns once `admin` can connect.
     pub async fn start_again(&mut self) {
