@@ -1049,3 +1049,42 @@ async fn a_deleted_registrations_identity_is_removed_through_the_queue_when_its_
     assert!(a.device("d-1").is_none());
     assert!(f.cleanup_tasks().await.is_empty());
 }
+
+#[tokio::test]
+async fn a_removal_interrupted_by_a_crash_is_taken_over_once_its_claim_runs_out() {
+    use dps_core::hub::HubAdapter;
+    let (f, clock, a, _b) = two_fake_hubs().await;
+    a.upsert_device(
+        &dps_core::hub::HubIdentity {
+            device_id: "orphan".into(),
+            auth: dps_core::hub::HubAuth::SymmetricKey {
+                primary: KEY.into(),
+                secondary: KEY.into(),
+            },
+            capabilities: Default::default(),
+            enabled: true,
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    // Queued with the registration commit, claimed for the first attempt, which never came
+    // (the node crashed right after the commit).
+    let task = f.engine.new_cleanup("t", "hub-a", "orphan", "orphan", true);
+    f.repo
+        .store
+        .write_all(vec![dps_core::store::Write::EnqueueCleanup(task)])
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(
+        f.engine.cleanup_pass().await.unwrap().claimed,
+        0,
+        "still claimed"
+    );
+    clock.advance(EngineSettings::default().cleanup.lease);
+    let pass = f.engine.cleanup_pass().await.unwrap();
+    assert_eq!((pass.claimed, pass.deleted), (1, 1), "{pass:?}");
+    assert!(a.device("orphan").is_none());
+    assert!(f.cleanup_tasks().await.is_empty());
+}
