@@ -363,9 +363,9 @@ impl Engine {
     }
 
     /// Write the registration record and its audit entry (and `extra`: for a hub kept in our own
-    /// store the device identity, and the clean-up queue's changes) in one store transaction. The audit entry holds the record as it is
-    /// now, with its hub history and the precise reason; the entry before it in the log is the
-    /// previous outcome.
+    /// store the device identity, and the clean-up queue's changes) in one store transaction.
+    /// The audit entry holds the record as it is now, with its hub history and the precise
+    /// reason; the entry before it in the log is the previous outcome.
     async fn commit(
         &self,
         instance: &str,
