@@ -41,7 +41,7 @@ pub use commands::enrollment_common::{
     AttestationArg, EnrollmentFields, KindCommand, ListFilters, ReprovisionArg, StatusArg,
 };
 pub use commands::enrollment_group::{GroupCommand, RootCaArg};
-pub use commands::hub::{HubCommand, HubDeviceCommand};
+pub use commands::hub::{HubCleanupCommand, HubCommand, HubDeviceCommand};
 pub use commands::instance::InstanceCommand;
 pub use commands::linked_hub::LinkedHubCommand;
 pub use commands::registration::RegistrationCommand;
@@ -125,7 +125,7 @@ pub enum Command {
     /// Device registration records.
     #[command(subcommand)]
     Registration(RegistrationCommand),
-    /// Devices on linked hubs (admin API).
+    /// Devices on linked hubs, and old identities queued for removal from them (admin API).
     #[command(subcommand)]
     Hub(HubCommand),
     /// The audit log (admin API).
@@ -294,6 +294,14 @@ mod tests {
         assert!(matches!(
             c.command,
             Command::Hub(HubCommand::Device(HubDeviceCommand::List { .. }))
+        ));
+        let c = parse(&["hub", "cleanup", "list", "--top", "5"]);
+        assert!(matches!(
+            c.command,
+            Command::Hub(HubCommand::Cleanup(HubCleanupCommand::List {
+                top: Some(5),
+                ..
+            }))
         ));
         let c = parse(&[
             "device",

@@ -195,6 +195,79 @@ pub enum Write {
     },
     /// Append an audit entry (as [`Store::append_audit`]).
     Audit(AuditEntry),
+    /// Queue a hub identity clean-up (see [`CleanupTask`]). One task per [`CleanupKey`]: when
+    /// one is queued already, it takes the new task's registration id, action, next attempt
+    /// and claim, and keeps its attempts, last error and creation time.
+    EnqueueCleanup(CleanupTask),
+    /// Drop the clean-up task of a key, if any (the device id was assigned to that hub again).
+    CancelCleanup(CleanupKey),
+}
+
+/// What a clean-up task does to a hub identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CleanupAction {
+    /// Delete the identity.
+    #[default]
+    Delete,
+}
+
+impl CleanupAction {
+    /// Stable name used in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CleanupAction::Delete => "delete",
+        }
+    }
+
+    /// The action of a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "delete" => Some(CleanupAction::Delete),
+            _ => None,
+        }
+    }
+}
+
+/// Which identity a clean-up task is about: one task per key. The hub host compares
+/// case-insensitively; the device id exactly (hubs treat device ids as case-sensitive).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct CleanupKey {
+    /// Instance name.
+    pub instance: String,
+    /// Linked hub host.
+    pub hub: String,
+    /// Device id on that hub.
+    pub device_id: String,
+}
+
+/// A durable hub identity clean-up: an identity a device left behind on a hub (it moved to
+/// another hub, changed device id, or its registration was deleted) that must be removed even
+/// when the hub is down at the time. Times are Unix milliseconds, given by the caller.
+///
+/// A task is *claimed* by whoever works on it (`claim`, a random token, until
+/// `claimed_until_ms`); only the holder of the claim completes or reschedules it, and an
+/// expired claim (a crashed node) lets another worker take it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CleanupTask {
+    /// Which identity.
+    pub key: CleanupKey,
+    /// The registration that left the identity behind (its record is checked before the
+    /// delete: a device that came back to the hub keeps its identity).
+    pub registration_id: String,
+    /// What to do.
+    pub action: CleanupAction,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// Not worked on before this time.
+    pub next_attempt_ms: i64,
+    /// The last failure (secrets scrubbed by the caller).
+    pub last_error: Option<String>,
+    /// When the task was first queued.
+    pub created_ms: i64,
+    /// The current claim's token.
+    pub claim: Option<String>,
+    /// The current claim holds until this time.
+    pub claimed_until_ms: Option<i64>,
 }
 
 /// The storage port.
@@ -254,6 +327,38 @@ pub trait Store: Send + Sync + 'static {
     /// registration path writes the device's record, its identity on the built-in hub and the
     /// audit entry this way.
     async fn write_all(&self, writes: Vec<Write>) -> Result<(), StoreError>;
+    /// Claim up to `limit` clean-up tasks that are due (`next_attempt_ms <= now_ms`) and not
+    /// claimed (or whose claim expired before `now_ms`), oldest due first: they get `claim` until
+    /// `claimed_until_ms`. Two callers never claim one task at once (PostgreSQL: `FOR UPDATE
+    /// SKIP LOCKED`).
+    async fn claim_cleanup(
+        &self,
+        now_ms: i64,
+        claim: &str,
+        claimed_until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<CleanupTask>, StoreError>;
+    /// Remove a task that its claim holder finished; `false` when the task is gone or claimed
+    /// by someone else (nothing is removed then).
+    async fn complete_cleanup(&self, key: &CleanupKey, claim: &str) -> Result<bool, StoreError>;
+    /// Release a claimed task for a later attempt: its attempts, next attempt and last error
+    /// are set and its claim cleared. `false` when the task is gone or claimed by someone else.
+    async fn reschedule_cleanup(
+        &self,
+        key: &CleanupKey,
+        claim: &str,
+        attempts: u32,
+        next_attempt_ms: i64,
+        last_error: Option<&str>,
+    ) -> Result<bool, StoreError>;
+    /// Queued clean-up tasks, of one instance or all, oldest first, at most `limit`.
+    async fn list_cleanup(
+        &self,
+        instance: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<CleanupTask>, StoreError>;
+    /// How many clean-up tasks are queued.
+    async fn count_cleanup(&self) -> Result<u64, StoreError>;
 }
 
 /// A fresh opaque ETag.

@@ -149,6 +149,34 @@ pub async fn handle(
             let inst = target(app, caller, &segs[2])?;
             ok(&uc.hub_device(&inst, &segs[4], &segs[6]).await?)
         }
+        Op::HubCleanupList => {
+            let inst = target(app, caller, &segs[2])?;
+            let limit = param(params, "limit")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(100usize)
+                .clamp(1, 1000);
+            let ts = |ms: i64| {
+                time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+                    .ok()
+                    .map(dps_core::clock::azure_timestamp)
+            };
+            let items: Vec<serde_json::Value> = app
+                .engine
+                .cleanup_queue(Some(&inst.name), limit)
+                .await?
+                .into_iter()
+                .map(|t| {
+                    serde_json::json!({
+                        "hub": t.key.hub, "deviceId": t.key.device_id,
+                        "registrationId": t.registration_id, "action": t.action.as_str(),
+                        "failedAttempts": t.attempts, "nextAttemptUtc": ts(t.next_attempt_ms),
+                        "lastError": t.last_error, "createdUtc": ts(t.created_ms),
+                        "claimedUntilUtc": t.claimed_until_ms.and_then(ts),
+                    })
+                })
+                .collect();
+            ok(&serde_json::json!({ "items": items }))
+        }
         Op::AuditLog => {
             let instance = match param(params, "instance") {
                 Some(i) => {

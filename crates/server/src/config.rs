@@ -37,6 +37,8 @@ pub struct Config {
     pub outbound: Outbound,
     /// Audit log retention and the sampling of refused attempts.
     pub audit: AuditConfig,
+    /// The clean-up of identities devices left behind on hubs.
+    pub hub_cleanup: HubCleanupConfig,
     /// Provisioning instances declared here are created or updated at start.
     #[serde(rename = "instance")]
     pub instances: Vec<InstanceConfig>,
@@ -296,6 +298,85 @@ impl Default for AuditConfig {
     }
 }
 
+/// The clean-up of identities devices left behind on hubs (they moved to another hub, changed
+/// device id, or their registration was deleted): a durable queue in the store, worked by a
+/// background worker on every node, retried with exponential backoff until the hub confirms.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubCleanupConfig {
+    /// How often the worker looks for due tasks (ms).
+    pub interval_ms: u64,
+    /// Delay before the first retry of a failed removal (ms); doubled after each failure.
+    pub initial_backoff_ms: u64,
+    /// Longest delay between two attempts (ms).
+    pub max_backoff_ms: u64,
+    /// How long a node holds a task it works on (ms); a task of a node that died is taken over
+    /// by another node after this.
+    pub lease_ms: u64,
+    /// Tasks claimed per pass.
+    pub batch: usize,
+    /// After this many failed attempts each further failure is logged as an error (the task
+    /// stays queued: it is never dropped while its hub is linked).
+    pub warn_after_attempts: u32,
+}
+
+impl Default for HubCleanupConfig {
+    fn default() -> Self {
+        HubCleanupConfig {
+            interval_ms: 1000,
+            initial_backoff_ms: 1000,
+            max_backoff_ms: 300_000,
+            lease_ms: 120_000,
+            batch: 16,
+            warn_after_attempts: 10,
+        }
+    }
+}
+
+impl HubCleanupConfig {
+    /// Check every value's range (named in the error).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ranges: [(&str, u64, u64, u64); 6] = [
+            ("interval_ms", self.interval_ms, 10, 600_000),
+            ("initial_backoff_ms", self.initial_backoff_ms, 10, 3_600_000),
+            ("max_backoff_ms", self.max_backoff_ms, 10, 86_400_000),
+            ("lease_ms", self.lease_ms, 1000, 3_600_000),
+            ("batch", self.batch as u64, 1, 1000),
+            (
+                "warn_after_attempts",
+                u64::from(self.warn_after_attempts),
+                1,
+                1_000_000,
+            ),
+        ];
+        for (key, v, min, max) in ranges {
+            if v < min || v > max {
+                return Err(invalid(format!(
+                    "hub_cleanup.{key} = {v} is out of range: it must be between {min} and {max}"
+                )));
+            }
+        }
+        if self.max_backoff_ms < self.initial_backoff_ms {
+            return Err(invalid(format!(
+                "hub_cleanup.max_backoff_ms = {} is below hub_cleanup.initial_backoff_ms = {}",
+                self.max_backoff_ms, self.initial_backoff_ms
+            )));
+        }
+        Ok(())
+    }
+
+    /// The engine's settings.
+    pub fn settings(&self) -> crate::engine::CleanupSettings {
+        crate::engine::CleanupSettings {
+            initial_backoff: std::time::Duration::from_millis(self.initial_backoff_ms),
+            max_backoff: std::time::Duration::from_millis(self.max_backoff_ms),
+            lease: std::time::Duration::from_millis(self.lease_ms),
+            batch: self.batch,
+            warn_after_attempts: self.warn_after_attempts,
+        }
+    }
+}
+
 /// An access policy in the config (keys generated when omitted, and kept). `Debug` hides the
 /// keys.
 #[derive(Clone, Serialize, Deserialize)]
@@ -336,6 +417,7 @@ impl std::fmt::Debug for Config {
             .field("auth", &self.auth)
             .field("outbound", &self.outbound)
             .field("audit", &self.audit)
+            .field("hub_cleanup", &self.hub_cleanup)
             .field("instances", &self.instances)
             .finish()
     }
@@ -381,6 +463,7 @@ impl Default for Config {
             auth: Auth::default(),
             outbound: Outbound::default(),
             audit: AuditConfig::default(),
+            hub_cleanup: HubCleanupConfig::default(),
             instances: Vec::new(),
         }
     }
@@ -456,6 +539,7 @@ const ENV_KEYS: &[&str] = &[
     "auth",
     "outbound",
     "audit",
+    "hub_cleanup",
 ];
 
 impl Config {
@@ -552,6 +636,7 @@ impl Config {
         self.validate_globals()?;
         self.limits.validate()?;
         self.outbound.validate()?;
+        self.hub_cleanup.validate()?;
         let policy = crate::outbound::Policy::new(
             self.outbound.allow_private_addresses,
             &self.outbound.allowed_webhook_hosts,
@@ -834,7 +919,38 @@ mod tests {
         assert_eq!(cfg.auth.max_token_lifetime_secs, 0);
         assert_eq!(cfg.outbound.max_response_bytes, 1_048_576);
         assert!(!cfg.outbound.allow_private_addresses);
+        assert_eq!(cfg.hub_cleanup.max_backoff_ms, 300_000);
         cfg.validate().expect("every value of the example is valid");
+    }
+
+    #[test]
+    fn the_hub_cleanup_section_has_validated_defaults() {
+        let d = Config::default();
+        d.hub_cleanup.validate().expect("defaults are valid");
+        assert_eq!(d.hub_cleanup.initial_backoff_ms, 1000);
+        let s = d.hub_cleanup.settings();
+        assert_eq!(s.backoff(20), std::time::Duration::from_secs(300));
+        let cfg = toml_parse(
+            "[hub_cleanup]\ninterval_ms = 50\ninitial_backoff_ms = 100\nmax_backoff_ms = 400\n",
+        );
+        cfg.hub_cleanup
+            .validate()
+            .expect("small values for tests are valid");
+        for (text, key) in [
+            (
+                "[hub_cleanup]\ninterval_ms = 0\n",
+                "hub_cleanup.interval_ms",
+            ),
+            ("[hub_cleanup]\nbatch = 0\n", "hub_cleanup.batch"),
+            ("[hub_cleanup]\nlease_ms = 10\n", "hub_cleanup.lease_ms"),
+            (
+                "[hub_cleanup]\ninitial_backoff_ms = 5000\nmax_backoff_ms = 1000\n",
+                "hub_cleanup.max_backoff_ms",
+            ),
+        ] {
+            let err = toml_parse(text).validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod device_api;
 pub mod engine;
 pub mod files;
 pub mod http;
+pub mod hub_cleanup;
 pub mod hubs;
 pub mod instances;
 pub mod metrics;

@@ -36,6 +36,14 @@ pub fn describe() {
         "dps_hub_writes_skipped_total",
         "Registrations whose hub write was skipped because it would write what the hub already holds (same fingerprint), by hub kind"
     );
+    describe_gauge!(
+        "dps_hub_cleanup_pending",
+        "Old hub identities queued for removal (the device moved, changed device id or was deregistered) and not yet confirmed gone"
+    );
+    describe_counter!(
+        "dps_hub_cleanup_attempts_total",
+        "Attempts to remove an old hub identity, by result (success, failure, cancelled: the device came back or the hub is no longer linked)"
+    );
     describe_histogram!(
         "dps_http_request_duration_seconds",
         Unit::Seconds,

@@ -89,6 +89,7 @@ pub enum Op {
     AccessPolicyDelete,
     HubDeviceList,
     HubDeviceGet,
+    HubCleanupList,
     AuditLog,
     CertificateList,
     CertificateGet,
@@ -162,7 +163,7 @@ use Right::{
     RegistrationStatusWrite as RW, ServiceConfig as SC,
 };
 
-static ROUTES: [Route; 43] = [
+static ROUTES: [Route; 44] = [
     // Device API (§3).
     r!(PUT "/{idScope}/registrations/{registrationId}/register", Device, Access::Device, Op::DeviceRegister),
     r!(GET "/{idScope}/registrations/{registrationId}/operations/{operationId}", Device, Access::Device, Op::DeviceOperationStatus),
@@ -199,6 +200,7 @@ static ROUTES: [Route; 43] = [
     r!(DELETE "/admin/instances/{instance}/accessPolicies/{policy}", Admin, R(SC), Op::AccessPolicyDelete),
     r!(GET "/admin/instances/{instance}/hubs/{hub}/devices", Admin, R(SC), Op::HubDeviceList),
     r!(GET "/admin/instances/{instance}/hubs/{hub}/devices/{deviceId}", Admin, R(SC), Op::HubDeviceGet),
+    r!(GET "/admin/instances/{instance}/hubCleanup", Admin, R(SC), Op::HubCleanupList),
     r!(GET "/admin/audit", Admin, R(SC), Op::AuditLog),
     // Admin API: CA certificates (proof of possession) and the deny list.
     r!(GET "/admin/instances/{instance}/certificates", Certificates, R(SC), Op::CertificateList),

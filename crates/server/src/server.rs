@@ -202,6 +202,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         max_token_lifetime_secs: cfg.auth.max_token_lifetime_secs,
         refused_per_source_per_second: cfg.audit.refused_per_source_per_second,
         refused_max_sources: cfg.audit.refused_max_sources,
+        cleanup: cfg.hub_cleanup.settings(),
         ..EngineSettings::default()
     };
     let catalog = crate::catalog::Catalog::new(repo.clone());
@@ -237,6 +238,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             .then(|| Duration::from_secs(u64::from(cfg.audit.retention_days) * 86_400)),
         max_rows: (cfg.audit.max_rows > 0).then_some(cfg.audit.max_rows),
     };
+    let cleanup_store = store.clone();
     let cx = crate::usecases::Context::new(store, clock.clone(), random);
     let app = Arc::new(App {
         enrollments: crate::usecases::enrollments::Enrollments::new(
@@ -335,6 +337,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             }
         }));
     }
+    // Identities left behind on hubs are removed through the durable queue, retried until done.
+    tasks.push(tokio::spawn(crate::hub_cleanup::run(
+        app.engine.clone(),
+        cleanup_store,
+        Duration::from_millis(cfg.hub_cleanup.interval_ms),
+        cfg.hub_cleanup.batch,
+    )));
     // The audit log is pruned to its retention (age and row count).
     {
         let every = Duration::from_millis(cfg.audit.prune_interval_ms.max(1000));

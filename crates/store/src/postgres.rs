@@ -11,8 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use dps_core::store::{
-    AuditEntry, AuditQuery, Collection, Doc, DocIndex, Expect, Filter, Page, Store, StoreError,
-    Write,
+    AuditEntry, AuditQuery, CleanupAction, CleanupKey, CleanupTask, Collection, Doc, DocIndex,
+    Expect, Filter, Page, Store, StoreError, Write,
 };
 use tokio_postgres::types::ToSql;
 
@@ -326,6 +326,28 @@ impl PostgresStore {
         let client = self.client().await?;
         let upsert = client.prepare_cached(UPSERT_SQL).await.map_err(pg_err)?;
         let audit = client.prepare_cached(AUDIT_SQL).await.map_err(pg_err)?;
+        let has_cleanup = writes
+            .iter()
+            .any(|w| matches!(w, Write::EnqueueCleanup(_) | Write::CancelCleanup(_)));
+        // The clean-up statements are prepared only when used: the hot path stays as it was.
+        let (enqueue, cancel) = if has_cleanup {
+            (
+                Some(
+                    client
+                        .prepare_cached(&sql::pg(sql::CLEANUP_ENQUEUE))
+                        .await
+                        .map_err(pg_err)?,
+                ),
+                Some(
+                    client
+                        .prepare_cached(&sql::pg(sql::CLEANUP_CANCEL))
+                        .await
+                        .map_err(pg_err)?,
+                ),
+            )
+        } else {
+            (None, None)
+        };
         let owned: Vec<(
             &tokio_postgres::Statement,
             Vec<Box<dyn ToSql + Sync + Send>>,
@@ -334,6 +356,13 @@ impl PostgresStore {
             .map(|w| match w {
                 Write::Put { c, scope, doc, .. } => (&upsert, doc_params(*c, scope, doc)),
                 Write::Audit(e) => (&audit, audit_params(e)),
+                Write::EnqueueCleanup(t) => (
+                    enqueue.as_ref().expect("prepared when used"),
+                    enqueue_params(t),
+                ),
+                Write::CancelCleanup(k) => {
+                    (cancel.as_ref().expect("prepared when used"), key_params(k))
+                }
             })
             .collect();
         let params: Vec<(&tokio_postgres::Statement, Vec<&(dyn ToSql + Sync)>)> =
@@ -449,6 +478,61 @@ async fn put_on<C: GenericClient>(
         }
     }
     Err(StoreError::Conflict { current: last })
+}
+
+/// The key's values for `$1`..`$3` of the clean-up statements.
+fn key_params(k: &CleanupKey) -> Vec<Box<dyn ToSql + Sync + Send>> {
+    vec![
+        Box::new(k.instance.clone()),
+        Box::new(k.hub.to_lowercase()),
+        Box::new(k.device_id.clone()),
+    ]
+}
+
+fn enqueue_params(t: &CleanupTask) -> Vec<Box<dyn ToSql + Sync + Send>> {
+    let mut p = key_params(&t.key);
+    p.push(Box::new(t.key.hub.clone()));
+    p.push(Box::new(t.registration_id.clone()));
+    p.push(Box::new(t.action.as_str()));
+    p.push(Box::new(i64::from(t.attempts)));
+    p.push(Box::new(t.next_attempt_ms));
+    p.push(Box::new(t.last_error.clone()));
+    p.push(Box::new(t.created_ms));
+    p.push(Box::new(t.claim.clone()));
+    p.push(Box::new(t.claimed_until_ms));
+    p
+}
+
+fn row_to_task(r: &tokio_postgres::Row) -> Result<CleanupTask, StoreError> {
+    let corrupt = |e: tokio_postgres::Error| StoreError::Corrupt(format!("postgres row: {e}"));
+    let action: String = r.try_get(4).map_err(corrupt)?;
+    let attempts: i64 = r.try_get(5).map_err(corrupt)?;
+    Ok(CleanupTask {
+        key: CleanupKey {
+            instance: r.try_get(0).map_err(corrupt)?,
+            hub: r.try_get(1).map_err(corrupt)?,
+            device_id: r.try_get(2).map_err(corrupt)?,
+        },
+        registration_id: r.try_get(3).map_err(corrupt)?,
+        action: CleanupAction::parse(&action)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown clean-up action '{action}'")))?,
+        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+        next_attempt_ms: r.try_get(6).map_err(corrupt)?,
+        last_error: r.try_get(7).map_err(corrupt)?,
+        created_ms: r.try_get(8).map_err(corrupt)?,
+        claim: r.try_get(9).map_err(corrupt)?,
+        claimed_until_ms: r.try_get(10).map_err(corrupt)?,
+    })
+}
+
+/// A clean-up queue statement on a client or inside a transaction; the rows changed.
+async fn exec_on<C: GenericClient>(
+    client: &C,
+    sql: &str,
+    params: &[Box<dyn ToSql + Sync + Send>],
+) -> Result<u64, StoreError> {
+    let stmt = client.prepare_cached(&sql::pg(sql)).await.map_err(pg_err)?;
+    client.execute(&stmt, &refs(params)).await.map_err(pg_err)
 }
 
 /// An audit append on a client or inside a transaction.
@@ -623,6 +707,8 @@ impl Store for PostgresStore {
                     expect: Expect::Any,
                     ..
                 } | Write::Audit(_)
+                    | Write::EnqueueCleanup(_)
+                    | Write::CancelCleanup(_)
             )
         });
         if unconditional {
@@ -639,9 +725,94 @@ impl Store for PostgresStore {
                     expect,
                 } => put_on(&tx, *c, scope, doc, expect).await?,
                 Write::Audit(e) => audit_on(&tx, e).await?,
+                Write::EnqueueCleanup(t) => {
+                    exec_on(&tx, sql::CLEANUP_ENQUEUE, &enqueue_params(t)).await?;
+                }
+                Write::CancelCleanup(k) => {
+                    exec_on(&tx, sql::CLEANUP_CANCEL, &key_params(k)).await?;
+                }
             }
         }
         tx.commit().await.map_err(pg_err)
+    }
+
+    async fn claim_cleanup(
+        &self,
+        now_ms: i64,
+        claim: &str,
+        claimed_until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<CleanupTask>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&sql::cleanup_claim_postgres())
+            .await
+            .map_err(pg_err)?;
+        let limit = i64::try_from(sql::page_limit(limit)).unwrap_or(i64::MAX);
+        let rows = client
+            .query(&stmt, &[&now_ms, &claim, &claimed_until_ms, &limit])
+            .await
+            .map_err(pg_err)?;
+        let mut tasks = rows
+            .iter()
+            .map(row_to_task)
+            .collect::<Result<Vec<_>, _>>()?;
+        tasks.sort_by_key(|t| t.next_attempt_ms);
+        Ok(tasks)
+    }
+
+    async fn complete_cleanup(&self, key: &CleanupKey, claim: &str) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let mut p = key_params(key);
+        p.push(Box::new(claim.to_owned()));
+        Ok(exec_on(&client, sql::CLEANUP_COMPLETE, &p).await? > 0)
+    }
+
+    async fn reschedule_cleanup(
+        &self,
+        key: &CleanupKey,
+        claim: &str,
+        attempts: u32,
+        next_attempt_ms: i64,
+        last_error: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let mut p = key_params(key);
+        p.push(Box::new(claim.to_owned()));
+        p.push(Box::new(i64::from(attempts)));
+        p.push(Box::new(next_attempt_ms));
+        p.push(Box::new(last_error.map(str::to_owned)));
+        Ok(exec_on(&client, sql::CLEANUP_RESCHEDULE, &p).await? > 0)
+    }
+
+    async fn list_cleanup(
+        &self,
+        instance: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<CleanupTask>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&sql::pg(&sql::cleanup_list()))
+            .await
+            .map_err(pg_err)?;
+        let limit = i64::try_from(sql::page_limit(limit)).unwrap_or(i64::MAX);
+        let rows = client
+            .query(&stmt, &[&instance, &limit])
+            .await
+            .map_err(pg_err)?;
+        rows.iter().map(row_to_task).collect()
+    }
+
+    async fn count_cleanup(&self) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(sql::CLEANUP_COUNT, &[])
+            .await
+            .map_err(pg_err)?;
+        let n: i64 = row
+            .try_get(0)
+            .map_err(|e| StoreError::Corrupt(format!("postgres row: {e}")))?;
+        u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("negative count {n}")))
     }
 
     async fn prune_audit(

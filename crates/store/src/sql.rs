@@ -223,6 +223,81 @@ pub(crate) fn audit(d: Dialect, q: &AuditQuery) -> Built {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The hub clean-up queue. Written with SQLite's `?N` placeholders; [`pg`] turns them into `$N`.
+
+/// Columns read for a clean-up task, in the order the engines' row readers expect.
+pub(crate) const CLEANUP_COLUMNS: &str = "instance, hub, device_id, registration_id, action, \
+     attempts, next_attempt, last_error, created, claim, claimed_until";
+
+/// Queue a task (one per key; see [`dps_core::store::Write::EnqueueCleanup`]).
+pub(crate) const CLEANUP_ENQUEUE: &str = "INSERT INTO hub_cleanup (instance, hub_key, device_id, \
+     hub, registration_id, action, attempts, next_attempt, last_error, created, claim, \
+     claimed_until) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
+     ON CONFLICT (instance, hub_key, device_id) DO UPDATE SET hub = excluded.hub, \
+     registration_id = excluded.registration_id, action = excluded.action, \
+     next_attempt = excluded.next_attempt, claim = excluded.claim, \
+     claimed_until = excluded.claimed_until";
+
+/// Drop the task of a key.
+pub(crate) const CLEANUP_CANCEL: &str =
+    "DELETE FROM hub_cleanup WHERE instance = ?1 AND hub_key = ?2 AND device_id = ?3";
+
+/// Remove a task under its claim.
+pub(crate) const CLEANUP_COMPLETE: &str = "DELETE FROM hub_cleanup \
+     WHERE instance = ?1 AND hub_key = ?2 AND device_id = ?3 AND claim = ?4";
+
+/// Release a task under its claim for a later attempt.
+pub(crate) const CLEANUP_RESCHEDULE: &str = "UPDATE hub_cleanup SET attempts = ?5, \
+     next_attempt = ?6, last_error = ?7, claim = NULL, claimed_until = NULL \
+     WHERE instance = ?1 AND hub_key = ?2 AND device_id = ?3 AND claim = ?4";
+
+/// Which tasks are due and free at `?1`.
+const CLEANUP_DUE: &str = "next_attempt <= ?1 AND (claimed_until IS NULL OR claimed_until <= ?1)";
+
+/// Claim due tasks (SQLite: the single writer makes the select-and-update atomic).
+pub(crate) fn cleanup_claim_sqlite() -> String {
+    format!(
+        "UPDATE hub_cleanup SET claim = ?2, claimed_until = ?3 WHERE rowid IN \
+         (SELECT rowid FROM hub_cleanup WHERE {CLEANUP_DUE} ORDER BY next_attempt LIMIT ?4) \
+         RETURNING {CLEANUP_COLUMNS}"
+    )
+}
+
+/// Claim due tasks (PostgreSQL: rows another claim holds locked are skipped, and the locking
+/// read re-checks the condition on the newest row version).
+pub(crate) fn cleanup_claim_postgres() -> String {
+    let cols = CLEANUP_COLUMNS
+        .split(", ")
+        .map(|c| format!("t.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    pg(&format!(
+        "UPDATE hub_cleanup t SET claim = ?2, claimed_until = ?3 FROM \
+         (SELECT instance, hub_key, device_id FROM hub_cleanup WHERE {CLEANUP_DUE} \
+          ORDER BY next_attempt LIMIT ?4 FOR UPDATE SKIP LOCKED) d \
+         WHERE t.instance = d.instance AND t.hub_key = d.hub_key AND t.device_id = d.device_id \
+         RETURNING {cols}"
+    ))
+}
+
+/// List tasks, oldest first (`?1`: the instance, or NULL for all; `?2`: the limit).
+pub(crate) fn cleanup_list() -> String {
+    format!(
+        "SELECT {CLEANUP_COLUMNS} FROM hub_cleanup WHERE (CAST(?1 AS TEXT) IS NULL OR instance = ?1) \
+         ORDER BY created, instance, hub_key, device_id LIMIT ?2"
+    )
+}
+
+/// Count tasks.
+pub(crate) const CLEANUP_COUNT: &str = "SELECT count(*) FROM hub_cleanup";
+
+/// SQLite placeholders (`?N`) to PostgreSQL ones (`$N`). The statements above have no `?`
+/// anywhere else.
+pub(crate) fn pg(sql: &str) -> String {
+    sql.replace('?', "$")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

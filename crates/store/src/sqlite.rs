@@ -16,9 +16,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dps_core::store::{
-    AuditEntry, AuditQuery, Collection, Doc, DocIndex, Expect, Filter, Page, Store, StoreError,
-    Write,
+    AuditEntry, AuditQuery, CleanupAction, CleanupKey, CleanupTask, Collection, Doc, DocIndex,
+    Expect, Filter, Page, Store, StoreError, Write,
 };
+use rusqlite::types::Value;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
@@ -362,6 +363,61 @@ fn row_to_doc(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Doc, String)> {
     ))
 }
 
+/// The key's values for `?1`..`?3` of the clean-up statements.
+fn key_values(k: &CleanupKey) -> Vec<Value> {
+    vec![
+        Value::Text(k.instance.clone()),
+        Value::Text(k.hub.to_lowercase()),
+        Value::Text(k.device_id.clone()),
+    ]
+}
+
+fn enqueue_op(t: &CleanupTask) -> Op {
+    let mut params = key_values(&t.key);
+    let opt = |s: &Option<String>| s.clone().map_or(Value::Null, Value::Text);
+    params.extend([
+        Value::Text(t.key.hub.clone()),
+        Value::Text(t.registration_id.clone()),
+        Value::Text(t.action.as_str().to_owned()),
+        Value::Integer(i64::from(t.attempts)),
+        Value::Integer(t.next_attempt_ms),
+        opt(&t.last_error),
+        Value::Integer(t.created_ms),
+        opt(&t.claim),
+        t.claimed_until_ms.map_or(Value::Null, Value::Integer),
+    ]);
+    Op::Exec {
+        sql: sql::CLEANUP_ENQUEUE,
+        params,
+    }
+}
+
+fn row_to_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<CleanupTask> {
+    let action: String = r.get(4)?;
+    let attempts: i64 = r.get(5)?;
+    Ok(CleanupTask {
+        key: CleanupKey {
+            instance: r.get(0)?,
+            hub: r.get(1)?,
+            device_id: r.get(2)?,
+        },
+        registration_id: r.get(3)?,
+        action: CleanupAction::parse(&action).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                4,
+                rusqlite::types::Type::Text,
+                format!("unknown clean-up action '{action}'").into(),
+            )
+        })?,
+        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+        next_attempt_ms: r.get(6)?,
+        last_error: r.get(7)?,
+        created_ms: r.get(8)?,
+        claim: r.get(9)?,
+        claimed_until_ms: r.get(10)?,
+    })
+}
+
 fn to_sql(params: &[Param]) -> Vec<rusqlite::types::Value> {
     params
         .iter()
@@ -415,12 +471,26 @@ enum Op {
     },
     /// Several writes, all or none (a savepoint inside the batch's transaction).
     Many(Vec<Op>),
+    /// A statement without a condition of its own (the clean-up queue's writes); answers the
+    /// number of rows changed.
+    Exec {
+        sql: &'static str,
+        params: Vec<rusqlite::types::Value>,
+    },
+    /// Claim due clean-up tasks.
+    ClaimCleanup {
+        now_ms: i64,
+        claim: String,
+        claimed_until_ms: i64,
+        limit: i64,
+    },
 }
 
 enum Reply {
     Unit(oneshot::Sender<Result<(), StoreError>>),
     Doc(oneshot::Sender<Result<Option<Doc>, StoreError>>),
     Count(oneshot::Sender<Result<u64, StoreError>>),
+    Tasks(oneshot::Sender<Result<Vec<CleanupTask>, StoreError>>),
 }
 
 struct Cmd {
@@ -433,6 +503,7 @@ enum Answer {
     Unit,
     Doc(Option<Doc>),
     Count(u64),
+    Tasks(Vec<CleanupTask>),
 }
 
 impl Reply {
@@ -442,9 +513,11 @@ impl Reply {
             (Reply::Unit(tx), Ok(Answer::Unit)) => drop(tx.send(Ok(()))),
             (Reply::Doc(tx), Ok(Answer::Doc(d))) => drop(tx.send(Ok(d))),
             (Reply::Count(tx), Ok(Answer::Count(n))) => drop(tx.send(Ok(n))),
+            (Reply::Tasks(tx), Ok(Answer::Tasks(t))) => drop(tx.send(Ok(t))),
             (Reply::Unit(tx), Err(e)) => drop(tx.send(Err(e))),
             (Reply::Doc(tx), Err(e)) => drop(tx.send(Err(e))),
             (Reply::Count(tx), Err(e)) => drop(tx.send(Err(e))),
+            (Reply::Tasks(tx), Err(e)) => drop(tx.send(Err(e))),
             (reply, Ok(_)) => {
                 let e = StoreError::Corrupt("internal: mismatched writer answer".into());
                 reply.send(Err(e));
@@ -572,6 +645,7 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<Result<Answer, StoreErr
                         expect: Expect::Any,
                         ..
                     } | Op::Audit(_)
+                        | Op::Exec { .. }
                 )
             });
             if unconditional {
@@ -591,6 +665,25 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<Result<Answer, StoreErr
             }
             conn.execute_batch("RELEASE many")?;
             Ok(Ok(Answer::Unit))
+        }
+        Op::Exec { sql, params } => {
+            let n = conn
+                .prepare_cached(sql)?
+                .execute(rusqlite::params_from_iter(params.iter()))?;
+            Ok(Ok(Answer::Count(n as u64)))
+        }
+        Op::ClaimCleanup {
+            now_ms,
+            claim,
+            claimed_until_ms,
+            limit,
+        } => {
+            let mut stmt = conn.prepare_cached(&sql::cleanup_claim_sqlite())?;
+            let rows =
+                stmt.query_map(params![now_ms, claim, claimed_until_ms, limit], row_to_task)?;
+            let mut tasks = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+            tasks.sort_by_key(|t| t.next_attempt_ms);
+            Ok(Ok(Answer::Tasks(tasks)))
         }
         Op::Audit(e) => {
             let ts = if e.timestamp.is_empty() {
@@ -811,9 +904,87 @@ impl Store for SqliteStore {
                     expect,
                 },
                 Write::Audit(e) => Op::Audit(e),
+                Write::EnqueueCleanup(t) => enqueue_op(&t),
+                Write::CancelCleanup(k) => Op::Exec {
+                    sql: sql::CLEANUP_CANCEL,
+                    params: key_values(&k),
+                },
             })
             .collect();
         self.write(Op::Many(ops), Reply::Unit).await
+    }
+
+    async fn claim_cleanup(
+        &self,
+        now_ms: i64,
+        claim: &str,
+        claimed_until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<CleanupTask>, StoreError> {
+        let op = Op::ClaimCleanup {
+            now_ms,
+            claim: claim.to_owned(),
+            claimed_until_ms,
+            limit: i64::try_from(sql::page_limit(limit)).unwrap_or(i64::MAX),
+        };
+        self.write(op, Reply::Tasks).await
+    }
+
+    async fn complete_cleanup(&self, key: &CleanupKey, claim: &str) -> Result<bool, StoreError> {
+        let mut params = key_values(key);
+        params.push(Value::Text(claim.to_owned()));
+        let op = Op::Exec {
+            sql: sql::CLEANUP_COMPLETE,
+            params,
+        };
+        Ok(self.write(op, Reply::Count).await? > 0)
+    }
+
+    async fn reschedule_cleanup(
+        &self,
+        key: &CleanupKey,
+        claim: &str,
+        attempts: u32,
+        next_attempt_ms: i64,
+        last_error: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let mut params = key_values(key);
+        params.extend([
+            Value::Text(claim.to_owned()),
+            Value::Integer(i64::from(attempts)),
+            Value::Integer(next_attempt_ms),
+            last_error.map_or(Value::Null, |e| Value::Text(e.to_owned())),
+        ]);
+        let op = Op::Exec {
+            sql: sql::CLEANUP_RESCHEDULE,
+            params,
+        };
+        Ok(self.write(op, Reply::Count).await? > 0)
+    }
+
+    async fn list_cleanup(
+        &self,
+        instance: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<CleanupTask>, StoreError> {
+        let instance = instance.map(str::to_owned);
+        let limit = i64::try_from(sql::page_limit(limit)).unwrap_or(i64::MAX);
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&sql::cleanup_list())?;
+            let rows = stmt.query_map(params![instance, limit], row_to_task)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn count_cleanup(&self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .read(|conn| {
+                conn.prepare_cached(sql::CLEANUP_COUNT)?
+                    .query_row([], |r| r.get(0))
+            })
+            .await?;
+        u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("negative count {n}")))
     }
 
     async fn prune_audit(

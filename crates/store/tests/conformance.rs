@@ -9,7 +9,8 @@ use std::io::Write as _;
 use std::sync::Arc;
 
 use dps_core::store::{
-    AuditEntry, AuditQuery, Collection, Doc, DocIndex, Expect, Filter, Store, StoreError, Write,
+    AuditEntry, AuditQuery, CleanupAction, CleanupKey, CleanupTask, Collection, Doc, DocIndex,
+    Expect, Filter, Store, StoreError, Write,
 };
 use dps_store::{Backend, PostgresOptions, PostgresStore, SqliteStore, SCHEMA_VERSION};
 
@@ -166,6 +167,14 @@ conformance!(
     concurrent_write_alls_all_commit,
     write_all_refused_by_the_database_writes_nothing_and_the_store_keeps_working,
     hub_write_fingerprint_round_trips_with_the_registration_record,
+    cleanup_is_queued_in_one_transaction_with_the_record,
+    cleanup_is_not_queued_when_the_transaction_fails,
+    cleanup_has_one_task_per_instance_hub_and_device,
+    cleanup_claim_reschedule_complete_follow_the_claim,
+    cleanup_expired_claims_are_taken_over,
+    cleanup_cancel_drops_the_task,
+    cleanup_concurrent_claims_never_share_a_task,
+    cleanup_list_by_instance_oldest_first,
 );
 
 // ------------------------------------------------------------------------------------------------
@@ -1335,4 +1344,319 @@ async fn hub_write_fingerprint_round_trips_with_the_registration_record(ctx: &Ct
         read(s.get(r, "inst", "dev-2").await.unwrap()).hub_write,
         None
     );
+}
+
+// ------------------------------------------------------------------------------------------------
+// The hub clean-up queue
+
+fn ckey(instance: &str, hub: &str, device: &str) -> CleanupKey {
+    CleanupKey {
+        instance: instance.into(),
+        hub: hub.into(),
+        device_id: device.into(),
+    }
+}
+
+/// A task for `device` on `hub` of instance "a", due at `due`, created at `due`, unclaimed.
+fn task(hub: &str, device: &str, due: i64) -> CleanupTask {
+    CleanupTask {
+        key: ckey("a", hub, device),
+        registration_id: device.to_lowercase(),
+        action: CleanupAction::Delete,
+        attempts: 0,
+        next_attempt_ms: due,
+        last_error: None,
+        created_ms: due,
+        claim: None,
+        claimed_until_ms: None,
+    }
+}
+
+async fn all_tasks(s: &Arc<dyn Store>) -> Vec<CleanupTask> {
+    s.list_cleanup(None, 1000).await.unwrap()
+}
+
+async fn cleanup_is_queued_in_one_transaction_with_the_record(ctx: &Ctx) {
+    let s = ctx.store();
+    // As the registration commit does: record, task, audit entry (the pipelined path) ...
+    s.write_all(vec![
+        put_w(
+            Collection::Registration,
+            "a",
+            doc("dev1", "r1"),
+            Expect::Any,
+        ),
+        Write::EnqueueCleanup(task("Broker-A.example", "dev1", 100)),
+        assigned("dev1"),
+    ])
+    .await
+    .unwrap();
+    // ... and with a condition (the transaction path).
+    s.write_all(vec![
+        put_w(
+            Collection::Registration,
+            "a",
+            doc("dev2", "r2"),
+            Expect::Absent,
+        ),
+        Write::EnqueueCleanup(task("broker-a.example", "dev2", 200)),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(s.count_cleanup().await.unwrap(), 2);
+    let tasks = all_tasks(&s).await;
+    assert_eq!(
+        tasks,
+        vec![
+            task("Broker-A.example", "dev1", 100),
+            task("broker-a.example", "dev2", 200)
+        ]
+    );
+    assert!(s
+        .get(Collection::Registration, "a", "dev2")
+        .await
+        .unwrap()
+        .is_some());
+}
+
+async fn cleanup_is_not_queued_when_the_transaction_fails(ctx: &Ctx) {
+    let s = ctx.store();
+    s.put(
+        Collection::Registration,
+        "a",
+        doc("dev1", "cur"),
+        Expect::Any,
+    )
+    .await
+    .unwrap();
+    let e = s
+        .write_all(vec![
+            Write::EnqueueCleanup(task("hub-a", "dev1", 100)),
+            put_w(
+                Collection::Registration,
+                "a",
+                doc("dev1", "new"),
+                Expect::Etag("stale".into()),
+            ),
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Conflict { .. }), "{e:?}");
+    assert_eq!(s.count_cleanup().await.unwrap(), 0);
+    assert!(all_tasks(&s).await.is_empty());
+}
+
+async fn cleanup_has_one_task_per_instance_hub_and_device(ctx: &Ctx) {
+    let s = ctx.store();
+    s.write_all(vec![Write::EnqueueCleanup(task("hub-a", "dev1", 100))])
+        .await
+        .unwrap();
+    // A failed attempt, then the same identity is queued again (hub spelled differently): still
+    // one task, which keeps its attempts, error and creation time and takes the new schedule.
+    let got = s.claim_cleanup(100, "c1", 1000, 10).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert!(s
+        .reschedule_cleanup(&ckey("a", "hub-a", "dev1"), "c1", 1, 5000, Some("down"))
+        .await
+        .unwrap());
+    let mut again = task("HUB-A", "dev1", 300);
+    again.registration_id = "other".into();
+    again.created_ms = 300;
+    s.write_all(vec![Write::EnqueueCleanup(again)])
+        .await
+        .unwrap();
+    let tasks = all_tasks(&s).await;
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    let t = &tasks[0];
+    assert_eq!(t.key, ckey("a", "HUB-A", "dev1"));
+    assert_eq!(t.registration_id, "other");
+    assert_eq!((t.attempts, t.next_attempt_ms, t.created_ms), (1, 300, 100));
+    assert_eq!(t.last_error.as_deref(), Some("down"));
+    // The device id is exact; the instance is separate.
+    s.write_all(vec![
+        Write::EnqueueCleanup(task("hub-a", "DEV1", 100)),
+        Write::EnqueueCleanup(CleanupTask {
+            key: ckey("b", "hub-a", "dev1"),
+            ..task("hub-a", "dev1", 100)
+        }),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(s.count_cleanup().await.unwrap(), 3);
+}
+
+async fn cleanup_claim_reschedule_complete_follow_the_claim(ctx: &Ctx) {
+    let s = ctx.store();
+    let k = ckey("a", "hub-a", "dev1");
+    s.write_all(vec![
+        Write::EnqueueCleanup(task("hub-a", "dev1", 100)),
+        Write::EnqueueCleanup(task("hub-a", "dev0", 50)),
+    ])
+    .await
+    .unwrap();
+    // Not due yet.
+    assert!(s.claim_cleanup(49, "x", 1000, 10).await.unwrap().is_empty());
+    // Due: oldest first; the claim is recorded.
+    let got = s.claim_cleanup(100, "c1", 1000, 10).await.unwrap();
+    let devs: Vec<_> = got.iter().map(|t| t.key.device_id.as_str()).collect();
+    assert_eq!(devs, ["dev0", "dev1"]);
+    assert_eq!(got[1].claim.as_deref(), Some("c1"));
+    assert_eq!(got[1].claimed_until_ms, Some(1000));
+    // Claimed tasks are not claimed again while the claim holds.
+    assert!(s
+        .claim_cleanup(500, "c2", 2000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // Only the claim holder reschedules or completes.
+    assert!(!s
+        .reschedule_cleanup(&k, "c2", 1, 200, Some("e"))
+        .await
+        .unwrap());
+    assert!(!s.complete_cleanup(&k, "c2").await.unwrap());
+    assert!(s
+        .reschedule_cleanup(&k, "c1", 1, 1500, Some("hub down"))
+        .await
+        .unwrap());
+    assert!(s
+        .complete_cleanup(&ckey("a", "hub-a", "dev0"), "c1")
+        .await
+        .unwrap());
+    let t = all_tasks(&s)
+        .await
+        .into_iter()
+        .find(|t| t.key == k)
+        .unwrap();
+    assert_eq!((t.attempts, t.next_attempt_ms), (1, 1500));
+    assert_eq!(t.last_error.as_deref(), Some("hub down"));
+    assert_eq!((t.claim, t.claimed_until_ms), (None, None));
+    // Rescheduled: due again at its next attempt, not before.
+    assert!(s
+        .claim_cleanup(1499, "c3", 9000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let got = s.claim_cleanup(1500, "c3", 9000, 10).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].attempts, 1);
+    // A completed claim of a task that is gone is `false`.
+    assert!(s.complete_cleanup(&k, "c3").await.unwrap());
+    assert!(!s.complete_cleanup(&k, "c3").await.unwrap());
+    assert_eq!(s.count_cleanup().await.unwrap(), 0);
+}
+
+async fn cleanup_expired_claims_are_taken_over(ctx: &Ctx) {
+    let s = ctx.store();
+    let k = ckey("a", "hub-a", "dev1");
+    // Queued already claimed (as the registration path does for its own first attempt).
+    let mut t = task("hub-a", "dev1", 100);
+    t.claim = Some("engine".into());
+    t.claimed_until_ms = Some(600);
+    s.write_all(vec![Write::EnqueueCleanup(t)]).await.unwrap();
+    assert!(s
+        .claim_cleanup(599, "w", 5000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // The claim expired (its holder crashed): another worker takes the task over, and the old
+    // holder can no longer finish it.
+    let got = s.claim_cleanup(600, "w", 5000, 10).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert!(!s.complete_cleanup(&k, "engine").await.unwrap());
+    assert!(s.complete_cleanup(&k, "w").await.unwrap());
+}
+
+async fn cleanup_cancel_drops_the_task(ctx: &Ctx) {
+    let s = ctx.store();
+    s.write_all(vec![
+        Write::EnqueueCleanup(task("hub-a", "dev1", 100)),
+        Write::EnqueueCleanup(task("hub-a", "dev2", 100)),
+    ])
+    .await
+    .unwrap();
+    let claimed = s.claim_cleanup(100, "c", 1000, 1).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    // The device is assigned to that hub again: the task goes in the same transaction, even
+    // when claimed (the claim holder then finds nothing to finish); cancelling a key that has
+    // no task is no error.
+    s.write_all(vec![
+        put_w(Collection::Registration, "a", doc("dev1", "r"), Expect::Any),
+        Write::CancelCleanup(ckey("a", "HUB-A", "dev1")),
+        Write::CancelCleanup(ckey("a", "hub-a", "dev9")),
+    ])
+    .await
+    .unwrap();
+    let left: Vec<_> = all_tasks(&s)
+        .await
+        .into_iter()
+        .map(|t| t.key.device_id)
+        .collect();
+    assert_eq!(left, ["dev2"]);
+    if claimed[0].key.device_id == "dev1" {
+        assert!(!s.complete_cleanup(&claimed[0].key, "c").await.unwrap());
+    }
+}
+
+async fn cleanup_concurrent_claims_never_share_a_task(ctx: &Ctx) {
+    let s = ctx.store();
+    let writes = (0..60)
+        .map(|i| Write::EnqueueCleanup(task("hub-a", &format!("dev{i:02}"), i)))
+        .collect();
+    s.write_all(writes).await.unwrap();
+    let mut handles = Vec::new();
+    for w in 0..6 {
+        let s = s.clone();
+        handles.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let got = s
+                    .claim_cleanup(1000, &format!("w{w}"), 100_000, 4)
+                    .await
+                    .unwrap();
+                if got.is_empty() {
+                    return mine;
+                }
+                for t in got {
+                    assert_eq!(t.claim.as_deref(), Some(format!("w{w}").as_str()));
+                    mine.push(t.key.device_id);
+                }
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    let unique: HashSet<_> = all.iter().cloned().collect();
+    assert_eq!(all.len(), 60, "every task claimed exactly once");
+    assert_eq!(unique.len(), 60);
+}
+
+async fn cleanup_list_by_instance_oldest_first(ctx: &Ctx) {
+    let s = ctx.store();
+    s.write_all(vec![
+        Write::EnqueueCleanup(task("hub-a", "late", 300)),
+        Write::EnqueueCleanup(task("hub-a", "early", 100)),
+        Write::EnqueueCleanup(CleanupTask {
+            key: ckey("b", "hub-b", "other"),
+            ..task("hub-b", "other", 200)
+        }),
+    ])
+    .await
+    .unwrap();
+    let a: Vec<_> = s
+        .list_cleanup(Some("a"), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.key.device_id)
+        .collect();
+    assert_eq!(a, ["early", "late"]);
+    let all: Vec<_> = all_tasks(&s)
+        .await
+        .into_iter()
+        .map(|t| t.key.device_id)
+        .collect();
+    assert_eq!(all, ["early", "other", "late"]);
+    assert_eq!(s.list_cleanup(None, 1).await.unwrap().len(), 1);
 }

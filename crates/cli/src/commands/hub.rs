@@ -1,4 +1,5 @@
-//! `dps hub device …`: the devices on a linked hub (admin API).
+//! `dps hub device …`: the devices on a linked hub (admin API); `dps hub cleanup list`: the
+//! old identities queued for removal from their hubs.
 
 use super::instance::resolve_instance;
 use crate::output::{emit_config, emit_list};
@@ -15,6 +16,66 @@ pub enum HubCommand {
     /// Devices on a linked hub.
     #[command(subcommand)]
     Device(HubDeviceCommand),
+    /// Old identities queued for removal from their hubs.
+    #[command(subcommand)]
+    Cleanup(HubCleanupCommand),
+}
+
+/// `dps hub cleanup …`
+#[derive(Subcommand, Debug)]
+pub enum HubCleanupCommand {
+    /// List the old identities still to be removed (oldest first), with their failed attempts,
+    /// next attempt and last error.
+    List {
+        /// Instance (default: the connection string's).
+        #[arg(long)]
+        instance: Option<String>,
+        /// At most this many (1 to 1000, default 100).
+        #[arg(long)]
+        top: Option<usize>,
+    },
+}
+
+/// Run `dps hub cleanup …`.
+pub(crate) async fn run_cleanup(g: &Globals, svc: &Service, c: HubCleanupCommand) -> Result<()> {
+    match c {
+        HubCleanupCommand::List { instance, top } => {
+            let i = resolve_instance(svc, instance).await?;
+            let limit = top.unwrap_or(100).clamp(1, 1000);
+            let v = svc
+                .get(&format!(
+                    "/admin/instances/{}/hubCleanup?limit={limit}",
+                    enc(&i)
+                ))
+                .await?;
+            let items = v
+                .get("items")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            emit_list(
+                g,
+                &items,
+                &[
+                    "HUB",
+                    "DEVICE ID",
+                    "ACTION",
+                    "FAILED",
+                    "NEXT ATTEMPT",
+                    "LAST ERROR",
+                ],
+                &[
+                    &["/hub"],
+                    &["/deviceId"],
+                    &["/action"],
+                    &["/failedAttempts"],
+                    &["/nextAttemptUtc"],
+                    &["/lastError"],
+                ],
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `dps hub device …`

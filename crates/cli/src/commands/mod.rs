@@ -31,6 +31,7 @@ pub(crate) async fn dispatch(g: &Globals, cmd: Command) -> Result<ExitCode> {
         Command::EnrollmentGroup(c) => enrollment_common::run(g, &svc, c).await,
         Command::Registration(c) => registration::run(g, &svc, c).await,
         Command::Hub(HubCommand::Device(c)) => hub::run(g, &svc, c).await,
+        Command::Hub(HubCommand::Cleanup(c)) => hub::run_cleanup(g, &svc, c).await,
         Command::Audit(c) => audit::run(g, &svc, c).await,
         Command::Certificate(c) => certificate::run(g, &svc, c).await,
         Command::AccessPolicy(c) => access_policy::run(g, &svc, c).await,

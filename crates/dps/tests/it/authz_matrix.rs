@@ -332,6 +332,9 @@ async fn row(s: &TestServer, gkey: &str, route: &Route, n: usize) -> Option<Case
                 200,
             )
         }
+        "GET /admin/instances/{instance}/hubCleanup" => {
+            case("/admin/instances/default/hubCleanup", None, 200)
+        }
         "GET /admin/audit" => case("/admin/audit", None, 200),
         // Admin API: certificates and the deny list.
         "GET /admin/instances/{instance}/certificates" => {

@@ -228,3 +228,54 @@ pub async fn dynsec_client(port: u16, username: &str) -> Option<Value> {
         Some(e) => panic!("getClient {username}: {e}"),
     }
 }
+
+// ------------------------------------------------------------------------------------------------
+// Stop and start again (hub_cleanup.rs): the same port, config and dynamic-security data.
+
+impl Broker {
+    /// Stop the broker (killed, as a crash or an outage), keeping its port and data for
+    /// [`start_again`](Self::start_again).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The usernames of the dynamic-security clients in the broker's saved data (read from
+    /// its file: meaningful while the broker is stopped).
+    pub fn saved_clients(&self) -> Vec<String> {
+        let text = std::fs::read_to_string(self._dir.path().join("dynsec.json"))
+            .expect("dynsec.json exists");
+        let v: Value = serde_json::from_str(&text).expect("dynsec.json is JSON");
+        v["clients"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["username"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// Start the stopped broker again on its port with its config and dynamic-security data
+    /// (clients created before the stop are still there); returns once `admin` can connect.
+    pub async fn start_again(&mut self) {
+        let bin = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .expect("mosquitto was found at start");
+        self.child = Command::new(bin)
+            .arg("-c")
+            .arg(self._dir.path().join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mosquitto");
+        let port = self.port;
+        eventually(Duration::from_secs(10), || async move {
+            connect(port, "probe", "admin", ADMIN_PW)
+                .await
+                .map(drop)
+                .map_err(|e| format!("mosquitto did not start again: {e}"))
+        })
+        .await;
+    }
+}

@@ -87,7 +87,7 @@ impl Engine {
             } else {
                 "the enrollment is disabled".to_string()
             });
-            self.commit(&inst.name, &mut rec, "registration.disabled", None)
+            self.commit(&inst.name, &mut rec, "registration.disabled", Vec::new())
                 .await?;
             metrics::counter!("RegistrationAttempts", "instance" => labels.0, "hub" => "none", "protocol" => labels.1, "attestation" => labels.2, "result" => "disabled").increment(1);
             return Ok(rec);
@@ -310,27 +310,48 @@ impl Engine {
         rec.retry_after = None;
         rec.pending = None;
         let in_store = staged.is_some();
-        self.commit(&inst.name, &mut rec, "registration.assigned", staged)
+        // The identity the device leaves behind (on its previous hub, or its previous device id
+        // on this hub) is queued for removal in the same transaction as the record that makes it
+        // stale, so that neither a crash nor a hub that is down loses it; the queue's worker
+        // retries until it is gone (see `cleanup.rs`). The first attempt is made right away.
+        let stale = match &outcome.remove_from {
+            Some(old) => inst.hub(old).map(|h| {
+                (
+                    h.clone(),
+                    previous_device.clone().unwrap_or(device_id.clone()),
+                )
+            }),
+            None => previous_device
+                .clone()
+                .filter(|p| *p != device_id)
+                .map(|p| (hub.clone(), p)),
+        }
+        .filter(|(h, d)| !(h.host.eq_ignore_ascii_case(&hub.host) && *d == device_id));
+        let cleanup = stale.map(|(h, d)| {
+            let task = self.new_cleanup(&inst.name, &h.host, &d, rid.as_str(), true);
+            (h, task)
+        });
+        let mut writes: Vec<Write> = staged.into_iter().collect();
+        if !unchanged {
+            // The identity is written (again): a queued removal of it must not run.
+            writes.push(Self::cancel_cleanup(&inst.name, &hub.host, &device_id));
+        }
+        if let Some((_, task)) = &cleanup {
+            writes.push(Write::EnqueueCleanup(task.clone()));
+        }
+        self.commit(&inst.name, &mut rec, "registration.assigned", writes)
             .await?;
         if in_store {
             self.hubs.record(&hub.host, t0, &Ok(()));
         }
 
         // Clean up the old identity: another hub, or another device id on the same hub.
-        if let Some(old) = &outcome.remove_from {
-            if let Some(old_hub) = inst.hub(old) {
-                if let Ok(a) = self.hubs.adapter(old_hub) {
-                    if let Err(e) = a
-                        .delete_device(previous_device.as_deref().unwrap_or(&device_id))
-                        .await
-                    {
-                        tracing::warn!(registration_id = %rid, hub = %old, error = %e, "could not remove the identity from the previous hub");
-                    }
+        if let Some((old_hub, task)) = cleanup {
+            match self.hubs.adapter(&old_hub) {
+                Ok(a) => self.cleanup_first_attempt(task, a).await,
+                Err(e) => {
+                    tracing::warn!(registration_id = %rid, hub = %old_hub.host, error = %e, "no adapter for the previous hub; the removal stays queued")
                 }
-            }
-        } else if let Some(prev) = previous_device.as_deref().filter(|p| *p != device_id) {
-            if let Err(e) = adapter.delete_device(prev).await {
-                tracing::warn!(registration_id = %rid, error = %e, "could not remove the previous device id");
             }
         }
 
@@ -341,19 +362,19 @@ impl Engine {
         Ok(rec)
     }
 
-    /// Write the registration record and its audit entry (and, for a hub kept in our own store,
-    /// the device identity) in one store transaction. The audit entry holds the record as it is
-    /// now, with its hub history and the precise reason; the entry before it in the log is the
-    /// previous outcome.
+    /// Write the registration record and its audit entry (and `extra`: for a hub kept in our own
+    /// store the device identity, and the clean-up queue's changes) in one store transaction.
+    /// The audit entry holds the record as it is now, with its hub history and the precise
+    /// reason; the entry before it in the log is the previous outcome.
     async fn commit(
         &self,
         instance: &str,
         rec: &mut RegistrationRecord,
         action: &str,
-        identity: Option<Write>,
+        extra: Vec<Write>,
     ) -> Result<()> {
-        let mut writes = Vec::with_capacity(3);
-        writes.extend(identity);
+        let mut writes = extra;
+        writes.reserve(2);
         let doc = Repo::registration_doc(rec, self.new_etag());
         // The audit entry's `after` is the record without its list of earlier operation ids.
         // A record holds no secrets, but a custom allocation payload is anything: that one goes
@@ -420,7 +441,7 @@ impl Engine {
             "failed"
         };
         rec.failure = Some(failure);
-        self.commit(&inst.name, rec, "registration.failed", None)
+        self.commit(&inst.name, rec, "registration.failed", Vec::new())
             .await?;
         metrics::counter!("RegistrationAttempts", "instance" => labels.0, "hub" => "none", "protocol" => labels.1, "attestation" => labels.2, "result" => result).increment(1);
         Ok(rec.clone())

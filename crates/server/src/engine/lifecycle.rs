@@ -95,7 +95,8 @@ impl Engine {
 
     /// A registration record was deleted through the service API: the next registration is an
     /// initial assignment. The hub identity is kept (as Azure does) unless the linked hub's
-    /// `options.delete_identity_on_deregister` is true.
+    /// `options.delete_identity_on_deregister` is true; then its removal is queued and tried at
+    /// once (see `cleanup.rs`).
     pub async fn registration_deleted(&self, instance: &str, rec: &RegistrationRecord) {
         let Some(inst) = self.instances.by_name(instance) else {
             return;
@@ -114,14 +115,9 @@ impl Engine {
         {
             return;
         }
-        if let Ok(a) = self.hubs.adapter(h) {
-            let t0 = Instant::now();
-            let r = a.delete_device(dev).await;
-            self.hubs.record(hub, t0, &r);
-            if let Err(e) = r {
-                tracing::warn!(registration_id = %rec.state.registration_id, hub, error = %e, "could not delete the hub identity of a deleted registration");
-            }
-        }
+        // Through the clean-up queue: a hub that is down now is cleaned up once it is back.
+        self.cleanup_deregistered(&inst, &rec.state.registration_id, hub, dev)
+            .await;
     }
 
     /// Finish what a crash interrupted: records left `assigning` (with a pending assignment)

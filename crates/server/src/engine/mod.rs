@@ -15,12 +15,14 @@
 mod allocate;
 mod assign;
 mod attest;
+mod cleanup;
 pub mod custom_allocation;
 mod lifecycle;
 pub mod refusals;
 #[cfg(test)]
 mod tests;
 
+pub use cleanup::{CleanupPass, CleanupSettings};
 pub use custom_allocation::{CustomAllocator, WebhookAllocator};
 
 use crate::audit::Audit;
@@ -64,6 +66,8 @@ pub struct EngineSettings {
     pub refused_per_source_per_second: u32,
     /// Sources the per-source limit tracks at once.
     pub refused_max_sources: usize,
+    /// The clean-up of old identities (retries, backoff, claims).
+    pub cleanup: CleanupSettings,
 }
 
 impl Default for EngineSettings {
@@ -78,6 +82,7 @@ impl Default for EngineSettings {
             max_token_lifetime_secs: 0,
             refused_per_source_per_second: 1,
             refused_max_sources: 10_000,
+            cleanup: CleanupSettings::default(),
         }
     }
 }

@@ -66,6 +66,15 @@ async fn fixture(hubs: Vec<LinkedHub>) -> Fixture {
 }
 
 async fn fixture_with(hubs: Vec<LinkedHub>, settings: EngineSettings) -> Fixture {
+    let clock = Arc::new(FixedClock(time::macros::datetime!(2026-06-01 12:00 UTC)));
+    fixture_clocked(hubs, settings, clock).await
+}
+
+async fn fixture_clocked(
+    hubs: Vec<LinkedHub>,
+    settings: EngineSettings,
+    clock: Arc<dyn Clock>,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = dps_store::open("", dir.path()).await.unwrap();
     let repo = Repo::new(store.clone());
@@ -87,7 +96,7 @@ async fn fixture_with(hubs: Vec<LinkedHub>, settings: EngineSettings) -> Fixture
             instances: instances.clone(),
             hubs: Arc::new(HubSet::new(store, crate::outbound::Outbound::permissive())),
             catalog: Catalog::new(repo.clone()),
-            clock: Arc::new(FixedClock(time::macros::datetime!(2026-06-01 12:00 UTC))),
+            clock,
             random: Arc::new(SeededRandom::new(1)),
             custom_allocator: webhook.clone(),
         },
@@ -773,4 +782,309 @@ async fn the_hub_options_can_turn_the_skip_off_or_invalidate_every_fingerprint()
         f.engine.register(register_request("d-1")).await.unwrap();
     }
     assert_eq!(upserts(&fake), 2);
+}
+
+// ------------------------------------------------------------------------------------------------
+// The clean-up of old identities
+
+/// A clock the test moves forward.
+struct StepClock(StdMutex<time::OffsetDateTime>);
+impl Clock for StepClock {
+    fn now(&self) -> time::OffsetDateTime {
+        *self.0.lock().unwrap()
+    }
+}
+impl StepClock {
+    fn advance(&self, d: Duration) {
+        *self.0.lock().unwrap() += d;
+    }
+}
+
+/// An engine with two fake hubs, `hub-a` and `hub-b`, on a clock the test moves, and the
+/// individual enrollment `d-1` statically on `hub` (moves reset the twin: no twin is read from
+/// the hub the device leaves).
+async fn two_fake_hubs() -> (Fixture, Arc<StepClock>, Arc<FakeHub>, Arc<FakeHub>) {
+    let clock = Arc::new(StepClock(StdMutex::new(
+        time::macros::datetime!(2026-06-01 12:00 UTC),
+    )));
+    let f = fixture_clocked(
+        vec![hub("hub-a"), hub("hub-b")],
+        EngineSettings::default(),
+        clock.clone(),
+    )
+    .await;
+    let (a, b) = (
+        Arc::new(FakeHub::new("hub-a")),
+        Arc::new(FakeHub::new("hub-b")),
+    );
+    f.engine
+        .hubs
+        .install(f.instance.hub("hub-a").unwrap(), a.clone());
+    f.engine
+        .hubs
+        .install(f.instance.hub("hub-b").unwrap(), b.clone());
+    (f, clock, a, b)
+}
+
+impl Fixture {
+    /// Put `d-1` statically on `hub` and register it there.
+    async fn move_to(&self, hub: &str) -> RegistrationRecord {
+        self.enroll(
+            "d-1",
+            true,
+            serde_json::json!({"allocationPolicy": "static", "iotHubs": [hub],
+                "reprovisionPolicy": {"updateHubAssignment": true, "migrateDeviceData": false}}),
+        )
+        .await;
+        let mut req = register_request("d-1");
+        req.credential = token("d-1", KEY);
+        let r = self.engine.register(req).await.unwrap();
+        assert_eq!(r.body.status, RegistrationStatus::Assigned);
+        let (rec, _) = self.repo.registration("t", "d-1").await.unwrap().unwrap();
+        assert_eq!(rec.state.assigned_hub.as_deref(), Some(hub));
+        rec
+    }
+
+    async fn cleanup_tasks(&self) -> Vec<dps_core::store::CleanupTask> {
+        self.repo.store.list_cleanup(None, 100).await.unwrap()
+    }
+}
+
+fn deletes(fake: &FakeHub) -> usize {
+    fake.calls()
+        .iter()
+        .filter(|c| matches!(c, crate::hubs::fake::Call::Delete { .. }))
+        .count()
+}
+
+fn down(host: &str) -> HubError {
+    HubError::Unreachable {
+        hub: host.into(),
+        message: "connection refused".into(),
+    }
+}
+
+#[tokio::test]
+async fn an_identity_left_on_a_hub_that_is_down_is_removed_once_it_is_back() {
+    let (f, clock, a, b) = two_fake_hubs().await;
+    f.move_to("hub-a").await;
+    assert!(a.device("d-1").is_some());
+    assert!(f.cleanup_tasks().await.is_empty(), "nothing to clean up");
+
+    // hub-a is down when the device moves to hub-b: the move succeeds, the old identity (a live
+    // credential) stays on hub-a, and its removal is queued.
+    a.fail_next_n(2, down("hub-a"));
+    f.move_to("hub-b").await;
+    assert!(b.device("d-1").is_some());
+    assert!(a.device("d-1").is_some());
+    assert_eq!(deletes(&a), 1, "the removal was tried at once");
+    let tasks = f.cleanup_tasks().await;
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    let t = &tasks[0];
+    assert_eq!(
+        (t.key.hub.as_str(), t.key.device_id.as_str()),
+        ("hub-a", "d-1")
+    );
+    assert_eq!(t.attempts, 1);
+    assert!(t.claim.is_none(), "released for the worker");
+    assert!(
+        t.last_error
+            .as_deref()
+            .unwrap()
+            .contains("connection refused"),
+        "{t:?}"
+    );
+
+    // Not due before its backoff (1 s after the failure).
+    assert_eq!(f.engine.cleanup_pass().await.unwrap().claimed, 0);
+    clock.advance(Duration::from_secs(1));
+    // Still down: rescheduled with a doubled delay.
+    let pass = f.engine.cleanup_pass().await.unwrap();
+    assert_eq!((pass.claimed, pass.failed), (1, 1), "{pass:?}");
+    assert_eq!(f.cleanup_tasks().await[0].attempts, 2);
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(
+        f.engine.cleanup_pass().await.unwrap().claimed,
+        0,
+        "2 s backoff"
+    );
+    clock.advance(Duration::from_secs(1));
+    // Back: the identity is removed and the task is done.
+    let pass = f.engine.cleanup_pass().await.unwrap();
+    assert_eq!((pass.claimed, pass.deleted), (1, 1), "{pass:?}");
+    assert!(a.device("d-1").is_none(), "the old login is gone");
+    assert!(b.device("d-1").is_some(), "the new one stays");
+    assert!(f.cleanup_tasks().await.is_empty());
+    assert_eq!(deletes(&a), 3);
+    // It is audited, with the failed attempts.
+    let audit = f
+        .repo
+        .store
+        .list_audit(&dps_core::store::AuditQuery {
+            action_prefix: Some("hub_identity.cleanup".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    let after: serde_json::Value =
+        serde_json::from_str(audit[0].after.as_deref().unwrap()).unwrap();
+    assert_eq!(after["hub"], "hub-a");
+    assert_eq!(after["failedAttempts"], 2);
+    // Nothing more to do.
+    clock.advance(Duration::from_secs(600));
+    assert_eq!(f.engine.cleanup_pass().await.unwrap().claimed, 0);
+}
+
+#[tokio::test]
+async fn a_queued_removal_never_deletes_a_device_that_came_back_to_that_hub() {
+    let (f, clock, a, b) = two_fake_hubs().await;
+    f.move_to("hub-a").await;
+    a.fail_next(down("hub-a"));
+    f.move_to("hub-b").await;
+    assert_eq!(f.cleanup_tasks().await.len(), 1);
+    // The device comes back to hub-a before the retry: the assignment cancels the removal in
+    // its own transaction (and queues, then completes, the removal from hub-b).
+    f.move_to("hub-a").await;
+    assert!(f.cleanup_tasks().await.is_empty());
+    assert!(b.device("d-1").is_none());
+    clock.advance(Duration::from_secs(600));
+    assert_eq!(f.engine.cleanup_pass().await.unwrap().claimed, 0);
+    assert!(
+        a.device("d-1").is_some(),
+        "the device's login on hub-a stays"
+    );
+
+    // A task that is there anyway (queued by another node just before the device came back) is
+    // checked against the registration before the delete, and dropped.
+    let mut stale = f.engine.new_cleanup("t", "HUB-A", "d-1", "d-1", false);
+    stale.next_attempt_ms = 0;
+    f.repo
+        .store
+        .write_all(vec![dps_core::store::Write::EnqueueCleanup(stale)])
+        .await
+        .unwrap();
+    a.clear_calls();
+    let pass = f.engine.cleanup_pass().await.unwrap();
+    assert_eq!(
+        (pass.claimed, pass.cancelled, pass.deleted),
+        (1, 1, 0),
+        "{pass:?}"
+    );
+    assert_eq!(deletes(&a), 0);
+    assert!(a.device("d-1").is_some());
+    assert!(f.cleanup_tasks().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_hub_that_fails_in_a_pass_gets_no_more_calls_in_it_and_a_task_of_an_unlinked_hub_is_dropped(
+) {
+    let (f, clock, a, _b) = two_fake_hubs().await;
+    let writes = (0..5)
+        .map(|i| {
+            let mut t = f
+                .engine
+                .new_cleanup("t", "hub-a", &format!("x-{i}"), "nobody", false);
+            t.next_attempt_ms = i;
+            dps_core::store::Write::EnqueueCleanup(t)
+        })
+        .chain(std::iter::once(dps_core::store::Write::EnqueueCleanup(
+            f.engine.new_cleanup("t", "hub-gone", "y", "nobody", false),
+        )))
+        .collect();
+    f.repo.store.write_all(writes).await.unwrap();
+    a.fail_next_n(1000, down("hub-a"));
+    let pass = f.engine.cleanup_pass().await.unwrap();
+    assert_eq!(pass.claimed, 6, "{pass:?}");
+    assert_eq!(
+        (pass.failed, pass.deferred, pass.cancelled),
+        (1, 4, 1),
+        "{pass:?}"
+    );
+    assert_eq!(deletes(&a), 1, "one call to the failing hub");
+    let tasks = f.cleanup_tasks().await;
+    assert_eq!(
+        tasks.len(),
+        5,
+        "the hub-a tasks stay; the unlinked hub's is dropped"
+    );
+    assert!(tasks
+        .iter()
+        .all(|t| t.key.hub == "hub-a" && t.claim.is_none()));
+    // A task is never dropped for failing: many attempts later it is still there.
+    for _ in 0..40 {
+        clock.advance(Duration::from_secs(301));
+        f.engine.cleanup_pass().await.unwrap();
+    }
+    assert_eq!(f.cleanup_tasks().await.len(), 5);
+}
+
+#[tokio::test]
+async fn a_deleted_registrations_identity_is_removed_through_the_queue_when_its_hub_was_down() {
+    let (f, clock, a, _b) = two_fake_hubs().await;
+    // hub-a deletes identities of deleted registrations.
+    let mut inst = (*f.instance).clone();
+    let mut ha = hub("hub-a");
+    ha.options
+        .insert("delete_identity_on_deregister".into(), true.into());
+    inst.linked_hub = vec![ha.clone(), hub("hub-b")];
+    f.engine.instances.put(&inst).await.unwrap();
+    f.engine.hubs.install(&ha, a.clone());
+    let rec = f.move_to("hub-a").await;
+    f.repo
+        .store
+        .delete(Collection::Registration, "t", "d-1", Expect::Any)
+        .await
+        .unwrap();
+    a.fail_next(down("hub-a"));
+    f.engine.registration_deleted("t", &rec).await;
+    assert!(a.device("d-1").is_some(), "hub-a was down");
+    let tasks = f.cleanup_tasks().await;
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    assert_eq!(tasks[0].attempts, 1);
+    clock.advance(Duration::from_secs(1));
+    let pass = f.engine.cleanup_pass().await.unwrap();
+    assert_eq!(pass.deleted, 1, "{pass:?}");
+    assert!(a.device("d-1").is_none());
+    assert!(f.cleanup_tasks().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_removal_interrupted_by_a_crash_is_taken_over_once_its_claim_runs_out() {
+    use dps_core::hub::HubAdapter;
+    let (f, clock, a, _b) = two_fake_hubs().await;
+    a.upsert_device(
+        &dps_core::hub::HubIdentity {
+            device_id: "orphan".into(),
+            auth: dps_core::hub::HubAuth::SymmetricKey {
+                primary: KEY.into(),
+                secondary: KEY.into(),
+            },
+            capabilities: Default::default(),
+            enabled: true,
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    // Queued with the registration commit, claimed for the first attempt, which never came
+    // (the node crashed right after the commit).
+    let task = f.engine.new_cleanup("t", "hub-a", "orphan", "orphan", true);
+    f.repo
+        .store
+        .write_all(vec![dps_core::store::Write::EnqueueCleanup(task)])
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(
+        f.engine.cleanup_pass().await.unwrap().claimed,
+        0,
+        "still claimed"
+    );
+    clock.advance(EngineSettings::default().cleanup.lease);
+    let pass = f.engine.cleanup_pass().await.unwrap();
+    assert_eq!((pass.claimed, pass.deleted), (1, 1), "{pass:?}");
+    assert!(a.device("orphan").is_none());
+    assert!(f.cleanup_tasks().await.is_empty());
 }
