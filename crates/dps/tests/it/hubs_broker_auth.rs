@@ -776,3 +776,44 @@ async fn rabbitmq_mqtt_devices_log_in_through_dps() {
     );
     drop(rabbit);
 }
+
+/// `dps bench-broker-auth` at a tiny size: devices of a group registered onto the hub, then a
+/// second of mixed connect and topic checks over keep-alive HTTPS; every answer must be an
+/// allow. (The real figures are in docs/benchmarks.md.)
+#[tokio::test]
+async fn the_broker_auth_load_generator_runs() {
+    use dps_cli::bench::broker_auth::{measure, BrokerAuthBenchArgs, CheckArg, FlavourArg};
+    let s = server().await;
+    let gkey = s.enroll_group("ba-bench", json!({})).await;
+    for i in 0..3 {
+        let rid = format!("ba-bench-{i:06}");
+        let r = s.register(&rid, &derive_key(&gkey, &rid), None).await;
+        assert_eq!(r.body["status"], "assigned", "{}", r.body);
+    }
+    for (check, flavour) in [
+        (CheckArg::Mixed, FlavourArg::Rabbitmq),
+        (CheckArg::Mixed, FlavourArg::Emqx),
+    ] {
+        let args = BrokerAuthBenchArgs {
+            hub: HUB.into(),
+            instance: "default".into(),
+            secret: SECRET.into(),
+            group_key: gkey.clone(),
+            prefix: "ba-bench-".into(),
+            devices: 3,
+            duration: 0.5,
+            connections: 4,
+            check,
+            flavour,
+            password_mode: "derived".into(),
+            topic_prefix: "devices".into(),
+            threads: None,
+        };
+        let r = measure(&args, &s.base, Some(s.ca_pem.as_bytes()))
+            .await
+            .expect("bench runs");
+        assert!(r.checks > 10, "{:?}", r.to_json());
+        assert_eq!(r.failed, 0, "{:?}", r.to_json());
+        assert!(r.p99 >= r.p50, "{:?}", r.to_json());
+    }
+}
