@@ -421,7 +421,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "linked hub 'h': unknown kind 'x' (known: registry, mosquitto, azure-iothub, webhook)"
+            "linked hub 'h': unknown kind 'x' (known: registry, mosquitto, azure-iothub, webhook, broker-auth)"
         );
     }
 }
