@@ -209,7 +209,8 @@ struct Cached {
 pub struct AuthCache {
     host: String,
     store: Arc<dyn Store>,
-    settings: RwLock<Option<Arc<Settings>>>,
+    /// The options the settings were parsed from, and the settings.
+    settings: RwLock<Option<(serde_json::Map<String, Value>, Arc<Settings>)>>,
     entries: RwLock<HashMap<String, Cached>>,
     /// Identity writes handed to the engine but maybe not committed yet: device id → (etag of
     /// the staged document, when).
@@ -232,29 +233,26 @@ impl AuthCache {
     }
 
     /// The settings of `hub` (parsed once per change of its options; a change empties the
-    /// cache, as facts depend on `password_mode`).
+    /// cache, as facts depend on `password_mode`). The common case is one read lock and a
+    /// comparison of the options.
     pub fn settings(&self, hub: &LinkedHub) -> Result<Arc<Settings>, String> {
-        let fresh = parse_settings(hub)?;
-        let mut cur = self
-            .settings
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(c) = cur.as_ref() {
-            if c.secrets == fresh.secrets
-                && c.topic_prefix == fresh.topic_prefix
-                && c.password_derived == fresh.password_derived
-                && c.cache_ttl == fresh.cache_ttl
-                && c.negative_ttl == fresh.negative_ttl
-                && c.cache_max_entries == fresh.cache_max_entries
-                && c.rabbitmq_vhost == fresh.rabbitmq_vhost
-                && c.rabbitmq_exchange == fresh.rabbitmq_exchange
-            {
-                return Ok(c.clone());
+        {
+            let cur = self
+                .settings
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((opts, s)) = cur.as_ref() {
+                if *opts == hub.options {
+                    return Ok(s.clone());
+                }
             }
         }
-        let fresh = Arc::new(fresh);
-        *cur = Some(fresh.clone());
-        drop(cur);
+        let fresh = Arc::new(parse_settings(hub)?);
+        *self
+            .settings
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((hub.options.clone(), fresh.clone()));
         self.clear();
         Ok(fresh)
     }
