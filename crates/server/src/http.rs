@@ -345,7 +345,7 @@ async fn dispatch(
         Access::Device => crate::device_api::handle(app, req, path.segs, route.op).await,
         Access::Broker => match route.op {
             Op::BrokerAuth(check) => {
-                crate::hubs::broker_auth::endpoints::handle(app, req, path.segs, check).await
+                crate::broker_auth_api::handle(app, req, path.segs, check).await
             }
             _ => err(&dps_core::Error::NoRoute(route.name())),
         },

@@ -53,7 +53,7 @@ pub enum Access {
     /// A service SAS token of the instance whose policy has this right.
     Right(Right),
     /// The broker secret of the broker-auth hub named in the path (checked by
-    /// [`crate::hubs::broker_auth::endpoints`] before the body is read).
+    /// [`crate::broker_auth_api`] before the body is read).
     Broker,
 }
 

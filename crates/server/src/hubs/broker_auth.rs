@@ -3,7 +3,8 @@
 //!
 //! The identities live in dps's own store exactly as for the built-in registry (this adapter
 //! wraps [`RegistryHub`]: same `HubDevice` documents, same twin, identity and registration
-//! committed in one transaction). What the broker asks is answered by [`endpoints`] from an
+//! committed in one transaction). What the broker asks is answered by
+//! [`crate::broker_auth_api`] (the HTTPS front end) from an
 //! in-memory [`AuthCache`] of per-device facts (enabled, the SHA-256 of the expected password,
 //! certificate login allowed), filled from the store on a miss and invalidated on every identity
 //! write, enable/disable and delete made through this node.
@@ -25,8 +26,6 @@
 //! `cache_ttl_ms` (default 30000), `negative_cache_ttl_ms` (default 2000), `cache_max_entries`
 //! (default 200000), `rabbitmq_vhost` (default `/`), `rabbitmq_exchange` (default `amq.topic`).
 //! See docs/linked-hubs.md.
-
-pub mod endpoints;
 
 use super::registry::{RegistryHub, StoredHubDevice};
 use dps_core::hub::{HubAdapter, HubError, HubIdentity};

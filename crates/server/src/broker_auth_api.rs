@@ -4,13 +4,13 @@
 //! Every request is authenticated with the hub's broker secret (`Authorization: Bearer
 //! <secret>`, or basic auth with the secret as password, e.g. from `https://dps:<secret>@host/…`
 //! in the broker's URL setting) before its body is read; a broker that fails gets `401`. Then
-//! the question is answered from the [`AuthCache`](super::AuthCache) in the flavour's own
-//! format. A store failure is an error answer (`503`), never an allow. Passwords are never
+//! the question is answered from the hub's [`AuthCache`] (in the hubs layer, shared with the
+//! hub's adapter that invalidates it) in the flavour's own format. A store failure is an error answer (`503`), never an allow. Passwords are never
 //! logged; nothing of a request is logged at all.
 
-use super::rules::{self, Action};
-use super::{Facts, Settings};
 use crate::app::App;
+use crate::hubs::broker_auth::rules::{self, Action};
+use crate::hubs::broker_auth::{AuthCache, Facts, Settings};
 use crate::routes::BrokerCheck;
 use axum::body::Body;
 use axum::http::{header, HeaderMap, Request, Response, StatusCode};
@@ -237,7 +237,7 @@ pub async fn handle(
 }
 
 struct Ask<'a> {
-    cache: &'a super::AuthCache,
+    cache: &'a AuthCache,
     s: &'a Settings,
 }
 
