@@ -66,6 +66,12 @@ pub struct BrokerAuthBenchArgs {
     /// Concurrent keep-alive HTTPS connections.
     #[arg(long, default_value_t = 64)]
     pub connections: usize,
+    /// Offered load in checks per second over all connections (default: as fast as the
+    /// connections go, each sending its next question when the last is answered). With a rate,
+    /// latency is measured from when a question was due, so a generator or server that falls
+    /// behind shows it.
+    #[arg(long)]
+    pub rate: Option<f64>,
     /// Question asked.
     #[arg(long, value_enum, default_value_t = CheckArg::Mixed)]
     pub check: CheckArg,
@@ -207,6 +213,8 @@ pub struct BrokerAuthReport {
     pub p99: Duration,
     /// max.
     pub max: Duration,
+    /// `--rate`, if given.
+    pub offered: Option<f64>,
 }
 
 impl BrokerAuthReport {
@@ -224,6 +232,7 @@ impl BrokerAuthReport {
             "failed": self.failed,
             "wallSeconds": self.wall.as_secs_f64(),
             "checksPerSecond": (self.rate() * 10.0).round() / 10.0,
+            "offeredPerSecond": self.offered,
             "latencyMs": {"p50": ms(self.p50), "p90": ms(self.p90), "p99": ms(self.p99), "max": ms(self.max)},
         })
     }
@@ -268,14 +277,35 @@ pub async fn measure(
         let auth = auth.clone();
         let flavour = a.flavour;
         let stride = a.connections;
+        // With --rate: this worker's share, one question every `every`.
+        let every = a
+            .rate
+            .filter(|r| *r > 0.0)
+            .map(|r| Duration::from_secs_f64(a.connections as f64 / r));
+        let first = started
+            + every
+                .map(|e| e.mul_f64(w as f64 / a.connections as f64))
+                .unwrap_or_default();
         tasks.push(tokio::spawn(async move {
+            let mut due = first;
             let mut lat: Vec<u32> = Vec::with_capacity(4096);
             let (mut ok, mut bad) = (0u64, 0u64);
             let mut i = w % reqs.len();
             while Instant::now() < deadline {
                 let r = &reqs[i];
                 i = (i + stride) % reqs.len();
-                let t0 = Instant::now();
+                let t0 = match every {
+                    Some(e) => {
+                        tokio::time::sleep_until(due.into()).await;
+                        let t = due;
+                        due += e;
+                        t
+                    }
+                    None => Instant::now(),
+                };
+                if t0 >= deadline {
+                    break;
+                }
                 let res = client
                     .post(&r.path)
                     .header("authorization", &auth)
@@ -323,6 +353,7 @@ pub async fn measure(
             .last()
             .map(|m| Duration::from_micros(*m as u64))
             .unwrap_or_default(),
+        offered: a.rate,
     })
 }
 

@@ -790,9 +790,10 @@ async fn the_broker_auth_load_generator_runs() {
         let r = s.register(&rid, &derive_key(&gkey, &rid), None).await;
         assert_eq!(r.body["status"], "assigned", "{}", r.body);
     }
-    for (check, flavour) in [
-        (CheckArg::Mixed, FlavourArg::Rabbitmq),
-        (CheckArg::Mixed, FlavourArg::Emqx),
+    for (check, flavour, rate) in [
+        (CheckArg::Mixed, FlavourArg::Rabbitmq, None),
+        (CheckArg::Mixed, FlavourArg::Emqx, None),
+        (CheckArg::Topic, FlavourArg::Rabbitmq, Some(200.0)),
     ] {
         let args = BrokerAuthBenchArgs {
             hub: HUB.into(),
@@ -803,6 +804,7 @@ async fn the_broker_auth_load_generator_runs() {
             devices: 3,
             duration: 0.5,
             connections: 4,
+            rate,
             check,
             flavour,
             password_mode: "derived".into(),
@@ -813,6 +815,9 @@ async fn the_broker_auth_load_generator_runs() {
             .await
             .expect("bench runs");
         assert!(r.checks > 10, "{:?}", r.to_json());
+        if let Some(rate) = rate {
+            assert!(r.rate() < rate * 1.5, "paced: {:?}", r.to_json());
+        }
         assert_eq!(r.failed, 0, "{:?}", r.to_json());
         assert!(r.p99 >= r.p50, "{:?}", r.to_json());
     }
