@@ -67,9 +67,8 @@ pub struct BrokerAuthBenchArgs {
     #[arg(long, default_value_t = 64)]
     pub connections: usize,
     /// Offered load in checks per second over all connections (default: as fast as the
-    /// connections go, each sending its next question when the last is answered). With a rate,
-    /// latency is measured from when a question was due, so a generator or server that falls
-    /// behind shows it.
+    /// connections go, each sending its next question when the last is answered). A server
+    /// that cannot keep up shows as checks/s below this rate.
     #[arg(long)]
     pub rate: Option<f64>,
     /// Question asked.
@@ -257,8 +256,11 @@ pub async fn measure(
     }
     let reqs = Arc::new(prepare(a, base.trim_end_matches('/'))?);
     let auth = format!("Bearer {}", a.secret);
-    let deadline = Instant::now() + Duration::from_secs_f64(a.duration.max(0.1));
-    let started = Instant::now();
+    let duration = Duration::from_secs_f64(a.duration.max(0.1));
+    // Every worker first opens its connection (one unmeasured question: the TLS handshake is
+    // not what is measured), then all start together.
+    let barrier = Arc::new(tokio::sync::Barrier::new(a.connections));
+    let start = Arc::new(std::sync::OnceLock::<Instant>::new());
     let mut tasks = Vec::with_capacity(a.connections);
     for w in 0..a.connections {
         // One client with one connection per worker: `connections` keep-alive connections.
@@ -282,27 +284,38 @@ pub async fn measure(
             .rate
             .filter(|r| *r > 0.0)
             .map(|r| Duration::from_secs_f64(a.connections as f64 / r));
-        let first = started
-            + every
-                .map(|e| e.mul_f64(w as f64 / a.connections as f64))
-                .unwrap_or_default();
+        let offset = every
+            .map(|e| e.mul_f64(w as f64 / a.connections as f64))
+            .unwrap_or_default();
+        let barrier = barrier.clone();
+        let start = start.clone();
         tasks.push(tokio::spawn(async move {
-            let mut due = first;
+            let warm = &reqs[w % reqs.len()];
+            if let Ok(r) = client
+                .post(&warm.path)
+                .header("authorization", &auth)
+                .header("content-type", warm.ctype)
+                .body(warm.body.clone())
+                .send()
+                .await
+            {
+                let _ = r.bytes().await;
+            }
+            barrier.wait().await;
+            let started = *start.get_or_init(Instant::now);
+            let deadline = started + duration;
+            let mut due = started + offset;
             let mut lat: Vec<u32> = Vec::with_capacity(4096);
             let (mut ok, mut bad) = (0u64, 0u64);
             let mut i = w % reqs.len();
             while Instant::now() < deadline {
                 let r = &reqs[i];
                 i = (i + stride) % reqs.len();
-                let t0 = match every {
-                    Some(e) => {
-                        tokio::time::sleep_until(due.into()).await;
-                        let t = due;
-                        due += e;
-                        t
-                    }
-                    None => Instant::now(),
-                };
+                if let Some(e) = every {
+                    tokio::time::sleep_until(due.into()).await;
+                    due += e;
+                }
+                let t0 = Instant::now();
                 if t0 >= deadline {
                     break;
                 }
@@ -339,7 +352,7 @@ pub async fn measure(
         ok += o;
         bad += b;
     }
-    let wall = started.elapsed();
+    let wall = start.get().map(Instant::elapsed).unwrap_or_default();
     lat.sort_unstable();
     Ok(BrokerAuthReport {
         checks: ok + bad,
