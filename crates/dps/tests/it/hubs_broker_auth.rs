@@ -822,3 +822,89 @@ async fn the_broker_auth_load_generator_runs() {
         assert!(r.p99 >= r.p50, "{:?}", r.to_json());
     }
 }
+
+/// A broker-auth hub added through the admin API: refused without a usable secret, its secret
+/// shown `<redacted>`, its endpoints live at once, and its devices listed like the registry's.
+#[tokio::test]
+async fn a_broker_auth_hub_is_managed_through_the_admin_api() {
+    let s = TestServer::spawn().await;
+    let owner = s.owner();
+    let path = "/admin/instances/default/linkedHubs/added.example.net";
+    for bad in [
+        json!({"kind": "broker-auth"}),
+        json!({"kind": "broker-auth", "options": {"auth_secret": "short"}}),
+        json!({"kind": "broker-auth", "options": {"auth_secret": SECRET, "password_mode": "plain"}}),
+    ] {
+        let r = s
+            .call(Method::PUT, path, Some(&owner), Some(bad.clone()), &[])
+            .await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+    }
+    let r = s
+        .call(
+            Method::PUT,
+            path,
+            Some(&owner),
+            Some(json!({"kind": "broker-auth", "options": {"auth_secret": SECRET}})),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!r.body.to_string().contains(SECRET), "{}", r.body);
+    let r = s
+        .call(
+            Method::GET,
+            "/admin/instances/default/linkedHubs",
+            Some(&owner),
+            None,
+            &[],
+        )
+        .await;
+    let hub = r
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == "added.example.net")
+        .expect("listed")
+        .clone();
+    assert_eq!(hub["kind"], "broker-auth");
+    assert_eq!(hub["options"]["auth_secret"], "<redacted>", "{hub}");
+
+    // A device placed there by a static enrollment; the broker's questions are answered.
+    let key = s
+        .enroll(
+            "ba-admin",
+            json!({"allocationPolicy": "static", "iotHubs": ["added.example.net"]}),
+        )
+        .await;
+    let r = s.register("ba-admin", &key, None).await;
+    assert_eq!(
+        r.body["registrationState"]["assignedHub"], "added.example.net",
+        "{}",
+        r.body
+    );
+    let pw = derive_password(&key, "ba-admin").unwrap();
+    let answer = s
+        .client
+        .post(format!(
+            "{}/brokerAuth/default/added.example.net/emqx/authn",
+            s.base
+        ))
+        .header("authorization", bearer())
+        .json(&json!({"username": "ba-admin", "clientid": "ba-admin", "password": pw}))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(answer["result"], "allow");
+    let devices = s.hub_devices("added.example.net").await;
+    assert_eq!(devices.len(), 1, "{devices:?}");
+    assert_eq!(devices[0]["deviceId"], "ba-admin");
+    assert!(
+        !devices[0].to_string().contains(&key),
+        "keys are not listed"
+    );
+}
