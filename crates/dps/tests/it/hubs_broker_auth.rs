@@ -594,8 +594,17 @@ async fn disabled_and_deleted_devices_are_refused_at_once() {
 }
 
 async fn mqtt_connect(port: u16, id: &str, pw: &str) -> Result<(AsyncClient, EventLoop), String> {
-    let mut o = MqttOptions::new(id, "127.0.0.1", port);
-    o.set_credentials(id, pw);
+    mqtt_connect_as(port, id, id, pw).await
+}
+
+async fn mqtt_connect_as(
+    port: u16,
+    client_id: &str,
+    user: &str,
+    pw: &str,
+) -> Result<(AsyncClient, EventLoop), String> {
+    let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
+    o.set_credentials(user, pw);
     o.set_clean_session(true);
     o.set_keep_alive(Duration::from_secs(30));
     let (c, mut el) = AsyncClient::new(o, 16);
@@ -676,6 +685,12 @@ async fn rabbitmq_mqtt_devices_log_in_through_dps() {
     // Wrong password, another device's password: refused.
     assert!(mqtt_connect(port, "ba-e2e", "wrong").await.is_err());
     assert!(mqtt_connect(port, "ba-e2e", &other_pw).await.is_err());
+    assert!(
+        mqtt_connect_as(port, "someone-else", "ba-e2e", &pw)
+            .await
+            .is_err(),
+        "the client id is pinned to the device id"
+    );
 
     // The other device listens on its own tree.
     let (other, el) = mqtt_connect(port, "ba-e2e-other", &other_pw)
