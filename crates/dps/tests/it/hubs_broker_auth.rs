@@ -179,6 +179,21 @@ async fn rabbitmq_contract() {
         "deny"
     );
     assert_eq!(rq("rabbitmq/user", user("nobody", &pw)).await.1, "deny");
+    let no_password = vec![
+        ("username", "ba-rmq".to_string()),
+        ("vhost", "/".to_string()),
+    ];
+    assert_eq!(
+        rq("rabbitmq/user", no_password).await.1,
+        "deny",
+        "a certificate login (no password) is for X.509 devices only"
+    );
+    let dotted = vec![("username", "ba.rmq".to_string()), ("password", pw.clone())];
+    assert_eq!(
+        rq("rabbitmq/user", dotted).await.1,
+        "deny",
+        "no `.` in ids on RabbitMQ"
+    );
     let mut pinned = user("ba-rmq", &pw);
     pinned[3].1 = "another-client".into();
     assert_eq!(

@@ -651,5 +651,15 @@ mod tests {
         assert!(f.password_matches(pw.as_bytes()));
         assert!(!f.password_matches(key.as_bytes()));
         assert!(!format!("{f:?}").contains(&pw));
+        // An X.509 identity has no password: it may only log in with its certificate.
+        let x = StoredHubDevice {
+            authentication: serde_json::json!({"type": "selfSigned", "x509Thumbprint": {"primaryThumbprint": "AB", "secondaryThumbprint": "AB"}}),
+            status: "disabled".into(),
+            ..dev
+        };
+        let f = Facts::of(&x, &s);
+        assert!(f.certificate && !f.enabled);
+        assert!(!f.password_matches(b""));
+        assert!(!f.password_matches(pw.as_bytes()));
     }
 }
