@@ -136,6 +136,8 @@ pub enum Command {
     Device(DeviceCommand),
     /// Fleet load generator.
     Bench(bench::BenchArgs),
+    /// Load on the endpoints a broker-auth hub's broker calls (checks/s, latency).
+    BenchBrokerAuth(bench::broker_auth::BrokerAuthBenchArgs),
     /// CA certificates of an instance (admin API).
     #[command(subcommand)]
     Certificate(CertificateCommand),
@@ -209,6 +211,10 @@ pub fn run(cli: Cli) -> ExitCode {
             .worker_threads(a.threads.unwrap_or_else(bench::default_threads))
             .enable_all()
             .build(),
+        Command::BenchBrokerAuth(a) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(a.threads.unwrap_or_else(bench::default_threads))
+            .enable_all()
+            .build(),
         _ => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),
@@ -229,6 +235,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 commands::device::register(&globals, a).await
             }
             Command::Bench(a) => bench::run(&globals, a).await,
+            Command::BenchBrokerAuth(a) => bench::broker_auth::run(&globals, a).await,
             other => commands::dispatch(&globals, other).await,
         }
     });

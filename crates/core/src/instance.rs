@@ -94,7 +94,7 @@ fn yes() -> bool {
 }
 
 /// The adapter kind of a linked hub. Serialized as its configuration name (`registry`,
-/// `mosquitto`, `azure-iothub`, `webhook`), the one list of kinds every layer uses: config
+/// `mosquitto`, `azure-iothub`, `webhook`, `broker-auth`), the one list of kinds every layer uses: config
 /// files, the admin API, stored instances and the CLI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum HubKind {
@@ -107,15 +107,20 @@ pub enum HubKind {
     AzureIotHub,
     /// A generic signed webhook.
     Webhook,
+    /// An MQTT broker that delegates authentication and authorization to dps over HTTP
+    /// (RabbitMQ's HTTP auth backend, EMQX HTTP authn/authz, VerneMQ webhooks,
+    /// mosquitto-go-auth): identities and twins kept in dps's own store, as for `registry`.
+    BrokerAuth,
 }
 
 impl HubKind {
     /// Every kind, in the order the docs and errors list them.
-    pub const ALL: [HubKind; 4] = [
+    pub const ALL: [HubKind; 5] = [
         HubKind::Registry,
         HubKind::Mosquitto,
         HubKind::AzureIotHub,
         HubKind::Webhook,
+        HubKind::BrokerAuth,
     ];
 
     /// The configuration name.
@@ -125,6 +130,7 @@ impl HubKind {
             HubKind::Mosquitto => "mosquitto",
             HubKind::AzureIotHub => "azure-iothub",
             HubKind::Webhook => "webhook",
+            HubKind::BrokerAuth => "broker-auth",
         }
     }
 }
@@ -415,7 +421,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "linked hub 'h': unknown kind 'x' (known: registry, mosquitto, azure-iothub, webhook)"
+            "linked hub 'h': unknown kind 'x' (known: registry, mosquitto, azure-iothub, webhook, broker-auth)"
         );
     }
 }

@@ -99,6 +99,7 @@ const FRONT_ENDS: &[&str] = &[
     "crates/server/src/admin_api.rs",
     "crates/server/src/certificates.rs",
     "crates/server/src/mqtt_front.rs",
+    "crates/server/src/broker_auth_api.rs",
 ];
 
 #[test]

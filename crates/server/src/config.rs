@@ -992,7 +992,7 @@ mod tests {
             .to_string();
         assert!(
             err.contains(
-                "linked hub 'h': unknown kind 'x' (known: registry, mosquitto, azure-iothub, webhook)"
+                "linked hub 'h': unknown kind 'x' (known: registry, mosquitto, azure-iothub, webhook, broker-auth)"
             ),
             "{err}"
         );

@@ -326,6 +326,7 @@ fn area_of(r: &Route) -> &'static str {
         (Family::Admin | Family::Certificates, _) => "admin",
         (Family::Public, Op::OpenApi) => "docs",
         (Family::Public, _) => "health",
+        (Family::BrokerAuth, _) => "broker_auth",
     }
 }
 
@@ -342,6 +343,12 @@ async fn dispatch(
             _ => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
         },
         Access::Device => crate::device_api::handle(app, req, path.segs, route.op).await,
+        Access::Broker => match route.op {
+            Op::BrokerAuth(check) => {
+                crate::broker_auth_api::handle(app, req, path.segs, check).await
+            }
+            _ => err(&dps_core::Error::NoRoute(route.name())),
+        },
         Access::Right(right) => {
             // Central authorization: the token and the right, before the body is read.
             let caller = match routes::authorize(app, req.headers(), path.l, right) {

@@ -8,6 +8,7 @@
 pub mod admin_api;
 pub mod app;
 pub mod audit;
+pub mod broker_auth_api;
 pub mod catalog;
 pub mod certificates;
 pub mod config;

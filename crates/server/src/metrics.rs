@@ -44,6 +44,19 @@ pub fn describe() {
         "dps_hub_cleanup_attempts_total",
         "Attempts to remove an old hub identity, by result (success, failure, cancelled: the device came back or the hub is no longer linked)"
     );
+    describe_counter!(
+        "dps_broker_auth_checks_total",
+        "Questions of brokers that ask dps (broker-auth hubs), by kind (connect, vhost, resource, topic, publish, subscribe, superuser) and result (allow, deny, ignore, unauthorized, error)"
+    );
+    describe_histogram!(
+        "dps_broker_auth_check_duration_seconds",
+        Unit::Seconds,
+        "Time to answer a broker-auth question, by kind"
+    );
+    describe_counter!(
+        "dps_broker_auth_cache_total",
+        "Broker-auth cache lookups by result (hit, miss)"
+    );
     describe_histogram!(
         "dps_http_request_duration_seconds",
         Unit::Seconds,

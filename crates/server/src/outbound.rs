@@ -324,6 +324,10 @@ impl Policy {
                     self.check_url(&base, Target::Hub).map_err(at)?;
                 }
             }
+            HubKind::BrokerAuth => {
+                crate::hubs::broker_auth::check_settings(hub)
+                    .map_err(|e| format!("linked hub '{}': {e}", hub.host))?;
+            }
             HubKind::Registry | HubKind::Mosquitto => {}
         }
         Ok(())

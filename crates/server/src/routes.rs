@@ -37,6 +37,9 @@ pub enum Family {
     Certificates,
     /// `/healthz`, `/openapi.json`.
     Public,
+    /// `/brokerAuth/{instance}/{hub}/...`: questions of MQTT brokers that delegate
+    /// authentication and authorization to dps (linked hubs of kind `broker-auth`).
+    BrokerAuth,
 }
 
 /// What a route requires of its caller.
@@ -49,6 +52,27 @@ pub enum Access {
     Device,
     /// A service SAS token of the instance whose policy has this right.
     Right(Right),
+    /// The broker secret of the broker-auth hub named in the path (checked by
+    /// [`crate::broker_auth_api`] before the body is read).
+    Broker,
+}
+
+/// The question a broker-auth route answers (see docs/linked-hubs.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum BrokerCheck {
+    RabbitUser,
+    RabbitVhost,
+    RabbitResource,
+    RabbitTopic,
+    EmqxAuthn,
+    EmqxAuthz,
+    VerneRegister,
+    VernePublish,
+    VerneSubscribe,
+    GoUser,
+    GoSuperuser,
+    GoAcl,
 }
 
 /// Enrollment kind of a service-API route.
@@ -102,6 +126,7 @@ pub enum Op {
     DenyListDelete,
     Health,
     OpenApi,
+    BrokerAuth(BrokerCheck),
 }
 
 /// One route.
@@ -163,7 +188,7 @@ use Right::{
     RegistrationStatusWrite as RW, ServiceConfig as SC,
 };
 
-static ROUTES: [Route; 44] = [
+static ROUTES: [Route; 65] = [
     // Device API (§3).
     r!(PUT "/{idScope}/registrations/{registrationId}/register", Device, Access::Device, Op::DeviceRegister),
     r!(GET "/{idScope}/registrations/{registrationId}/operations/{operationId}", Device, Access::Device, Op::DeviceOperationStatus),
@@ -215,6 +240,28 @@ static ROUTES: [Route; 44] = [
     // Public.
     r!(GET "/healthz", Public, Access::Public, Op::Health),
     r!(GET "/openapi.json", Public, Access::Public, Op::OpenApi),
+    // Brokers that ask dps (broker-auth hubs), authenticated with the hub's broker secret.
+    r!(GET "/brokerAuth/{instance}/{hub}/rabbitmq/user", BrokerAuth, Access::Broker, Op::BrokerAuth(BrokerCheck::RabbitUser)),
+    r!(POST "/brokerAuth/{instance}/{hub}/rabbitmq/user", BrokerAuth, Access::Broker, Op::BrokerAuth(BrokerCheck::RabbitUser)),
+    r!(GET "/brokerAuth/{instance}/{hub}/rabbitmq/vhost", BrokerAuth, Access::Broker, Op::BrokerAuth(BrokerCheck::RabbitVhost)),
+    r!(POST "/brokerAuth/{instance}/{hub}/rabbitmq/vhost", BrokerAuth, Access::Broker, Op::BrokerAuth(BrokerCheck::RabbitVhost)),
+    r!(GET "/brokerAuth/{instance}/{hub}/rabbitmq/resource", BrokerAuth, Access::Broker, Op::BrokerAuth(BrokerCheck::RabbitResource)),
+    r!(POST "/brokerAuth/{instance}/{hub}/rabbitmq/resource", BrokerAuth, Access::Broker, Op::BrokerAuth(BrokerCheck::RabbitResource)),
+    r!(GET "/brokerAuth/{instance}/{hub}/rabbitmq/topic", BrokerAuth, Access::Broker, Op::BrokerAuth(BrokerCheck::RabbitTopic)),
+    r!(POST "/brokerAuth/{instance}/{hub}/rabbitmq/topic", BrokerAuth, Access::Broker, Op::BrokerAuth(BrokerCheck::RabbitTopic)),
+    r!(GET "/brokerAuth/{instance}/{hub}/emqx/authn", BrokerAuth, Access::Broker, Op::BrokerAuth(BrokerCheck::EmqxAuthn)),
+    r!(POST "/brokerAuth/{instance}/{hub}/emqx/authn", BrokerAuth, Access::Broker, Op::BrokerAuth(BrokerCheck::EmqxAuthn)),
+    r!(GET "/brokerAuth/{instance}/{hub}/emqx/authz", BrokerAuth, Access::Broker, Op::BrokerAuth(BrokerCheck::EmqxAuthz)),
+    r!(POST "/brokerAuth/{instance}/{hub}/emqx/authz", BrokerAuth, Access::Broker, Op::BrokerAuth(BrokerCheck::EmqxAuthz)),
+    r!(POST "/brokerAuth/{instance}/{hub}/vernemq/auth_on_register", BrokerAuth, Access::Broker, Op::BrokerAuth(BrokerCheck::VerneRegister)),
+    r!(POST "/brokerAuth/{instance}/{hub}/vernemq/auth_on_publish", BrokerAuth, Access::Broker, Op::BrokerAuth(BrokerCheck::VernePublish)),
+    r!(POST "/brokerAuth/{instance}/{hub}/vernemq/auth_on_subscribe", BrokerAuth, Access::Broker, Op::BrokerAuth(BrokerCheck::VerneSubscribe)),
+    r!(GET "/brokerAuth/{instance}/{hub}/goauth/user", BrokerAuth, Access::Broker, Op::BrokerAuth(BrokerCheck::GoUser)),
+    r!(POST "/brokerAuth/{instance}/{hub}/goauth/user", BrokerAuth, Access::Broker, Op::BrokerAuth(BrokerCheck::GoUser)),
+    r!(GET "/brokerAuth/{instance}/{hub}/goauth/superuser", BrokerAuth, Access::Broker, Op::BrokerAuth(BrokerCheck::GoSuperuser)),
+    r!(POST "/brokerAuth/{instance}/{hub}/goauth/superuser", BrokerAuth, Access::Broker, Op::BrokerAuth(BrokerCheck::GoSuperuser)),
+    r!(GET "/brokerAuth/{instance}/{hub}/goauth/acl", BrokerAuth, Access::Broker, Op::BrokerAuth(BrokerCheck::GoAcl)),
+    r!(POST "/brokerAuth/{instance}/{hub}/goauth/acl", BrokerAuth, Access::Broker, Op::BrokerAuth(BrokerCheck::GoAcl)),
 ];
 
 /// Every route, in matching order.
@@ -231,6 +278,7 @@ pub fn family_of(lower_segments: &[&str]) -> Option<Family> {
         }
         Some("admin") => Some(Family::Admin),
         Some("healthz") | Some("openapi.json") => Some(Family::Public),
+        Some("brokerauth") => Some(Family::BrokerAuth),
         Some(_) if lower_segments.get(1) == Some(&"registrations") => Some(Family::Device),
         _ => None,
     }
@@ -341,6 +389,7 @@ mod tests {
                 }
                 Family::Device => assert_eq!(r.access, Access::Device, "{}", r.name()),
                 Family::Public => assert_eq!(r.access, Access::Public, "{}", r.name()),
+                Family::BrokerAuth => assert_eq!(r.access, Access::Broker, "{}", r.name()),
             }
         }
     }

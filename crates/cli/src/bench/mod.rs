@@ -27,6 +27,7 @@
 
 mod addresses;
 mod baseline;
+pub mod broker_auth;
 mod fleet;
 mod keep_alive;
 mod metrics;

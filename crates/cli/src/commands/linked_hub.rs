@@ -26,7 +26,7 @@ pub enum LinkedHubCommand {
         /// Instance (default: the connection string's).
         #[arg(long)]
         instance: Option<String>,
-        /// Adapter kind: registry, mosquitto, azure-iothub, webhook.
+        /// Adapter kind: registry, mosquitto, azure-iothub, webhook, broker-auth.
         #[arg(long, default_value_t = HubKind::Registry)]
         kind: HubKind,
         /// Allocation weight (1..1000).

@@ -36,8 +36,18 @@ fn token_for(r: Right) -> String {
     service_token("localhost", &policy_name(r), &policy_key(r))
 }
 
+/// The broker-auth hub of the matrix server (not used by allocation) and its broker secret.
+const BROKER_HUB: &str = "mx-broker.example.net";
+const BROKER_SECRET: &str = "matrix-broker-secret-0123456789";
+
 async fn spawn_matrix_server() -> TestServer {
     TestServer::spawn_with(|cfg| {
+        let mut hub =
+            dps_core::instance::LinkedHub::new(BROKER_HUB, dps_core::instance::HubKind::BrokerAuth);
+        hub.apply_allocation_policy = false;
+        hub.options
+            .insert("auth_secret".into(), BROKER_SECRET.into());
+        cfg.instances[0].linked_hub.push(hub);
         for r in Right::ALL {
             cfg.instances[0].access_policy.push(PolicyConfig {
                 name: policy_name(r),
@@ -58,6 +68,16 @@ struct Case {
     expect: u16,
     /// For device routes: the device's own credential.
     device_token: Option<String>,
+}
+
+/// A broker-auth question about a username that is no device.
+fn broker_case(check: &str, expect: u16) -> Case {
+    Case {
+        path: format!("/brokerAuth/default/{BROKER_HUB}/{check}"),
+        body: Some(json!({"username": "mx-nobody", "password": "x", "topics": []})),
+        expect,
+        device_token: Some(format!("Bearer {BROKER_SECRET}")),
+    }
 }
 
 fn case(path: impl Into<String>, body: Option<Value>, expect: u16) -> Case {
@@ -386,6 +406,42 @@ async fn row(s: &TestServer, gkey: &str, route: &Route, n: usize) -> Option<Case
             owner_call(s, Method::PUT, &path, Some(json!({"kind": "thumbprint"}))).await;
             case(path, None, 204)
         }
+        // Brokers that ask dps: the hub's broker secret, not a service token. An unknown
+        // username gets the flavour's normal refusal (RabbitMQ `deny`, EMQX `ignore`, VerneMQ
+        // `next`: 200; mosquitto-go-auth: 403).
+        "GET /brokerAuth/{instance}/{hub}/rabbitmq/user" => broker_case("rabbitmq/user", 200),
+        "POST /brokerAuth/{instance}/{hub}/rabbitmq/user" => broker_case("rabbitmq/user", 200),
+        "GET /brokerAuth/{instance}/{hub}/rabbitmq/vhost" => broker_case("rabbitmq/vhost", 200),
+        "POST /brokerAuth/{instance}/{hub}/rabbitmq/vhost" => broker_case("rabbitmq/vhost", 200),
+        "GET /brokerAuth/{instance}/{hub}/rabbitmq/resource" => {
+            broker_case("rabbitmq/resource", 200)
+        }
+        "POST /brokerAuth/{instance}/{hub}/rabbitmq/resource" => {
+            broker_case("rabbitmq/resource", 200)
+        }
+        "GET /brokerAuth/{instance}/{hub}/rabbitmq/topic" => broker_case("rabbitmq/topic", 200),
+        "POST /brokerAuth/{instance}/{hub}/rabbitmq/topic" => broker_case("rabbitmq/topic", 200),
+        "GET /brokerAuth/{instance}/{hub}/emqx/authn" => broker_case("emqx/authn", 200),
+        "POST /brokerAuth/{instance}/{hub}/emqx/authn" => broker_case("emqx/authn", 200),
+        "GET /brokerAuth/{instance}/{hub}/emqx/authz" => broker_case("emqx/authz", 200),
+        "POST /brokerAuth/{instance}/{hub}/emqx/authz" => broker_case("emqx/authz", 200),
+        "POST /brokerAuth/{instance}/{hub}/vernemq/auth_on_register" => {
+            broker_case("vernemq/auth_on_register", 200)
+        }
+        "POST /brokerAuth/{instance}/{hub}/vernemq/auth_on_publish" => {
+            broker_case("vernemq/auth_on_publish", 200)
+        }
+        "POST /brokerAuth/{instance}/{hub}/vernemq/auth_on_subscribe" => {
+            broker_case("vernemq/auth_on_subscribe", 200)
+        }
+        "GET /brokerAuth/{instance}/{hub}/goauth/user" => broker_case("goauth/user", 403),
+        "POST /brokerAuth/{instance}/{hub}/goauth/user" => broker_case("goauth/user", 403),
+        "GET /brokerAuth/{instance}/{hub}/goauth/superuser" => broker_case("goauth/superuser", 403),
+        "POST /brokerAuth/{instance}/{hub}/goauth/superuser" => {
+            broker_case("goauth/superuser", 403)
+        }
+        "GET /brokerAuth/{instance}/{hub}/goauth/acl" => broker_case("goauth/acl", 403),
+        "POST /brokerAuth/{instance}/{hub}/goauth/acl" => broker_case("goauth/acl", 403),
         // Public.
         "GET /healthz" => case("/healthz", None, 200),
         "GET /openapi.json" => case("/openapi.json", None, 200),
@@ -402,6 +458,8 @@ fn pinned_access(method: &Method, pattern: &str) -> Access {
     let (m, p) = (method.as_str(), pattern);
     if p == "/healthz" || p == "/openapi.json" {
         Access::Public
+    } else if p.starts_with("/brokerAuth/") {
+        Access::Broker
     } else if p.starts_with("/{idScope}/") {
         Access::Device
     } else if p.starts_with("/admin/") {
@@ -487,6 +545,17 @@ async fn every_route_answers_exactly_the_right_it_needs() {
                 }
                 continue;
             }
+            if access == Access::Broker {
+                // A broker route knows no service token: 401 (plain text, the broker's
+                // contract has no Azure error body).
+                if resp.status != 401 {
+                    failures.push(format!(
+                        "{what}: expected 401, got {} {}",
+                        resp.status, resp.body
+                    ));
+                }
+                continue;
+            }
             let ok = resp.status == 401
                 && resp.body["errorCode"] == 401002
                 && resp.body["message"].is_string()
@@ -503,6 +572,7 @@ async fn every_route_answers_exactly_the_right_it_needs() {
         let (token, who) = match access {
             Access::Right(r) => (Some(token_for(r)), r.as_str().to_string()),
             Access::Device => (c.device_token.clone(), "the device's token".into()),
+            Access::Broker => (c.device_token.clone(), "the hub's broker secret".into()),
             Access::Public => (None, "no token".into()),
         };
         let resp = call(token).await;

@@ -95,6 +95,18 @@ hub_contract!(
         // registry; there is nothing a hub could refuse.
     ]
 );
+hub_contract!(
+    broker_auth,
+    broker_auth_fixture,
+    [
+        upsert_creates_then_updates,
+        get_twin_round_trip,
+        set_enabled_is_visible,
+        delete_is_idempotent,
+        // Neither timeouts nor refused credentials: like the registry, the identities live in
+        // dps's own store; the broker asks dps, dps never calls the broker.
+    ]
+);
 hub_contract!(mosquitto, mosquitto_fixture);
 hub_contract!(azure_iothub, azure_fixture);
 hub_contract!(webhook, webhook_fixture);
@@ -330,6 +342,60 @@ impl Fixture for RegistryFixture {
         self.stored(device_id).await.is_some_and(|d| {
             d.authentication["symmetricKey"]["primaryKey"].as_str() == Some(primary)
         })
+    }
+}
+
+/// A `broker-auth` hub, read back the way its broker sees it: through the auth cache the
+/// broker's questions are answered from (so that every adapter call must invalidate it).
+struct BrokerAuthFixture {
+    hub: dps_server::hubs::broker_auth::BrokerAuthHub,
+    linked: dps_core::instance::LinkedHub,
+    cache: std::sync::Arc<dps_server::hubs::broker_auth::AuthCache>,
+    _dir: tempfile::TempDir,
+}
+
+async fn broker_auth_fixture() -> Option<BrokerAuthFixture> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dps_store::open("", dir.path()).await.expect("store");
+    let mut linked = dps_core::instance::LinkedHub::new(
+        "broker-auth.contract.test",
+        dps_core::instance::HubKind::BrokerAuth,
+    );
+    linked
+        .options
+        .insert("auth_secret".into(), "contract-secret-0123456789".into());
+    let cache = std::sync::Arc::new(dps_server::hubs::broker_auth::AuthCache::new(
+        store.clone(),
+        &linked.host,
+    ));
+    let hub = dps_server::hubs::broker_auth::BrokerAuthHub::new(store, &linked, cache.clone());
+    Some(BrokerAuthFixture {
+        hub,
+        linked,
+        cache,
+        _dir: dir,
+    })
+}
+
+impl BrokerAuthFixture {
+    async fn facts(&self, device_id: &str) -> Option<dps_server::hubs::broker_auth::Facts> {
+        let s = self.cache.settings(&self.linked).expect("settings");
+        self.cache.facts(&s, device_id).await.expect("facts")
+    }
+}
+
+impl Fixture for BrokerAuthFixture {
+    fn adapter(&self) -> &dyn HubAdapter {
+        &self.hub
+    }
+    async fn enabled(&self, device_id: &str) -> Option<bool> {
+        self.facts(device_id).await.map(|f| f.enabled)
+    }
+    async fn has_key(&self, device_id: &str, primary: &str) -> bool {
+        let pw = dps_server::hubs::broker_auth::derive_password(primary, device_id).unwrap();
+        self.facts(device_id)
+            .await
+            .is_some_and(|f| f.password_matches(pw.as_bytes()))
     }
 }
 

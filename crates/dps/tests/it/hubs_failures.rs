@@ -175,7 +175,7 @@ async fn rotated_hub_credentials_fail_with_400209_and_are_reported() {
 #[tokio::test]
 async fn an_unknown_hub_kind_is_a_400_naming_the_hub_and_the_known_kinds() {
     let s = TestServer::spawn().await;
-    let known = "(known: registry, mosquitto, azure-iothub, webhook)";
+    let known = "(known: registry, mosquitto, azure-iothub, webhook, broker-auth)";
     let r = s
         .call(
             Method::PUT,

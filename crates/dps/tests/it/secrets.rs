@@ -29,6 +29,8 @@ const HUB_REGISTRY: &str = "hub-a.example.net";
 const HUB_AZURE: &str = "secret-azure.example.net";
 const HUB_MQTT: &str = "secret-mqtt.example.net";
 const HUB_HOOK: &str = "secret-hook.example.net";
+const HUB_BROKER: &str = "secret-broker.example.net";
+const BROKER_AUTH_SECRET: &str = "broker-auth-secret-do-not-leak-01";
 
 /// A `MakeWriter` collecting the formatted log output.
 #[derive(Clone, Default)]
@@ -123,6 +125,12 @@ async fn no_configured_secret_appears_in_any_answer_log_or_cli_output() {
             format!("http://hook:{HOOK_URL_PASSWORD}@127.0.0.1:{closed}/hook"),
             json!({"secret": WEBHOOK_SECRET, "retries": 1, "timeout_ms": 500}),
         ),
+        {
+            let mut h = LinkedHub::new(HUB_BROKER, HubKind::BrokerAuth);
+            h.options
+                .insert("auth_secret".into(), BROKER_AUTH_SECRET.into());
+            h
+        },
     ];
     let s = TestServer::start_in(dir, cfg).await;
     let owner = s.owner();
@@ -151,6 +159,7 @@ async fn no_configured_secret_appears_in_any_answer_log_or_cli_output() {
         ("sec-azure", HUB_AZURE),
         ("sec-mqtt", HUB_MQTT),
         ("sec-hook", HUB_HOOK),
+        ("sec-broker", HUB_BROKER),
     ] {
         put(
             format!("/enrollments/{rid}"),
@@ -200,6 +209,44 @@ async fn no_configured_secret_appears_in_any_answer_log_or_cli_output() {
         }
     })
     .await;
+    // A broker asks about a device on the broker-auth hub: its password, and the broker's
+    // secret, must not leak either (right and wrong secret, right and wrong password).
+    let ok = s.register("sec-broker", ENROLL_PRIMARY, None).await;
+    assert_eq!(ok.body["status"], "assigned", "{}", ok.body);
+    let broker_pw =
+        dps_server::hubs::broker_auth::derive_password(ENROLL_PRIMARY, "sec-broker").unwrap();
+    for (secret, pw, want) in [
+        (BROKER_AUTH_SECRET, broker_pw.as_str(), (200, "allow")),
+        (BROKER_AUTH_SECRET, "wrong-password", (200, "deny")),
+        (
+            "not-the-broker-secret-at-all",
+            broker_pw.as_str(),
+            (401, ""),
+        ),
+    ] {
+        let r = s
+            .client
+            .post(format!(
+                "{}/brokerAuth/default/{HUB_BROKER}/rabbitmq/user",
+                s.base
+            ))
+            .header("authorization", format!("Bearer {secret}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!(
+                "username=sec-broker&vhost=%2F&password={}",
+                percent_encoding::utf8_percent_encode(pw, percent_encoding::NON_ALPHANUMERIC)
+            ))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        assert_eq!(status, want.0, "{text}");
+        if status == 200 {
+            assert_eq!(text, want.1);
+        }
+    }
+
     // A device token's signature must not leak either: the device reads its own state with it.
     let device_tok = device_token(SCOPE, "sec-dev-1", ENROLL_PRIMARY);
     let r = s
@@ -226,6 +273,8 @@ async fn no_configured_secret_appears_in_any_answer_log_or_cli_output() {
         (MQTT_PASSWORD.into(), "mosquitto password"),
         (HOOK_URL_PASSWORD.into(), "webhook URL password"),
         (WEBHOOK_SECRET.into(), "webhook options.secret"),
+        (BROKER_AUTH_SECRET.into(), "broker-auth options.auth_secret"),
+        (broker_pw.clone(), "a device's broker-auth password"),
         (KEY_FILE_SECRET.into(), "client key file contents"),
         (
             device_tok

@@ -5,6 +5,7 @@
 //! eligible and come back to it once it recovers (a half-open trial after a cool-down).
 
 pub mod azure;
+pub mod broker_auth;
 pub mod fake;
 mod http_client;
 pub mod mosquitto;
@@ -69,6 +70,9 @@ pub struct HubSet {
     adapters: Mutex<HashMap<String, (LinkedHub, Arc<dyn HubAdapter>)>>,
     health: Mutex<HashMap<String, Health>>,
     buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    /// The auth caches of broker-auth hubs, by lowercased host: shared by the hub's adapter
+    /// (which invalidates) and the broker endpoints (which read), kept across adapter rebuilds.
+    broker_caches: Mutex<HashMap<String, Arc<broker_auth::AuthCache>>>,
 }
 
 impl HubSet {
@@ -80,6 +84,7 @@ impl HubSet {
             adapters: Mutex::new(HashMap::new()),
             health: Mutex::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
+            broker_caches: Mutex::new(HashMap::new()),
         }
     }
 
@@ -91,7 +96,23 @@ impl HubSet {
             HubKind::Mosquitto => Arc::new(mosquitto::MosquittoHub::new(hub)),
             HubKind::AzureIotHub => Arc::new(azure::AzureIotHub::new(hub, &self.outbound)),
             HubKind::Webhook => Arc::new(webhook::WebhookHub::new(hub, &self.outbound)),
+            HubKind::BrokerAuth => Arc::new(broker_auth::BrokerAuthHub::new(
+                self.store.clone(),
+                hub,
+                self.broker_auth_cache(hub),
+            )),
         }
+    }
+
+    /// The auth cache of a broker-auth hub (created on first use).
+    pub fn broker_auth_cache(&self, hub: &LinkedHub) -> Arc<broker_auth::AuthCache> {
+        let key = hub.host.to_ascii_lowercase();
+        self.broker_caches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(key)
+            .or_insert_with(|| Arc::new(broker_auth::AuthCache::new(self.store.clone(), &hub.host)))
+            .clone()
     }
 
     /// What outbound calls may reach (linked hub settings are checked against it).

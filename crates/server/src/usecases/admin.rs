@@ -55,6 +55,11 @@ fn keep_secrets<T: serde::Serialize>(
 }
 
 impl Admin {
+    /// The linked hubs' adapters and state (the broker-auth endpoints read their caches).
+    pub fn hubs(&self) -> &HubSet {
+        &self.hubs
+    }
+
     /// In `cx`, with the store's backend (for readiness), the instances, the linked hubs (for
     /// their health) and the name of the admin instance.
     pub fn new(
