@@ -596,7 +596,9 @@ impl MosquittoHub {
                 for r in self.exec(conn, cmds).await? {
                     if let Some(e) = error_of(&r) {
                         if !benign(e) {
-                            return Err(self.rejected(format!("addRoleACL on the shared role: {e}")));
+                            return Err(
+                                self.rejected(format!("addRoleACL on the shared role: {e}"))
+                            );
                         }
                     }
                 }
@@ -1188,8 +1190,10 @@ mod tests {
         assert_eq!(s.device_role, RoleMode::Auto);
         assert_eq!(s.shared_role, SHARED_DEVICE_ROLE);
         hub.options.insert("batch_window_ms".into(), 0.into());
-        hub.options.insert("max_batch_commands".into(), 50_000.into());
-        hub.options.insert("device_role".into(), "per-device".into());
+        hub.options
+            .insert("max_batch_commands".into(), 50_000.into());
+        hub.options
+            .insert("device_role".into(), "per-device".into());
         let s = parse_settings(&hub).unwrap();
         assert_eq!(s.batch_window, Duration::ZERO);
         assert_eq!(s.max_batch, Some(10_000));
@@ -1200,7 +1204,8 @@ mod tests {
         hub.options.insert("batch_window_ms".into(), "soon".into());
         assert!(parse_settings(&hub).is_err());
         hub.options.remove("batch_window_ms");
-        hub.options.insert("shared_role".into(), "dps-device-x".into());
+        hub.options
+            .insert("shared_role".into(), "dps-device-x".into());
         assert!(parse_settings(&hub).is_err());
     }
 
@@ -1225,7 +1230,10 @@ mod tests {
         assert!(b.fits(&job(20, "big"), 5), "an empty batch takes any job");
         b.push(job(2, "a"));
         assert!(b.fits(&job(3, "b"), 5));
-        assert!(!b.fits(&job(4, "c"), 5), "a caller's commands are not split");
+        assert!(
+            !b.fits(&job(4, "c"), 5),
+            "a caller's commands are not split"
+        );
         b.push(job(3, "b"));
         assert!(b.full(5));
         let v: Value = serde_json::from_slice(&b.payload()).unwrap();
