@@ -7,10 +7,15 @@
 use crate::support::*;
 use crate::support_mosquitto::*;
 use dps_core::instance::{HubKind, LinkedHub};
-use dps_server::hubs::mosquitto::derive_password;
+use dps_server::hubs::mosquitto::{derive_password, shared_role_name, DEFAULT_SHARED_ROLES};
 use rumqttc::QoS;
 use serde_json::json;
 use std::time::Duration;
+
+/// The default shared role of a device.
+fn shared(id: &str) -> String {
+    shared_role_name("dps-devices", DEFAULT_SHARED_ROLES, id)
+}
 
 #[tokio::test]
 async fn mosquitto_device_connects_with_its_credentials_and_only_reaches_its_topics() {
@@ -594,12 +599,12 @@ async fn mosquitto_the_device_role_layout_follows_the_broker_version() {
     let forced = dps_server::hubs::mosquitto::MosquittoHub::new(&forced);
     let r = forced.upsert_device(&ident("layout-dev-2"), None).await;
     if b.substitutes_acls() {
-        assert_eq!(role_names(&c), ["dps-devices"]);
+        assert_eq!(role_names(&c), [shared("layout-dev")]);
         assert!(dynsec_role(b.port, "dps-device-layout-dev").await.is_none());
         r.expect("shared is fine on 2.1+");
     } else {
         assert_eq!(role_names(&c), ["dps-device-layout-dev"]);
-        assert!(dynsec_role(b.port, "dps-devices").await.is_none());
+        assert!(dynsec_role(b.port, &shared("layout-dev-2")).await.is_none());
         assert!(
             matches!(&r, Err(HubError::Rejected { message, .. }) if message.contains("2.1")),
             "{r:?}"
@@ -652,7 +657,7 @@ async fn mosquitto_shared_role_layout_and_migration_from_per_device_roles() {
     let a = dps_server::hubs::mosquitto::MosquittoHub::new(&hub);
     // The link's preparation creates the shared role (with a first device).
     a.upsert_device(&ident("new-a"), None).await.unwrap();
-    let role = dynsec_role(b.port, "dps-devices")
+    let role = dynsec_role(b.port, &shared("new-b"))
         .await
         .expect("shared role");
     let topics: Vec<&str> = role["acls"]
@@ -673,7 +678,7 @@ async fn mosquitto_shared_role_layout_and_migration_from_per_device_roles() {
     assert_eq!(cmds[0]["command"], "createClient");
     assert!(cmds[0].get("error").is_none(), "{cmds:?}");
     let c = dynsec_client(b.port, "new-b").await.unwrap();
-    assert_eq!(role_names(&c), ["dps-devices"]);
+    assert_eq!(role_names(&c), [shared("new-b")]);
     connect(b.port, "new-b", "new-b", &pw("new-b"))
         .await
         .expect("logs in");
@@ -681,7 +686,7 @@ async fn mosquitto_shared_role_layout_and_migration_from_per_device_roles() {
     // Rewriting a legacy device moves it to the shared role and deletes its old role.
     a.upsert_device(&ident("legacy-a"), None).await.unwrap();
     let c = dynsec_client(b.port, "legacy-a").await.unwrap();
-    assert_eq!(role_names(&c), ["dps-devices"]);
+    assert_eq!(role_names(&c), [shared("legacy-a")]);
     assert!(dynsec_role(b.port, "dps-device-legacy-a").await.is_none());
     connect(b.port, "legacy-a", "legacy-a", &pw("legacy-a"))
         .await
@@ -699,7 +704,7 @@ async fn mosquitto_shared_role_layout_and_migration_from_per_device_roles() {
     // Deleting a shared-layout device leaves the shared role alone.
     a.delete_device("new-b").await.unwrap();
     assert!(dynsec_client(b.port, "new-b").await.is_none());
-    assert!(dynsec_role(b.port, "dps-devices").await.is_some());
+    assert!(dynsec_role(b.port, &shared("new-b")).await.is_some());
 
     if b.substitutes_acls() {
         assert_confined(b.port, "devices", "new-a", &pw("new-a"), "legacy-a").await;
