@@ -440,6 +440,8 @@ async fn mosquitto_concurrent_registrations_are_batched_into_few_control_message
     // machine runs 40 registrations through dps.
     hub.options.insert("batch_window_ms".into(), 200.into());
     hub.options.insert("max_batch_commands".into(), 500.into());
+    // Mosquitto 2.1 hashes each password with argon2id (~55 ms): 40 in one message take seconds.
+    hub.options.insert("timeout_ms".into(), 30_000.into());
     let s = TestServer::spawn_with(|c| c.instances[0].linked_hub = vec![hub]).await;
     let mut watcher = ControlWatcher::start(b.port).await;
     // Prepare the link first (twin-writer role, version), with one device.
@@ -527,6 +529,7 @@ async fn mosquitto_a_refused_command_in_a_batch_fails_only_its_device() {
     let mut hub = b.linked_hub("broker-a.local");
     hub.options.insert("batch_window_ms".into(), 300.into());
     hub.options.insert("max_batch_commands".into(), 500.into());
+    hub.options.insert("timeout_ms".into(), 30_000.into());
     let a = dps_server::hubs::mosquitto::MosquittoHub::new(&hub);
     // Prepare the link (a first write), then watch.
     let ident = |id: &str| HubIdentity {
