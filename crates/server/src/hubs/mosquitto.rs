@@ -338,6 +338,17 @@ pub struct MosquittoHub {
 impl MosquittoHub {
     /// An adapter for a linked hub; settings errors surface on every call as `Rejected`.
     pub fn new(hub: &LinkedHub) -> Self {
+        static DESCRIBE: std::sync::Once = std::sync::Once::new();
+        DESCRIBE.call_once(|| {
+            metrics::describe_counter!(
+                "dps_mosquitto_control_messages_total",
+                "Dynamic-security control messages sent to Mosquitto hubs, by hub"
+            );
+            metrics::describe_counter!(
+                "dps_mosquitto_control_commands_total",
+                "Dynamic-security commands sent to Mosquitto hubs, by hub (divided by the messages: the batch size)"
+            );
+        });
         MosquittoHub {
             host: hub.host.to_ascii_lowercase(),
             settings: parse_settings(hub),
