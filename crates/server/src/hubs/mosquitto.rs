@@ -112,6 +112,7 @@ struct Settings {
     batch_window: Duration,
     /// `None`: the default for the broker's version.
     max_batch: Option<usize>,
+    max_inflight: usize,
 }
 
 /// The `device_role` option.
@@ -210,6 +211,7 @@ fn parse_settings(hub: &LinkedHub) -> Result<Settings, String> {
         .clamp(1, 1024) as u32;
     let batch_window = Duration::from_millis(ms("batch_window_ms")?.unwrap_or(5).min(1000));
     let max_batch = ms("max_batch_commands")?.map(|n| n.clamp(1, 10_000) as usize);
+    let max_inflight = ms("max_inflight_messages")?.unwrap_or(2).clamp(1, 1000) as usize;
     let clean = |s: &str| s.trim_matches('/').to_string();
     Ok(Settings {
         broker_host,
@@ -229,6 +231,7 @@ fn parse_settings(hub: &LinkedHub) -> Result<Settings, String> {
         shared_roles,
         batch_window,
         max_batch,
+        max_inflight,
     })
 }
 
@@ -249,6 +252,10 @@ struct Shared {
     max_batch: AtomicUsize,
     /// CONNACKs so far (a reconnection is a new number).
     connects: AtomicUsize,
+    /// Control messages sent and not answered yet: a correlation id of each, and when it left.
+    inflight: Mutex<HashMap<String, tokio::time::Instant>>,
+    /// Signalled when a control message is answered (or the link drops).
+    answered: tokio::sync::Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -810,11 +817,9 @@ fn start(s: Settings, host: String) -> Conn {
                             message,
                         });
                         // Fail waiting commands now rather than at their timeout.
-                        shared
-                            .pending
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .clear();
+                        lock(&shared.pending).clear();
+                        lock(&shared.inflight).clear();
+                        shared.answered.notify_one();
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
@@ -836,7 +841,11 @@ fn start(s: Settings, host: String) -> Conn {
         },
         shared.clone(),
         state_rx.clone(),
-        s.batch_window,
+        Pace {
+            window: s.batch_window,
+            max_inflight: s.max_inflight,
+            stale: s.timeout,
+        },
         host,
     ));
     Conn {
@@ -850,16 +859,30 @@ fn start(s: Settings, host: String) -> Conn {
     }
 }
 
+/// How the batching task paces control messages.
+#[derive(Clone, Copy, Debug)]
+struct Pace {
+    /// How long the first queued job waits for others.
+    window: Duration,
+    /// Control messages sent and not answered yet, at most; while the broker works through
+    /// them, new jobs gather into the next batch.
+    max_inflight: usize,
+    /// An unanswered message stops counting after this (its callers have given up).
+    stale: Duration,
+}
+
 /// The batching task: takes the first queued job, waits up to `window` for more (or until the
-/// batch is full), and sends them as one control message; then the next batch. Commands whose
-/// caller has already given up (timed out) are not sent; when the link is down, or the send
-/// fails, the batch's callers are failed at once.
+/// batch is full), and sends them as one control message; then the next batch. While
+/// `max_inflight` messages await their answer, it keeps gathering jobs (up to a full batch)
+/// instead of sending: a busy broker gets fewer, larger messages (Mosquitto 2.1 saves its file
+/// once per message). Commands whose caller has already given up (timed out) are not sent; when
+/// the link is down, or the send fails, the batch's callers are failed at once.
 async fn run_batcher<F, Fut>(
     mut jobs: mpsc::UnboundedReceiver<Job>,
     mut publish: F,
     shared: Arc<Shared>,
     state: watch::Receiver<Link>,
-    window: Duration,
+    pace: Pace,
     hub: String,
 ) where
     F: FnMut(Vec<u8>) -> Fut,
@@ -874,6 +897,7 @@ async fn run_batcher<F, Fut>(
                 None => return,
             },
         };
+        let window = pace.window;
         let max = shared.max_batch.load(Ordering::Relaxed).max(1);
         let deadline = tokio::time::Instant::now() + window;
         let mut batch = Batch::default();
@@ -898,6 +922,27 @@ async fn run_batcher<F, Fut>(
                 break;
             }
         }
+        // Wait for a free slot, gathering more jobs meanwhile.
+        loop {
+            {
+                let mut inflight = lock(&shared.inflight);
+                let now = tokio::time::Instant::now();
+                inflight.retain(|_, t| now.duration_since(*t) < pace.stale);
+                if inflight.len() < pace.max_inflight.max(1) {
+                    break;
+                }
+            }
+            let gather = carry.is_none() && !batch.full(max);
+            tokio::select! {
+                _ = shared.answered.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                j = jobs.recv(), if gather => match j {
+                    Some(job) if batch.fits(&job, max) => batch.push(job),
+                    Some(job) => carry = Some(job),
+                    None => {}
+                },
+            }
+        }
         // Drop what nobody waits for any more.
         {
             let pending = lock(&shared.pending);
@@ -909,6 +954,8 @@ async fn run_batcher<F, Fut>(
             continue;
         }
         let commands: usize = batch.jobs.iter().map(|j| j.ids.len()).sum();
+        let marker = batch.jobs[0].ids[0].clone();
+        lock(&shared.inflight).insert(marker.clone(), tokio::time::Instant::now());
         let sent = if matches!(*state.borrow(), Link::Down { .. }) {
             false
         } else {
@@ -920,6 +967,7 @@ async fn run_batcher<F, Fut>(
             metrics::counter!("dps_mosquitto_control_commands_total", "hub" => hub.clone())
                 .increment(commands as u64);
         } else {
+            lock(&shared.inflight).remove(&marker);
             // Dropping the senders fails the callers now rather than at their timeout.
             let mut pending = lock(&shared.pending);
             for j in &batch.jobs {
@@ -938,16 +986,19 @@ fn dispatch(shared: &Shared, payload: &[u8]) {
     let Some(responses) = v.get("responses").and_then(Value::as_array) else {
         return;
     };
-    let mut pending = shared
-        .pending
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut pending = lock(&shared.pending);
+    let mut inflight = lock(&shared.inflight);
+    let mut freed = false;
     for r in responses {
         if let Some(id) = r.get("correlationData").and_then(Value::as_str) {
+            freed |= inflight.remove(id).is_some();
             if let Some(tx) = pending.remove(id) {
                 let _ = tx.send(r.clone());
             }
         }
+    }
+    if freed {
+        shared.answered.notify_one();
     }
 }
 
@@ -1334,6 +1385,7 @@ mod tests {
     fn batcher(
         window_ms: u64,
         max: usize,
+        max_inflight: usize,
         link: Link,
     ) -> (
         mpsc::UnboundedSender<Job>,
@@ -1354,7 +1406,11 @@ mod tests {
             },
             shared.clone(),
             state_rx,
-            Duration::from_millis(window_ms),
+            Pace {
+                window: Duration::from_millis(window_ms),
+                max_inflight,
+                stale: Duration::from_secs(30),
+            },
             "h".into(),
         ));
         (tx, out_rx, shared, state_tx)
@@ -1378,7 +1434,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_batcher_coalesces_within_the_window_and_splits_at_the_limit() {
-        let (tx, mut out, shared, _link) = batcher(50, 10, Link::Up);
+        let (tx, mut out, shared, _link) = batcher(50, 10, 100, Link::Up);
         let mut held = Vec::new();
         for i in 0..8 {
             let j = job(3, &format!("d{i}"));
@@ -1399,7 +1455,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_batcher_with_no_window_sends_at_once_and_skips_abandoned_callers() {
-        let (tx, mut out, shared, _link) = batcher(0, 500, Link::Up);
+        let (tx, mut out, shared, _link) = batcher(0, 500, 100, Link::Up);
         let gone = job(2, "gone");
         tx.send(gone).unwrap(); // nobody waits for it
         let j = job(1, "alive");
@@ -1415,7 +1471,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_batcher_fails_callers_at_once_while_the_link_is_down() {
-        let (tx, mut out, shared, link) = batcher(0, 500, Link::Up);
+        let (tx, mut out, shared, link) = batcher(0, 500, 100, Link::Up);
         link.send_replace(Link::Down {
             unauthorized: false,
             message: "gone".into(),
@@ -1428,5 +1484,42 @@ mod tests {
             .expect("failed fast");
         assert!(r.is_err(), "the caller's answer channel is dropped");
         assert!(out.try_recv().is_err(), "nothing was sent");
+    }
+
+    #[tokio::test]
+    async fn while_the_broker_is_busy_the_next_batch_gathers() {
+        let (tx, mut out, shared, _link) = batcher(0, 500, 1, Link::Up);
+        let first = job(1, "first");
+        let _w = wait_for(&shared, &first);
+        tx.send(first).unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(5), out.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(sizes(&m), 1);
+        // Unanswered: the next jobs wait and gather, whatever the (zero) window.
+        let mut held = Vec::new();
+        for i in 0..5 {
+            let j = job(2, &format!("n{i}"));
+            held.push(wait_for(&shared, &j));
+            tx.send(j).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            out.try_recv().is_err(),
+            "nothing sent while one is in flight"
+        );
+        // The answer frees the slot: one message with all five jobs.
+        dispatch(
+            &shared,
+            json!({"responses": [{"command": "getClient", "correlationData": "first-0"}]})
+                .to_string()
+                .as_bytes(),
+        );
+        let m = tokio::time::timeout(Duration::from_secs(5), out.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(sizes(&m), 10, "{m}");
     }
 }
