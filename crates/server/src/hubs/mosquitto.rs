@@ -36,9 +36,9 @@
 //! `options.ca_file`), and options `topic_prefix`, `twin_topic_prefix`, `password_mode`
 //! (`derived` | `primaryKey`), `timeout_ms`, `client_id`, `cert_file`/`key_file` (admin client
 //! certificate), `device_role` (`auto` | `shared` | `per-device`), `shared_role`, `shared_roles`,
-//! `batch_window_ms` (default 5, 0 = send what is queued at once) and `max_batch_commands`
-//! (default 50 on 2.1+, 8 on 2.0.x, which saves its file once per command). See
-//! docs/linked-hubs.md.
+//! `batch_window_ms` (default 5, 0 = send what is queued at once), `max_batch_commands`
+//! (default 50 on 2.1+, 8 on 2.0.x, which saves its file once per command) and
+//! `max_inflight_messages` (default 2). See docs/linked-hubs.md.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
