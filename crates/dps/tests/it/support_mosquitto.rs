@@ -32,6 +32,8 @@ pub const ADMIN_PW: &str = "adm1n-test-pw";
 pub struct Broker {
     child: Child,
     pub port: u16,
+    /// The broker's version, from `mosquitto -h`.
+    pub version: (u32, u32, u32),
     _dir: tempfile::TempDir,
 }
 
@@ -42,7 +44,24 @@ impl Drop for Broker {
     }
 }
 
+/// The broker binary: `DPS_TEST_MOSQUITTO_BIN` when set, else the system's.
+fn broker_bin() -> Option<PathBuf> {
+    std::env::var("DPS_TEST_MOSQUITTO_BIN")
+        .ok()
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(
+            ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
+                .iter()
+                .map(PathBuf::from),
+        )
+        .find(|p| p.exists())
+}
+
 fn find_plugin() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("DPS_TEST_MOSQUITTO_PLUGIN") {
+        return Some(PathBuf::from(p));
+    }
     [
         "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
         "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
@@ -58,10 +77,14 @@ impl Broker {
     /// Start a broker, or None (test skipped) when mosquitto, mosquitto_ctrl or the plugin is
     /// missing; under `CI=true` a missing broker fails the test instead (see [`skip`]).
     pub async fn start() -> Option<Broker> {
-        let bin = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.exists());
+        Self::start_with("").await
+    }
+
+    /// [`Broker::start`] with extra `mosquitto.conf` lines (e.g. `"sys_interval 0\n"`). The
+    /// broker binary and dynamic-security plugin come from `DPS_TEST_MOSQUITTO_BIN` and
+    /// `DPS_TEST_MOSQUITTO_PLUGIN` when set (e.g. a Mosquitto 2.1 build), else from the system.
+    pub async fn start_with(extra_conf: &str) -> Option<Broker> {
+        let bin = broker_bin();
         let (Some(bin), Some(plugin)) = (bin, find_plugin()) else {
             return skip("mosquitto 2.x with the dynamic-security plugin is not installed");
         };
@@ -83,12 +106,26 @@ impl Broker {
         std::fs::write(
             &conf,
             format!(
-                "per_listener_settings false\nuser root\npersistence false\nlog_dest none\nlistener {port} 127.0.0.1\nallow_anonymous false\nplugin {}\nplugin_opt_config_file {}\n",
+                "per_listener_settings false\nuser root\npersistence false\nlog_dest none\nlistener {port} 127.0.0.1\nallow_anonymous false\nplugin {}\nplugin_opt_config_file {}\n{extra_conf}",
                 plugin.display(),
                 dynsec.display()
             ),
         )
         .unwrap();
+        let help = Command::new(&bin).arg("-h").output().ok();
+        let version = help
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .and_then(|t| {
+                let v = t
+                    .split("mosquitto version ")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .to_string();
+                let mut it = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+                Some((it.next()?, it.next()?, it.next().unwrap_or(0)))
+            })
+            .unwrap_or((0, 0, 0));
         let child = Command::new(bin)
             .arg("-c")
             .arg(&conf)
@@ -99,6 +136,7 @@ impl Broker {
         let b = Broker {
             child,
             port,
+            version,
             _dir: dir,
         };
         eventually(Duration::from_secs(10), || async {
@@ -109,6 +147,11 @@ impl Broker {
         })
         .await;
         Some(b)
+    }
+
+    /// Do this broker's dynamic-security ACLs substitute `%u`/`%c` (Mosquitto 2.1+)?
+    pub fn substitutes_acls(&self) -> bool {
+        (self.version.0, self.version.1) >= (2, 1)
     }
 
     pub fn linked_hub(&self, host: &str) -> LinkedHub {
@@ -257,11 +300,7 @@ impl Broker {
     /// Start the stopped broker again on its port with its config and dynamic-security data
     /// (clients created before the stop are still there); returns once `admin` can connect.
     pub async fn start_again(&mut self) {
-        let bin = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.exists())
-            .expect("mosquitto was found at start");
+        let bin = broker_bin().expect("mosquitto was found at start");
         self.child = Command::new(bin)
             .arg("-c")
             .arg(self._dir.path().join("mosquitto.conf"))
@@ -278,4 +317,172 @@ impl Broker {
         })
         .await;
     }
+}
+
+/// An admin client of its own that watches the dynamic-security response topic: every control
+/// message gets exactly one response message (one answer per command), in the broker's order,
+/// so counting responses counts control messages (Mosquitto does not deliver `$CONTROL`
+/// publishes to subscribers). A sentinel command of the watcher's own marks "everything before
+/// this has been answered".
+pub struct ControlWatcher {
+    client: AsyncClient,
+    rx: tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+}
+
+impl ControlWatcher {
+    /// A watcher with the init's `admin` role (the broker kicks every `admin` session when dps
+    /// grants its admin client the twin-writer role, so it has a client of its own).
+    pub async fn start(port: u16) -> ControlWatcher {
+        let user = format!("control-watcher-{}", uuid::Uuid::new_v4().simple());
+        let r = dynsec(
+            port,
+            json!({"command": "createClient", "username": user, "password": "watch-pw",
+                   "roles": [{"rolename": "admin"}]}),
+        )
+        .await;
+        assert!(r.get("error").is_none(), "{r}");
+        let (client, el) = connect(port, &user, &user, "watch-pw").await.unwrap();
+        let mut rx = drive(el);
+        subscribe(&client, &mut rx, RESPONSE_TOPIC).await;
+        ControlWatcher { client, rx }
+    }
+
+    /// The response messages (each `{"responses": [...]}`) of every control message answered
+    /// since the last call, others' than the watcher's own sentinels.
+    pub async fn since_last(&mut self) -> Vec<Value> {
+        let id = format!("sentinel-{}", uuid::Uuid::new_v4().simple());
+        self.client
+            .publish(
+                CONTROL_TOPIC,
+                QoS::AtLeastOnce,
+                false,
+                json!({"commands": [{"command": "getClient", "username": id, "correlationData": id}]})
+                    .to_string(),
+            )
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some((topic, body)) = self.rx.recv().await {
+                if topic != RESPONSE_TOPIC {
+                    continue;
+                }
+                if body.contains(&id) {
+                    return;
+                }
+                if body.contains("\"sentinel-") {
+                    continue;
+                }
+                seen.push(serde_json::from_str::<Value>(&body).expect("response JSON"));
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no response for {id}"));
+        seen
+    }
+}
+
+/// The commands answered in `messages` (from [`ControlWatcher::since_last`]).
+pub fn answers(messages: &[Value]) -> Vec<Value> {
+    messages
+        .iter()
+        .flat_map(|m| m["responses"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+/// A role's `getRole` data, `None` when it does not exist.
+pub async fn dynsec_role(port: u16, rolename: &str) -> Option<Value> {
+    let r = dynsec(port, json!({"command": "getRole", "rolename": rolename})).await;
+    match r["error"].as_str() {
+        None => Some(r["data"]["role"].clone()),
+        Some(e) if e.to_ascii_lowercase().contains("not found") => None,
+        Some(e) => panic!("getRole {rolename}: {e}"),
+    }
+}
+
+/// The role names of a client (`getClient` data).
+pub fn role_names(client: &Value) -> Vec<String> {
+    client["roles"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|r| r["rolename"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Does a device (already connected as `dev`, receiving into `inbox`) get its own publish
+/// through and is it kept out of `other`'s tree? Checked with an admin watcher on
+/// `{prefix}/#`: a publish to the other tree is dropped, the device's own arrives; the device
+/// subscribing to the other tree receives nothing of it.
+pub async fn assert_confined(port: u16, prefix: &str, me: &str, pass: &str, other: &str) {
+    let (admin, el) = connect(
+        port,
+        &format!("confine-{}", uuid::Uuid::new_v4().simple()),
+        "admin",
+        ADMIN_PW,
+    )
+    .await
+    .unwrap();
+    let mut watch = drive(el);
+    subscribe(&admin, &mut watch, &format!("{prefix}/#")).await;
+    let (dev, el) = connect(port, me, me, pass)
+        .await
+        .unwrap_or_else(|e| panic!("{me} connects: {e}"));
+    let mut inbox = drive(el);
+    let granted = subscribe(&dev, &mut inbox, &format!("{prefix}/{other}/#")).await;
+    let _ = granted;
+    dev.publish(
+        format!("{prefix}/{other}/telemetry"),
+        QoS::AtLeastOnce,
+        false,
+        "intrusion",
+    )
+    .await
+    .unwrap();
+    dev.publish(
+        format!("{prefix}/{me}/telemetry"),
+        QoS::AtLeastOnce,
+        false,
+        "mine",
+    )
+    .await
+    .unwrap();
+    let seen = next_until(&mut watch, &format!("{prefix}/{me}/telemetry")).await;
+    assert!(
+        !seen.iter().any(|m| m.1 == "intrusion"),
+        "{me} published into {other}'s tree: {seen:?}"
+    );
+    // The admin publishes into the other tree; the device must not receive it, while a
+    // publish into its own tree (after it, same connection) reaches it. (The admin may publish
+    // under `{prefix}/+/twin/#` once dps has granted itself the twin-writer role.)
+    admin
+        .publish(
+            format!("{prefix}/{other}/twin/probe"),
+            QoS::AtLeastOnce,
+            false,
+            "secret",
+        )
+        .await
+        .unwrap();
+    let _ = dev
+        .subscribe(format!("{prefix}/{me}/#"), QoS::AtLeastOnce)
+        .await;
+    next_until(&mut inbox, "$suback").await;
+    admin
+        .publish(
+            format!("{prefix}/{me}/twin/probe"),
+            QoS::AtLeastOnce,
+            false,
+            "for-me",
+        )
+        .await
+        .unwrap();
+    let got = next_until(&mut inbox, &format!("{prefix}/{me}/twin/probe")).await;
+    assert!(
+        !got.iter()
+            .any(|m| m.0.starts_with(&format!("{prefix}/{other}/"))),
+        "{me} received {other}'s messages: {got:?}"
+    );
 }
