@@ -9,7 +9,7 @@ use base64::Engine as _;
 use dps_core::instance::{HubKind, LinkedHub};
 use dps_server::hubs::broker_auth::derive_password;
 use reqwest::Method;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -618,29 +618,8 @@ async fn mqtt_connect_as(
     user: &str,
     pw: &str,
 ) -> Result<(AsyncClient, EventLoop), String> {
-    let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
-    o.set_credentials(user, pw);
-    o.set_clean_session(true);
-    o.set_keep_alive(Duration::from_secs(30));
-    let (c, mut el) = AsyncClient::new(o, 16);
-    tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(a))) => {
-                    return if a.code == rumqttc::ConnectReturnCode::Success {
-                        Ok(())
-                    } else {
-                        Err(format!("{:?}", a.code))
-                    };
-                }
-                Ok(_) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    })
-    .await
-    .map_err(|_| "connect timed out".to_string())??;
-    Ok((c, el))
+    crate::support_mosquitto::connect_within(port, client_id, user, pw, Duration::from_secs(15))
+        .await
 }
 
 /// Events of a connection, in the background: publishes as (topic, payload), SUBACK return

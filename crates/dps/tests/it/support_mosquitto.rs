@@ -168,12 +168,23 @@ pub async fn connect(
     user: &str,
     pass: &str,
 ) -> Result<(AsyncClient, EventLoop), String> {
+    connect_within(port, client_id, user, pass, Duration::from_secs(5)).await
+}
+
+/// [`connect`] to any MQTT 3.1.1 broker on loopback, waiting at most `within` for its CONNACK.
+pub async fn connect_within(
+    port: u16,
+    client_id: &str,
+    user: &str,
+    pass: &str,
+    within: Duration,
+) -> Result<(AsyncClient, EventLoop), String> {
     let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
     o.set_credentials(user, pass);
     o.set_clean_session(true);
     o.set_keep_alive(Duration::from_secs(30));
     let (c, mut el) = AsyncClient::new(o, 16);
-    tokio::time::timeout(Duration::from_secs(5), async {
+    tokio::time::timeout(within, async {
         loop {
             match el.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),

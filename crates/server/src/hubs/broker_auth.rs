@@ -27,6 +27,7 @@
 //! (default 200000), `rabbitmq_vhost` (default `/`), `rabbitmq_exchange` (default `amq.topic`).
 //! See docs/linked-hubs.md.
 
+use super::opt_str;
 use super::registry::{RegistryHub, StoredHubDevice};
 use dps_core::hub::{HubAdapter, HubError, HubIdentity};
 use dps_core::instance::LinkedHub;
@@ -67,10 +68,6 @@ pub struct Settings {
     pub rabbitmq_exchange: String,
 }
 
-fn opt_str<'a>(hub: &'a LinkedHub, k: &str) -> Option<&'a str> {
-    hub.options.get(k).and_then(Value::as_str)
-}
-
 fn opt_ms(hub: &LinkedHub, k: &str, default: u64) -> Duration {
     Duration::from_millis(
         hub.options
@@ -98,15 +95,7 @@ pub fn parse_settings(hub: &LinkedHub) -> Result<Settings, String> {
     if opt_str(hub, "auth_secret").is_none() {
         return Err("a broker-auth hub needs options.auth_secret (what the broker presents to dps, at least 16 characters)".into());
     }
-    let password_derived = match opt_str(hub, "password_mode").unwrap_or("derived") {
-        "derived" => true,
-        "primaryKey" | "primary_key" => false,
-        other => {
-            return Err(format!(
-                "unknown password_mode '{other}' (derived | primaryKey)"
-            ))
-        }
-    };
+    let password_derived = super::mosquitto::password_mode_derived(hub)?;
     let topic_prefix = opt_str(hub, "topic_prefix")
         .unwrap_or("devices")
         .trim_matches('/')
@@ -173,11 +162,7 @@ impl Facts {
                 .pointer("/symmetricKey/primaryKey")
                 .and_then(Value::as_str)
                 .and_then(|k| {
-                    if s.password_derived {
-                        derive_password(k, &dev.device_id)
-                    } else {
-                        Some(k.to_string())
-                    }
+                    super::mosquitto::device_password(k, &dev.device_id, s.password_derived)
                 })
                 .map(|p| sha256(p.as_bytes())),
             _ => None,

@@ -36,6 +36,11 @@ pub(crate) fn timeout_option(hub: &LinkedHub, default_ms: u64) -> Duration {
     )
 }
 
+/// A hub's string option `k`, if set (and a string).
+pub(crate) fn opt_str<'a>(hub: &'a LinkedHub, k: &str) -> Option<&'a str> {
+    hub.options.get(k).and_then(serde_json::Value::as_str)
+}
+
 /// Health of one hub.
 #[derive(Debug, Clone, Default)]
 pub struct Health {

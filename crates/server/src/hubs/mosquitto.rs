@@ -40,6 +40,7 @@
 //! (default 50 on 2.1+, 8 on 2.0.x, which saves its file once per command) and
 //! `max_inflight_messages` (default 2). See docs/linked-hubs.md.
 
+use super::opt_str;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use dps_core::hub::{HubAdapter, HubAuth, HubError, HubIdentity};
@@ -123,8 +124,26 @@ enum RoleMode {
     PerDevice,
 }
 
-fn opt_str<'a>(hub: &'a LinkedHub, k: &str) -> Option<&'a str> {
-    hub.options.get(k).and_then(Value::as_str)
+/// The `password_mode` option of the broker kinds (`mosquitto`, `broker-auth`): `true` for
+/// `derived` (the default), `false` for `primaryKey`.
+pub(crate) fn password_mode_derived(hub: &LinkedHub) -> Result<bool, String> {
+    match opt_str(hub, "password_mode").unwrap_or("derived") {
+        "derived" => Ok(true),
+        "primaryKey" | "primary_key" => Ok(false),
+        other => Err(format!(
+            "unknown password_mode '{other}' (derived | primaryKey)"
+        )),
+    }
+}
+
+/// A symmetric-key device's broker password under `password_mode` ([`derive_password`], or the
+/// primary key itself); `None` when a derivation is asked for and the key is not base64.
+pub(crate) fn device_password(primary_key: &str, device_id: &str, derived: bool) -> Option<String> {
+    if derived {
+        derive_password(primary_key, device_id)
+    } else {
+        Some(primary_key.to_string())
+    }
 }
 
 fn parse_settings(hub: &LinkedHub) -> Result<Settings, String> {
@@ -170,15 +189,7 @@ fn parse_settings(hub: &LinkedHub) -> Result<Settings, String> {
     } else {
         None
     };
-    let password_mode_derived = match opt_str(hub, "password_mode").unwrap_or("derived") {
-        "derived" => true,
-        "primaryKey" | "primary_key" => false,
-        other => {
-            return Err(format!(
-                "unknown password_mode '{other}' (derived | primaryKey)"
-            ))
-        }
-    };
+    let password_mode_derived = password_mode_derived(hub)?;
     let device_role = match opt_str(hub, "device_role").unwrap_or("auto") {
         "auto" => RoleMode::Auto,
         "shared" => RoleMode::Shared,
@@ -1013,12 +1024,10 @@ impl HubAdapter for MosquittoHub {
         self.check_id(id)?;
         let s = self.settings()?;
         let password = match &identity.auth {
-            HubAuth::SymmetricKey { primary, .. } => Some(if s.password_mode_derived {
-                derive_password(primary, id)
-                    .ok_or_else(|| self.rejected("the device key is not base64"))?
-            } else {
-                primary.clone()
-            }),
+            HubAuth::SymmetricKey { primary, .. } => Some(
+                device_password(primary, id, s.password_mode_derived)
+                    .ok_or_else(|| self.rejected("the device key is not base64"))?,
+            ),
             HubAuth::X509Thumbprint { .. } => None,
         };
         let conn = self.conn().await?;
