@@ -141,6 +141,25 @@ pub enum Command {
     /// CA certificates of an instance (admin API).
     #[command(subcommand)]
     Certificate(CertificateCommand),
+    /// Write the man pages (`dps.1` and one per subcommand) into a folder.
+    #[command(hide = true)]
+    Man(ManArgs),
+}
+
+/// `dps man` flags.
+#[derive(Args, Debug, Clone)]
+pub struct ManArgs {
+    /// Folder to write the pages into (created if missing).
+    #[arg(long, default_value = ".")]
+    pub out: PathBuf,
+}
+
+/// Writes the man pages of the whole command line (`dps.1`, `dps-enrollment.1`,
+/// `dps-enrollment-create.1`, ...) into `out`.
+pub fn write_man_pages(out: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(out)?;
+    clap_mangen::generate_to(Cli::command(), out)
 }
 
 /// `dps serve` flags (the server maps them onto its configuration).
@@ -236,6 +255,11 @@ pub fn run(cli: Cli) -> ExitCode {
             }
             Command::Bench(a) => bench::run(&globals, a).await,
             Command::BenchBrokerAuth(a) => bench::broker_auth::run(&globals, a).await,
+            Command::Man(a) => write_man_pages(&a.out)
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot write the man pages to {}: {e}", a.out.display())
+                }),
             other => commands::dispatch(&globals, other).await,
         }
     });

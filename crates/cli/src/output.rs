@@ -5,14 +5,30 @@ use crate::table::{cell, render};
 use crate::{Globals, OutputFormat};
 use serde_json::{json, Value};
 
+/// Writes `text` to standard output. A reader that went away (`dps … | head`, `| grep -q`) is
+/// not an error of ours: the process ends quietly with success, as `cat` would, instead of
+/// `println!`'s panic on a broken pipe.
+pub(crate) fn print_out(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("error: cannot write to standard output: {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
 /// Print JSON or a table.
 pub(crate) fn emit(g: &Globals, v: &Value, table: impl FnOnce(&Value) -> String) {
     match g.output {
-        OutputFormat::Json => println!(
-            "{}",
+        OutputFormat::Json => print_out(&format!(
+            "{}\n",
             serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
-        ),
-        OutputFormat::Table => print!("{}", table(v)),
+        )),
+        OutputFormat::Table => print_out(&table(v)),
     }
 }
 
@@ -41,7 +57,7 @@ pub(crate) fn emit_list(g: &Globals, items: &[Value], headers: &[&str], cols: &[
 /// Print what was done: `{"result": …}` in JSON, the sentence in a table.
 pub(crate) fn done(g: &Globals, what: String) {
     match g.output {
-        OutputFormat::Json => println!("{}", json!({"result": what})),
-        OutputFormat::Table => println!("{what}"),
+        OutputFormat::Json => print_out(&format!("{}\n", json!({"result": what}))),
+        OutputFormat::Table => print_out(&format!("{what}\n")),
     }
 }

@@ -1,6 +1,7 @@
 //! `dps device …`: act as a device (`dps device register`); the device transports, trust and
 //! default endpoint, which `dps bench` shares.
 
+use crate::output::print_out;
 use crate::service::{extra_ca_file, ConnectionString};
 use crate::{Globals, OutputFormat};
 use anyhow::{Context, Result};
@@ -152,7 +153,9 @@ pub(crate) async fn register(g: &Globals, a: RegisterArgs) -> Result<ExitCode> {
                 "elapsedMs": r.timing.elapsed.as_millis() as u64,
             });
             match g.output {
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
+                OutputFormat::Json => {
+                    print_out(&format!("{}\n", serde_json::to_string_pretty(&out)?))
+                }
                 OutputFormat::Table => {
                     let s = &r.state;
                     let mut rows = vec![
@@ -179,7 +182,7 @@ pub(crate) async fn register(g: &Globals, a: RegisterArgs) -> Result<ExitCode> {
                         "elapsed".into(),
                         format!("{} ms", r.timing.elapsed.as_millis()),
                     ]);
-                    print!("{}", crate::table::render(&["FIELD", "VALUE"], &rows));
+                    print_out(&crate::table::render(&["FIELD", "VALUE"], &rows));
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -187,13 +190,13 @@ pub(crate) async fn register(g: &Globals, a: RegisterArgs) -> Result<ExitCode> {
         Err(e) => {
             let (status, code, reason) = describe_failure(&e);
             match g.output {
-                OutputFormat::Json => println!(
-                    "{}",
+                OutputFormat::Json => print_out(&format!(
+                    "{}\n",
                     serde_json::to_string_pretty(&json!({
                         "status": status, "errorCode": code, "reason": reason,
                         "error": e.reason(),
                     }))?
-                ),
+                )),
                 OutputFormat::Table => {
                     let rows = vec![
                         vec!["status".to_string(), status.to_string()],
@@ -203,7 +206,7 @@ pub(crate) async fn register(g: &Globals, a: RegisterArgs) -> Result<ExitCode> {
                         ],
                         vec!["reason".into(), reason],
                     ];
-                    print!("{}", crate::table::render(&["FIELD", "VALUE"], &rows));
+                    print_out(&crate::table::render(&["FIELD", "VALUE"], &rows));
                 }
             }
             eprintln!("error: the device was not assigned: {e}");
