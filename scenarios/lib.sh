@@ -28,6 +28,10 @@ expect() { # expect "WHAT" CONDITION-COMMAND...
   local what=$1; shift
   if "$@"; then printf '  [PASS] %s\n' "$what"; else printf '  [FAIL] %s\n' "$what"; FAILURES=$((FAILURES + 1)); fi
 }
+expect_not() { # expect_not "WHAT" COMMAND...: passes when the command fails
+  local what=$1; shift
+  if "$@"; then printf '  [FAIL] %s\n' "$what"; FAILURES=$((FAILURES + 1)); else printf '  [PASS] %s\n' "$what"; fi
+}
 finish() {
   section "result"
   say "  took $((SECONDS - T_START)) s"

@@ -192,9 +192,17 @@ pub async fn handle(
                 }
                 None => Some(caller.instance.name.clone()),
             };
+            let since = match param(params, "since") {
+                None => None,
+                Some(v) => Some(dps_core::clock::normalize_timestamp(v).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "'since' must be an RFC 3339 time (2026-12-03T10:42:13Z) or a date (2026-12-03), not '{v}'"
+                    ))
+                })?),
+            };
             let q = AuditQuery {
                 instance,
-                since: param(params, "since").map(str::to_string),
+                since,
                 target_id: param(params, "target").map(str::to_string),
                 action_prefix: param(params, "action").map(str::to_string),
                 after_seq: param(params, "after").and_then(|v| v.parse().ok()),
