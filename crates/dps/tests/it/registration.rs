@@ -1253,7 +1253,10 @@ async fn audit_since_compares_instants_not_text() {
     let found = s
         .audit(&format!("target=since-1&since={whole_second}"))
         .await;
-    assert!(has_action(&found, "enrollment.create"), "{whole_second}: {found:?}");
+    assert!(
+        has_action(&found, "enrollment.create"),
+        "{whole_second}: {found:?}"
+    );
     // The same instant one hour east of UTC.
     let t = time::OffsetDateTime::parse(&ts, &time::format_description::well_known::Rfc3339)
         .unwrap()
@@ -1263,7 +1266,10 @@ async fn audit_since_compares_instants_not_text() {
         .unwrap()
         .replace('+', "%2B");
     let found = s.audit(&format!("target=since-1&since={plus_one}")).await;
-    assert!(has_action(&found, "enrollment.create"), "{plus_one}: {found:?}");
+    assert!(
+        has_action(&found, "enrollment.create"),
+        "{plus_one}: {found:?}"
+    );
     let later = s.audit("target=since-1&since=2999-01-01").await;
     assert!(later.is_empty(), "{later:?}");
     let r = s
