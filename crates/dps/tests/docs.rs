@@ -163,6 +163,7 @@ fn every_configuration_key_is_documented() {
         linked_hub: vec![hub],
         allocation_policy: Default::default(),
         register_response: Default::default(),
+        credential_policy: Vec::new(),
     });
     collect_keys(
         &serde_json::to_value(&cfg).expect("config serializes"),
