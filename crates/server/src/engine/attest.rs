@@ -6,6 +6,7 @@
 //! (the individual enrollment).
 
 use super::Engine;
+use crate::issuer::IssuedCertificate;
 use dps_core::device::DeviceCredential;
 use dps_core::error::AuthFailure;
 use dps_core::hub::HubAuth;
@@ -16,9 +17,8 @@ use dps_core::model::{
     X509RegistrationResult,
 };
 use dps_core::sas::{derive_device_key, SasToken};
-use dps_core::x509::verify::{attest as decide, X509Candidates, X509Match};
-use crate::issuer::IssuedCertificate;
 use dps_core::store::Collection;
+use dps_core::x509::verify::{attest as decide, X509Candidates, X509Match};
 use dps_core::Result;
 use std::sync::Arc;
 
