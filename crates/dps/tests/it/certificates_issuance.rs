@@ -629,57 +629,91 @@ async fn issued_certificates_log_devices_into_mosquitto_through_an_operator_inte
         "{exported}"
     );
 
-    let key = s
-        .enroll("cs-mq-1", json!({"credentialPolicyName": "operator"}))
-        .await;
-    let (k, csr) = key_and_csr("cs-mq-1");
-    let r = client(
+    let factory = ca("Factory CA");
+    let r = admin(
         &s,
-        "cs-mq-1",
-        Auth::SymmetricKey(key),
-        Transport::Https,
-        &csr,
+        Method::PUT,
+        "/enrollmentGroups/factory",
+        Some(json!({"enrollmentGroupId": "factory", "credentialPolicyName": "operator",
+            "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": factory.pem()}}}}})),
     )
-    .register()
-    .await
-    .expect("registered");
-    let chain = r.state.issued_certificate_chain.clone().expect("chain");
-    assert_eq!(chain.len(), 3, "leaf, intermediate, root");
-    let tmp = tempfile::tempdir().unwrap();
-    let (ok, out) = openssl_verify(tmp.path(), &root.pem(), &chain);
-    assert!(ok, "openssl verify against the operator root: {out}");
-
-    // The device logs into the broker with its issued certificate (username = its CN) and
-    // uses its own topics.
-    let (c, el) = eventually(Duration::from_secs(10), || {
-        let (chain, key) = (pem_of(&chain[..2]), k.serialize_pem());
-        let server_ca = server_ca.pem();
-        async move { connect_with_cert(tls_port, "cs-mq-1", &server_ca, &chain, &key).await }
-    })
     .await;
-    let mut rx = crate::support_mosquitto::drive(el);
-    c.subscribe("devices/cs-mq-1/#", rumqttc::QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    c.publish(
-        "devices/cs-mq-1/telemetry",
-        rumqttc::QoS::AtLeastOnce,
-        false,
-        "hello",
-    )
-    .await
-    .unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Some((topic, body)) = rx.recv().await {
-            if topic == "devices/cs-mq-1/telemetry" {
-                return body;
-            }
-        }
-        String::new()
-    })
-    .await
-    .expect("the device receives its own publish");
-    assert_eq!(got, "hello");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let key = s
+        .enroll("cs-mq-sym", json!({"credentialPolicyName": "operator"}))
+        .await;
+    let (fcert, fkey) = leaf("cs-mq-x509", &factory, false);
+    let devices = [
+        ("cs-mq-sym", Auth::SymmetricKey(key), Transport::Https),
+        (
+            "cs-mq-x509",
+            Auth::X509 {
+                cert_chain_pem: fcert.into_bytes(),
+                key_pem: fkey.into_bytes(),
+            },
+            Transport::Mqtt,
+        ),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    for (rid, auth, t) in devices {
+        let (k, csr) = key_and_csr(rid);
+        let r = client(&s, rid, auth, t, &csr)
+            .register()
+            .await
+            .unwrap_or_else(|e| panic!("{rid}: {e}"));
+        let chain = r.state.issued_certificate_chain.clone().expect("chain");
+        assert_eq!(chain.len(), 3, "{rid}: leaf, intermediate, root");
+        let (ok, out) = openssl_verify(tmp.path(), &root.pem(), &chain);
+        assert!(ok, "{rid}: openssl verify against the operator root: {out}");
+        // dps made the device a broker client without a password: it logs in by certificate.
+        let dynsec = crate::support_mosquitto::dynsec_client(broker.port, rid).await;
+        assert!(dynsec.is_some(), "{rid}: no dynamic-security client");
+        login_and_echo(tls_port, rid, &server_ca.pem(), &chain, &k.serialize_pem()).await;
+
+        // Renewal with the issued certificate, over the same transport; the new one logs in.
+        let (k2, csr2) = key_and_csr(rid);
+        let issued = Auth::X509 {
+            cert_chain_pem: pem_of(&chain).into_bytes(),
+            key_pem: k.serialize_pem().into_bytes(),
+        };
+        let r = client(&s, rid, issued, t, &csr2)
+            .register()
+            .await
+            .unwrap_or_else(|e| panic!("{rid}: renewal: {e}"));
+        let chain2 = r
+            .state
+            .issued_certificate_chain
+            .clone()
+            .expect("renewed chain");
+        login_and_echo(
+            tls_port,
+            rid,
+            &server_ca.pem(),
+            &chain2,
+            &k2.serialize_pem(),
+        )
+        .await;
+
+        // Revoked: dps refuses the certificate at once.
+        let rv = admin(
+            &s,
+            Method::POST,
+            &format!("/admin/instances/default/registrations/{rid}/revokeCertificates"),
+            None,
+        )
+        .await;
+        assert_eq!(rv.status, 200, "{}", rv.body);
+        let (_, csr3) = key_and_csr(rid);
+        let revoked = Auth::X509 {
+            cert_chain_pem: pem_of(&chain2).into_bytes(),
+            key_pem: k2.serialize_pem().into_bytes(),
+        };
+        let e = client(&s, rid, revoked, t, &csr3)
+            .register()
+            .await
+            .expect_err("a revoked certificate is refused");
+        assert!(matches!(e, DevError::Unauthorized { .. }), "{rid}: {e:?}");
+    }
 
     // A certificate from another CA is refused by the broker.
     let stranger_ca = ca("Stranger");
@@ -689,4 +723,36 @@ async fn issued_certificates_log_devices_into_mosquitto_through_an_operator_inte
             .await
             .is_err()
     );
+}
+
+/// Log into the broker's certificate listener with an issued chain (leaf and intermediate) and
+/// publish to, and receive from, the device's own topic.
+async fn login_and_echo(port: u16, rid: &str, server_ca: &str, chain: &[String], key: &str) {
+    let (c, el) = eventually(Duration::from_secs(10), || {
+        let presented = pem_of(&chain[..chain.len() - 1]);
+        async move { connect_with_cert(port, rid, server_ca, &presented, key).await }
+    })
+    .await;
+    let mut rx = crate::support_mosquitto::drive(el);
+    c.subscribe(format!("devices/{rid}/#"), rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let topic = format!("devices/{rid}/telemetry");
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            // Published until the subscription is in place (the SUBACK comes first).
+            c.publish(&topic, rumqttc::QoS::AtLeastOnce, false, "hello")
+                .await
+                .unwrap();
+            match tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+                Ok(Some((t, body))) if t == topic => return body,
+                Ok(Some(_)) | Err(_) => continue,
+                Ok(None) => return String::new(),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{rid}: its own publish never came back"));
+    assert_eq!(got, "hello");
+    let _ = c.disconnect().await;
 }
