@@ -594,6 +594,20 @@ impl Config {
                 t.cert = resolve(&t.cert);
                 t.key = resolve(&t.key);
             }
+            for i in &mut cfg.instances {
+                for p in &mut i.credential_policy {
+                    for f in [
+                        &mut p.ca_certificate_file,
+                        &mut p.ca_key_file,
+                        &mut p.ca_chain_file,
+                    ]
+                    .into_iter()
+                    .flatten()
+                    {
+                        *f = resolve(Path::new(f.as_str())).display().to_string();
+                    }
+                }
+            }
             if let Some(p) = cfg.store.strip_prefix("sqlite://") {
                 if Path::new(p).is_relative() {
                     cfg.store = format!("sqlite://{}", base.join(p).display());
