@@ -165,7 +165,9 @@ async fn issued_serial(s: &TestServer, n: usize) -> String {
     eventually(std::time::Duration::from_secs(10), || {
         let path = path.clone();
         async move {
-            let r = s.call(Method::GET, &path, Some(&s.owner()), None, &[]).await;
+            let r = s
+                .call(Method::GET, &path, Some(&s.owner()), None, &[])
+                .await;
             r.body[0]["serialNumber"]
                 .as_str()
                 .map(str::to_string)
@@ -453,12 +455,16 @@ async fn row(s: &TestServer, gkey: &str, route: &Route, n: usize) -> Option<Case
         "GET /admin/instances/{instance}/credentialPolicies" => {
             case("/admin/instances/default/credentialPolicies", None, 200)
         }
-        "GET /admin/instances/{instance}/credentialPolicies/{policy}" => {
-            case("/admin/instances/default/credentialPolicies/matrix", None, 200)
-        }
-        "GET /admin/instances/{instance}/credentialPolicies/{policy}/ca" => {
-            case("/admin/instances/default/credentialPolicies/matrix/ca", None, 200)
-        }
+        "GET /admin/instances/{instance}/credentialPolicies/{policy}" => case(
+            "/admin/instances/default/credentialPolicies/matrix",
+            None,
+            200,
+        ),
+        "GET /admin/instances/{instance}/credentialPolicies/{policy}/ca" => case(
+            "/admin/instances/default/credentialPolicies/matrix/ca",
+            None,
+            200,
+        ),
         "GET /admin/instances/{instance}/issuedCertificates" => {
             case("/admin/instances/default/issuedCertificates", None, 200)
         }

@@ -527,6 +527,31 @@ async fn bad_certificate_requests_get_a_clear_400_and_minting_in_a_loop_a_429() 
         "{}",
         deny.body
     );
+    // Through the admin API a policy gets a generated CA: no CA files (they would let an
+    // instance's administrator sign with any key file the server can read).
+    let mut inst = admin(&s, Method::GET, "/admin/instances/default", None)
+        .await
+        .body;
+    inst["credential_policy"] = json!([{"name": "hourly"}, {"name": "api", "ca_certificate_file": "/etc/dps/other.pem", "ca_key_file": "/etc/dps/other.key"}]);
+    let r = admin(
+        &s,
+        Method::PUT,
+        "/admin/instances/default",
+        Some(inst.clone()),
+    )
+    .await;
+    assert_error(&r, 400, None);
+    assert!(
+        r.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("configuration file")),
+        "{}",
+        r.body
+    );
+    inst["credential_policy"] =
+        json!([{"name": "hourly", "min_renewal_interval_secs": 3600}, {"name": "api"}]);
+    let r = admin(&s, Method::PUT, "/admin/instances/default", Some(inst)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
     let pol = admin(
         &s,
         Method::GET,
@@ -537,6 +562,11 @@ async fn bad_certificate_requests_get_a_clear_400_and_minting_in_a_loop_a_429() 
     assert_eq!(pol.status, 200, "{}", pol.body);
     assert_eq!(pol.body[0]["policy"]["name"], "hourly");
     assert_eq!(pol.body[0]["generatedCa"], true);
+    assert_eq!(pol.body[1]["policy"]["name"], "api");
+    assert_eq!(
+        pol.body[1]["ca"]["sha256Thumbprint"].as_str().map(str::len),
+        Some(64)
+    );
 }
 
 /// The TLS listener of a Mosquitto broker for devices: client certificates required, the
