@@ -476,9 +476,35 @@ async fn the_cli_issues_a_certificate_to_a_device_and_revokes_it() {
         "{}",
         String::from_utf8_lossy(&verify.stdout)
     );
+    // Renewal with the issued certificate (the files just written are replaced).
+    let out = cli
+        .json(&[
+            "device",
+            "register",
+            "--id-scope",
+            SCOPE,
+            "--registration-id",
+            "cli-cert-1",
+            "--cert",
+            "cli-cert-1.pem",
+            "--key-file",
+            "cli-cert-1.key.pem",
+            "--global-endpoint",
+            &endpoint,
+            "--ca-file",
+            cli.ca.to_str().unwrap(),
+            "--issue-certificate",
+        ])
+        .await;
+    assert_eq!(out["status"], "assigned", "{out}");
+    assert_eq!(
+        out["registrationState"]["x509"]["certificateInfo"]["subjectName"], "CN=cli-cert-1",
+        "{out}"
+    );
     let issued = cli
         .json(&["certificate", "issued", "--registration-id", "cli-cert-1"])
         .await;
+    assert_eq!(issued.as_array().map(Vec::len), Some(2), "{issued}");
     assert_eq!(issued[0]["status"], "active", "{issued}");
     let (ok, _, err) = cli
         .run(&["certificate", "revoke", "--registration-id", "cli-cert-1"])
@@ -487,7 +513,7 @@ async fn the_cli_issues_a_certificate_to_a_device_and_revokes_it() {
     let issued = cli
         .json(&["certificate", "issued", "--status", "revoked"])
         .await;
-    assert_eq!(issued.as_array().map(Vec::len), Some(1), "{issued}");
+    assert_eq!(issued.as_array().map(Vec::len), Some(2), "{issued}");
     let (ok, _, err) = cli
         .run(&["certificate", "crl", "devices", "--out", "devices.crl"])
         .await;
