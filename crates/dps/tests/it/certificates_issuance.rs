@@ -399,6 +399,10 @@ async fn bad_certificate_requests_get_a_clear_400_and_minting_in_a_loop_a_429() 
     let key = s
         .enroll("cs-rate", json!({"credentialPolicyName": "hourly"}))
         .await;
+    // The service API keeps and returns `credentialPolicyName` (spec 2025-07-01-preview,
+    // IndividualEnrollment_CreateOrUpdate example).
+    let e = admin(&s, Method::GET, "/enrollments/cs-rate", None).await;
+    assert_eq!(e.body["credentialPolicyName"], "hourly", "{}", e.body);
     // The CSR's CN must be the registration id.
     let (_, other) = key_and_csr("someone-else");
     let r = raw_register(&s, "cs-rate", &key, CSR_API, &b64(&other)).await;
@@ -435,6 +439,15 @@ async fn bad_certificate_requests_get_a_clear_400_and_minting_in_a_loop_a_429() 
     let r = raw_register(&s, "cs-rate", &key, CSR_API, &b64(&csr)).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["status"], "assigned");
+    // Each element one base64 line of DER (the C SDK wraps each in PEM armour as is).
+    for c in r.body["registrationState"]["issuedCertificateChain"]
+        .as_array()
+        .expect("issuedCertificateChain")
+    {
+        let c = c.as_str().expect("a string");
+        assert!(!c.contains('\n') && !c.contains("-----"), "{c}");
+        assert!(dps_core::x509::certificate_info(&der_of(c)).is_ok());
+    }
     assert_eq!(
         r.body["registrationState"]["issuedCertificateChain"]
             .as_array()
