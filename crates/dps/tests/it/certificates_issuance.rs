@@ -348,15 +348,14 @@ async fn symmetric_key_and_factory_x509_devices_get_renew_and_lose_their_certifi
     assert_eq!(issued.len(), 4, "{issued:?}");
     assert_eq!(s.audit("action=certificate.renewed").await.len(), 4);
     assert_eq!(s.audit("action=certificate.revoked").await.len(), 8);
+    // The recorder is shared by every test of this binary: at least this test's four.
     let m = scrape(&s).await;
-    assert_eq!(
-        sample(
-            &m,
-            "CertificatesIssued",
-            &[("policy", "devices"), ("kind", "issued")]
-        ),
-        4.0
+    let issued = sample(
+        &m,
+        "CertificatesIssued",
+        &[("policy", "devices"), ("kind", "issued")],
     );
+    assert!(issued >= 4.0, "{issued}");
 }
 
 /// Register over HTTPS with raw bodies (what the SDKs send): (status, body).
