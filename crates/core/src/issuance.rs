@@ -399,6 +399,31 @@ mod tests {
     }
 
     #[test]
+    fn rsa_keys_are_checked_against_the_policy_minimum() {
+        // rcgen (aws-lc-rs) generates RSA-2048 keys.
+        let der = csr_for(Some("dev-rsa"), &rcgen::PKCS_RSA_SHA256);
+        let p = CredentialPolicy::new("devices");
+        let c = check_csr(&der, "dev-rsa", &p).unwrap();
+        assert_eq!((c.key_type, c.key_bits), (KeyType::Rsa, 2048));
+        let mut p3072 = CredentialPolicy::new("strict");
+        p3072.rsa_min_bits = 3072;
+        assert!(matches!(
+            check_csr(&der, "dev-rsa", &p3072),
+            Err(CsrError::RsaTooSmall {
+                bits: 2048,
+                min: 3072,
+                ..
+            })
+        ));
+        let mut ec_only = CredentialPolicy::new("ec");
+        ec_only.key_types = vec![KeyType::EcdsaP256, KeyType::EcdsaP384];
+        assert!(matches!(
+            check_csr(&der, "dev-rsa", &ec_only),
+            Err(CsrError::KeyType { .. })
+        ));
+    }
+
+    #[test]
     fn a_tampered_csr_fails_its_signature() {
         let p = CredentialPolicy::new("devices");
         let mut der = csr_for(Some("dev-1"), &rcgen::PKCS_ECDSA_P256_SHA256);
