@@ -15,6 +15,7 @@ pub mod error;
 pub mod hub;
 pub mod ids;
 pub mod instance;
+pub mod issuance;
 pub mod model;
 pub mod random;
 pub mod redact;

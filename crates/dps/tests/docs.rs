@@ -163,6 +163,14 @@ fn every_configuration_key_is_documented() {
         linked_hub: vec![hub],
         allocation_policy: Default::default(),
         register_response: Default::default(),
+        credential_policy: vec![{
+            let mut p = dps_core::issuance::CredentialPolicy::new("devices");
+            p.san_device_id = false;
+            p.ca_certificate_file = Some("ca.pem".into());
+            p.ca_key_file = Some("ca.key".into());
+            p.ca_chain_file = Some("root.pem".into());
+            p
+        }],
     });
     collect_keys(
         &serde_json::to_value(&cfg).expect("config serializes"),

@@ -447,6 +447,9 @@ pub struct InstanceConfig {
     /// `accepted` (202, Azure's behaviour) or `immediate` (200 when done).
     #[serde(default)]
     pub register_response: RegisterResponse,
+    /// Credential policies (certificate issuance: the CAs that sign devices' CSRs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub credential_policy: Vec<dps_core::issuance::CredentialPolicy>,
 }
 
 impl Default for Config {
@@ -590,6 +593,20 @@ impl Config {
             if let Some(t) = &mut cfg.tls {
                 t.cert = resolve(&t.cert);
                 t.key = resolve(&t.key);
+            }
+            for i in &mut cfg.instances {
+                for p in &mut i.credential_policy {
+                    for f in [
+                        &mut p.ca_certificate_file,
+                        &mut p.ca_key_file,
+                        &mut p.ca_chain_file,
+                    ]
+                    .into_iter()
+                    .flatten()
+                    {
+                        *f = resolve(Path::new(f.as_str())).display().to_string();
+                    }
+                }
             }
             if let Some(p) = cfg.store.strip_prefix("sqlite://") {
                 if Path::new(p).is_relative() {
@@ -814,6 +831,16 @@ impl InstanceConfig {
                 return Err(at("access_policy: name must not be empty".into()));
             }
         }
+        let mut names = std::collections::HashSet::new();
+        for p in &self.credential_policy {
+            p.check().map_err(&at)?;
+            if !names.insert(p.name.to_ascii_lowercase()) {
+                return Err(at(format!(
+                    "credential_policy '{}': duplicate name",
+                    p.name
+                )));
+            }
+        }
         let mut hosts = std::collections::HashSet::new();
         for h in &self.linked_hub {
             let hub = |what: String| at(format!("linked_hub '{}': {what}", h.host));
@@ -900,6 +927,7 @@ impl InstanceConfig {
             linked_hub: self.linked_hub.clone(),
             allocation_policy: self.allocation_policy,
             register_response: self.register_response,
+            credential_policy: self.credential_policy.clone(),
         }
     }
 }
@@ -1099,6 +1127,7 @@ mod tests {
                 linked_hub: vec![],
                 allocation_policy: AllocationPolicy::Hashed,
                 register_response: RegisterResponse::Accepted,
+                credential_policy: Vec::new(),
             }],
             ..Config::default()
         };
@@ -1130,6 +1159,7 @@ mod tests {
                 linked_hub: vec![],
                 allocation_policy: AllocationPolicy::Hashed,
                 register_response: RegisterResponse::Accepted,
+                credential_policy: Vec::new(),
             };
             f(&mut i);
             Config {

@@ -143,6 +143,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             linked_hub: vec![dps_core::instance::LinkedHub::registry("hub.localhost")],
             allocation_policy: Default::default(),
             register_response: Default::default(),
+            credential_policy: Vec::new(),
         }]
     } else {
         cfg.instances.clone()
@@ -251,7 +252,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             cx.clone(),
             engine.clone(),
         ),
-        certificates: crate::usecases::certificates::Certificates::new(cx.clone(), catalog),
+        certificates: crate::usecases::certificates::Certificates::new(cx.clone(), catalog.clone()),
+        issuance: crate::usecases::issuance::Issuance::new(cx.clone(), catalog, engine.issuer()),
         admin: crate::usecases::admin::Admin::new(
             cx,
             backend,

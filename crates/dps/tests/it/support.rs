@@ -71,6 +71,7 @@ pub fn instance(name: &str, scope: &str, host: &str, hubs: Vec<LinkedHub>) -> In
         linked_hub: hubs,
         allocation_policy: Default::default(),
         register_response: RegisterResponse::Accepted,
+        credential_policy: Vec::new(),
     }
 }
 

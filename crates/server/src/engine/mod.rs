@@ -135,6 +135,8 @@ pub struct Engine {
     catalog: Arc<Catalog>,
     /// Which refused attempts are audited (per source, per node).
     refusals: refusals::RefusalSampler,
+    /// The credential policies' issuing CAs (certificate issuance).
+    issuer: Arc<crate::issuer::Issuer>,
     me: std::sync::Weak<Engine>,
 }
 
@@ -162,8 +164,14 @@ impl Engine {
             },
             Instant::now(),
         );
+        let issuer = Arc::new(crate::issuer::Issuer::new(
+            repo.clone(),
+            clock.clone(),
+            random.clone(),
+        ));
         Arc::new_cyclic(|me| Engine {
             me: me.clone(),
+            issuer,
             audit: Audit::with_clock(repo.store.clone(), clock.clone()),
             repo,
             instances,
@@ -217,6 +225,64 @@ impl Engine {
         metrics::counter!("AttestationAttempts", "instance" => inst.name.clone(), "protocol" => transport.as_str(), "attestation" => cred_kind(credential), "result" => "failure").increment(1);
     }
 
+    /// The credential policies' issuing CAs (for the issuance use case: CA export, CRLs).
+    pub fn issuer(&self) -> Arc<crate::issuer::Issuer> {
+        self.issuer.clone()
+    }
+
+    /// The credential policy and the checked CSR of a registration that sent a `csr`: the
+    /// enrollment must name a policy of the instance, the CSR must pass its checks, and the
+    /// device must not have been issued a certificate within the policy's
+    /// `min_renewal_interval_secs` (429 with the wait otherwise).
+    async fn certificate_request(
+        &self,
+        adm: &attest::Admitted,
+        field: &str,
+    ) -> Result<(
+        dps_core::issuance::CredentialPolicy,
+        dps_core::issuance::CheckedCsr,
+    )> {
+        let inst = &adm.instance;
+        let rid = &adm.registration_id;
+        let Some(name) = adm
+            .settings()
+            .credential_policy_name
+            .as_deref()
+            .filter(|n| !n.is_empty())
+        else {
+            return Err(Error::invalid(format!(
+                "the enrollment of '{rid}' has no credentialPolicyName, so dps issues it no \
+                 certificate: send the registration without 'csr', or give the enrollment a \
+                 credential policy"
+            )));
+        };
+        let policy = inst.credential_policy(name).cloned().ok_or_else(|| {
+            Error::invalid(format!(
+                "the enrollment's credential policy '{name}' does not exist in this instance"
+            ))
+        })?;
+        let der =
+            dps_core::issuance::decode_csr(field).map_err(|e| Error::invalid(e.to_string()))?;
+        let checked = dps_core::issuance::check_csr(&der, rid.as_str(), &policy)
+            .map_err(|e| Error::invalid(e.to_string()))?;
+        if policy.min_renewal_interval_secs > 0 {
+            if let Some(prev) = self.record(&inst.name, rid).await?.and_then(|r| r.issued) {
+                let next = prev
+                    .issued_unix
+                    .saturating_add(policy.min_renewal_interval_secs.min(i64::MAX as u64) as i64);
+                let now = self.clock.now().unix_timestamp();
+                if now < next {
+                    metrics::counter!("dps_certificate_requests_throttled_total").increment(1);
+                    tracing::info!(registration_id = %rid, policy = %policy.name, retry_after = next - now, "certificate request too soon after the last one");
+                    return Err(Error::Throttled {
+                        retry_after: (next - now).clamp(1, u32::MAX as i64) as u32,
+                    });
+                }
+            }
+        }
+        Ok((policy, checked))
+    }
+
     /// A fresh ETag for a registration record, from the injected source of randomness.
     fn new_etag(&self) -> String {
         dps_core::random::etag(self.random.as_ref())
@@ -262,6 +328,8 @@ impl Engine {
         s
     }
 
+    /// The answer of operation `op`: the registration state, with the issued certificate chain
+    /// when this operation issued one (never in status lookups or the service API).
     fn final_response(rec: &RegistrationRecord, op: &str) -> Result<DeviceResponse> {
         let status = rec.state.status.unwrap_or(RegistrationStatus::Unassigned);
         if status == RegistrationStatus::Failed {
@@ -284,7 +352,15 @@ impl Engine {
             body: RegistrationOperationStatus {
                 operation_id: op.to_string(),
                 status,
-                registration_state: Some(Self::device_state(rec)),
+                registration_state: Some({
+                    let mut state = Self::device_state(rec);
+                    if status == RegistrationStatus::Assigned {
+                        if let Some(issued) = rec.issued.as_ref().filter(|i| i.operation_id == op) {
+                            state.issued_certificate_chain = Some(issued.chain.clone());
+                        }
+                    }
+                    state
+                }),
             },
             retry_after: None,
         })
@@ -353,6 +429,10 @@ impl Engine {
             }
         };
         metrics::counter!("AttestationAttempts", "instance" => inst.name.clone(), "protocol" => req.transport.as_str(), "attestation" => adm.attestation.as_str(), "result" => "success").increment(1);
+        let csr = match req.body.csr.as_deref() {
+            Some(field) => Some(self.certificate_request(&adm, field).await?),
+            None => None,
+        };
         let op = dps_core::random::operation_id(self.random.as_ref()).to_string();
         let reg_key = rid.key();
         let key = (inst.name.to_ascii_lowercase(), reg_key.clone(), op.clone());
@@ -367,7 +447,7 @@ impl Engine {
             let force = req.force_registration;
             let me = self.self_arc();
             async move {
-                let r = me.assign(adm, &op, payload, transport, force).await;
+                let r = me.assign(adm, &op, payload, transport, force, csr).await;
                 me.running.lock().expect("running lock").remove(&key);
                 r
             }
