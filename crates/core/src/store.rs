@@ -31,11 +31,14 @@ pub enum Collection {
     Certificate,
     /// Revoked certificate thumbprints / serials of an instance.
     DenyList,
+    /// TPM activations: the HMAC key dps last gave each TPM device (and a few earlier ones, to
+    /// recognise replays). Secret; never returned by an API.
+    TpmActivation,
 }
 
 impl Collection {
     /// All collections.
-    pub const ALL: [Collection; 7] = [
+    pub const ALL: [Collection; 8] = [
         Collection::Instance,
         Collection::Enrollment,
         Collection::Group,
@@ -43,6 +46,7 @@ impl Collection {
         Collection::HubDevice,
         Collection::Certificate,
         Collection::DenyList,
+        Collection::TpmActivation,
     ];
     /// Stable name used in the database.
     pub fn as_str(self) -> &'static str {
@@ -54,6 +58,7 @@ impl Collection {
             Collection::HubDevice => "hubdevice",
             Collection::Certificate => "certificate",
             Collection::DenyList => "denylist",
+            Collection::TpmActivation => "tpmactivation",
         }
     }
 }

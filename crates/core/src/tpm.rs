@@ -314,6 +314,12 @@ impl PublicArea {
         self.raw == other.raw
     }
 
+    /// Can dps make an activation with this key (as the EK or the SRK)? `role` names it in the
+    /// error.
+    pub fn check_activation_key(&self, role: &'static str) -> Result<(), TpmError> {
+        self.storage_key(role).map(|_| ())
+    }
+
     /// Check that this key can protect an activation: RSA 2048 to 4096 bits, SHA-256 name,
     /// restricted decryption key with an AES-CFB symmetric definition.
     fn storage_key(&self, role: &'static str) -> Result<StorageKey, TpmError> {

@@ -166,6 +166,7 @@ impl Instances {
             Collection::Registration,
             Collection::Certificate,
             Collection::DenyList,
+            Collection::TpmActivation,
         ] {
             self.repo.store.delete_scope(c, &inst.name).await?;
         }
