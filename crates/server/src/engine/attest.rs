@@ -98,7 +98,7 @@ impl Engine {
             }
             _ => match tpm {
                 Some(t) => {
-                    let blob = self.tpm_challenge(inst, rid, t).await?;
+                    let blob = self.issue_tpm_activation(inst, rid, t).await?;
                     Err(Error::TpmChallenge {
                         authentication_key: base64::engine::general_purpose::STANDARD.encode(blob),
                     })

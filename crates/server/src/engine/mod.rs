@@ -533,6 +533,31 @@ impl DeviceService for Engine {
             .map_err(|e| logged(e, "registration status", &rid))
     }
 
+    async fn tpm_challenge(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+        tpm: &TpmAttestation,
+        transport: Transport,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Vec<u8>> {
+        let req_scope = id_scope.to_string();
+        let inst = self
+            .instances
+            .by_scope(&req_scope)
+            .ok_or_else(|| AuthFailure::UnknownInstance(req_scope.clone()))?;
+        let rid = RegistrationId::parse(registration_id)?;
+        let r = if matches!(transport, Transport::Mqtt | Transport::MqttWs) {
+            Err(AuthFailure::TpmOverMqtt.into())
+        } else {
+            self.issue_tpm_activation(&inst, &rid, tpm).await
+        };
+        if let Err(Error::Unauthorized(f)) = &r {
+            self.refused(&inst, &rid, f, transport, "tpm", peer).await;
+        }
+        r.map_err(|e| logged(e, "TPM challenge", registration_id))
+    }
+
     async fn authorize_connect(
         &self,
         id_scope: &str,

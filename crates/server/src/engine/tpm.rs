@@ -1,6 +1,6 @@
 //! TPM attestation (protocol digest §6.5), transport-independent:
 //!
-//! 1. [`Engine::tpm_challenge`]: a device presents its endorsement key (EK) and storage root key
+//! 1. [`Engine::issue_tpm_activation`]: a device presents its endorsement key (EK) and storage root key
 //!    (SRK) and no credential. If the EK is its individual TPM enrollment's (and the SRK the
 //!    enrollment's, when it names one), dps draws a fresh HMAC key, stores it (the
 //!    `TpmActivation` collection: shared by every node, survives restarts) and answers the
@@ -108,7 +108,7 @@ impl Engine {
     /// a new activation (a fresh HMAC key, stored; the previous one is retired) and return the
     /// activation blob, raw bytes. Transport-independent: HTTPS answers it as the 401 challenge,
     /// the AMQP SASL `TPM` mechanism in its challenge frames.
-    pub async fn tpm_challenge(
+    pub async fn issue_tpm_activation(
         &self,
         inst: &Arc<Instance>,
         rid: &RegistrationId,
