@@ -89,7 +89,10 @@ describe('TPM over HTTPS (azure-iot-security-tpm)', () => {
       client.register(),
       new Promise((_, reject) => setTimeout(() => reject(new Error('register() hung')), REGISTER_DEADLINE)),
     ]);
-    assertAssigned(result, { registrationId });
+    // The TPM flow resolves with the whole operation result, the other flows with its state.
+    const state = result.registrationState ?? result;
+    assertAssigned(state, { registrationId });
+    assert.ok(state.tpm?.authenticationKey, `registrationState.tpm.authenticationKey: ${JSON.stringify(state)}`);
     // The SDK imported the hub key: it signs with it now (a SAS the TPM made).
     const sig = await call((cb) => security.signWithIdentity(Buffer.from('hello'), cb));
     assert.equal(sig.length, 32, 'HMAC-SHA256 from the TPM');
@@ -101,7 +104,10 @@ describe('TPM over HTTPS (azure-iot-security-tpm)', () => {
     const security = new TpmSecurityClient(registrationId, new Tpm(true));
     const client = ProvisioningDeviceClient.create(HOST, ID_SCOPE, new Http(), security);
     const err = await expectRegisterError(client.register());
-    assert.equal(errorStatus(err), 404, `${err.name}: ${err.message}`);
+    // dps answers 404201 (as Azure does for an unknown TPM registration); the Node SDK reports
+    // any non-401 answer to the challenge as InvalidOperationError, without the status.
+    assert.ok(errorStatus(err) === 404 || /did NOT respond with an unauthorized error/.test(err.message),
+      `${err.name}: ${err.message}`);
     assert.match(await refusalReason(registrationId), /no individual enrollment/);
   });
 });

@@ -33,7 +33,9 @@ function makeTpmLink(host, port) {
   let buf = Buffer.alloc(0);
   let pending = null;
   const queue = [];
+  const link = { closed: false };
   const failAll = (err) => {
+    link.closed = true;
     if (pending) pending.reject(err);
     pending = null;
     while (queue.length) queue.shift().reject(err);
@@ -57,24 +59,20 @@ function makeTpmLink(host, port) {
     pending = queue.shift();
     sock.write(pending.command);
   }
-  return {
-    send(command) {
-      return new Promise((resolve, reject) => {
-        queue.push({ command, resolve, reject });
-        next();
-      });
-    },
-    close() { sock.destroy(); },
-  };
+  link.send = (command) => new Promise((resolve, reject) => {
+    if (link.closed) return reject(new Error('swtpm link closed'));
+    queue.push({ command, resolve, reject });
+    next();
+  });
+  link.close = () => { link.closed = true; sock.destroy(); };
+  return link;
 }
 
-function commandConnection(client, swtpmHost, swtpmPort, log) {
-  const tpm = makeTpmLink(swtpmHost, swtpmPort);
+function commandConnection(client, link, log) {
   let buf = Buffer.alloc(0);
   let busy = false;
-  const done = () => { tpm.close(); client.destroy(); };
+  const done = () => client.destroy();
   client.on('error', done);
-  client.on('close', () => tpm.close());
   async function pump() {
     if (busy) return;
     busy = true;
@@ -92,7 +90,7 @@ function commandConnection(client, swtpmHost, swtpmPort, log) {
           if (buf.length < 9 + size) break;
           const command = Buffer.from(buf.subarray(9, 9 + size));
           buf = buf.subarray(9 + size);
-          const resp = await tpm.send(command);
+          const resp = await link().send(command);
           client.write(Buffer.concat([u32(resp.length), resp, u32(0)]));
         } else if (code === SESSION_END || code === STOP) {
           done();
@@ -132,8 +130,24 @@ function platformConnection(client) {
  * forwarding TPM commands to swtpm's data port. Resolves with `{ close() }` once listening.
  */
 export async function startTpmShim({ port = 2321, swtpmHost = '127.0.0.1', swtpmPort = 2331, log = () => {} } = {}) {
-  const cmd = net.createServer((c) => commandConnection(c, swtpmHost, swtpmPort, log));
-  const plat = net.createServer(platformConnection);
+  // swtpm serves one data connection at a time: every simulator client shares one link, and
+  // commands are queued on it (a TPM runs one command at a time anyway).
+  let shared = null;
+  const link = () => {
+    if (!shared || shared.closed) {
+      const l = makeTpmLink(swtpmHost, swtpmPort);
+      shared = l;
+    }
+    return shared;
+  };
+  const sockets = new Set();
+  const track = (handler) => (c) => {
+    sockets.add(c);
+    c.on('close', () => sockets.delete(c));
+    handler(c);
+  };
+  const cmd = net.createServer(track((c) => commandConnection(c, link, log)));
+  const plat = net.createServer(track(platformConnection));
   const listen = (srv, p) => new Promise((resolve, reject) => {
     srv.once('error', reject);
     srv.listen(p, '127.0.0.1', resolve);
@@ -141,7 +155,11 @@ export async function startTpmShim({ port = 2321, swtpmHost = '127.0.0.1', swtpm
   await listen(cmd, port);
   await listen(plat, port + 1);
   return {
-    close: () => Promise.all([cmd, plat].map((s) => new Promise((r) => s.close(r)))),
+    close: () => {
+      for (const c of sockets) c.destroy();
+      shared?.close();
+      return Promise.all([cmd, plat].map((s) => new Promise((r) => s.close(r))));
+    },
   };
 }
 
