@@ -13,8 +13,9 @@
 //! with it inside the TPM. No I/O here; randomness comes from the injected [`Random`] (the
 //! OAEP padding draws from aws-lc's own generator).
 //!
-//! RSA endorsement and storage keys only (2048 to 4096 bits, AES-CFB symmetric); ECC EKs (KDFe)
-//! are refused with [`TpmError::Unsupported`].
+//! Endorsement and storage keys: RSA (2048 to 4096 bits, seeds encrypted with RSA-OAEP) or ECC
+//! NIST P-256 (seeds from an ephemeral ECDH exchange through KDFe), with AES-CFB symmetric
+//! definitions; anything else is refused with [`TpmError::Unsupported`].
 
 use crate::random::Random;
 use aws_lc_rs::cipher::{
@@ -45,6 +46,10 @@ pub mod alg {
     pub const NULL: u16 = 0x0010;
     /// ECC.
     pub const ECC: u16 = 0x0023;
+    /// ECDAA signing scheme (has a count after its hash).
+    pub const ECDAA: u16 = 0x001A;
+    /// TPM_ECC_NIST_P256 (a `TPM_ECC_CURVE`, not an algorithm).
+    pub const NIST_P256: u16 = 0x0003;
     /// CFB mode.
     pub const CFB: u16 = 0x0043;
 }
@@ -108,6 +113,17 @@ pub enum PublicDetail {
         exponent: u32,
         /// Modulus, big-endian.
         modulus: Vec<u8>,
+    },
+    /// An ECC key (NIST P-256 is the one dps can make activations for).
+    Ecc {
+        /// Symmetric algorithm of a storage key, `None` for TPM_ALG_NULL.
+        symmetric: Option<SymDef>,
+        /// `TPM_ECC_CURVE`.
+        curve: u16,
+        /// Public point x.
+        x: Vec<u8>,
+        /// Public point y.
+        y: Vec<u8>,
     },
     /// A keyed-hash (HMAC) key.
     KeyedHash {
@@ -260,9 +276,36 @@ impl PublicArea {
                 PublicDetail::KeyedHash { scheme, unique }
             }
             alg::ECC => {
-                return Err(TpmError::Unsupported(
-                    "ECC keys (only RSA endorsement and storage keys are supported)".into(),
-                ))
+                let sym_alg = r.u16()?;
+                let symmetric = if sym_alg == alg::NULL {
+                    None
+                } else {
+                    Some(SymDef {
+                        alg: sym_alg,
+                        key_bits: r.u16()?,
+                        mode: r.u16()?,
+                    })
+                };
+                let scheme = r.u16()?;
+                if scheme == alg::ECDAA {
+                    r.u16()?; // hash
+                    r.u16()?; // count
+                } else if scheme != alg::NULL {
+                    r.u16()?; // hash
+                }
+                let curve = r.u16()?;
+                let kdf = r.u16()?;
+                if kdf != alg::NULL {
+                    r.u16()?;
+                }
+                let x = r.tpm2b()?.to_vec();
+                let y = r.tpm2b()?.to_vec();
+                PublicDetail::Ecc {
+                    symmetric,
+                    curve,
+                    x,
+                    y,
+                }
             }
             t => return Err(TpmError::Unsupported(format!("object type 0x{t:04x}"))),
         };
@@ -304,7 +347,7 @@ impl PublicArea {
     pub fn rsa_modulus(&self) -> Option<&[u8]> {
         match &self.detail {
             PublicDetail::Rsa { modulus, .. } => Some(modulus),
-            PublicDetail::KeyedHash { .. } => None,
+            PublicDetail::Ecc { .. } | PublicDetail::KeyedHash { .. } => None,
         }
     }
 
@@ -320,69 +363,152 @@ impl PublicArea {
         self.storage_key(role).map(|_| ())
     }
 
-    /// Check that this key can protect an activation: RSA 2048 to 4096 bits, SHA-256 name,
-    /// restricted decryption key with an AES-CFB symmetric definition.
+    /// Check that this key can protect an activation: RSA 2048 to 4096 bits or ECC NIST P-256,
+    /// SHA-256 name, with an AES-CFB symmetric definition.
     fn storage_key(&self, role: &'static str) -> Result<StorageKey, TpmError> {
-        let PublicDetail::Rsa {
-            symmetric,
-            key_bits,
-            exponent,
-            modulus,
-        } = &self.detail
-        else {
-            return Err(TpmError::Unsupported(format!(
-                "the {role} is not an RSA key"
-            )));
-        };
-        self.name()?;
-        if !(2048..=4096).contains(key_bits) || modulus.len() * 8 != *key_bits as usize {
-            return Err(TpmError::Unsupported(format!(
-                "the {role} has {} modulus bits (keyBits {key_bits}); 2048 to 4096 are supported",
-                modulus.len() * 8
-            )));
-        }
-        let sym = match symmetric {
+        let name = self.name()?;
+        let check_sym = |symmetric: &Option<SymDef>| match symmetric {
             Some(s)
                 if s.alg == alg::AES && s.mode == alg::CFB && matches!(s.key_bits, 128 | 256) =>
             {
-                *s
+                Ok(s.key_bits)
             }
-            _ => {
-                return Err(TpmError::Unsupported(format!(
-                    "the {role}'s symmetric algorithm must be AES-128-CFB or AES-256-CFB"
-                )))
-            }
+            _ => Err(TpmError::Unsupported(format!(
+                "the {role}'s symmetric algorithm must be AES-128-CFB or AES-256-CFB"
+            ))),
         };
-        let e = if *exponent == 0 { 65537 } else { *exponent };
-        let spki = rsa_spki(modulus, e);
-        let key = PublicEncryptingKey::from_der(&spki)
-            .map_err(|_| TpmError::Unsupported(format!("the {role}'s RSA key is refused")))?;
-        let oaep = OaepPublicEncryptingKey::new(key).map_err(|_| TpmError::Crypto("OAEP key"))?;
-        Ok(StorageKey {
-            oaep,
-            sym_bits: sym.key_bits,
-            name: self.name()?,
-        })
+        match &self.detail {
+            PublicDetail::Rsa {
+                symmetric,
+                key_bits,
+                exponent,
+                modulus,
+            } => {
+                if !(2048..=4096).contains(key_bits) || modulus.len() * 8 != *key_bits as usize {
+                    return Err(TpmError::Unsupported(format!(
+                        "the {role} has {} modulus bits (keyBits {key_bits}); 2048 to 4096 are supported",
+                        modulus.len() * 8
+                    )));
+                }
+                let sym_bits = check_sym(symmetric)?;
+                let e = if *exponent == 0 { 65537 } else { *exponent };
+                let spki = rsa_spki(modulus, e);
+                let key = PublicEncryptingKey::from_der(&spki).map_err(|_| {
+                    TpmError::Unsupported(format!("the {role}'s RSA key is refused"))
+                })?;
+                let oaep =
+                    OaepPublicEncryptingKey::new(key).map_err(|_| TpmError::Crypto("OAEP key"))?;
+                Ok(StorageKey {
+                    kind: StorageKind::Rsa(oaep),
+                    sym_bits,
+                    name,
+                })
+            }
+            PublicDetail::Ecc {
+                symmetric,
+                curve,
+                x,
+                y,
+            } => {
+                if *curve != alg::NIST_P256 || x.len() != 32 || y.len() != 32 {
+                    return Err(TpmError::Unsupported(format!(
+                        "the {role} is on ECC curve 0x{curve:04x}; only NIST P-256 is supported"
+                    )));
+                }
+                let sym_bits = check_sym(symmetric)?;
+                let mut point = vec![4u8];
+                point.extend_from_slice(x);
+                point.extend_from_slice(y);
+                Ok(StorageKey {
+                    kind: StorageKind::EccP256 { point },
+                    sym_bits,
+                    name,
+                })
+            }
+            PublicDetail::KeyedHash { .. } => Err(TpmError::Unsupported(format!(
+                "the {role} is not an RSA or ECC key"
+            ))),
+        }
     }
 }
 
+enum StorageKind {
+    Rsa(OaepPublicEncryptingKey),
+    /// Uncompressed point `04 ‖ x ‖ y`.
+    EccP256 {
+        point: Vec<u8>,
+    },
+}
+
 struct StorageKey {
-    oaep: OaepPublicEncryptingKey,
+    kind: StorageKind,
     sym_bits: u16,
     name: Vec<u8>,
 }
 
 impl StorageKey {
-    fn encrypt_seed(&self, seed: &[u8], label: &[u8]) -> Result<Vec<u8>, TpmError> {
-        let mut out = vec![0u8; self.oaep.ciphertext_size()];
-        let n = self
-            .oaep
-            .encrypt(&OAEP_SHA256_MGF1SHA256, seed, &mut out, Some(label))
-            .map_err(|_| TpmError::Crypto("RSA-OAEP encryption"))?
-            .len();
-        out.truncate(n);
-        Ok(out)
+    /// The seed protecting a credential or a duplicate, and its `TPM2B_ENCRYPTED_SECRET`
+    /// content, for this key (TPM 2.0 Part 1, §24 "Secret sharing"): RSA encrypts
+    /// `random_seed` with OAEP under `label`; ECC derives the seed with KDFe from an ephemeral
+    /// ECDH exchange and sends the ephemeral point (`random_seed` is not used).
+    fn secret(&self, random_seed: &[u8], label: &[u8]) -> Result<(Vec<u8>, Vec<u8>), TpmError> {
+        match &self.kind {
+            StorageKind::Rsa(oaep) => {
+                let mut out = vec![0u8; oaep.ciphertext_size()];
+                let n = oaep
+                    .encrypt(&OAEP_SHA256_MGF1SHA256, random_seed, &mut out, Some(label))
+                    .map_err(|_| TpmError::Crypto("RSA-OAEP encryption"))?
+                    .len();
+                out.truncate(n);
+                Ok((random_seed.to_vec(), out))
+            }
+            StorageKind::EccP256 { point } => {
+                use aws_lc_rs::agreement::{
+                    agree_ephemeral, EphemeralPrivateKey, UnparsedPublicKey, ECDH_P256,
+                };
+                let rng = aws_lc_rs::rand::SystemRandom::new();
+                let eph = EphemeralPrivateKey::generate(&ECDH_P256, &rng)
+                    .map_err(|_| TpmError::Crypto("ECDH key generation"))?;
+                let eph_pub = eph
+                    .compute_public_key()
+                    .map_err(|_| TpmError::Crypto("ECDH public key"))?;
+                let eph_pub = eph_pub.as_ref();
+                let (ex, ey) = (&eph_pub[1..33], &eph_pub[33..65]);
+                let z = agree_ephemeral(
+                    eph,
+                    UnparsedPublicKey::new(&ECDH_P256, point.as_slice()),
+                    TpmError::Unsupported("the ECC key is not a valid P-256 point".into()),
+                    |z| Ok(z.to_vec()),
+                )?;
+                let seed = kdfe(&z, label, ex, &point[1..33], 256);
+                let mut enc = tpm2b(ex);
+                enc.extend_from_slice(&tpm2b(ey));
+                Ok((seed, enc))
+            }
+        }
     }
+}
+
+/// KDFe (TPM 2.0 Part 1, §11.4.10.3) with SHA-256: the first `bits` of
+/// `H(u32 i ‖ Z ‖ label ‖ partyU ‖ partyV)` for i = 1, 2, ...; `label` includes its NUL.
+pub fn kdfe(z: &[u8], label: &[u8], party_u: &[u8], party_v: &[u8], bits: u32) -> Vec<u8> {
+    let bytes = bits.div_ceil(8) as usize;
+    let mut out = Vec::with_capacity(bytes + 32);
+    let mut i: u32 = 1;
+    while out.len() < bytes {
+        out.extend_from_slice(
+            &Sha256::new()
+                .chain_update(i.to_be_bytes())
+                .chain_update(z)
+                .chain_update(label)
+                .chain_update(party_u)
+                .chain_update(party_v)
+                .finalize(),
+        );
+        i += 1;
+    }
+    out.truncate(bytes);
+    out
 }
 
 fn der_len(n: usize, out: &mut Vec<u8>) {
@@ -618,21 +744,21 @@ pub fn activation_blob(
     let srk_key = srk.storage_key("storage root key")?;
     let id_pub = id_key_public(&rnd.obfuscation, hmac_key);
     let id_name = id_pub.name()?;
+    let (credential_seed, enc_secret) = ek_key.secret(&rnd.credential_seed, b"IDENTITY\0")?;
     let id_object = make_credential(
         ek_key.sym_bits,
         &srk_key.name,
         &rnd.inner_key,
-        &rnd.credential_seed,
+        &credential_seed,
     )?;
-    let enc_secret = ek_key.encrypt_seed(&rnd.credential_seed, b"IDENTITY\0")?;
+    let (duplication_seed, enc_seed) = srk_key.secret(&rnd.duplication_seed, b"DUPLICATE\0")?;
     let private = duplicate(
         srk_key.sym_bits,
         &id_name,
         &id_key_sensitive(&rnd.obfuscation, hmac_key),
         &rnd.inner_key,
-        &rnd.duplication_seed,
+        &duplication_seed,
     )?;
-    let enc_seed = srk_key.encrypt_seed(&rnd.duplication_seed, b"DUPLICATE\0")?;
     let mut blob = Vec::with_capacity(1200);
     for part in [
         &id_object[..],
@@ -772,13 +898,22 @@ mod tests {
             PublicArea::from_base64("not base64!", "endorsement key"),
             Err(TpmError::Base64("endorsement key"))
         );
-        // An ECC key is well-formed but unsupported.
+        // An RSA area relabelled as ECC is refused (malformed, or not a usable P-256 key).
         let mut ecc = b[2..].to_vec();
         ecc[0..2].copy_from_slice(&alg::ECC.to_be_bytes());
-        assert!(matches!(
-            PublicArea::from_tpmt(&ecc),
-            Err(TpmError::Unsupported(_))
-        ));
+        assert!(PublicArea::from_tpmt(&ecc)
+            .and_then(|k| k.check_activation_key("endorsement key"))
+            .is_err());
+    }
+
+    #[test]
+    fn kdfe_matches_an_independent_implementation() {
+        // Python: sha256(u32 1 ‖ Z ‖ "IDENTITY\0" ‖ U ‖ V).
+        let k = kdfe(&[0x33; 32], b"IDENTITY\0", &[0x44; 32], &[0x55; 32], 256);
+        assert_eq!(
+            hex::encode(k),
+            "57c122429eebbf361046122bef2fb0aa1e5089a55a48b5026f800a080478b5a7"
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! blobs between files and the tools.
 //!
 //! Keys are persistent, as the Azure SDKs keep them: the endorsement key (EK) at `0x81010001`,
-//! the storage root key (SRK, RSA 2048, AES-128-CFB) at `0x81000001`. The HMAC key dps sends
+//! the storage root key (SRK, RSA 2048 or ECC P-256, AES-128-CFB) at `0x81000001`. The HMAC key dps sends
 //! in its activation blob is imported under the SRK and loaded for each signature (the tools
 //! flush transient objects after every step, so a TPM without a resource manager, such as
 //! `swtpm`, has room for them).
@@ -69,6 +69,8 @@ pub struct TpmPublicKeys {
 pub struct Tpm2Tools {
     tcti: Option<String>,
     dir: PathBuf,
+    ek_alg: &'static str,
+    srk_alg: &'static str,
 }
 
 impl Tpm2Tools {
@@ -77,7 +79,20 @@ impl Tpm2Tools {
         Tpm2Tools {
             tcti,
             dir: dir.into(),
+            ek_alg: "rsa",
+            srk_alg: "rsa2048:aes128cfb",
         }
+    }
+
+    /// Create ECC (NIST P-256) keys instead of RSA 2048 when the EK and SRK are missing.
+    pub fn with_ecc_keys(mut self, ecc_ek: bool, ecc_srk: bool) -> Self {
+        if ecc_ek {
+            self.ek_alg = "ecc";
+        }
+        if ecc_srk {
+            self.srk_alg = "ecc256:aes128cfb";
+        }
+        self
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -141,7 +156,7 @@ impl Tpm2Tools {
         if !handles.contains(EK_HANDLE) {
             self.run(
                 "tpm2_createek",
-                &["-c", EK_HANDLE, "-G", "rsa", "-u", &self.p("ek.pub")],
+                &["-c", EK_HANDLE, "-G", self.ek_alg, "-u", &self.p("ek.pub")],
             )?;
             self.flush()?;
         }
@@ -154,7 +169,7 @@ impl Tpm2Tools {
                     "-g",
                     "sha256",
                     "-G",
-                    "rsa2048:aes128cfb",
+                    self.srk_alg,
                     "-a",
                     "restricted|decrypt|fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda",
                     "-c",

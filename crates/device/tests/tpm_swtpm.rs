@@ -83,3 +83,31 @@ fn a_blob_made_for_another_tpm_does_not_open() {
     let e = tb.import_activation(&blob).unwrap_err();
     assert!(e.to_string().contains("tpm2_activatecredential"), "{e}");
 }
+
+/// ECC endorsement and storage keys (NIST P-256): the seeds come from ECDH and KDFe.
+#[test]
+fn ecc_endorsement_and_storage_keys_work_too() {
+    if !tools_or_skip() {
+        return;
+    }
+    for (ecc_ek, ecc_srk) in [(true, false), (true, true), (false, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let tpm = Swtpm::start(dir.path().join("state")).unwrap();
+        let tools = Tpm2Tools::new(Some(tpm.tcti()), dir.path().join("work"))
+            .with_ecc_keys(ecc_ek, ecc_srk);
+        let keys = tools.provision().unwrap();
+        let ek = PublicArea::from_tpm2b(&keys.endorsement_key).unwrap();
+        let srk = PublicArea::from_tpm2b(&keys.storage_root_key).unwrap();
+        assert_eq!(ek.object_type == dps_core::tpm::alg::ECC, ecc_ek);
+        assert_eq!(srk.object_type == dps_core::tpm::alg::ECC, ecc_srk);
+        let mut key = [0u8; 32];
+        SystemRandom.fill(&mut key);
+        let blob =
+            activation_blob(&ek, &srk, &key, &ActivationRandomness::draw(&SystemRandom)).unwrap();
+        tools
+            .import_activation(&blob)
+            .unwrap_or_else(|e| panic!("ecc ek {ecc_ek}, ecc srk {ecc_srk}: {e}"));
+        let data = b"sr\n1700000000";
+        assert_eq!(tools.hmac(data).unwrap().to_vec(), hmac_sha256(&key, data));
+    }
+}
