@@ -132,7 +132,7 @@ declare -a RESULTS=()
 run_node() {
   local -a args=("$@")
   if [[ ${#args[@]} -eq 0 ]]; then
-    args=(service.test.mjs device-http.test.mjs device-mqtt.test.mjs device-x509.test.mjs)
+    args=(service.test.mjs device-http.test.mjs device-mqtt.test.mjs device-x509.test.mjs device-tpm.test.mjs)
   fi
   if [[ ! -d $HERE/node/node_modules ]]; then
     log "interop/node/node_modules missing: run 'npm ci --prefix interop/node'"
@@ -145,7 +145,7 @@ run_node() {
     if [[ $a == -* ]]; then opts+=("$a"); else files+=("$a"); fi
   done
   if [[ ${#files[@]} -eq 0 ]]; then
-    files=(service.test.mjs device-http.test.mjs device-mqtt.test.mjs device-x509.test.mjs)
+    files=(service.test.mjs device-http.test.mjs device-mqtt.test.mjs device-x509.test.mjs device-tpm.test.mjs)
   fi
   log "node --test ${opts[*]} ${files[*]}"
   (cd "$HERE/node" && timeout --foreground "$SUITE_TIMEOUT" \

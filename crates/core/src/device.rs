@@ -114,6 +114,27 @@ pub trait DeviceService: Send + Sync + 'static {
         &self,
         req: DeviceRequest,
     ) -> Result<DeviceRegistrationState, Error>;
+    /// TPM attestation, step 1 (protocol digest §6.5), for a transport that runs the challenge
+    /// outside a register request: the AMQP SASL `TPM` mechanism (§6.5.6) calls it with the EK
+    /// from `sasl-init` and the SRK from the first `sasl-response`, and sends the returned
+    /// activation blob (raw bytes) in its challenge frames. The device then proves itself with
+    /// the SAS token of the final `sasl-response`, which the transport passes as
+    /// [`DeviceCredential::Sas`] on its requests (register requests also carry `tpm`). HTTPS
+    /// needs no call: a register request with `tpm` and no credential is answered with
+    /// [`Error::TpmChallenge`].
+    async fn tpm_challenge(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+        tpm: &crate::model::TpmAttestation,
+        transport: Transport,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Vec<u8>, Error> {
+        let _ = (id_scope, registration_id, tpm, transport, peer);
+        Err(Error::Unsupported(
+            "TPM attestation is not supported by this service".into(),
+        ))
+    }
     /// Check credentials at MQTT CONNECT (SAS tokens; X.509 is checked at register time).
     /// `peer` is the network peer's address, when known.
     async fn authorize_connect(

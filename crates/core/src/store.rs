@@ -36,11 +36,14 @@ pub enum Collection {
     /// Certificates dps issued to devices (id = serial number; status `active`/`revoked`,
     /// kind = policy, group = registration id).
     IssuedCertificate,
+    /// TPM activations: the HMAC key dps last gave each TPM device (and a few earlier ones, to
+    /// recognise replays). Secret; never returned by an API.
+    TpmActivation,
 }
 
 impl Collection {
     /// All collections.
-    pub const ALL: [Collection; 9] = [
+    pub const ALL: [Collection; 10] = [
         Collection::Instance,
         Collection::Enrollment,
         Collection::Group,
@@ -50,6 +53,7 @@ impl Collection {
         Collection::DenyList,
         Collection::IssuingCa,
         Collection::IssuedCertificate,
+        Collection::TpmActivation,
     ];
     /// Stable name used in the database.
     pub fn as_str(self) -> &'static str {
@@ -63,6 +67,7 @@ impl Collection {
             Collection::DenyList => "denylist",
             Collection::IssuingCa => "issuingca",
             Collection::IssuedCertificate => "issuedcert",
+            Collection::TpmActivation => "tpmactivation",
         }
     }
 }

@@ -58,6 +58,7 @@ mod error;
 mod https;
 mod mqtt;
 pub mod tls;
+pub mod tpm;
 pub mod wire;
 
 pub use client::{

@@ -134,6 +134,12 @@ fn error_response(w: &WireError) -> Response<Body> {
 /// Render a domain error: mapped by `dps_core::wire` (the one mapping), rendered by
 /// [`error_response`].
 pub fn err(e: &dps_core::Error) -> Response<Body> {
+    if let Some((status, body)) = dps_core::wire::tpm_challenge(e) {
+        return json_response(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::UNAUTHORIZED),
+            &body,
+        );
+    }
     error_response(&WireError::from(e))
 }
 

@@ -26,5 +26,6 @@ mod support_iothub;
 mod support_mosquitto;
 mod support_rabbitmq;
 mod support_webhook;
+mod tpm;
 mod vectors;
 mod x509;

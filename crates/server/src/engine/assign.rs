@@ -71,6 +71,7 @@ impl Engine {
             enrollment_group_id: adm.group_id(),
         });
         rec.state.x509 = adm.x509.clone();
+        rec.state.tpm = adm.tpm.clone();
         rec.state.payload = None;
         let labels = (
             inst.name.clone(),

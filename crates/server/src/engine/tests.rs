@@ -1089,3 +1089,83 @@ async fn a_removal_interrupted_by_a_crash_is_taken_over_once_its_claim_runs_out(
     assert!(a.device("orphan").is_none());
     assert!(f.cleanup_tasks().await.is_empty());
 }
+
+/// The EK of the Azure SDK samples (a standard RSA-2048 EK); it serves as the SRK too here.
+const SAMPLE_EK: &str = "AToAAQALAAMAsgAgg3GXZ0SEs/gakMyNRqXXJP1S124GUgtk8qHaGzMUaaoABgCAAEMAEAgAAAAAAAEAopqgkUBwtpr1sCgVJcEZxsJtpmtOAt9K7SjGFe4hsp6DJ/dd2E5UFzBC+Jp8Fzqf5ukRBkqrAgIuAvHRsruIedk1uarJSLhbDpFLHxFd7iDNcYfrvdgVNT2T9zrvkh2y04WuRQg2D5qf0tZF82jeTjR/YJK7uWhaRwWOwZ3b1XD9l6wFOrwK/Ic0PEsjneFXQzL0n9uKyuHmHNz+wHppmOiMAabvnXXEin9ou7/iowY/+YhFm3j7atsVvxMI5HEM3Mq+W4imUuzPxVX7fZH+oWPKP5ofpWBTf+MdttGby1AjGnv8JE69JriOYoZG2/4qbsfv9M7a7NFrBlaW7Rt36w==";
+
+fn sample_tpm() -> TpmAttestation {
+    TpmAttestation {
+        endorsement_key: SAMPLE_EK.into(),
+        storage_root_key: Some(SAMPLE_EK.into()),
+    }
+}
+
+#[tokio::test]
+async fn tpm_is_refused_over_mqtt_and_challenged_over_other_transports() {
+    let f = fixture(vec![hub("h1")]).await;
+    f.enroll(
+        "tpm-1",
+        true,
+        serde_json::json!({"attestation": {"type": "tpm", "tpm": {"endorsementKey": SAMPLE_EK}}}),
+    )
+    .await;
+    // A register publish with `tpm` over MQTT: refused with a 400, as TPM is HTTPS/AMQP only.
+    let mut req = register_request("tpm-1");
+    req.credential = DeviceCredential::None;
+    req.body.tpm = Some(sample_tpm());
+    req.transport = Transport::Mqtt;
+    let e = f.engine.register(req.clone()).await.unwrap_err();
+    assert!(
+        matches!(e, Error::Unauthorized(AuthFailure::TpmOverMqtt)),
+        "{e:?}"
+    );
+    let w = dps_core::wire::WireError::from(&e);
+    assert_eq!((w.status, w.error_code), (400, 400_004));
+    assert!(
+        w.message.contains("not supported over MQTT"),
+        "{}",
+        w.message
+    );
+    // Over HTTPS the same request is the challenge.
+    req.transport = Transport::Https;
+    let e = f.engine.register(req).await.unwrap_err();
+    let Error::TpmChallenge { authentication_key } = &e else {
+        panic!("{e:?}")
+    };
+    let (status, body) = dps_core::wire::tpm_challenge(&e).unwrap();
+    assert_eq!(status, 401);
+    assert_eq!(body["keyName"], "registration");
+    let blob = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        authentication_key,
+    )
+    .unwrap();
+    dps_core::tpm::ActivationParts::parse(&blob).unwrap();
+    // The transport-independent entry point (the AMQP SASL TPM mechanism's): a blob over
+    // AMQP, a refusal over MQTT, and the activation it issued replaces the previous one.
+    let raw = f
+        .engine
+        .tpm_challenge(SCOPE, "tpm-1", &sample_tpm(), Transport::Amqp, None)
+        .await
+        .unwrap();
+    dps_core::tpm::ActivationParts::parse(&raw).unwrap();
+    assert_ne!(raw, blob);
+    assert!(matches!(
+        f.engine
+            .tpm_challenge(SCOPE, "tpm-1", &sample_tpm(), Transport::MqttWs, None)
+            .await,
+        Err(Error::Unauthorized(AuthFailure::TpmOverMqtt))
+    ));
+    assert!(matches!(
+        f.engine
+            .tpm_challenge(SCOPE, "nobody", &sample_tpm(), Transport::Amqp, None)
+            .await,
+        Err(Error::Unauthorized(AuthFailure::TpmNotEnrolled(_)))
+    ));
+    // A SAS CONNECT for a TPM enrollment is refused (TPM devices have no MQTT path).
+    let connect = f
+        .engine
+        .authorize_connect(SCOPE, "tpm-1", &token("tpm-1", KEY), None)
+        .await;
+    assert_eq!(connect, Err(ConnectRefusal::NotAuthorized));
+}
