@@ -19,6 +19,7 @@ store = "$store"
 [listen]
 https = "127.0.0.1:0"
 mqtt = "127.0.0.1:0"
+amqp = "127.0.0.1:0"
 admin = "127.0.0.1:0"
 [log]
 level = "warn"

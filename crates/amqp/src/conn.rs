@@ -380,6 +380,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
         self.span.record("id_scope", addr.id_scope.as_str());
         let credential = DeviceCredential::Sas(creds.password);
         let check = self.service.authorize_connect(
+            self.transport,
             &addr.id_scope,
             &addr.registration_id,
             &credential,

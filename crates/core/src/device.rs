@@ -117,10 +117,12 @@ pub trait DeviceService: Send + Sync + 'static {
         &self,
         req: DeviceRequest,
     ) -> Result<DeviceRegistrationState, Error>;
-    /// Check credentials at MQTT CONNECT (SAS tokens; X.509 is checked at register time).
-    /// `peer` is the network peer's address, when known.
+    /// Check credentials when a connection authenticates (MQTT CONNECT, AMQP SASL PLAIN; SAS
+    /// tokens: X.509 is checked at register time). `transport` labels refusals in the audit
+    /// log and the metrics; `peer` is the network peer's address, when known.
     async fn authorize_connect(
         &self,
+        transport: Transport,
         id_scope: &str,
         registration_id: &str,
         credential: &DeviceCredential,

@@ -514,6 +514,7 @@ impl DeviceService for Engine {
 
     async fn authorize_connect(
         &self,
+        transport: Transport,
         id_scope: &str,
         registration_id: &str,
         credential: &DeviceCredential,
@@ -531,14 +532,12 @@ impl DeviceService for Engine {
                 match self.attest(&inst, &rid, credential).await {
                     Ok(_) => Ok(()),
                     Err(Error::Unauthorized(f)) => {
-                        // The transport is not known here: MQTT over TLS and over WebSocket both
-                        // check at CONNECT; both are MQTT.
-                        self.refused(&inst, &rid, &f, Transport::Mqtt, credential, peer)
+                        self.refused(&inst, &rid, &f, transport, credential, peer)
                             .await;
                         Err(ConnectRefusal::NotAuthorized)
                     }
                     Err(e) => {
-                        tracing::error!(registration_id, error = %e, "MQTT connect check failed");
+                        tracing::error!(registration_id, error = %e, "connect check failed");
                         Err(ConnectRefusal::ServerUnavailable)
                     }
                 }
