@@ -49,6 +49,8 @@ pub enum Transport {
     Https,
     /// MQTT 3.1.1 over TLS (default port 8883).
     Mqtt,
+    /// AMQP 1.0 over TLS (default port 5671).
+    Amqp,
 }
 
 impl Transport {
@@ -57,6 +59,7 @@ impl Transport {
         match self {
             Transport::Https => 443,
             Transport::Mqtt => 8883,
+            Transport::Amqp => 5671,
         }
     }
 }
@@ -305,6 +308,16 @@ impl ProvisioningClient {
                     )
                     .await
                 }
+                Transport::Amqp => {
+                    crate::amqp::register(
+                        &self.ep,
+                        self.tls.mqtt.clone(),
+                        &self.registration_id,
+                        self.key.as_deref(),
+                        self.payload.as_ref(),
+                    )
+                    .await
+                }
             }
         };
         match tokio::time::timeout(self.total_timeout, work).await {
@@ -333,7 +346,8 @@ impl ProvisioningClient {
         let started = Instant::now();
         let config = match self.transport {
             Transport::Https => &self.tls.https,
-            Transport::Mqtt => &self.tls.mqtt,
+            // AMQP uses the same TLS settings as MQTT (no ALPN).
+            Transport::Mqtt | Transport::Amqp => &self.tls.mqtt,
         };
         let stream = crate::tls::connect_tls(&self.ep, config).await?;
         let elapsed = started.elapsed();
@@ -390,7 +404,7 @@ impl ProvisioningClientBuilder {
         self.auth = Some(auth);
         self
     }
-    /// HTTPS (default) or MQTT.
+    /// HTTPS (default), MQTT or AMQP.
     pub fn transport(mut self, t: Transport) -> Self {
         self.transport = t;
         self
