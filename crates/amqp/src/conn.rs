@@ -1055,7 +1055,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
             return Ok(());
         };
         let json = serde_json::to_vec(&resp.body).unwrap_or_else(|_| b"{}".to_vec());
-        let status = serde_json::to_value(&resp.body.status)
+        let status = serde_json::to_value(resp.body.status)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string));
         let retry = retry_after_for(resp.status, resp.retry_after);

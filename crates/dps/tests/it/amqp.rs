@@ -486,18 +486,15 @@ async fn the_node_sdk_amqp_vectors_replay_with_what_the_sdk_read() {
 
 // ------------------------------------------------------------------ AMQP over WebSocket
 
+type ByteStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send>>;
+type ByteSink = std::pin::Pin<Box<dyn futures::Sink<bytes::Bytes, Error = std::io::Error> + Send>>;
+
 /// A byte stream over WebSocket binary messages, for the AMQP client.
 struct WsIo(
     tokio::io::Join<
-        tokio_util::io::StreamReader<
-            std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send>>,
-            bytes::Bytes,
-        >,
-        tokio_util::io::SinkWriter<
-            tokio_util::io::CopyToBytes<
-                std::pin::Pin<Box<dyn futures::Sink<bytes::Bytes, Error = std::io::Error> + Send>>,
-            >,
-        >,
+        tokio_util::io::StreamReader<ByteStream, bytes::Bytes>,
+        tokio_util::io::SinkWriter<tokio_util::io::CopyToBytes<ByteSink>>,
     >,
 );
 
@@ -573,10 +570,10 @@ async fn ws_amqp(s: &TestServer, path: &str, protocol: &str) -> Result<WsIo, Str
             Ok::<_, tokio_tungstenite::tungstenite::Error>(Message::Binary(b))
         })
         .sink_map_err(std::io::Error::other);
-    let reader = tokio_util::io::StreamReader::new(Box::pin(stream)
-        as std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send>>);
-    let writer = tokio_util::io::SinkWriter::new(tokio_util::io::CopyToBytes::new(Box::pin(sink)
-        as std::pin::Pin<Box<dyn futures::Sink<bytes::Bytes, Error = std::io::Error> + Send>>));
+    let reader = tokio_util::io::StreamReader::new(Box::pin(stream) as ByteStream);
+    let writer = tokio_util::io::SinkWriter::new(tokio_util::io::CopyToBytes::new(
+        Box::pin(sink) as ByteSink
+    ));
     Ok(WsIo(tokio::io::join(reader, writer)))
 }
 
