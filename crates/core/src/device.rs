@@ -1,5 +1,5 @@
 //! The device-facing port: the registration use cases as every transport (HTTPS, MQTT, MQTT
-//! over WebSocket) sees them. Front ends translate their wire format into a [`DeviceRequest`]
+//! over WebSocket, AMQP, AMQP over WebSocket) sees them. Front ends translate their wire format into a [`DeviceRequest`]
 //! and render the [`DeviceResponse`], or the domain [`Error`] through [`crate::wire`] (the one
 //! mapping to wire errors); they hold no registration logic.
 
@@ -16,8 +16,10 @@ pub enum Transport {
     Mqtt,
     /// MQTT over WebSocket.
     MqttWs,
-    /// AMQP (reserved).
+    /// AMQP 1.0 over TLS.
     Amqp,
+    /// AMQP 1.0 over WebSocket.
+    AmqpWs,
 }
 
 impl Transport {
@@ -28,6 +30,7 @@ impl Transport {
             Transport::Mqtt => "mqtt",
             Transport::MqttWs => "mqtt-ws",
             Transport::Amqp => "amqp",
+            Transport::AmqpWs => "amqp-ws",
         }
     }
 }
@@ -135,10 +138,12 @@ pub trait DeviceService: Send + Sync + 'static {
             "TPM attestation is not supported by this service".into(),
         ))
     }
-    /// Check credentials at MQTT CONNECT (SAS tokens; X.509 is checked at register time).
-    /// `peer` is the network peer's address, when known.
+    /// Check credentials when a connection authenticates (MQTT CONNECT, AMQP SASL PLAIN; SAS
+    /// tokens: X.509 is checked at register time). `transport` labels refusals in the audit
+    /// log and the metrics; `peer` is the network peer's address, when known.
     async fn authorize_connect(
         &self,
+        transport: Transport,
         id_scope: &str,
         registration_id: &str,
         credential: &DeviceCredential,

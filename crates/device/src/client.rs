@@ -53,6 +53,8 @@ pub enum Transport {
     Https,
     /// MQTT 3.1.1 over TLS (default port 8883).
     Mqtt,
+    /// AMQP 1.0 over TLS (default port 5671).
+    Amqp,
 }
 
 impl Transport {
@@ -61,6 +63,7 @@ impl Transport {
         match self {
             Transport::Https => 443,
             Transport::Mqtt => 8883,
+            Transport::Amqp => 5671,
         }
     }
 }
@@ -330,6 +333,16 @@ impl ProvisioningClient {
                     )
                     .await
                 }
+                Transport::Amqp => {
+                    crate::amqp::register(
+                        &self.ep,
+                        self.tls.mqtt.clone(),
+                        &self.registration_id,
+                        self.key.as_deref(),
+                        self.payload.as_ref(),
+                    )
+                    .await
+                }
             }
         };
         match tokio::time::timeout(self.total_timeout, work).await {
@@ -358,7 +371,8 @@ impl ProvisioningClient {
         let started = Instant::now();
         let config = match self.transport {
             Transport::Https => &self.tls.https,
-            Transport::Mqtt => &self.tls.mqtt,
+            // AMQP uses the same TLS settings as MQTT (no ALPN).
+            Transport::Mqtt | Transport::Amqp => &self.tls.mqtt,
         };
         let stream = crate::tls::connect_tls(&self.ep, config).await?;
         let elapsed = started.elapsed();
@@ -416,7 +430,7 @@ impl ProvisioningClientBuilder {
         self.auth = Some(auth);
         self
     }
-    /// HTTPS (default) or MQTT.
+    /// HTTPS (default), MQTT or AMQP.
     pub fn transport(mut self, t: Transport) -> Self {
         self.transport = t;
         self

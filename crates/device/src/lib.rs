@@ -53,6 +53,7 @@
 //! Every [`RegistrationResult`] carries a [`Timing`]: the time from the first byte sent to the
 //! final answer, and how many register attempts and polls it took.
 
+pub mod amqp;
 mod client;
 mod error;
 mod https;

@@ -23,6 +23,7 @@ fn main() -> ExitCode {
                 listen: ListenOverrides {
                     https: a.https,
                     mqtt: a.mqtt,
+                    amqp: a.amqp,
                     admin: a.admin,
                 },
                 log: matches!(cli.log_format, LogFormat::Json).then(|| LogOverride {

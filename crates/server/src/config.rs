@@ -52,6 +52,8 @@ pub struct Listen {
     pub https: String,
     /// MQTT over TLS; empty disables it.
     pub mqtt: String,
+    /// AMQP 1.0 over TLS; empty disables it. (AMQP over WebSocket is served on `https`.)
+    pub amqp: String,
     /// Metrics and health (plain HTTP; keep it on loopback); empty disables it.
     pub admin: String,
 }
@@ -61,6 +63,7 @@ impl Default for Listen {
         Listen {
             https: "[::]:443".into(),
             mqtt: "[::]:8883".into(),
+            amqp: "[::]:5671".into(),
             admin: "127.0.0.1:9090".into(),
         }
     }
@@ -114,6 +117,15 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Concurrent MQTT connections, over TLS and over WebSocket together (beyond: refused).
     pub max_mqtt_connections: usize,
+    /// Concurrent AMQP connections, over TLS and over WebSocket together (beyond: refused).
+    pub max_amqp_connections: usize,
+    /// The AMQP max-frame-size dps announces in OPEN and enforces after it (bytes). Before
+    /// OPEN (protocol header, SASL, the device's OPEN) frames are limited to 8 KiB whatever
+    /// this says.
+    pub amqp_max_frame_bytes: usize,
+    /// Time allowed from an AMQP connection's TLS handshake (or WebSocket upgrade) to the end
+    /// of OPEN: protocol header, SASL with the credential check, OPEN (ms).
+    pub amqp_open_timeout_ms: u64,
     /// Concurrent connections on the HTTPS listener (beyond: closed before the TLS handshake).
     pub max_https_connections: usize,
     /// Time allowed for an HTTPS request head: from the end of the TLS handshake for the first
@@ -149,6 +161,9 @@ impl Default for Limits {
             max_pending_handshakes: 8192,
             max_body_bytes: 96 * 1024,
             max_mqtt_connections: 100_000,
+            max_amqp_connections: 100_000,
+            amqp_max_frame_bytes: 64 * 1024,
+            amqp_open_timeout_ms: 10_000,
             max_https_connections: 20_000,
             http_header_timeout_ms: 10_000,
             http_idle_timeout_ms: 60_000,
@@ -165,7 +180,25 @@ impl Default for Limits {
 impl Limits {
     /// Check the connection limits: each must be within its range (named in the error).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let ranges: [(&str, u64, u64, u64); 10] = [
+        let ranges: [(&str, u64, u64, u64); 13] = [
+            (
+                "max_amqp_connections",
+                self.max_amqp_connections as u64,
+                1,
+                10_000_000,
+            ),
+            (
+                "amqp_max_frame_bytes",
+                self.amqp_max_frame_bytes as u64,
+                4096,
+                1024 * 1024,
+            ),
+            (
+                "amqp_open_timeout_ms",
+                self.amqp_open_timeout_ms,
+                100,
+                600_000,
+            ),
             (
                 "tls_handshake_timeout_ms",
                 self.tls_handshake_timeout_ms,
@@ -501,6 +534,9 @@ pub struct ListenOverrides {
     /// `--mqtt`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mqtt: Option<String>,
+    /// `--amqp`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amqp: Option<String>,
     /// `--admin`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin: Option<String>,
@@ -508,7 +544,7 @@ pub struct ListenOverrides {
 
 impl ListenOverrides {
     fn is_empty(&self) -> bool {
-        self.https.is_none() && self.mqtt.is_none() && self.admin.is_none()
+        self.https.is_none() && self.mqtt.is_none() && self.amqp.is_none() && self.admin.is_none()
     }
 }
 
@@ -629,6 +665,7 @@ impl Config {
         for (key, v) in [
             ("listen.https", &self.listen.https),
             ("listen.mqtt", &self.listen.mqtt),
+            ("listen.amqp", &self.listen.amqp),
             ("listen.admin", &self.listen.admin),
         ] {
             if key != "listen.https" && v.is_empty() {
@@ -1052,6 +1089,9 @@ mod tests {
             ("max_header_count", |l| l.max_header_count = 5000),
             ("max_header_bytes", |l| l.max_header_bytes = 100),
             ("ws_max_message_bytes", |l| l.ws_max_message_bytes = 1 << 30),
+            ("max_amqp_connections", |l| l.max_amqp_connections = 0),
+            ("amqp_max_frame_bytes", |l| l.amqp_max_frame_bytes = 100),
+            ("amqp_open_timeout_ms", |l| l.amqp_open_timeout_ms = 0),
         ] {
             let mut cfg = Config::default();
             set(&mut cfg.limits);

@@ -26,6 +26,8 @@ pub struct Server {
     pub https: SocketAddr,
     /// Bound MQTT address.
     pub mqtt: Option<SocketAddr>,
+    /// Bound AMQP address.
+    pub amqp: Option<SocketAddr>,
     /// Bound admin address.
     pub admin: Option<SocketAddr>,
     /// The CA devices must trust (development CA), if generated.
@@ -186,6 +188,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     )?;
     let https_tls = crate::tls::server_config(&pki, &[b"h2", b"http/1.1"])?;
     let mqtt_tls = crate::tls::server_config(&pki, &[])?;
+    let amqp_tls = mqtt_tls.clone();
 
     let outbound = Arc::new(
         crate::outbound::Outbound::from_config(
@@ -268,6 +271,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         max_body: cfg.limits.max_body_bytes,
         max_token_lifetime_secs: cfg.auth.max_token_lifetime_secs,
         mqtt_limits: dps_mqtt::MqttLimits::default(),
+        amqp_limits: dps_amqp::AmqpLimits {
+            max_frame_size: u32::try_from(cfg.limits.amqp_max_frame_bytes).unwrap_or(u32::MAX),
+            open_timeout: Duration::from_millis(cfg.limits.amqp_open_timeout_ms),
+            ..dps_amqp::AmqpLimits::default()
+        },
         listening: Default::default(),
     });
 
@@ -280,6 +288,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         cfg.limits.max_mqtt_connections,
         "dps_mqtt_connections",
     );
+    // One AMQP connection cap for AMQP over TLS and AMQP over WebSocket.
+    let amqp_slots = crate::connections::Slots::with_total_gauge(
+        cfg.limits.max_amqp_connections,
+        "dps_amqp_connections",
+    );
     tasks.push(tokio::spawn(crate::http::serve_https(
         https,
         tokio_rustls::TlsAcceptor::from(https_tls),
@@ -291,6 +304,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             http: crate::connections::HttpLimits::from_config(&cfg.limits),
             ws: crate::connections::WsSettings {
                 slots: mqtt_slots.clone(),
+                amqp_slots: amqp_slots.clone(),
                 max_message_bytes: cfg.limits.ws_max_message_bytes,
             },
         },
@@ -306,6 +320,21 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             app.clone(),
             handshake,
             mqtt_slots,
+            cfg.limits.max_pending_handshakes,
+        )));
+        Some(a)
+    };
+    let amqp_addr = if cfg.listen.amqp.is_empty() {
+        None
+    } else {
+        let l = bind(&cfg.listen.amqp, "amqp").await?;
+        let a = l.local_addr()?;
+        tasks.push(tokio::spawn(crate::amqp_front::serve_amqp(
+            l,
+            tokio_rustls::TlsAcceptor::from(amqp_tls),
+            app.clone(),
+            handshake,
+            amqp_slots,
             cfg.limits.max_pending_handshakes,
         )));
         Some(a)
@@ -379,6 +408,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     let server = Server {
         https: https_addr,
         mqtt: mqtt_addr,
+        amqp: amqp_addr,
         admin: admin_addr,
         ca_path: pki.ca_path.clone(),
         instances: list,
@@ -394,6 +424,7 @@ fn write_run_json(cfg: &Config, s: &Server) -> anyhow::Result<()> {
     let v = serde_json::json!({
         "https": s.https.to_string(),
         "mqtt": s.mqtt.map(|a| a.to_string()),
+        "amqp": s.amqp.map(|a| a.to_string()),
         "admin": s.admin.map(|a| a.to_string()),
         "ca": s.ca_path.as_ref().map(|p| std::fs::canonicalize(p).unwrap_or(p.clone()).display().to_string()),
         "instances": s.instances.iter().map(|(n, scope, cs)| serde_json::json!({"name": n, "id_scope": scope, "connection_string": cs})).collect::<Vec<_>>(),
@@ -436,6 +467,9 @@ pub fn print_banner(s: &Server) {
     println!("  https (device + service API): {}", s.https);
     if let Some(m) = s.mqtt {
         println!("  mqtt:                         {m}");
+    }
+    if let Some(a) = s.amqp {
+        println!("  amqp:                         {a}");
     }
     if let Some(a) = s.admin {
         println!("  admin (metrics, health):      http://{a}");

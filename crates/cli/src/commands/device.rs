@@ -20,6 +20,8 @@ pub enum TransportArg {
     Https,
     /// MQTT over TLS.
     Mqtt,
+    /// AMQP 1.0 over TLS.
+    Amqp,
 }
 
 impl From<TransportArg> for dps_device::Transport {
@@ -27,6 +29,7 @@ impl From<TransportArg> for dps_device::Transport {
         match t {
             TransportArg::Https => dps_device::Transport::Https,
             TransportArg::Mqtt => dps_device::Transport::Mqtt,
+            TransportArg::Amqp => dps_device::Transport::Amqp,
         }
     }
 }
@@ -206,7 +209,7 @@ pub(crate) fn default_endpoint(g: &Globals, transport: TransportArg) -> String {
         let hostport = rest.split('/').next().unwrap_or(rest);
         return match transport {
             TransportArg::Https => hostport.to_string(),
-            TransportArg::Mqtt => dps_device::split_host_port(hostport)
+            TransportArg::Mqtt | TransportArg::Amqp => dps_device::split_host_port(hostport)
                 .map(|(h, _)| h)
                 .unwrap_or_else(|_| hostport.to_string()),
         };

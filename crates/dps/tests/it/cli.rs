@@ -370,7 +370,7 @@ async fn the_server_raises_its_open_file_limit() {
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+            "data_dir = {:?}\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"\namqp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
              [[instance]]\nname = \"default\"\nhostnames = [\"localhost\"]\n",
             data.to_str().unwrap()
         ),

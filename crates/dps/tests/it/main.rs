@@ -1,5 +1,6 @@
 //! Integration tests: the real server in-process on port 0.
 
+mod amqp;
 mod audit_limits;
 mod auth;
 mod authz_matrix;

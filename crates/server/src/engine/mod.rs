@@ -640,6 +640,7 @@ impl DeviceService for Engine {
 
     async fn authorize_connect(
         &self,
+        transport: Transport,
         id_scope: &str,
         registration_id: &str,
         credential: &DeviceCredential,
@@ -665,21 +666,12 @@ impl DeviceService for Engine {
                 match attested {
                     Ok(_) => Ok(()),
                     Err(Error::Unauthorized(f)) => {
-                        // The transport is not known here: MQTT over TLS and over WebSocket both
-                        // check at CONNECT; both are MQTT.
-                        self.refused(
-                            &inst,
-                            &rid,
-                            &f,
-                            Transport::Mqtt,
-                            cred_kind(credential),
-                            peer,
-                        )
-                        .await;
+                        self.refused(&inst, &rid, &f, transport, cred_kind(credential), peer)
+                            .await;
                         Err(ConnectRefusal::NotAuthorized)
                     }
                     Err(e) => {
-                        tracing::error!(registration_id, error = %e, "MQTT connect check failed");
+                        tracing::error!(registration_id, error = %e, "connect check failed");
                         Err(ConnectRefusal::ServerUnavailable)
                     }
                 }
