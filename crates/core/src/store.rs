@@ -270,6 +270,26 @@ pub struct CleanupTask {
     pub claimed_until_ms: Option<i64>,
 }
 
+/// A dps node's heartbeat row: nodes sharing a store each keep one fresh, and an intent (a
+/// registration `assigning` on a hub outside the store) belongs to the node that wrote it, so
+/// that recovery takes over only the intents of nodes whose heartbeat has lapsed. Times are Unix
+/// milliseconds of the writing node's clock (nodes keep their clocks in step with NTP; the lease
+/// is many times any skew).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeBeat {
+    /// The node's id for this run of the process (a name plus a random part: a restarted
+    /// process is a new node, and its previous run's intents are taken over).
+    pub id: String,
+    /// The configured node name (for operators; not unique).
+    pub name: String,
+    /// When this run started.
+    pub started_ms: i64,
+    /// The last heartbeat.
+    pub heartbeat_ms: i64,
+    /// The heartbeat holds until this time; after it the node counts as dead.
+    pub expires_ms: i64,
+}
+
 /// The storage port.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -359,6 +379,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<CleanupTask>, StoreError>;
     /// How many clean-up tasks are queued.
     async fn count_cleanup(&self) -> Result<u64, StoreError>;
+    /// Create or refresh a node's heartbeat row (keyed by [`NodeBeat::id`]).
+    async fn heartbeat(&self, node: &NodeBeat) -> Result<(), StoreError>;
+    /// Every node's heartbeat row, live or lapsed, ordered by id.
+    async fn nodes(&self) -> Result<Vec<NodeBeat>, StoreError>;
+    /// Remove heartbeat rows: the node `id` if given (a node stopping cleanly), and every row
+    /// whose heartbeat expired before `expired_before_ms` (long-dead nodes). Returns how many.
+    async fn remove_nodes(
+        &self,
+        id: Option<&str>,
+        expired_before_ms: i64,
+    ) -> Result<u64, StoreError>;
 }
 
 /// A fresh opaque ETag.

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use dps_core::store::{
     AuditEntry, AuditQuery, CleanupAction, CleanupKey, CleanupTask, Collection, Doc, DocIndex,
-    Expect, Filter, Page, Store, StoreError, Write,
+    Expect, Filter, NodeBeat, Page, Store, StoreError, Write,
 };
 use tokio_postgres::types::ToSql;
 
@@ -45,6 +45,27 @@ impl Default for PostgresOptions {
 pub struct PostgresStore {
     pool: Pool,
     url: String,
+    /// The connection settings and TLS connector, for the dedicated `LISTEN` connection.
+    listen: (tokio_postgres::Config, MakeRustlsConnect),
+}
+
+/// The channel on which the database announces changes of cached data (migration 3's trigger).
+pub const CHANGES_CHANNEL: &str = "dps_changes";
+
+/// What [`PostgresStore::watch_changes`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A document of `collection` in `scope` was written or deleted (committed).
+    Doc {
+        /// The collection's stored name (`instance`, `group`, `enrollment`, `certificate`,
+        /// `denylist`).
+        collection: String,
+        /// The scope (instance name; empty for instances).
+        scope: String,
+    },
+    /// The listening connection was (re-)established: changes made while it was down were not
+    /// seen, so everything cached should be dropped.
+    Listening,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -210,6 +231,11 @@ impl PostgresStore {
             let _ = task.await;
             cfg.options(format!("-c search_path={schema}"));
         }
+        let mut listen_cfg = cfg.clone();
+        // A half-open listening connection (a partition) is noticed and replaced.
+        listen_cfg.keepalives(true);
+        listen_cfg.keepalives_idle(Duration::from_secs(10));
+        let listen = (listen_cfg, connector.clone());
         let mgr = Manager::from_config(
             cfg,
             connector,
@@ -230,6 +256,7 @@ impl PostgresStore {
         let store = PostgresStore {
             pool,
             url: redacted,
+            listen,
         };
         store.migrate().await?;
         tracing::info!(url = %store.url, "postgres store open");
@@ -239,6 +266,93 @@ impl PostgresStore {
     /// The URL, password redacted.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Follow the changes announced on [`CHANGES_CHANNEL`] over a dedicated connection
+    /// (`LISTEN`), reconnecting after a second when it drops. [`Change::Listening`] comes first
+    /// and after each reconnection. The watch ends when the receiver is dropped.
+    pub fn watch_changes(&self) -> tokio::sync::mpsc::Receiver<Change> {
+        use futures::StreamExt;
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let (cfg, connector) = self.listen.clone();
+        let url = self.url.clone();
+        tokio::spawn(async move {
+            loop {
+                match cfg.connect(connector.clone()).await {
+                    Ok((client, mut conn)) => {
+                        let (msgs_tx, mut msgs) = tokio::sync::mpsc::unbounded_channel();
+                        let driver = tokio::spawn(async move {
+                            let mut stream =
+                                futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+                            while let Some(m) = stream.next().await {
+                                match m {
+                                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                                        if msgs_tx.send(n.payload().to_owned()).is_err() {
+                                            break;
+                                        }
+                                    }
+                                    Ok(_) => {}
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "postgres LISTEN connection failed");
+                                        break;
+                                    }
+                                }
+                            }
+                        });
+                        let listening = async {
+                            client
+                                .batch_execute(&format!("LISTEN {CHANGES_CHANNEL}"))
+                                .await?;
+                            // The schema whose changes are ours (the channel is per database).
+                            let row = client
+                                .query_one("SELECT current_schema()::TEXT", &[])
+                                .await?;
+                            row.try_get::<_, String>(0)
+                        };
+                        match listening.await {
+                            Ok(schema) => {
+                                if tx.send(Change::Listening).await.is_err() {
+                                    driver.abort();
+                                    return;
+                                }
+                                while let Some(payload) = msgs.recv().await {
+                                    let mut parts = payload.splitn(3, ' ');
+                                    let (Some(in_schema), Some(collection)) =
+                                        (parts.next(), parts.next())
+                                    else {
+                                        continue;
+                                    };
+                                    if in_schema != schema {
+                                        continue;
+                                    }
+                                    let scope = parts.next().unwrap_or("");
+                                    let change = Change::Doc {
+                                        collection: collection.to_owned(),
+                                        scope: scope.to_owned(),
+                                    };
+                                    if tx.send(change).await.is_err() {
+                                        driver.abort();
+                                        return;
+                                    }
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(url = %url, error = %error_chain(&e), "postgres LISTEN failed")
+                            }
+                        }
+                        driver.abort();
+                    }
+                    Err(e) => {
+                        tracing::warn!(url = %url, error = %error_chain(&e), "postgres LISTEN connection failed")
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        rx
     }
 
     async fn migrate(&self) -> Result<(), OpenError> {
@@ -813,6 +927,66 @@ impl Store for PostgresStore {
             .try_get(0)
             .map_err(|e| StoreError::Corrupt(format!("postgres row: {e}")))?;
         u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("negative count {n}")))
+    }
+
+    async fn heartbeat(&self, node: &NodeBeat) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&sql::pg(sql::NODE_BEAT))
+            .await
+            .map_err(pg_err)?;
+        client
+            .execute(
+                &stmt,
+                &[
+                    &node.id,
+                    &node.name,
+                    &node.started_ms,
+                    &node.heartbeat_ms,
+                    &node.expires_ms,
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeBeat>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(sql::NODE_LIST)
+            .await
+            .map_err(pg_err)?;
+        let rows = client.query(&stmt, &[]).await.map_err(pg_err)?;
+        rows.iter()
+            .map(|r| {
+                let corrupt =
+                    |e: tokio_postgres::Error| StoreError::Corrupt(format!("postgres row: {e}"));
+                Ok(NodeBeat {
+                    id: r.try_get(0).map_err(corrupt)?,
+                    name: r.try_get(1).map_err(corrupt)?,
+                    started_ms: r.try_get(2).map_err(corrupt)?,
+                    heartbeat_ms: r.try_get(3).map_err(corrupt)?,
+                    expires_ms: r.try_get(4).map_err(corrupt)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn remove_nodes(
+        &self,
+        id: Option<&str>,
+        expired_before_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&sql::pg(sql::NODE_REMOVE))
+            .await
+            .map_err(pg_err)?;
+        client
+            .execute(&stmt, &[&id, &expired_before_ms])
+            .await
+            .map_err(pg_err)
     }
 
     async fn prune_audit(

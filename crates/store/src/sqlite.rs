@@ -17,7 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use dps_core::store::{
     AuditEntry, AuditQuery, CleanupAction, CleanupKey, CleanupTask, Collection, Doc, DocIndex,
-    Expect, Filter, Page, Store, StoreError, Write,
+    Expect, Filter, NodeBeat, Page, Store, StoreError, Write,
 };
 use rusqlite::types::Value;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
@@ -637,8 +637,10 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<Result<Answer, StoreErr
         }
         Op::Many(ops) => {
             // Writes without a condition cannot fail on their own (a database error fails the
-            // whole batch): no savepoint, whose sub-journal would copy every page touched.
-            let unconditional = ops.iter().all(|op| {
+            // whole batch): no savepoint, whose sub-journal would copy every page touched. A
+            // condition on the first write only (the registration path's compare-and-set on the
+            // record) fails before anything is written: no savepoint either.
+            let unconditional = ops.iter().skip(1).all(|op| {
                 matches!(
                     op,
                     Op::Put {
@@ -647,6 +649,8 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<Result<Answer, StoreErr
                     } | Op::Audit(_)
                         | Op::Exec { .. }
                 )
+            }) && ops.first().is_none_or(|op| {
+                !matches!(op, Op::Delete { .. } | Op::DeleteScope { .. } | Op::Many(_))
             });
             if unconditional {
                 for op in ops {
@@ -985,6 +989,52 @@ impl Store for SqliteStore {
             })
             .await?;
         u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("negative count {n}")))
+    }
+
+    async fn heartbeat(&self, node: &NodeBeat) -> Result<(), StoreError> {
+        let op = Op::Exec {
+            sql: sql::NODE_BEAT,
+            params: vec![
+                Value::Text(node.id.clone()),
+                Value::Text(node.name.clone()),
+                Value::Integer(node.started_ms),
+                Value::Integer(node.heartbeat_ms),
+                Value::Integer(node.expires_ms),
+            ],
+        };
+        self.write(op, Reply::Count).await.map(|_| ())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeBeat>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(sql::NODE_LIST)?;
+            let rows = stmt.query_map([], |r| {
+                Ok(NodeBeat {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    started_ms: r.get(2)?,
+                    heartbeat_ms: r.get(3)?,
+                    expires_ms: r.get(4)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn remove_nodes(
+        &self,
+        id: Option<&str>,
+        expired_before_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let op = Op::Exec {
+            sql: sql::NODE_REMOVE,
+            params: vec![
+                id.map_or(Value::Null, |i| Value::Text(i.to_owned())),
+                Value::Integer(expired_before_ms),
+            ],
+        };
+        self.write(op, Reply::Count).await
     }
 
     async fn prune_audit(

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use dps_core::store::{
     AuditEntry, AuditQuery, CleanupAction, CleanupKey, CleanupTask, Collection, Doc, DocIndex,
-    Expect, Filter, Store, StoreError, Write,
+    Expect, Filter, NodeBeat, Store, StoreError, Write,
 };
 use dps_store::{Backend, PostgresOptions, PostgresStore, SqliteStore, SCHEMA_VERSION};
 
@@ -175,7 +175,201 @@ conformance!(
     cleanup_cancel_drops_the_task,
     cleanup_concurrent_claims_never_share_a_task,
     cleanup_list_by_instance_oldest_first,
+    nodes_heartbeat_list_and_remove,
+    write_all_conditional_first_write_fails_before_anything_is_written,
+    concurrent_compare_and_set_writes_of_one_record_exactly_one_wins,
 );
+
+// ------------------------------------------------------------------------------------------------
+// Node heartbeats and the compare-and-set of a registration record across nodes
+
+fn beat(id: &str, heartbeat_ms: i64, expires_ms: i64) -> NodeBeat {
+    NodeBeat {
+        id: id.into(),
+        name: format!("name-{id}"),
+        started_ms: 1000,
+        heartbeat_ms,
+        expires_ms,
+    }
+}
+
+async fn nodes_heartbeat_list_and_remove(ctx: &Ctx) {
+    let s = ctx.store();
+    assert!(s.nodes().await.unwrap().is_empty());
+    s.heartbeat(&beat("b", 2000, 7000)).await.unwrap();
+    s.heartbeat(&beat("a", 2000, 3000)).await.unwrap();
+    // A refresh keeps the start time of the row and moves its heartbeat and expiry.
+    let mut again = beat("b", 4000, 9000);
+    again.started_ms = 999_999;
+    s.heartbeat(&again).await.unwrap();
+    let nodes = s.nodes().await.unwrap();
+    assert_eq!(nodes, vec![beat("a", 2000, 3000), beat("b", 4000, 9000)]);
+    // Rows expired before the cut go; a named row goes whatever its expiry.
+    assert_eq!(s.remove_nodes(None, 3000).await.unwrap(), 0);
+    assert_eq!(s.remove_nodes(None, 3001).await.unwrap(), 1);
+    assert_eq!(s.nodes().await.unwrap(), vec![beat("b", 4000, 9000)]);
+    assert_eq!(s.remove_nodes(Some("b"), 0).await.unwrap(), 1);
+    assert!(s.nodes().await.unwrap().is_empty());
+}
+
+async fn write_all_conditional_first_write_fails_before_anything_is_written(ctx: &Ctx) {
+    let s = ctx.store();
+    let r = Collection::Registration;
+    s.put(r, "i", doc("dev", "e1"), Expect::Absent)
+        .await
+        .unwrap();
+    let audit = AuditEntry {
+        instance: "i".into(),
+        actor: "device".into(),
+        action: "registration.assigned".into(),
+        target_kind: "registration".into(),
+        target_id: "dev".into(),
+        ..Default::default()
+    };
+    let batch = |expect: Expect, etag: &str| {
+        vec![
+            Write::Put {
+                c: r,
+                scope: "i".into(),
+                doc: doc("dev", etag),
+                expect,
+            },
+            Write::Put {
+                c: Collection::HubDevice,
+                scope: "hub".into(),
+                doc: doc("dev", etag),
+                expect: Expect::Any,
+            },
+            Write::Audit(audit.clone()),
+        ]
+    };
+    assert_eq!(
+        s.write_all(batch(Expect::Etag("stale".into()), "e2"))
+            .await
+            .unwrap_err(),
+        conflict(Some("e1"))
+    );
+    assert_eq!(
+        s.write_all(batch(Expect::Absent, "e2")).await.unwrap_err(),
+        conflict(Some("e1"))
+    );
+    assert!(s
+        .get(Collection::HubDevice, "hub", "dev")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s
+        .list_audit(&AuditQuery::default())
+        .await
+        .unwrap()
+        .is_empty());
+    s.write_all(batch(Expect::Etag("e1".into()), "e2"))
+        .await
+        .unwrap();
+    assert_eq!(s.get(r, "i", "dev").await.unwrap().unwrap().etag, "e2");
+    assert_eq!(
+        s.get(Collection::HubDevice, "hub", "dev")
+            .await
+            .unwrap()
+            .unwrap()
+            .etag,
+        "e2"
+    );
+    assert_eq!(s.list_audit(&AuditQuery::default()).await.unwrap().len(), 1);
+}
+
+/// Two nodes registering one device both read the record and write it back on its ETag: one
+/// wins, the other sees a conflict naming the winner's ETag (and retries from there).
+async fn concurrent_compare_and_set_writes_of_one_record_exactly_one_wins(ctx: &Ctx) {
+    let s = ctx.store();
+    let r = Collection::Registration;
+    for round in 0..20 {
+        let id = format!("dev{round}");
+        s.put(r, "i", doc(&id, "base"), Expect::Absent)
+            .await
+            .unwrap();
+        let mut tasks = Vec::new();
+        for n in 0..4 {
+            let s = s.clone();
+            let id = id.clone();
+            tasks.push(tokio::spawn(async move {
+                let w = Write::Put {
+                    c: r,
+                    scope: "i".into(),
+                    doc: doc(&id, &format!("n{n}")),
+                    expect: Expect::Etag("base".into()),
+                };
+                s.write_all(vec![w]).await.map(|()| n)
+            }));
+        }
+        let mut won = Vec::new();
+        let mut lost = Vec::new();
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(n) => won.push(n),
+                Err(e) => lost.push(e),
+            }
+        }
+        assert_eq!(won.len(), 1, "round {round}: {lost:?}");
+        let winner = format!("n{}", won[0]);
+        for e in lost {
+            assert_eq!(e, conflict(Some(&winner)), "round {round}");
+        }
+        assert_eq!(s.get(r, "i", &id).await.unwrap().unwrap().etag, winner);
+    }
+}
+
+/// PostgreSQL announces changes of cached collections (not of registration records) at commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_announces_changes_of_cached_collections() {
+    let Some(ctx) = postgres_ctx().await else {
+        return;
+    };
+    let Backend::Postgres(pg) = &ctx.backend else {
+        unreachable!("postgres context")
+    };
+    let mut rx = pg.watch_changes();
+    async fn next(rx: &mut tokio::sync::mpsc::Receiver<dps_store::Change>) -> dps_store::Change {
+        tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a change within 10 s")
+            .expect("the watch is open")
+    }
+    assert_eq!(next(&mut rx).await, dps_store::Change::Listening);
+    let s = ctx.store();
+    // A registration record is not announced; the group written after it is the next change.
+    s.put(Collection::Registration, "inst", doc("d", "e"), Expect::Any)
+        .await
+        .unwrap();
+    s.put(Collection::Group, "inst", doc("g", "e"), Expect::Any)
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut rx).await,
+        dps_store::Change::Doc {
+            collection: "group".into(),
+            scope: "inst".into()
+        }
+    );
+    s.delete(Collection::Instance, "", "nothing", Expect::Any)
+        .await
+        .unwrap();
+    s.put(Collection::Instance, "", doc("x", "e"), Expect::Any)
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut rx).await,
+        dps_store::Change::Doc {
+            collection: "instance".into(),
+            scope: String::new()
+        }
+    );
+    s.delete(Collection::DenyList, "inst", "x", Expect::Any)
+        .await
+        .unwrap();
+    drop(rx);
+    ctx.finish().await;
+}
 
 // ------------------------------------------------------------------------------------------------
 // Tests
