@@ -195,13 +195,15 @@ impl Repo {
         }
     }
 
-    /// Write a registration record with a new ETag (unconditional; callers serialize per
+    /// Write a registration record with a new ETag under a condition (the engine's writes are
+    /// compare-and-set on the version it read, so that nodes sharing the store serialize per
     /// device). The caller draws the ETag from its injected `Random`.
     pub async fn put_registration(
         &self,
         instance: &str,
         rec: &mut RegistrationRecord,
         etag: String,
+        expect: Expect,
     ) -> Result<()> {
         rec.state.etag = Some(etag.clone());
         let id = rec.state.registration_id.clone();
@@ -212,7 +214,7 @@ impl Repo {
             &etag,
             rec,
             registration_index(rec),
-            Expect::Any,
+            expect,
         )
         .await?;
         Ok(())

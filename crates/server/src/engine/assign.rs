@@ -19,8 +19,16 @@ use dps_core::Result;
 use std::time::Instant;
 
 impl Engine {
-    /// The assignment, under the per-device lock. Returns the final record (assigned, failed or
-    /// disabled). `Err` only for store failures.
+    /// The assignment, under the per-device lock of this node and, across nodes sharing the
+    /// store, the compare-and-set of the device's record: every write of the record is
+    /// conditional on the version this attempt read (or last wrote). An attempt that loses the
+    /// race (another node wrote the record meanwhile) starts again from the record as it is
+    /// now; one that finds another live node's intent waits for that node to finish (a lapsed
+    /// node's intent is ended first, see `lifecycle.rs`). So two registrations of one device on
+    /// two nodes end with one record, one identity on one hub, and the same answer.
+    ///
+    /// Returns the final record (assigned, failed or disabled). `Err` for store failures, and
+    /// `Throttled` when another node's assignment of the device outlasts the wait.
     pub(super) async fn assign(
         &self,
         adm: Admitted,
@@ -33,7 +41,76 @@ impl Engine {
         let rid = adm.registration_id.clone();
         let _lock = self.lock_for(&inst.name, &rid.key()).lock().await;
         let started = Instant::now();
-        let existing = self.record(&inst.name, &rid).await?;
+        let wait_until = started + self.foreign_intent_wait();
+        let mut pause = std::time::Duration::from_millis(20);
+        let mut conflicts = 0;
+        loop {
+            let existing = self.repo.registration(&inst.name, rid.as_str()).await?;
+            if let Some((rec, etag)) = &existing {
+                if let Some(owner) = self.foreign_intent(rec) {
+                    if self.node_is_live(owner).await? {
+                        if Instant::now() >= wait_until {
+                            tracing::warn!(registration_id = %rid, node = owner, "another node's assignment of this device is still running; the device is told to retry");
+                            return Err(dps_core::Error::Throttled {
+                                retry_after: self.settings.busy_retry_after,
+                            });
+                        }
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(std::time::Duration::from_millis(250));
+                        continue;
+                    }
+                    // Its node is dead: end its intent (unless something else changed the
+                    // record meanwhile), then assign from the record as it is then.
+                    self.finish_interrupted(&inst.name, rec.clone(), etag.clone())
+                        .await?;
+                    continue;
+                }
+            }
+            let existing = existing.map(|(mut rec, etag)| {
+                // The version every write of this attempt is conditional on.
+                rec.state.etag = Some(etag);
+                rec
+            });
+            match self
+                .assign_once(
+                    &adm,
+                    op,
+                    payload.clone(),
+                    transport,
+                    force,
+                    existing,
+                    started,
+                )
+                .await
+            {
+                Err(dps_core::Error::Store(dps_core::store::StoreError::Conflict { .. }))
+                    if conflicts < MAX_CONFLICTS =>
+                {
+                    conflicts += 1;
+                    metrics::counter!("dps_registration_conflicts_total").increment(1);
+                    tracing::debug!(registration_id = %rid, "the record changed under this attempt (another node); starting again");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One attempt of the assignment from `existing` (its `state.etag` is the stored version);
+    /// a `Conflict` means another writer changed the record and nothing of this attempt was
+    /// committed.
+    #[allow(clippy::too_many_arguments)]
+    async fn assign_once(
+        &self,
+        adm: &Admitted,
+        op: &str,
+        payload: Option<serde_json::Value>,
+        transport: Transport,
+        force: bool,
+        existing: Option<RegistrationRecord>,
+        started: Instant,
+    ) -> Result<RegistrationRecord> {
+        let inst = adm.instance.clone();
+        let rid = adm.registration_id.clone();
         let now = ts(self.clock.as_ref());
         let mut rec = existing.clone().unwrap_or_else(|| RegistrationRecord {
             state: DeviceRegistrationState {
@@ -138,7 +215,7 @@ impl Engine {
             },
             _ => match self
                 .allocate(
-                    &adm,
+                    adm,
                     &settings,
                     current_hub.as_deref(),
                     previous_device.as_deref(),
@@ -160,6 +237,7 @@ impl Engine {
             hub: hub.host.clone(),
             device_id: device_id.clone(),
             started: now.clone(),
+            owner: Some(self.node_id().to_string()),
         });
         if !rec
             .hub_history
@@ -274,8 +352,9 @@ impl Engine {
         } else if staged.is_none() {
             // Until the write is confirmed, dps does not know what the hub holds.
             rec.hub_write = None;
+            let expect = Self::expect_of(&rec);
             self.repo
-                .put_registration(&inst.name, &mut rec, self.new_etag())
+                .put_registration(&inst.name, &mut rec, self.new_etag(), expect)
                 .await?;
             let t0 = Instant::now();
             let r = adapter.upsert_device(&identity, twin.as_ref()).await;
@@ -373,8 +452,9 @@ impl Engine {
         action: &str,
         extra: Vec<Write>,
     ) -> Result<()> {
-        let mut writes = extra;
-        writes.reserve(2);
+        // The record first: its condition is checked before anything is written.
+        let mut writes = Vec::with_capacity(extra.len() + 2);
+        let expect = Self::expect_of(rec);
         let doc = Repo::registration_doc(rec, self.new_etag());
         // The audit entry's `after` is the record without its list of earlier operation ids.
         // A record holds no secrets, but a custom allocation payload is anything: that one goes
@@ -397,8 +477,9 @@ impl Engine {
             c: dps_core::store::Collection::Registration,
             scope: instance.to_string(),
             doc,
-            expect: dps_core::store::Expect::Any,
+            expect,
         });
+        writes.extend(extra);
         writes.push(Write::Audit(dps_core::store::AuditEntry {
             seq: 0,
             timestamp: ts(self.clock.as_ref()),
@@ -486,6 +567,21 @@ impl Engine {
             labels,
         )
         .await
+    }
+}
+
+/// Attempts of one registration that lose the record's compare-and-set to another writer before
+/// the error is returned (each loss needs another node's write of the same device).
+const MAX_CONFLICTS: u32 = 8;
+
+impl Engine {
+    /// The condition of the next write of `rec`: the version it was read as or last written
+    /// as (`state.etag`), or absent for a new record.
+    pub(super) fn expect_of(rec: &RegistrationRecord) -> dps_core::store::Expect {
+        rec.state.etag.clone().map_or(
+            dps_core::store::Expect::Absent,
+            dps_core::store::Expect::Etag,
+        )
     }
 }
 

@@ -18,12 +18,14 @@ mod attest;
 mod cleanup;
 pub mod custom_allocation;
 mod lifecycle;
+mod nodes;
 pub mod refusals;
 #[cfg(test)]
 mod tests;
 
 pub use cleanup::{CleanupPass, CleanupSettings};
 pub use custom_allocation::{CustomAllocator, WebhookAllocator};
+pub use nodes::NodeSettings;
 
 use crate::audit::Audit;
 use crate::catalog::Catalog;
@@ -68,6 +70,8 @@ pub struct EngineSettings {
     pub refused_max_sources: usize,
     /// The clean-up of old identities (retries, backoff, claims).
     pub cleanup: CleanupSettings,
+    /// This node's name and heartbeat lease.
+    pub node: NodeSettings,
 }
 
 impl Default for EngineSettings {
@@ -83,6 +87,7 @@ impl Default for EngineSettings {
             refused_per_source_per_second: 1,
             refused_max_sources: 10_000,
             cleanup: CleanupSettings::default(),
+            node: NodeSettings::default(),
         }
     }
 }
@@ -135,6 +140,8 @@ pub struct Engine {
     catalog: Arc<Catalog>,
     /// Which refused attempts are audited (per source, per node).
     refusals: refusals::RefusalSampler,
+    /// When this run started (Unix ms), for the heartbeat row.
+    started_ms: i64,
     me: std::sync::Weak<Engine>,
 }
 
@@ -162,7 +169,9 @@ impl Engine {
             },
             Instant::now(),
         );
+        let started_ms = nodes::unix_ms(clock.now());
         Arc::new_cyclic(|me| Engine {
+            started_ms,
             me: me.clone(),
             audit: Audit::with_clock(repo.store.clone(), clock.clone()),
             repo,
