@@ -201,6 +201,22 @@ pub enum Write {
     EnqueueCleanup(CleanupTask),
     /// Drop the clean-up task of a key, if any (the device id was assigned to that hub again).
     CancelCleanup(CleanupKey),
+    /// A capacity reservation: the whole write fails with a `Conflict { current: None }` when
+    /// `scope` already holds `max` or more registration records on `hub` (the index `hub`,
+    /// compared lowercased, with status `assigned` or `assigning`), not counting the record
+    /// `except` (the one being written). Writes nothing. Evaluated so that concurrent writers,
+    /// on any node, see each other's records: PostgreSQL takes an advisory transaction lock per
+    /// scope and hub before counting; SQLite's single writer applies one batch at a time.
+    HubCapacity {
+        /// Scope (instance).
+        scope: String,
+        /// The hub host.
+        hub: String,
+        /// Most records on the hub.
+        max: u64,
+        /// The id of the record being written (not counted).
+        except: String,
+    },
 }
 
 /// What a clean-up task does to a hub identity.

@@ -50,11 +50,18 @@ pub fn registration_index(r: &RegistrationRecord) -> DocIndex {
             .enrollment_group_id
             .as_ref()
             .map(|g| g.to_ascii_lowercase()),
-        hub: r
-            .state
-            .assigned_hub
-            .as_ref()
-            .map(|h| h.to_ascii_lowercase()),
+        // An intent counts on the hub it is about to write (capacity reservations, see
+        // `dps_core::store::Write::HubCapacity`).
+        hub: match (&r.state.status, &r.pending) {
+            (Some(dps_core::model::RegistrationStatus::Assigning), Some(p)) => {
+                Some(p.hub.to_ascii_lowercase())
+            }
+            _ => r
+                .state
+                .assigned_hub
+                .as_ref()
+                .map(|h| h.to_ascii_lowercase()),
+        },
     }
 }
 

@@ -477,6 +477,9 @@ impl PostgresStore {
                 Write::CancelCleanup(k) => {
                     (cancel.as_ref().expect("prepared when used"), key_params(k))
                 }
+                Write::HubCapacity { .. } => {
+                    unreachable!("write_all sends capacity checks through a transaction")
+                }
             })
             .collect();
         let params: Vec<(&tokio_postgres::Statement, Vec<&(dyn ToSql + Sync)>)> =
@@ -844,6 +847,35 @@ impl Store for PostgresStore {
                 }
                 Write::CancelCleanup(k) => {
                     exec_on(&tx, sql::CLEANUP_CANCEL, &key_params(k)).await?;
+                }
+                Write::HubCapacity {
+                    scope,
+                    hub,
+                    max,
+                    except,
+                } => {
+                    let hub = hub.to_lowercase();
+                    // One writer per (scope, hub) at a time until commit: the count below sees
+                    // every record committed by the previous holder.
+                    tx.execute(
+                        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                        &[&format!("dps-capacity {scope} {hub}")],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                    let stmt = tx
+                        .prepare_cached(&sql::pg(sql::HUB_CAPACITY_COUNT))
+                        .await
+                        .map_err(pg_err)?;
+                    let n: i64 = tx
+                        .query_one(&stmt, &[scope, &hub, &sql::key_of(except)])
+                        .await
+                        .map_err(pg_err)?
+                        .try_get(0)
+                        .map_err(|e| StoreError::Corrupt(format!("postgres row: {e}")))?;
+                    if u64::try_from(n).unwrap_or(0) >= *max {
+                        return Err(StoreError::Conflict { current: None });
+                    }
                 }
             }
         }

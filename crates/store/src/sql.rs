@@ -292,6 +292,12 @@ pub(crate) fn cleanup_list() -> String {
 /// Count tasks.
 pub(crate) const CLEANUP_COUNT: &str = "SELECT count(*) FROM hub_cleanup";
 
+/// Registration records on a hub that hold or are about to hold an identity there
+/// (`?1` scope, `?2` hub lowercased, `?3` the key not counted).
+pub(crate) const HUB_CAPACITY_COUNT: &str = "SELECT count(*) FROM docs \
+     WHERE collection = 'registration' AND scope = ?1 AND hub = ?2 \
+     AND status IN ('assigned', 'assigning') AND key <> ?3";
+
 // ---------------------------------------------------------------------------------------------
 // Node heartbeats (`?N` placeholders as above).
 

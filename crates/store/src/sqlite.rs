@@ -477,6 +477,13 @@ enum Op {
         sql: &'static str,
         params: Vec<rusqlite::types::Value>,
     },
+    /// A capacity check (see [`Write::HubCapacity`]): a `Conflict` when the count reaches `max`.
+    HubCapacity {
+        scope: String,
+        hub: String,
+        max: i64,
+        except: String,
+    },
     /// Claim due clean-up tasks.
     ClaimCleanup {
         now_ms: i64,
@@ -637,21 +644,25 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<Result<Answer, StoreErr
         }
         Op::Many(ops) => {
             // Writes without a condition cannot fail on their own (a database error fails the
-            // whole batch): no savepoint, whose sub-journal would copy every page touched. A
-            // condition on the first write only (the registration path's compare-and-set on the
-            // record) fails before anything is written: no savepoint either.
-            let unconditional = ops.iter().skip(1).all(|op| {
-                matches!(
-                    op,
-                    Op::Put {
-                        expect: Expect::Any,
-                        ..
-                    } | Op::Audit(_)
-                        | Op::Exec { .. }
-                )
-            }) && ops.first().is_none_or(|op| {
-                !matches!(op, Op::Delete { .. } | Op::DeleteScope { .. } | Op::Many(_))
-            });
+            // whole batch): no savepoint, whose sub-journal would copy every page touched.
+            // Conditions checked before the first write (the registration path's capacity check
+            // and compare-and-set on the record) fail before anything is written: no savepoint
+            // either.
+            let mut written = false;
+            let mut unconditional = true;
+            for op in ops {
+                let (conditional, writes) = match op {
+                    Op::Put { expect, .. } => (*expect != Expect::Any, true),
+                    Op::HubCapacity { .. } => (true, false),
+                    Op::Audit(_) | Op::Exec { .. } => (false, true),
+                    _ => (true, true),
+                };
+                if conditional && written {
+                    unconditional = false;
+                    break;
+                }
+                written |= writes;
+            }
             if unconditional {
                 for op in ops {
                     if let Err(e) = apply(conn, op)? {
@@ -668,6 +679,21 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<Result<Answer, StoreErr
                 }
             }
             conn.execute_batch("RELEASE many")?;
+            Ok(Ok(Answer::Unit))
+        }
+        Op::HubCapacity {
+            scope,
+            hub,
+            max,
+            except,
+        } => {
+            let n: i64 = conn.prepare_cached(sql::HUB_CAPACITY_COUNT)?.query_row(
+                params![scope, hub.to_lowercase(), sql::key_of(except)],
+                |r| r.get(0),
+            )?;
+            if n >= *max {
+                return Ok(Err(StoreError::Conflict { current: None }));
+            }
             Ok(Ok(Answer::Unit))
         }
         Op::Exec { sql, params } => {
@@ -912,6 +938,17 @@ impl Store for SqliteStore {
                 Write::CancelCleanup(k) => Op::Exec {
                     sql: sql::CLEANUP_CANCEL,
                     params: key_values(&k),
+                },
+                Write::HubCapacity {
+                    scope,
+                    hub,
+                    max,
+                    except,
+                } => Op::HubCapacity {
+                    scope,
+                    hub,
+                    max: i64::try_from(max).unwrap_or(i64::MAX),
+                    except,
                 },
             })
             .collect();

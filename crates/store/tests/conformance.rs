@@ -178,6 +178,7 @@ conformance!(
     nodes_heartbeat_list_and_remove,
     write_all_conditional_first_write_fails_before_anything_is_written,
     concurrent_compare_and_set_writes_of_one_record_exactly_one_wins,
+    hub_capacity_reservations_never_overshoot_under_concurrency,
 );
 
 // ------------------------------------------------------------------------------------------------
@@ -317,6 +318,95 @@ async fn concurrent_compare_and_set_writes_of_one_record_exactly_one_wins(ctx: &
         }
         assert_eq!(s.get(r, "i", &id).await.unwrap().unwrap().etag, winner);
     }
+}
+
+fn on_hub(id: &str, status: &str, hub: &str) -> Doc {
+    Doc {
+        index: DocIndex {
+            status: Some(status.into()),
+            hub: Some(hub.into()),
+            ..DocIndex::default()
+        },
+        ..doc(id, "e")
+    }
+}
+
+/// Writers on any node reserve a place on a hub with a capacity check in the same write: 40
+/// concurrent writers on a hub with room for 7 (one taken, one more `assigning`) leave exactly
+/// 7; a record already on the hub is not counted against itself.
+async fn hub_capacity_reservations_never_overshoot_under_concurrency(ctx: &Ctx) {
+    let s = ctx.store();
+    let r = Collection::Registration;
+    s.put(r, "i", on_hub("old-1", "assigned", "hub.a"), Expect::Absent)
+        .await
+        .unwrap();
+    s.put(
+        r,
+        "i",
+        on_hub("old-2", "assigning", "hub.a"),
+        Expect::Absent,
+    )
+    .await
+    .unwrap();
+    // Other statuses, hubs and scopes do not count.
+    s.put(r, "i", on_hub("old-3", "failed", "hub.a"), Expect::Absent)
+        .await
+        .unwrap();
+    s.put(r, "i", on_hub("old-4", "assigned", "hub.b"), Expect::Absent)
+        .await
+        .unwrap();
+    s.put(r, "j", on_hub("old-5", "assigned", "hub.a"), Expect::Absent)
+        .await
+        .unwrap();
+    let reserve = |id: String| {
+        vec![
+            Write::HubCapacity {
+                scope: "i".into(),
+                hub: "HUB.A".into(),
+                max: 7,
+                except: id.clone(),
+            },
+            Write::Put {
+                c: r,
+                scope: "i".into(),
+                doc: on_hub(&id, "assigning", "hub.a"),
+                expect: Expect::Absent,
+            },
+        ]
+    };
+    let mut tasks = Vec::new();
+    for n in 0..40 {
+        let s = s.clone();
+        let w = reserve(format!("new-{n}"));
+        tasks.push(tokio::spawn(async move { s.write_all(w).await }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(e) => assert_eq!(e, conflict(None)),
+        }
+    }
+    assert_eq!(ok, 5, "two places were taken already");
+    let on_a = Filter {
+        hub: Some("hub.a".into()),
+        ..Filter::default()
+    };
+    assert_eq!(
+        s.count(r, "i", &on_a).await.unwrap(),
+        8,
+        "7 + the failed one"
+    );
+    // A record on the full hub may be written again (it is not counted against itself).
+    let mut again = reserve("old-1".into());
+    if let Write::Put { expect, .. } = &mut again[1] {
+        *expect = Expect::Any;
+    }
+    s.write_all(again).await.unwrap();
+    assert_eq!(
+        s.write_all(reserve("late".into())).await.unwrap_err(),
+        conflict(None)
+    );
 }
 
 /// PostgreSQL announces changes of cached collections (not of registration records) at commit.

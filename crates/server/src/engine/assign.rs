@@ -353,9 +353,30 @@ impl Engine {
             // Until the write is confirmed, dps does not know what the hub holds.
             rec.hub_write = None;
             let expect = Self::expect_of(&rec);
-            self.repo
-                .put_registration(&inst.name, &mut rec, self.new_etag(), expect)
-                .await?;
+            match capacity_check(&inst.name, &hub, existing.as_ref(), rid.as_str()) {
+                None => {
+                    self.repo
+                        .put_registration(&inst.name, &mut rec, self.new_etag(), expect)
+                        .await?
+                }
+                Some(check) => {
+                    // The intent is the reservation: written only while the hub has room,
+                    // counted by every node from then on.
+                    let doc = Repo::registration_doc(&mut rec, self.new_etag());
+                    self.repo
+                        .store
+                        .write_all(vec![
+                            check,
+                            Write::Put {
+                                c: dps_core::store::Collection::Registration,
+                                scope: inst.name.clone(),
+                                doc,
+                                expect,
+                            },
+                        ])
+                        .await?;
+                }
+            }
             let t0 = Instant::now();
             let r = adapter.upsert_device(&identity, twin.as_ref()).await;
             self.hubs.record(&hub.host, t0, &r);
@@ -411,6 +432,15 @@ impl Engine {
             (h, task)
         });
         let mut writes: Vec<Write> = staged.into_iter().collect();
+        if in_store {
+            // A hub kept in the store has no intent: the reservation is checked at the commit.
+            writes.extend(capacity_check(
+                &inst.name,
+                &hub,
+                existing.as_ref(),
+                rid.as_str(),
+            ));
+        }
         if !unchanged {
             // The identity is written (again): a queued removal of it must not run.
             writes.push(Self::cancel_cleanup(&inst.name, &hub.host, &device_id));
@@ -452,8 +482,13 @@ impl Engine {
         action: &str,
         extra: Vec<Write>,
     ) -> Result<()> {
-        // The record first: its condition is checked before anything is written.
+        // Capacity checks, then the record: their conditions are checked before anything is
+        // written.
         let mut writes = Vec::with_capacity(extra.len() + 2);
+        let (checks, extra): (Vec<Write>, Vec<Write>) = extra
+            .into_iter()
+            .partition(|w| matches!(w, Write::HubCapacity { .. }));
+        writes.extend(checks);
         let expect = Self::expect_of(rec);
         let doc = Repo::registration_doc(rec, self.new_etag());
         // The audit entry's `after` is the record without its list of earlier operation ids.
@@ -583,6 +618,33 @@ impl Engine {
             dps_core::store::Expect::Etag,
         )
     }
+}
+
+/// The reservation of a place on `hub` when it has a `max_devices` and the device is not on it
+/// already: the write that puts the device there (its intent, or for a hub kept in the store the
+/// final record) fails as a conflict when the hub is full by then, counted in the store across
+/// nodes (`dps_core::store::Write::HubCapacity`); the assignment then starts again and allocates
+/// from the new count.
+fn capacity_check(
+    instance: &str,
+    hub: &LinkedHub,
+    existing: Option<&RegistrationRecord>,
+    registration_id: &str,
+) -> Option<Write> {
+    let max = hub.max_devices?;
+    let there = existing.is_some_and(|r| {
+        r.state.status == Some(RegistrationStatus::Assigned)
+            && r.state
+                .assigned_hub
+                .as_deref()
+                .is_some_and(|h| h.eq_ignore_ascii_case(&hub.host))
+    });
+    (!there).then(|| Write::HubCapacity {
+        scope: instance.to_string(),
+        hub: hub.host.clone(),
+        max,
+        except: registration_id.to_string(),
+    })
 }
 
 /// The linked hub's `skip_unchanged` option (default `true`): `false` writes the identity on

@@ -1366,3 +1366,50 @@ async fn two_nodes_registering_one_device_at_once_agree() {
         );
     }
 }
+
+/// `max_devices` is counted in the store with a reservation: two nodes registering 16 devices
+/// at once on a hub with room for 5 assign exactly 5; the others are told no hub is available.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_never_overshoot_a_hubs_max_devices() {
+    let mut capped = hub("cap-hub");
+    capped.max_devices = Some(5);
+    let settings = EngineSettings::default();
+    let f = fixture_with(vec![capped], settings.clone()).await;
+    f.group("g", serde_json::json!({})).await;
+    let fake = Arc::new(FakeHub::new("cap-hub"));
+    f.engine
+        .hubs
+        .install(f.instance.hub("cap-hub").unwrap(), fake.clone());
+    let clock: Arc<dyn Clock> = Arc::new(FixedClock(time::macros::datetime!(2026-06-01 12:00 UTC)));
+    let other = f.other_node(settings, clock, 9, "cap-hub", fake.clone());
+    f.engine.heartbeat().await.unwrap();
+    other.heartbeat().await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let node = if i % 2 == 0 {
+            f.engine.clone()
+        } else {
+            other.clone()
+        };
+        let req = register_request(&format!("cap-{i}"));
+        tasks.push(tokio::spawn(async move { node.register(req).await }));
+    }
+    let mut assigned = 0;
+    for t in tasks {
+        let r = t.await.unwrap().unwrap();
+        assert_eq!(r.status, 200);
+        match r.body.status {
+            RegistrationStatus::Assigned => assigned += 1,
+            RegistrationStatus::Failed => {
+                let st = r.body.registration_state.unwrap();
+                assert_eq!(
+                    st.error_code,
+                    Some(dps_core::wire::assignment_failure(&AssignmentFailure::NoHub).error_code)
+                );
+            }
+            s => panic!("unexpected {s:?}"),
+        }
+    }
+    assert_eq!(assigned, 5);
+    assert_eq!(fake.devices().len(), 5);
+}
