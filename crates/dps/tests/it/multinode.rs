@@ -487,7 +487,7 @@ async fn register_once(client: &reqwest::Client, base: &str, rid: &str, key: &st
 /// Afterwards: every device that saw `assigned` is still assigned to the same hub and device
 /// id; every device has exactly one identity, on its record's hub; no record stays
 /// `assigning`; every device that did not finish succeeds when it registers again.
-pub async fn burst_with_chaos(devices: usize, concurrency: usize, outage: Duration) {
+pub async fn burst_with_chaos(nodes: usize, devices: usize, concurrency: usize, outage: Duration) {
     let Some(pg) = PgSchema::create().await else {
         return;
     };
@@ -498,14 +498,23 @@ pub async fn burst_with_chaos(devices: usize, concurrency: usize, outage: Durati
         ("hub-b.example.net", hub_b.url.as_str()),
     ];
     let root = tempfile::tempdir().unwrap();
-    let dirs: Vec<PathBuf> = (0..2)
+    let dirs: Vec<PathBuf> = (0..nodes)
         .map(|i| root.path().join(format!("node{i}")))
         .collect();
     write_node_config(&dirs[0], &pg.url(), &hubs, None);
     let mut n0 = Node::start(&dirs[0]).await;
-    write_node_config(&dirs[1], &pg.url(), &hubs, Some(&dirs[0]));
-    let n1 = Node::start(&dirs[1]).await;
-    let lb = Balancer::start(vec![n0.https, n1.https]).await;
+    let mut others = Vec::new();
+    for dir in &dirs[1..] {
+        write_node_config(dir, &pg.url(), &hubs, Some(&dirs[0]));
+        others.push(Node::start(dir).await);
+    }
+    let lb = Balancer::start(
+        std::iter::once(n0.https)
+            .chain(others.iter().map(|n| n.https))
+            .collect(),
+    )
+    .await;
+    let started = Instant::now();
     let ca = std::fs::read_to_string(dirs[0].join("ca.pem")).unwrap();
     let client = client_trusting(&ca, None);
     let base = format!("https://localhost:{}", lb.addr.port());
@@ -559,12 +568,17 @@ pub async fn burst_with_chaos(devices: usize, concurrency: usize, outage: Durati
     for t in tasks {
         t.await.unwrap();
     }
+    let took = started.elapsed();
     let seen = std::mem::take(&mut *seen.lock().unwrap());
     let assigned = seen
         .values()
         .filter(|s| matches!(s, Seen::Assigned { .. }))
         .count();
-    eprintln!("burst: {assigned} of {devices} devices saw assigned");
+    eprintln!(
+        "burst: {assigned} of {devices} devices saw assigned, {nodes} nodes, in {:.1} s ({:.0} registrations/s)",
+        took.as_secs_f64(),
+        devices as f64 / took.as_secs_f64()
+    );
 
     // No record stays `assigning` (the killed node's intents are ended within its lease).
     eventually(Duration::from_secs(30), || async {
@@ -665,12 +679,33 @@ pub async fn burst_with_chaos(devices: usize, concurrency: usize, outage: Durati
             "{rid}: identity not on {hub}"
         );
     }
-    drop((n0, n1, lb));
+    drop((n0, others, lb));
     pg.drop_schema().await;
 }
 
-/// The CI size of the chaos run: 300 devices, 24 at a time, a 2-second hub outage.
+/// The CI size of the chaos run: two nodes, 300 devices, 24 at a time, a 2-second hub outage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_through_a_balancer_survives_kill_9_of_a_node_and_a_hub_outage() {
-    burst_with_chaos(300, 24, Duration::from_secs(2)).await;
+    burst_with_chaos(2, 300, 24, Duration::from_secs(2)).await;
+}
+
+/// The full chaos run (`bench/chaos_multinode.sh`): three nodes, 10,000 devices, a 60-second
+/// hub outage; sizes from `DPS_CHAOS_NODES`, `DPS_CHAOS_DEVICES`, `DPS_CHAOS_CONCURRENCY`,
+/// `DPS_CHAOS_OUTAGE_SECS`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "the 10,000-device chaos run: bench/chaos_multinode.sh"]
+async fn chaos_run() {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    burst_with_chaos(
+        env("DPS_CHAOS_NODES", 3),
+        env("DPS_CHAOS_DEVICES", 10_000),
+        env("DPS_CHAOS_CONCURRENCY", 64),
+        Duration::from_secs(env("DPS_CHAOS_OUTAGE_SECS", 60) as u64),
+    )
+    .await;
 }
