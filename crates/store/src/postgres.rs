@@ -431,14 +431,39 @@ impl PostgresStore {
         self.pool.get().await.map_err(pool_err)
     }
 
-    /// Unconditional writes (the registration path: record, built-in hub identity, audit entry)
-    /// in one transaction sent as one pipeline: `BEGIN`, the statements and `COMMIT` leave in a
-    /// single flight instead of one round trip each. Every request is sent at the first poll of
-    /// the joined futures, so the transaction is always closed on the connection. If a
-    /// statement fails, PostgreSQL aborts the transaction and the `COMMIT` rolls it back.
+    /// Writes without a condition, except possibly the first (the registration path: the
+    /// record's compare-and-set, then the built-in hub identity, the clean-up queue's changes
+    /// and the audit entry), in one transaction sent as one pipeline: `BEGIN`, the statements
+    /// and `COMMIT` leave in a single flight instead of one round trip each. Every request is
+    /// sent at the first poll of the joined futures, so the transaction is always closed on the
+    /// connection. If a statement fails, PostgreSQL aborts the transaction and the `COMMIT` rolls
+    /// it back; a first write whose condition does not hold fails on purpose (a division by
+    /// zero when it changed no row, [`COND_ETAG_SQL`], [`COND_ABSENT_SQL`]), which is reported
+    /// as the `Conflict`.
     async fn write_pipelined(&self, writes: &[Write]) -> Result<(), StoreError> {
         let client = self.client().await?;
         let upsert = client.prepare_cached(UPSERT_SQL).await.map_err(pg_err)?;
+        let first_condition = match writes.first() {
+            Some(Write::Put {
+                expect: e @ (Expect::Etag(_) | Expect::Absent),
+                c,
+                scope,
+                doc,
+            }) => Some((e.clone(), *c, scope.clone(), sql::key_of(&doc.id))),
+            _ => None,
+        };
+        let cond = match &first_condition {
+            Some((Expect::Etag(_), ..)) => {
+                Some(client.prepare_cached(COND_ETAG_SQL).await.map_err(pg_err)?)
+            }
+            Some(_) => Some(
+                client
+                    .prepare_cached(COND_ABSENT_SQL)
+                    .await
+                    .map_err(pg_err)?,
+            ),
+            None => None,
+        };
         let audit = client.prepare_cached(AUDIT_SQL).await.map_err(pg_err)?;
         let has_cleanup = writes
             .iter()
@@ -467,7 +492,20 @@ impl PostgresStore {
             Vec<Box<dyn ToSql + Sync + Send>>,
         )> = writes
             .iter()
-            .map(|w| match w {
+            .enumerate()
+            .map(|(i, w)| match w {
+                Write::Put {
+                    c,
+                    scope,
+                    doc,
+                    expect,
+                } if i == 0 && cond.is_some() => {
+                    let mut p = doc_params(*c, scope, doc);
+                    if let Expect::Etag(e) = expect {
+                        p.push(Box::new(e.clone()));
+                    }
+                    (cond.as_ref().expect("prepared above"), p)
+                }
                 Write::Put { c, scope, doc, .. } => (&upsert, doc_params(*c, scope, doc)),
                 Write::Audit(e) => (&audit, audit_params(e)),
                 Write::EnqueueCleanup(t) => (
@@ -491,6 +529,24 @@ impl PostgresStore {
             pg.batch_execute("COMMIT"),
         );
         begin.map_err(pg_err)?;
+        let mut results = results.into_iter();
+        if let Some((_, c, scope, key)) = &first_condition {
+            match results.next() {
+                Some(Err(e))
+                    if e.code() == Some(&tokio_postgres::error::SqlState::DIVISION_BY_ZERO) =>
+                {
+                    // Rolled back by the `COMMIT` of the aborted transaction.
+                    commit.map_err(pg_err)?;
+                    return Err(StoreError::Conflict {
+                        current: current_etag(&client, *c, scope, key).await?,
+                    });
+                }
+                Some(r) => {
+                    r.map_err(pg_err)?;
+                }
+                None => {}
+            }
+        }
         for r in results {
             r.map_err(pg_err)?;
         }
@@ -523,6 +579,21 @@ const UPSERT_SQL: &str =
      ON CONFLICT (collection, scope, key) DO UPDATE SET
      id = EXCLUDED.id, etag = EXCLUDED.etag, body = EXCLUDED.body,
      status = EXCLUDED.status, kind = EXCLUDED.kind, grp = EXCLUDED.grp, hub = EXCLUDED.hub";
+
+/// The compare-and-set of a document in a pipeline (`$11`: the expected ETag): fails with a
+/// division by zero when no row had that ETag, which aborts the transaction.
+const COND_ETAG_SQL: &str = "WITH w AS (UPDATE docs SET id = $4, etag = $5, body = $6, \
+     status = $7, kind = $8, grp = $9, hub = $10 \
+     WHERE collection = $1 AND scope = $2 AND key = $3 AND etag = $11 RETURNING 1) \
+     SELECT 1 / (SELECT count(*)::INT FROM w)";
+
+/// The create of a document that must be absent, in a pipeline: fails with a division by zero
+/// when it exists, which aborts the transaction.
+const COND_ABSENT_SQL: &str = "WITH w AS (INSERT INTO docs \
+     (collection, scope, key, id, etag, body, status, kind, grp, hub) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+     ON CONFLICT (collection, scope, key) DO NOTHING RETURNING 1) \
+     SELECT 1 / (SELECT count(*)::INT FROM w)";
 
 const AUDIT_SQL: &str = "INSERT INTO audit (ts, instance, actor, action, target_kind, target_id,
                                 target_key, before, after)
@@ -817,7 +888,16 @@ impl Store for PostgresStore {
     }
 
     async fn write_all(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        let unconditional = writes.iter().all(|w| {
+        // A condition on the first write only (the registration path) is checked in the
+        // pipeline too; other conditions go through a transaction, one statement at a time.
+        let first_conditional = matches!(
+            writes.first(),
+            Some(Write::Put {
+                expect: Expect::Etag(_) | Expect::Absent,
+                ..
+            })
+        );
+        let unconditional = writes.iter().skip(usize::from(first_conditional)).all(|w| {
             matches!(
                 w,
                 Write::Put {

@@ -322,6 +322,11 @@ allow_private_addresses = true
 heartbeat_ms = 200
 lease_ms = 1000
 
+[hub_cleanup]
+interval_ms = 200
+initial_backoff_ms = 200
+max_backoff_ms = 2000
+
 [[instance]]
 name = "default"
 id_scope = "{SCOPE}"
@@ -627,6 +632,19 @@ pub async fn burst_with_chaos(nodes: usize, devices: usize, concurrency: usize, 
         .unwrap()
         .len();
     eprintln!("{recovered} intents of the killed node were ended by recovery");
+
+    // Identities left on the other hub by devices that moved (away from the hub that was down,
+    // or from an intent ended by recovery) are removed by the clean-up queue, retried until the
+    // hub confirms.
+    eventually(Duration::from_secs(120), || async {
+        let queued = pg.store.count_cleanup().await.map_err(|e| e.to_string())?;
+        if queued == 0 {
+            Ok(())
+        } else {
+            Err(format!("{queued} old identities still queued for removal"))
+        }
+    })
+    .await;
 
     // Every registration a device saw assigned is still assigned to the same hub and id; every
     // device has exactly one identity, on its record's hub.
