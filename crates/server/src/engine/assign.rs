@@ -382,7 +382,15 @@ impl Engine {
             self.hubs.record(&hub.host, t0, &r);
             if let Err(e) = r {
                 return self
-                    .hub_failed(&inst, &mut rec, existing.as_ref(), &hub, e, labels)
+                    .hub_failed_after_write(
+                        &inst,
+                        &mut rec,
+                        existing.as_ref(),
+                        &hub,
+                        e,
+                        labels,
+                        Some(&device_id),
+                    )
                     .await;
             }
             metrics::counter!("dps_hub_writes_total", "kind" => kind).increment(1);
@@ -539,6 +547,18 @@ impl Engine {
         f: Failure,
         labels: (String, &'static str, &'static str),
     ) -> Result<RegistrationRecord> {
+        self.fail_with(inst, rec, f, labels, Vec::new()).await
+    }
+
+    /// [`fail`](Self::fail), committing `extra` writes with the record.
+    async fn fail_with(
+        &self,
+        inst: &Instance,
+        rec: &mut RegistrationRecord,
+        f: Failure,
+        labels: (String, &'static str, &'static str),
+        extra: Vec<Write>,
+    ) -> Result<RegistrationRecord> {
         let Failure { failure, reason } = f;
         tracing::info!(registration_id = %rec.state.registration_id, failure = %failure, reason = %reason, "registration failed");
         let wire = dps_core::wire::assignment_failure(&failure);
@@ -557,7 +577,7 @@ impl Engine {
             "failed"
         };
         rec.failure = Some(failure);
-        self.commit(&inst.name, rec, "registration.failed", Vec::new())
+        self.commit(&inst.name, rec, "registration.failed", extra)
             .await?;
         metrics::counter!("RegistrationAttempts", "instance" => labels.0, "hub" => "none", "protocol" => labels.1, "attestation" => labels.2, "result" => result).increment(1);
         Ok(rec.clone())
@@ -572,7 +592,25 @@ impl Engine {
         e: HubError,
         labels: (String, &'static str, &'static str),
     ) -> Result<RegistrationRecord> {
+        self.hub_failed_after_write(inst, rec, before, hub, e, labels, None)
+            .await
+    }
+
+    /// A failed hub call; `written` is the device id when the call was the identity write
+    /// itself.
+    #[allow(clippy::too_many_arguments)]
+    async fn hub_failed_after_write(
+        &self,
+        inst: &Instance,
+        rec: &mut RegistrationRecord,
+        before: Option<&RegistrationRecord>,
+        hub: &LinkedHub,
+        e: HubError,
+        labels: (String, &'static str, &'static str),
+        written: Option<&str>,
+    ) -> Result<RegistrationRecord> {
         // The identity was not written: forget the intent so that history stays truthful.
+        let mut extra = Vec::new();
         if rec
             .hub_history
             .last()
@@ -580,6 +618,20 @@ impl Engine {
             && before.is_none_or(|b| b.hub_history.last() != rec.hub_history.last())
         {
             rec.hub_history.pop();
+            // A write that timed out or lost its connection may have reached the hub all the
+            // same: the identity the device may have there is queued for removal (dropped by
+            // the commit that assigns the device to this hub after all), so that it is not
+            // left behind when the device ends up on another hub.
+            if let (Some(device_id), HubError::Unreachable { .. }) = (written, &e) {
+                let task = self.new_cleanup(
+                    &inst.name,
+                    &hub.host,
+                    device_id,
+                    &rec.state.registration_id,
+                    false,
+                );
+                extra.push(Write::EnqueueCleanup(task));
+            }
         }
         let failure = match &e {
             HubError::Unauthorized { .. } => AssignmentFailure::HubUnauthorized,
@@ -592,7 +644,7 @@ impl Engine {
             HubError::Unreachable { .. } => Some(5),
             _ => None,
         };
-        self.fail(
+        self.fail_with(
             inst,
             rec,
             Failure {
@@ -600,6 +652,7 @@ impl Engine {
                 reason: e.to_string(),
             },
             labels,
+            extra,
         )
         .await
     }

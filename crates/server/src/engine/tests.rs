@@ -1413,3 +1413,31 @@ async fn two_nodes_never_overshoot_a_hubs_max_devices() {
     assert_eq!(assigned, 5);
     assert_eq!(fake.devices().len(), 5);
 }
+
+/// A write that timed out may have reached the hub: the identity a new device may have there is
+/// queued for removal, and the queued removal is dropped once the device is assigned to that
+/// hub after all.
+#[tokio::test]
+async fn a_timed_out_write_to_a_new_hub_queues_the_removal_of_what_it_may_have_left() {
+    let settings = EngineSettings {
+        inline_wait: Duration::from_secs(20),
+        ..EngineSettings::default()
+    };
+    let f = fixture_with(vec![hub("fake-hub")], settings).await;
+    f.group("g", serde_json::json!({})).await;
+    let fake = Arc::new(FakeHub::new("fake-hub").with_timeout(Duration::from_millis(100)));
+    f.engine
+        .hubs
+        .install(f.instance.hub("fake-hub").unwrap(), fake.clone());
+    fake.hang_next(1);
+    let r = f.engine.register(register_request("tmo-1")).await;
+    assert!(r.is_err(), "the device is told to retry: {r:?}");
+    let q = f.engine.cleanup_queue(None, 100).await.unwrap();
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert_eq!(q[0].key.hub, "fake-hub");
+    assert_eq!(q[0].key.device_id, "tmo-1");
+    let r = f.engine.register(register_request("tmo-1")).await.unwrap();
+    assert_eq!(r.body.status, RegistrationStatus::Assigned);
+    assert!(f.engine.cleanup_queue(None, 100).await.unwrap().is_empty());
+    assert!(fake.device("tmo-1").is_some());
+}
