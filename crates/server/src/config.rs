@@ -39,6 +39,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// The clean-up of identities devices left behind on hubs.
     pub hub_cleanup: HubCleanupConfig,
+    /// This node among the nodes sharing a store: its name, heartbeat and lease.
+    pub cluster: ClusterConfig,
     /// Provisioning instances declared here are created or updated at start.
     #[serde(rename = "instance")]
     pub instances: Vec<InstanceConfig>,
@@ -142,8 +144,9 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Largest WebSocket message and frame on MQTT over WebSocket (bytes).
     pub ws_max_message_bytes: usize,
-    /// A registration still `assigning` this long after it started is considered interrupted
-    /// (crash) and marked failed-retryable (ms).
+    /// A registration still `assigning` this long after it started, with no owning node (written
+    /// by a dps from before node heartbeats), is considered interrupted and marked
+    /// failed-retryable (ms). Intents with an owner follow the owner's heartbeat (`[cluster]`).
     pub recovery_after_ms: u64,
     /// Refused device attempts written to the audit log per second on this node (burst: ten
     /// times as many); beyond, they are counted in `dps_audit_refusals_dropped_total` and logged
@@ -331,6 +334,88 @@ impl Default for AuditConfig {
     }
 }
 
+/// This node among the nodes sharing one store (PostgreSQL): every node keeps a heartbeat row
+/// fresh; the intents of a node whose heartbeat has lapsed are taken over by the others.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// The node's name in its heartbeat row and intents (a random part is added per run).
+    /// Empty: the host name.
+    pub node_name: String,
+    /// How often the node writes its heartbeat and looks for interrupted work (ms).
+    pub heartbeat_ms: u64,
+    /// How long a heartbeat holds (ms): a node silent this long counts as dead and its intents
+    /// are ended by the others.
+    pub lease_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node_name: String::new(),
+            heartbeat_ms: 1000,
+            lease_ms: 5000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Check the ranges (named in the error).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(50..=60_000).contains(&self.heartbeat_ms) {
+            return Err(invalid(format!(
+                "cluster.heartbeat_ms = {} is out of range: it must be between 50 and 60000",
+                self.heartbeat_ms
+            )));
+        }
+        if self.lease_ms < 3 * self.heartbeat_ms || self.lease_ms > 600_000 {
+            return Err(invalid(format!(
+                "cluster.lease_ms = {} is out of range: it must be at least three heartbeats \
+                 (3 x cluster.heartbeat_ms = {}) and at most 600000",
+                self.lease_ms,
+                3 * self.heartbeat_ms
+            )));
+        }
+        if self.node_name.len() > 64
+            || !self
+                .node_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(invalid(format!(
+                "cluster.node_name = '{}' must be at most 64 characters of [A-Za-z0-9._-]",
+                self.node_name
+            )));
+        }
+        Ok(())
+    }
+
+    /// The engine's node settings; an empty name becomes the host name (or `dps`).
+    pub fn settings(&self) -> crate::engine::NodeSettings {
+        let name = if self.node_name.is_empty() {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| {
+                    h.trim()
+                        .chars()
+                        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                        .take(64)
+                        .collect::<String>()
+                })
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "dps".into())
+        } else {
+            self.node_name.clone()
+        };
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        crate::engine::NodeSettings {
+            id: format!("{name}-{}", &run[..12]),
+            name,
+            lease: std::time::Duration::from_millis(self.lease_ms),
+        }
+    }
+}
+
 /// The clean-up of identities devices left behind on hubs (they moved to another hub, changed
 /// device id, or their registration was deleted): a durable queue in the store, worked by a
 /// background worker on every node, retried with exponential backoff until the hub confirms.
@@ -451,6 +536,7 @@ impl std::fmt::Debug for Config {
             .field("outbound", &self.outbound)
             .field("audit", &self.audit)
             .field("hub_cleanup", &self.hub_cleanup)
+            .field("cluster", &self.cluster)
             .field("instances", &self.instances)
             .finish()
     }
@@ -500,6 +586,7 @@ impl Default for Config {
             outbound: Outbound::default(),
             audit: AuditConfig::default(),
             hub_cleanup: HubCleanupConfig::default(),
+            cluster: ClusterConfig::default(),
             instances: Vec::new(),
         }
     }
@@ -579,6 +666,7 @@ const ENV_KEYS: &[&str] = &[
     "outbound",
     "audit",
     "hub_cleanup",
+    "cluster",
 ];
 
 impl Config {
@@ -691,6 +779,7 @@ impl Config {
         self.limits.validate()?;
         self.outbound.validate()?;
         self.hub_cleanup.validate()?;
+        self.cluster.validate()?;
         let policy = crate::outbound::Policy::new(
             self.outbound.allow_private_addresses,
             &self.outbound.allowed_webhook_hosts,

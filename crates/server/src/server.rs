@@ -207,6 +207,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         refused_per_source_per_second: cfg.audit.refused_per_source_per_second,
         refused_max_sources: cfg.audit.refused_max_sources,
         cleanup: cfg.hub_cleanup.settings(),
+        node: cfg.cluster.settings(),
         ..EngineSettings::default()
     };
     let catalog = crate::catalog::Catalog::new(repo.clone());
@@ -226,6 +227,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         },
         settings,
     );
+    // This node's heartbeat row exists before it writes any intent, so that no other node
+    // takes its work for a dead node's.
+    engine
+        .heartbeat()
+        .await
+        .map_err(|e| anyhow!("writing this node's heartbeat: {e}"))?;
+    tracing::info!(node = engine.node_id(), "node started");
     let recovery_after = Duration::from_millis(cfg.limits.recovery_after_ms);
     match engine.recover(recovery_after).await {
         Ok(0) => {}
@@ -243,6 +251,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         max_rows: (cfg.audit.max_rows > 0).then_some(cfg.audit.max_rows),
     };
     let cleanup_store = store.clone();
+    // Changes other nodes make (PostgreSQL `LISTEN/NOTIFY`); polling stays as the fallback.
+    let changes = backend.watch_changes();
+    let watched_catalog = catalog.clone();
     let cx = crate::usecases::Context::new(store, clock.clone(), random);
     let app = Arc::new(App {
         enrollments: crate::usecases::enrollments::Enrollments::new(
@@ -350,14 +361,22 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         }));
         Some(a)
     };
-    // Registrations interrupted by a crash (here or on another node) are finished periodically.
+    // The heartbeat, and the intents of nodes whose heartbeat lapsed (or this node's own that
+    // a store failure left behind) are ended, every `cluster.heartbeat_ms`.
     {
         let engine = app.engine.clone();
+        let every = Duration::from_millis(cfg.cluster.heartbeat_ms);
         tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(recovery_after.max(Duration::from_secs(1)));
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
             loop {
                 tick.tick().await;
+                if let Err(e) = engine.heartbeat().await {
+                    tracing::warn!(error = %e, "writing this node's heartbeat failed");
+                    metrics::counter!("dps_node_heartbeat_failures_total").increment(1);
+                    continue;
+                }
                 match engine.recover(recovery_after).await {
                     Ok(0) => {}
                     Ok(n) => tracing::warn!(count = n, "recovered interrupted registrations"),
@@ -386,7 +405,18 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             }
         }));
     }
-    // Nodes sharing a store pick up instance changes made elsewhere.
+    // Nodes sharing a store pick up changes made elsewhere at once (PostgreSQL notifications)
+    // and, as a fallback, by polling: instances every 5 s, the catalog's entries expire after
+    // 2 s.
+    if let Some(mut rx) = changes {
+        let instances = instances.clone();
+        let catalog = watched_catalog;
+        tasks.push(tokio::spawn(async move {
+            while let Some(change) = rx.recv().await {
+                apply_change(&instances, &catalog, change).await;
+            }
+        }));
+    }
     {
         let instances = instances.clone();
         tasks.push(tokio::spawn(async move {
@@ -418,6 +448,38 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     };
     write_run_json(&cfg, &server)?;
     Ok(server)
+}
+
+/// Drop what a change made by any node (announced by PostgreSQL) makes stale.
+async fn apply_change(
+    instances: &Instances,
+    catalog: &crate::catalog::Catalog,
+    change: dps_store::Change,
+) {
+    use dps_core::store::Collection;
+    let reload = |why: &'static str| async move {
+        if let Err(e) = instances.reload().await {
+            tracing::warn!(error = %e, why, "reloading instances failed");
+        }
+    };
+    match change {
+        dps_store::Change::Listening => {
+            reload("listening").await;
+            catalog.invalidate_all();
+        }
+        dps_store::Change::Doc { collection, scope } => {
+            metrics::counter!("dps_change_notifications_total").increment(1);
+            if collection == Collection::Instance.as_str() {
+                reload("instance changed").await;
+            } else if collection == Collection::Group.as_str() {
+                catalog.groups_changed(&scope);
+            } else if collection == Collection::Certificate.as_str()
+                || collection == Collection::DenyList.as_str()
+            {
+                catalog.x509_changed(&scope);
+            }
+        }
+    }
 }
 
 fn write_run_json(cfg: &Config, s: &Server) -> anyhow::Result<()> {

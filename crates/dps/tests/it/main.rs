@@ -15,6 +15,7 @@ mod hubs_broker_auth;
 mod hubs_failures;
 mod hubs_mosquitto;
 mod hubs_webhook;
+mod multinode;
 mod observability;
 mod outbound;
 mod registration;

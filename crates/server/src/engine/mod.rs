@@ -18,6 +18,7 @@ mod attest;
 mod cleanup;
 pub mod custom_allocation;
 mod lifecycle;
+mod nodes;
 pub mod refusals;
 #[cfg(test)]
 mod tests;
@@ -25,6 +26,7 @@ mod tpm;
 
 pub use cleanup::{CleanupPass, CleanupSettings};
 pub use custom_allocation::{CustomAllocator, WebhookAllocator};
+pub use nodes::NodeSettings;
 
 use crate::audit::Audit;
 use crate::catalog::Catalog;
@@ -69,6 +71,8 @@ pub struct EngineSettings {
     pub refused_max_sources: usize,
     /// The clean-up of old identities (retries, backoff, claims).
     pub cleanup: CleanupSettings,
+    /// This node's name and heartbeat lease.
+    pub node: NodeSettings,
 }
 
 impl Default for EngineSettings {
@@ -84,6 +88,7 @@ impl Default for EngineSettings {
             refused_per_source_per_second: 1,
             refused_max_sources: 10_000,
             cleanup: CleanupSettings::default(),
+            node: NodeSettings::default(),
         }
     }
 }
@@ -138,6 +143,8 @@ pub struct Engine {
     refusals: refusals::RefusalSampler,
     /// The credential policies' issuing CAs (certificate issuance).
     issuer: Arc<crate::issuer::Issuer>,
+    /// When this run started (Unix ms), for the heartbeat row.
+    started_ms: i64,
     me: std::sync::Weak<Engine>,
 }
 
@@ -170,7 +177,9 @@ impl Engine {
             clock.clone(),
             random.clone(),
         ));
+        let started_ms = nodes::unix_ms(clock.now());
         Arc::new_cyclic(|me| Engine {
+            started_ms,
             me: me.clone(),
             issuer,
             audit: Audit::with_clock(repo.store.clone(), clock.clone()),
