@@ -114,6 +114,9 @@ pub enum Op {
     HubDeviceList,
     HubDeviceGet,
     HubCleanupList,
+    FaultList,
+    FaultAdd,
+    FaultDelete,
     AuditLog,
     CertificateList,
     CertificateGet,
@@ -188,7 +191,7 @@ use Right::{
     RegistrationStatusWrite as RW, ServiceConfig as SC,
 };
 
-static ROUTES: [Route; 65] = [
+static ROUTES: [Route; 68] = [
     // Device API (§3).
     r!(PUT "/{idScope}/registrations/{registrationId}/register", Device, Access::Device, Op::DeviceRegister),
     r!(GET "/{idScope}/registrations/{registrationId}/operations/{operationId}", Device, Access::Device, Op::DeviceOperationStatus),
@@ -226,6 +229,9 @@ static ROUTES: [Route; 65] = [
     r!(GET "/admin/instances/{instance}/hubs/{hub}/devices", Admin, R(SC), Op::HubDeviceList),
     r!(GET "/admin/instances/{instance}/hubs/{hub}/devices/{deviceId}", Admin, R(SC), Op::HubDeviceGet),
     r!(GET "/admin/instances/{instance}/hubCleanup", Admin, R(SC), Op::HubCleanupList),
+    r!(GET "/admin/instances/{instance}/faults", Admin, R(SC), Op::FaultList),
+    r!(POST "/admin/instances/{instance}/faults", Admin, R(SC), Op::FaultAdd),
+    r!(DELETE "/admin/instances/{instance}/faults/{fault}", Admin, R(SC), Op::FaultDelete),
     r!(GET "/admin/audit", Admin, R(SC), Op::AuditLog),
     // Admin API: CA certificates (proof of possession) and the deny list.
     r!(GET "/admin/instances/{instance}/certificates", Certificates, R(SC), Op::CertificateList),

@@ -6,6 +6,7 @@ mod authz_matrix;
 mod cli;
 mod connections;
 mod device_client;
+mod faults;
 mod hub_cleanup;
 mod hub_contract;
 mod hubs_azure;
