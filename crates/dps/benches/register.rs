@@ -273,6 +273,8 @@ fn main() {
             linked_hub: vec![dps_core::instance::LinkedHub::registry("hub-1.bench"), dps_core::instance::LinkedHub::registry("hub-2.bench")],
             allocation_policy: Default::default(),
             register_response: dps_core::instance::RegisterResponse::Immediate,
+            allow_fault_injection: false,
+            fault: vec![],
         }];
         let server = dps_server::server::start(cfg).await.expect("server");
         let ca_pem = std::fs::read_to_string(server.ca_path.as_ref().expect("ca")).expect("ca");
