@@ -256,6 +256,27 @@ impl Service {
         })
     }
 
+    /// GET returning the raw body (PEM, DER): non-2xx answers become [`ApiError`].
+    pub async fn get_bytes(&self, path: &str) -> Result<Vec<u8>> {
+        let url = format!("{}{}", self.base, path);
+        let resp = self
+            .http
+            .get(&url)
+            .header("Authorization", self.conn.token())
+            .send()
+            .await
+            .map_err(|e| anyhow!("GET {url}: {}", error_chain(&e)))?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| anyhow!("GET {url}: reading the answer: {e}"))?;
+        if !status.is_success() {
+            return Err(ApiError::from_body(status, &bytes).into());
+        }
+        Ok(bytes.to_vec())
+    }
+
     /// GET returning the body.
     pub async fn get(&self, path: &str) -> Result<Value> {
         Ok(self.call(Method::GET, path, None, &[]).await?.body)

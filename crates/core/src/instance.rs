@@ -332,9 +332,18 @@ pub struct Instance {
     /// Register response mode.
     #[serde(default)]
     pub register_response: RegisterResponse,
+    /// Credential policies: the CAs that sign devices' CSRs (certificate issuance).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub credential_policy: Vec<crate::issuance::CredentialPolicy>,
 }
 
 impl Instance {
+    /// Find a credential policy by name (case-insensitive).
+    pub fn credential_policy(&self, name: &str) -> Option<&crate::issuance::CredentialPolicy> {
+        self.credential_policy
+            .iter()
+            .find(|p| p.name.eq_ignore_ascii_case(name))
+    }
     /// Find an access policy by name.
     pub fn policy(&self, name: &str) -> Option<&AccessPolicy> {
         self.access_policy.iter().find(|p| p.name == name)

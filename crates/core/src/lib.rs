@@ -16,6 +16,7 @@ pub mod fault;
 pub mod hub;
 pub mod ids;
 pub mod instance;
+pub mod issuance;
 pub mod model;
 pub mod random;
 pub mod redact;

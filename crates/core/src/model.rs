@@ -795,6 +795,33 @@ pub struct RegistrationRecord {
     /// whenever the hub's state is no longer known to match (failure, disabled, intent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hub_write: Option<HubWrite>,
+    /// The last certificate dps issued to this device (certificate issuance). Its chain goes
+    /// to the device only in the answer of the operation that issued it (never in status
+    /// lookups nor in the service API's registration records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued: Option<IssuedCertificateRef>,
+}
+
+/// A certificate dps issued to a device, as kept with its registration record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedCertificateRef {
+    /// Serial number (uppercase hex).
+    pub serial_number: String,
+    /// SHA-256 thumbprint of the leaf (uppercase hex).
+    pub sha256_thumbprint: String,
+    /// Validity start.
+    pub not_before_utc: String,
+    /// Validity end.
+    pub not_after_utc: String,
+    /// The credential policy that issued it.
+    pub policy: String,
+    /// When it was issued (Unix seconds), for the renewal rate limit.
+    pub issued_unix: i64,
+    /// The operation that issued it.
+    pub operation_id: String,
+    /// The chain (base64 DER, leaf first, ending with the root).
+    pub chain: Vec<String>,
 }
 
 /// The fingerprint of the last identity write to a hub (`dps_core::hub::write_fingerprint`).

@@ -31,11 +31,16 @@ pub enum Collection {
     Certificate,
     /// Revoked certificate thumbprints / serials of an instance.
     DenyList,
+    /// The generated issuing CAs of an instance's credential policies (id = policy name).
+    IssuingCa,
+    /// Certificates dps issued to devices (id = serial number; status `active`/`revoked`,
+    /// kind = policy, group = registration id).
+    IssuedCertificate,
 }
 
 impl Collection {
     /// All collections.
-    pub const ALL: [Collection; 7] = [
+    pub const ALL: [Collection; 9] = [
         Collection::Instance,
         Collection::Enrollment,
         Collection::Group,
@@ -43,6 +48,8 @@ impl Collection {
         Collection::HubDevice,
         Collection::Certificate,
         Collection::DenyList,
+        Collection::IssuingCa,
+        Collection::IssuedCertificate,
     ];
     /// Stable name used in the database.
     pub fn as_str(self) -> &'static str {
@@ -54,6 +61,8 @@ impl Collection {
             Collection::HubDevice => "hubdevice",
             Collection::Certificate => "certificate",
             Collection::DenyList => "denylist",
+            Collection::IssuingCa => "issuingca",
+            Collection::IssuedCertificate => "issuedcert",
         }
     }
 }

@@ -246,6 +246,8 @@ pub struct ProvisioningClient {
     pub(crate) key: Option<String>,
     pub(crate) tls: ClientTls,
     pub(crate) payload: Option<Value>,
+    /// A certificate signing request (base64 DER) sent with the registration.
+    pub(crate) csr: Option<String>,
     pub(crate) total_timeout: Duration,
 }
 
@@ -286,10 +288,11 @@ impl ProvisioningClient {
                 Transport::Https => {
                     let mut s = self.https_session();
                     let r = s
-                        .register_once(
+                        .register_with(
                             &self.registration_id,
                             self.key.as_deref(),
                             self.payload.as_ref(),
+                            self.csr.as_deref(),
                         )
                         .await;
                     s.close();
@@ -302,6 +305,7 @@ impl ProvisioningClient {
                         &self.registration_id,
                         self.key.as_deref(),
                         self.payload.as_ref(),
+                        self.csr.as_deref(),
                     )
                     .await
                 }
@@ -356,6 +360,7 @@ pub struct ProvisioningClientBuilder {
     connect_addrs: Option<Vec<SocketAddr>>,
     local_addr: Option<IpAddr>,
     payload: Option<Value>,
+    csr: Option<String>,
     api_version: Option<String>,
     connect_timeout: Option<Duration>,
     request_timeout: Option<Duration>,
@@ -422,6 +427,16 @@ impl ProvisioningClientBuilder {
         self.local_addr = Some(addr);
         self
     }
+    /// A certificate signing request (DER PKCS#10, subject CN = the registration id) sent with
+    /// the registration: dps signs it when the enrollment has a credential policy, and the
+    /// result's `state.issued_certificate_chain` holds the chain (leaf first). Needs
+    /// api-version `2025-07-01-preview` or later (set it with [`Self::api_version`]).
+    pub fn csr(mut self, der: &[u8]) -> Self {
+        use base64::Engine as _;
+        self.csr = Some(base64::engine::general_purpose::STANDARD.encode(der));
+        self
+    }
+
     /// A custom payload sent with the registration (any JSON).
     pub fn payload(mut self, payload: Value) -> Self {
         self.payload = Some(payload);
@@ -536,6 +551,7 @@ impl ProvisioningClientBuilder {
             key,
             tls,
             payload: self.payload,
+            csr: self.csr,
             total_timeout: self.total_timeout.unwrap_or(Duration::from_secs(300)),
         })
     }

@@ -159,6 +159,20 @@ impl HttpsSession {
         key: Option<&str>,
         payload: Option<&Value>,
     ) -> Result<RegistrationResult, Error> {
+        self.register_with(registration_id, key, payload, None)
+            .await
+    }
+
+    /// [`Self::register_once`] with a certificate signing request (`csr`: base64 DER PKCS#10,
+    /// api-version `2025-07-01-preview` or later): the result's
+    /// `state.issued_certificate_chain` holds the certificate dps issued.
+    pub async fn register_with(
+        &mut self,
+        registration_id: &str,
+        key: Option<&str>,
+        payload: Option<&Value>,
+        csr: Option<&str>,
+    ) -> Result<RegistrationResult, Error> {
         let ep = self.ep.clone();
         let started = Instant::now();
         let mut timing = Timing::default();
@@ -176,6 +190,7 @@ impl HttpsSession {
         let body = serde_json::to_vec(&DeviceRegistration {
             registration_id: Some(registration_id.to_string()),
             payload: payload.cloned(),
+            csr: csr.map(str::to_string),
             ..Default::default()
         })
         .map_err(|e| Error::Config(e.to_string()))?;

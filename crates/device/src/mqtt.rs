@@ -202,6 +202,7 @@ pub(crate) async fn register(
     registration_id: &str,
     key: Option<&str>,
     payload: Option<&Value>,
+    csr: Option<&str>,
 ) -> Result<RegistrationResult, Error> {
     let started = Instant::now();
     let password = match key {
@@ -212,6 +213,7 @@ pub(crate) async fn register(
     let body: bytes::Bytes = serde_json::to_vec(&DeviceRegistration {
         registration_id: Some(registration_id.to_string()),
         payload: payload.cloned(),
+        csr: csr.map(str::to_string),
         ..Default::default()
     })
     .map_err(|e| Error::Config(e.to_string()))?

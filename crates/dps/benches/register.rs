@@ -275,6 +275,7 @@ fn main() {
             register_response: dps_core::instance::RegisterResponse::Immediate,
             allow_fault_injection: false,
             fault: vec![],
+            credential_policy: Vec::new(),
         }];
         let server = dps_server::server::start(cfg).await.expect("server");
         let ca_pem = std::fs::read_to_string(server.ca_path.as_ref().expect("ca")).expect("ca");

@@ -171,6 +171,14 @@ fn every_configuration_key_is_documented() {
             "errorCode": 500001, "message": "m", "hub": "h"
         }))
         .expect("fault rule")],
+        credential_policy: vec![{
+            let mut p = dps_core::issuance::CredentialPolicy::new("devices");
+            p.san_device_id = false;
+            p.ca_certificate_file = Some("ca.pem".into());
+            p.ca_key_file = Some("ca.key".into());
+            p.ca_chain_file = Some("root.pem".into());
+            p
+        }],
     });
     collect_keys(
         &serde_json::to_value(&cfg).expect("config serializes"),

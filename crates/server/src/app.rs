@@ -24,6 +24,8 @@ pub struct App {
     pub registrations: Registrations,
     /// CA certificates and the deny list.
     pub certificates: Certificates,
+    /// Credential policies, issued certificates, revocation, CRLs (certificate issuance).
+    pub issuance: crate::usecases::issuance::Issuance,
     /// Instances, linked hubs, access policies, hub devices, stats, audit log, readiness.
     pub admin: Admin,
     /// The clock (service SAS token expiry).

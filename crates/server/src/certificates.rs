@@ -6,14 +6,21 @@
 //! - `POST certificates/{ca}/generateVerificationCode` → `{"verificationCode": "..."}`
 //! - `POST certificates/{ca}/verify` body `{"certificate": PEM}`
 //! - `GET denylist`, `PUT|DELETE denylist/{value}` (PUT body `{"kind": "thumbprint"|"serial", "reason"?: "..."}`)
+//! - certificate issuance: `GET credentialPolicies`, `GET credentialPolicies/{policy}`,
+//!   `GET credentialPolicies/{policy}/ca` (PEM chain), `GET issuedCertificates?registrationId=&status=&policy=&limit=`,
+//!   `GET issuedCertificates/{serial}`, `POST issuedCertificates/{serial}/revoke` (body `{"reason"?}`),
+//!   `POST registrations/{registrationId}/revokeCertificates` (body `{"reason"?}`); and, public,
+//!   `GET /crl/{instance}/{policy}` (DER CRL).
 
 use crate::admin_api::ok;
 use crate::app::App;
+use crate::http::param;
 use crate::http::{no_content, Incoming, Path};
 use crate::routes::Op;
 use crate::service_api::Caller;
+use crate::usecases::issuance::MAX_LIST;
 use axum::body::Body;
-use axum::http::Response;
+use axum::http::{header, Response};
 use dps_core::Error;
 
 pub use crate::usecases::certificates::{load_cas, load_deny_list, DenyEntry, StoredCa};
@@ -43,8 +50,8 @@ pub async fn handle(
 ) -> Result<Response<Body>, Error> {
     let segs = path.segs;
     let body = &req.body[..];
-    let inst = crate::admin_api::target(app, caller, &segs[2])?;
-    let inst = inst.name.as_str();
+    let target = crate::admin_api::target(app, caller, &segs[2])?;
+    let inst = target.name.as_str();
     let uc = &app.certificates;
     match op {
         Op::CertificateList => {
@@ -88,6 +95,87 @@ pub async fn handle(
             uc.allow(caller, inst, &segs[4]).await?;
             Ok(no_content())
         }
+        Op::CredentialPolicyList => ok(&app.issuance.policies(&target).await?),
+        Op::CredentialPolicyGet => ok(&app.issuance.policy_view(&target, &segs[4]).await?),
+        Op::CredentialPolicyCa => {
+            let pem = app.issuance.ca_pem(&target, &segs[4]).await?;
+            Ok(Response::builder()
+                .header(header::CONTENT_TYPE, "application/x-pem-file")
+                .body(Body::from(pem))
+                .expect("valid response"))
+        }
+        Op::IssuedCertificateList => {
+            let limit = match param(&req.params, "limit") {
+                Some(l) => l
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|l| (1..=MAX_LIST).contains(l))
+                    .ok_or_else(|| Error::invalid(format!("limit must be 1 to {MAX_LIST}")))?,
+                None => MAX_LIST,
+            };
+            ok(&app
+                .issuance
+                .list(
+                    &target,
+                    param(&req.params, "registrationId"),
+                    param(&req.params, "status"),
+                    param(&req.params, "policy"),
+                    limit,
+                )
+                .await?)
+        }
+        Op::IssuedCertificateGet => ok(&app.issuance.get(&target, &segs[4]).await?),
+        Op::IssuedCertificateRevoke => {
+            let reason = reason(body)?;
+            ok(&app
+                .issuance
+                .revoke(caller, &target, &segs[4], reason)
+                .await?)
+        }
+        Op::RegistrationRevokeCertificates => {
+            let reason = reason(body)?;
+            ok(&app
+                .issuance
+                .revoke_device(caller, &target, &segs[4], reason)
+                .await?)
+        }
         other => Err(crate::service_api::misrouted(other)),
+    }
+}
+
+/// The optional `{"reason": "..."}` of a revocation.
+fn reason(body: &[u8]) -> Result<Option<String>, Error> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| Error::invalid(format!("invalid body: {e}")))?;
+    match v.get("reason") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(r)) if r.len() <= 1024 => Ok(Some(r.clone())),
+        Some(_) => Err(Error::invalid(
+            "'reason' must be a string of at most 1024 bytes",
+        )),
+    }
+}
+
+/// `GET /crl/{instance}/{policy}` (public): the DER CRL of the policy's issuing CA, for brokers
+/// and hubs. Unknown instances and policies are 404.
+pub async fn public_crl(app: &App, segs: &[String]) -> Response<Body> {
+    let r = async {
+        let inst = app
+            .instances
+            .by_name(&segs[1])
+            .ok_or_else(|| Error::not_found("instance", &segs[1]))?;
+        app.issuance.crl(&inst, &segs[2]).await
+    }
+    .await;
+    match r {
+        Ok(der) => Response::builder()
+            .header(header::CONTENT_TYPE, "application/pkix-crl")
+            .header(header::CACHE_CONTROL, "max-age=60")
+            .body(Body::from(der))
+            .expect("valid response"),
+        Err(e) => crate::http::err(&e),
     }
 }

@@ -454,6 +454,9 @@ pub struct InstanceConfig {
     /// Fault injection rules (`docs/testing-with-dps.md`); need `allow_fault_injection`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fault: Vec<dps_core::fault::FaultRule>,
+    /// Credential policies (certificate issuance: the CAs that sign devices' CSRs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub credential_policy: Vec<dps_core::issuance::CredentialPolicy>,
 }
 
 impl Default for Config {
@@ -597,6 +600,20 @@ impl Config {
             if let Some(t) = &mut cfg.tls {
                 t.cert = resolve(&t.cert);
                 t.key = resolve(&t.key);
+            }
+            for i in &mut cfg.instances {
+                for p in &mut i.credential_policy {
+                    for f in [
+                        &mut p.ca_certificate_file,
+                        &mut p.ca_key_file,
+                        &mut p.ca_chain_file,
+                    ]
+                    .into_iter()
+                    .flatten()
+                    {
+                        *f = resolve(Path::new(f.as_str())).display().to_string();
+                    }
+                }
             }
             if let Some(p) = cfg.store.strip_prefix("sqlite://") {
                 if Path::new(p).is_relative() {
@@ -821,6 +838,16 @@ impl InstanceConfig {
                 return Err(at("access_policy: name must not be empty".into()));
             }
         }
+        let mut names = std::collections::HashSet::new();
+        for p in &self.credential_policy {
+            p.check().map_err(&at)?;
+            if !names.insert(p.name.to_ascii_lowercase()) {
+                return Err(at(format!(
+                    "credential_policy '{}': duplicate name",
+                    p.name
+                )));
+            }
+        }
         let mut hosts = std::collections::HashSet::new();
         for h in &self.linked_hub {
             let hub = |what: String| at(format!("linked_hub '{}': {what}", h.host));
@@ -923,6 +950,7 @@ impl InstanceConfig {
             linked_hub: self.linked_hub.clone(),
             allocation_policy: self.allocation_policy,
             register_response: self.register_response,
+            credential_policy: self.credential_policy.clone(),
         }
     }
 }
@@ -1127,6 +1155,7 @@ mod tests {
                 register_response: RegisterResponse::Accepted,
                 allow_fault_injection: false,
                 fault: vec![],
+                credential_policy: Vec::new(),
             }],
             ..Config::default()
         };
@@ -1160,6 +1189,7 @@ mod tests {
                 register_response: RegisterResponse::Accepted,
                 allow_fault_injection: false,
                 fault: vec![],
+                credential_policy: Vec::new(),
             };
             f(&mut i);
             Config {

@@ -325,6 +325,7 @@ fn area_of(r: &Route) -> &'static str {
         (Family::Service, _) => "service",
         (Family::Admin | Family::Certificates, _) => "admin",
         (Family::Public, Op::OpenApi) => "docs",
+        (Family::Public, Op::Crl) => "crl",
         (Family::Public, _) => "health",
         (Family::BrokerAuth, _) => "broker_auth",
     }
@@ -340,6 +341,7 @@ async fn dispatch(
     match route.access {
         Access::Public => match route.op {
             Op::OpenApi => openapi(),
+            Op::Crl => crate::certificates::public_crl(app, path.segs).await,
             _ => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
         },
         Access::Device => crate::device_api::handle(app, req, path.segs, route.op).await,

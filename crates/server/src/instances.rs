@@ -166,6 +166,8 @@ impl Instances {
             Collection::Registration,
             Collection::Certificate,
             Collection::DenyList,
+            Collection::IssuingCa,
+            Collection::IssuedCertificate,
         ] {
             self.repo.store.delete_scope(c, &inst.name).await?;
         }

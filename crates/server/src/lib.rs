@@ -21,6 +21,7 @@ pub mod http;
 pub mod hub_cleanup;
 pub mod hubs;
 pub mod instances;
+pub mod issuer;
 pub mod metrics;
 pub mod mqtt_front;
 pub mod outbound;

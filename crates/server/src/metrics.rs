@@ -13,6 +13,18 @@ pub fn describe() {
         "AttestationAttempts",
         "Device attestations (Azure Monitor name), by result"
     );
+    describe_counter!(
+        "CertificatesIssued",
+        "Certificates issued to devices from their CSR, by instance, credential policy and kind (issued: first certificate of the device; renewed)"
+    );
+    describe_counter!(
+        "dps_certificates_revoked_total",
+        "Issued certificates revoked through the admin API or the CLI"
+    );
+    describe_counter!(
+        "dps_certificate_requests_throttled_total",
+        "CSRs answered 429 because the device's last certificate is more recent than its policy's min_renewal_interval_secs"
+    );
     describe_histogram!(
         "dps_register_duration_seconds",
         Unit::Seconds,

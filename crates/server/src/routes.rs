@@ -127,6 +127,14 @@ pub enum Op {
     DenyList,
     DenyListPut,
     DenyListDelete,
+    CredentialPolicyList,
+    CredentialPolicyGet,
+    CredentialPolicyCa,
+    IssuedCertificateList,
+    IssuedCertificateGet,
+    IssuedCertificateRevoke,
+    RegistrationRevokeCertificates,
+    Crl,
     Health,
     OpenApi,
     BrokerAuth(BrokerCheck),
@@ -191,7 +199,7 @@ use Right::{
     RegistrationStatusWrite as RW, ServiceConfig as SC,
 };
 
-static ROUTES: [Route; 68] = [
+static ROUTES: [Route; 76] = [
     // Device API (§3).
     r!(PUT "/{idScope}/registrations/{registrationId}/register", Device, Access::Device, Op::DeviceRegister),
     r!(GET "/{idScope}/registrations/{registrationId}/operations/{operationId}", Device, Access::Device, Op::DeviceOperationStatus),
@@ -243,9 +251,19 @@ static ROUTES: [Route; 68] = [
     r!(GET "/admin/instances/{instance}/denylist", Certificates, R(SC), Op::DenyList),
     r!(PUT "/admin/instances/{instance}/denylist/{value}", Certificates, R(SC), Op::DenyListPut),
     r!(DELETE "/admin/instances/{instance}/denylist/{value}", Certificates, R(SC), Op::DenyListDelete),
+    // Admin API: certificate issuance (credential policies, issued certificates, revocation).
+    r!(GET "/admin/instances/{instance}/credentialPolicies", Certificates, R(SC), Op::CredentialPolicyList),
+    r!(GET "/admin/instances/{instance}/credentialPolicies/{policy}", Certificates, R(SC), Op::CredentialPolicyGet),
+    r!(GET "/admin/instances/{instance}/credentialPolicies/{policy}/ca", Certificates, R(SC), Op::CredentialPolicyCa),
+    r!(GET "/admin/instances/{instance}/issuedCertificates", Certificates, R(SC), Op::IssuedCertificateList),
+    r!(GET "/admin/instances/{instance}/issuedCertificates/{serial}", Certificates, R(SC), Op::IssuedCertificateGet),
+    r!(POST "/admin/instances/{instance}/issuedCertificates/{serial}/revoke", Certificates, R(SC), Op::IssuedCertificateRevoke),
+    r!(POST "/admin/instances/{instance}/registrations/{registrationId}/revokeCertificates", Certificates, R(SC), Op::RegistrationRevokeCertificates),
     // Public.
     r!(GET "/healthz", Public, Access::Public, Op::Health),
     r!(GET "/openapi.json", Public, Access::Public, Op::OpenApi),
+    // The CRL of a credential policy's issuing CA (brokers and hubs fetch it).
+    r!(GET "/crl/{instance}/{policy}", Public, Access::Public, Op::Crl),
     // Brokers that ask dps (broker-auth hubs), authenticated with the hub's broker secret.
     r!(GET "/brokerAuth/{instance}/{hub}/rabbitmq/user", BrokerAuth, Access::Broker, Op::BrokerAuth(BrokerCheck::RabbitUser)),
     r!(POST "/brokerAuth/{instance}/{hub}/rabbitmq/user", BrokerAuth, Access::Broker, Op::BrokerAuth(BrokerCheck::RabbitUser)),
@@ -283,7 +301,7 @@ pub fn family_of(lower_segments: &[&str]) -> Option<Family> {
             Some(Family::Service)
         }
         Some("admin") => Some(Family::Admin),
-        Some("healthz") | Some("openapi.json") => Some(Family::Public),
+        Some("healthz") | Some("openapi.json") | Some("crl") => Some(Family::Public),
         Some("brokerauth") => Some(Family::BrokerAuth),
         Some(_) if lower_segments.get(1) == Some(&"registrations") => Some(Family::Device),
         _ => None,

@@ -145,6 +145,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             register_response: Default::default(),
             allow_fault_injection: false,
             fault: vec![],
+            credential_policy: Vec::new(),
         }]
     } else {
         cfg.instances.clone()
@@ -269,7 +270,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             cx.clone(),
             engine.clone(),
         ),
-        certificates: crate::usecases::certificates::Certificates::new(cx.clone(), catalog),
+        certificates: crate::usecases::certificates::Certificates::new(cx.clone(), catalog.clone()),
+        issuance: crate::usecases::issuance::Issuance::new(cx.clone(), catalog, engine.issuer()),
         admin: crate::usecases::admin::Admin::new(
             cx,
             backend,

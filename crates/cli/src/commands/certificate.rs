@@ -85,6 +85,69 @@ pub enum CertificateCommand {
         #[arg(long)]
         instance: Option<String>,
     },
+    /// Certificate issuance: list the credential policies and their issuing CAs.
+    Policies {
+        /// Instance (default: the connection string's).
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Certificate issuance: the CA chain (PEM) hubs and brokers must trust for a policy.
+    ExportCa {
+        /// Credential policy.
+        policy: String,
+        /// Write it here instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Instance (default: the connection string's).
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Certificate issuance: the certificates dps issued.
+    Issued {
+        /// Only this registration's.
+        #[arg(long)]
+        registration_id: Option<String>,
+        /// Only `active` or `revoked` ones.
+        #[arg(long, value_parser = ["active", "revoked"])]
+        status: Option<String>,
+        /// Only this policy's.
+        #[arg(long)]
+        policy: Option<String>,
+        /// Instance (default: the connection string's).
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Certificate issuance: revoke an issued certificate by serial number, or every active
+    /// one of a device. dps refuses it at once; the policy's CRL lists it.
+    Revoke {
+        /// Serial number (hex).
+        #[arg(
+            required_unless_present = "registration_id",
+            conflicts_with = "registration_id"
+        )]
+        serial: Option<String>,
+        /// Revoke every active certificate of this registration.
+        #[arg(long)]
+        registration_id: Option<String>,
+        /// Why (kept with the certificate, the deny list and the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Instance (default: the connection string's).
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Certificate issuance: download a policy's CRL (DER), as brokers fetch it from
+    /// `/crl/{instance}/{policy}`.
+    Crl {
+        /// Credential policy.
+        policy: String,
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+        /// Instance (default: the connection string's).
+        #[arg(long)]
+        instance: Option<String>,
+    },
     /// Prove possession with a certificate whose CN is the code, signed by the CA.
     Verify {
         /// Certificate name.
@@ -137,6 +200,125 @@ pub(crate) async fn run(g: &Globals, svc: &Service, c: CertificateCommand) -> Re
                 &["KIND", "VALUE", "REASON", "ADDED"],
                 &[&["/kind"], &["/value"], &["/reason"], &["/created"]],
             );
+        }
+        CertificateCommand::Policies { instance } => {
+            let i = resolve_instance(svc, instance).await?;
+            let v = svc
+                .get(&format!("/admin/instances/{}/credentialPolicies", enc(&i)))
+                .await?;
+            let items = v.as_array().cloned().unwrap_or_default();
+            emit_list(
+                g,
+                &items,
+                &["NAME", "KEY TYPES", "DAYS", "CA", "CA SHA-256", "GENERATED"],
+                &[
+                    &["/policy/name"],
+                    &["/policy/key_types"],
+                    &["/policy/validity_days"],
+                    &["/ca/subjectName"],
+                    &["/ca/sha256Thumbprint"],
+                    &["/generatedCa"],
+                ],
+            );
+        }
+        CertificateCommand::ExportCa {
+            policy,
+            out,
+            instance,
+        } => {
+            let i = resolve_instance(svc, instance).await?;
+            let pem = svc
+                .get_bytes(&format!(
+                    "/admin/instances/{}/credentialPolicies/{}/ca",
+                    enc(&i),
+                    enc(&policy)
+                ))
+                .await?;
+            match out {
+                Some(p) => {
+                    std::fs::write(&p, &pem)
+                        .with_context(|| format!("cannot write {}", p.display()))?;
+                    done(
+                        g,
+                        format!("CA chain of '{policy}' written to {}", p.display()),
+                    );
+                }
+                None => print!("{}", String::from_utf8_lossy(&pem)),
+            }
+        }
+        CertificateCommand::Issued {
+            registration_id,
+            status,
+            policy,
+            instance,
+        } => {
+            let i = resolve_instance(svc, instance).await?;
+            let path = crate::service::svc_path(
+                &format!("/admin/instances/{}/issuedCertificates", enc(&i)),
+                &[
+                    ("registrationId", registration_id),
+                    ("status", status),
+                    ("policy", policy),
+                ],
+            );
+            let v = svc.get(&path).await?;
+            let items = v.as_array().cloned().unwrap_or_default();
+            emit_list(
+                g,
+                &items,
+                &["SERIAL", "REGISTRATION", "POLICY", "STATUS", "NOT AFTER"],
+                &[
+                    &["/serialNumber"],
+                    &["/registrationId"],
+                    &["/policy"],
+                    &["/status"],
+                    &["/notAfterUtc"],
+                ],
+            );
+        }
+        CertificateCommand::Revoke {
+            serial,
+            registration_id,
+            reason,
+            instance,
+        } => {
+            let i = resolve_instance(svc, instance).await?;
+            let body = json!({ "reason": reason });
+            match (serial, registration_id) {
+                (Some(serial), _) => {
+                    let path = format!(
+                        "/admin/instances/{}/issuedCertificates/{}/revoke",
+                        enc(&i),
+                        enc(&serial)
+                    );
+                    svc.call(Method::POST, &path, Some(&body), &[]).await?;
+                    done(g, format!("certificate {serial} is revoked"));
+                }
+                (None, Some(rid)) => {
+                    let path = format!(
+                        "/admin/instances/{}/registrations/{}/revokeCertificates",
+                        enc(&i),
+                        enc(&rid)
+                    );
+                    let r = svc.call(Method::POST, &path, Some(&body), &[]).await?;
+                    let n = r.body.as_array().map(Vec::len).unwrap_or(0);
+                    done(g, format!("{n} certificate(s) of '{rid}' revoked"));
+                }
+                (None, None) => bail!("give a serial number or --registration-id"),
+            }
+        }
+        CertificateCommand::Crl {
+            policy,
+            out,
+            instance,
+        } => {
+            let i = resolve_instance(svc, instance).await?;
+            let der = svc
+                .get_bytes(&format!("/crl/{}/{}", enc(&i), enc(&policy)))
+                .await?;
+            std::fs::write(&out, &der)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            done(g, format!("CRL of '{policy}' written to {}", out.display()));
         }
         CertificateCommand::List { instance } => {
             let i = resolve_instance(svc, instance).await?;

@@ -49,6 +49,9 @@ async fn spawn_matrix_server() -> TestServer {
             .insert("auth_secret".into(), BROKER_SECRET.into());
         cfg.instances[0].linked_hub.push(hub);
         cfg.instances[0].allow_fault_injection = true;
+        let mut issuing = dps_core::issuance::CredentialPolicy::new("matrix");
+        issuing.min_renewal_interval_secs = 0;
+        cfg.instances[0].credential_policy = vec![issuing];
         for r in Right::ALL {
             cfg.instances[0].access_policy.push(PolicyConfig {
                 name: policy_name(r),
@@ -133,6 +136,48 @@ fn signed_leaf_pem(cn: &str, by: &CertifiedIssuer<'static, KeyPair>) -> String {
 }
 
 /// A call with the owner policy that must succeed (setup).
+/// A device `mx-cs-{n}` of the matrix credential policy registers with a CSR; the serial
+/// number of the certificate it was issued.
+async fn issued_serial(s: &TestServer, n: usize) -> String {
+    use base64::Engine as _;
+    let rid = format!("mx-cs-{n}");
+    let key = s
+        .enroll(&rid, json!({"credentialPolicyName": "matrix"}))
+        .await;
+    let device_key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, rid.as_str());
+    p.distinguished_name = dn;
+    let csr = p.serialize_request(&device_key).unwrap();
+    let tok = device_token(SCOPE, &rid, &key);
+    let r = s
+        .call(
+            Method::PUT,
+            &format!("/{SCOPE}/registrations/{rid}/register?api-version=2025-07-01-preview"),
+            Some(&tok),
+            Some(json!({"registrationId": rid,
+                "csr": base64::engine::general_purpose::STANDARD.encode(csr.der())})),
+            &[],
+        )
+        .await;
+    assert!(r.status == 200 || r.status == 202, "{}", r.body);
+    let path = format!("/admin/instances/default/issuedCertificates?registrationId={rid}");
+    eventually(std::time::Duration::from_secs(10), || {
+        let path = path.clone();
+        async move {
+            let r = s
+                .call(Method::GET, &path, Some(&s.owner()), None, &[])
+                .await;
+            r.body[0]["serialNumber"]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| format!("not issued yet: {}", r.body))
+        }
+    })
+    .await
+}
+
 async fn owner_call(s: &TestServer, m: Method, path: &str, body: Option<Value>) -> Resp {
     let r = s.call(m.clone(), path, Some(&s.owner()), body, &[]).await;
     assert!(
@@ -430,6 +475,48 @@ async fn row(s: &TestServer, gkey: &str, route: &Route, n: usize) -> Option<Case
             owner_call(s, Method::PUT, &path, Some(json!({"kind": "thumbprint"}))).await;
             case(path, None, 204)
         }
+        // Admin API: certificate issuance.
+        "GET /admin/instances/{instance}/credentialPolicies" => {
+            case("/admin/instances/default/credentialPolicies", None, 200)
+        }
+        "GET /admin/instances/{instance}/credentialPolicies/{policy}" => case(
+            "/admin/instances/default/credentialPolicies/matrix",
+            None,
+            200,
+        ),
+        "GET /admin/instances/{instance}/credentialPolicies/{policy}/ca" => case(
+            "/admin/instances/default/credentialPolicies/matrix/ca",
+            None,
+            200,
+        ),
+        "GET /admin/instances/{instance}/issuedCertificates" => {
+            case("/admin/instances/default/issuedCertificates", None, 200)
+        }
+        "GET /admin/instances/{instance}/issuedCertificates/{serial}" => {
+            let serial = issued_serial(s, n).await;
+            case(
+                format!("/admin/instances/default/issuedCertificates/{serial}"),
+                None,
+                200,
+            )
+        }
+        "POST /admin/instances/{instance}/issuedCertificates/{serial}/revoke" => {
+            let serial = issued_serial(s, n).await;
+            case(
+                format!("/admin/instances/default/issuedCertificates/{serial}/revoke"),
+                None,
+                200,
+            )
+        }
+        "POST /admin/instances/{instance}/registrations/{registrationId}/revokeCertificates" => {
+            let serial = issued_serial(s, n).await;
+            assert!(!serial.is_empty());
+            case(
+                format!("/admin/instances/default/registrations/mx-cs-{n}/revokeCertificates"),
+                None,
+                200,
+            )
+        }
         // Brokers that ask dps: the hub's broker secret, not a service token. An unknown
         // username gets the flavour's normal refusal (RabbitMQ `deny`, EMQX `ignore`, VerneMQ
         // `next`: 200; mosquitto-go-auth: 403).
@@ -469,6 +556,7 @@ async fn row(s: &TestServer, gkey: &str, route: &Route, n: usize) -> Option<Case
         // Public.
         "GET /healthz" => case("/healthz", None, 200),
         "GET /openapi.json" => case("/openapi.json", None, 200),
+        "GET /crl/{instance}/{policy}" => case("/crl/default/matrix", None, 200),
         _ => return None,
     })
 }
@@ -480,7 +568,7 @@ async fn row(s: &TestServer, gkey: &str, route: &Route, n: usize) -> Option<Case
 /// routes need the device's credential; `/healthz` and `/openapi.json` nothing.
 fn pinned_access(method: &Method, pattern: &str) -> Access {
     let (m, p) = (method.as_str(), pattern);
-    if p == "/healthz" || p == "/openapi.json" {
+    if p == "/healthz" || p == "/openapi.json" || p.starts_with("/crl/") {
         Access::Public
     } else if p.starts_with("/brokerAuth/") {
         Access::Broker

@@ -404,3 +404,134 @@ async fn the_server_raises_its_open_file_limit() {
     assert_eq!(child_hard, hard);
     assert_eq!(soft, hard, "the server kept a soft limit of {soft}");
 }
+
+#[tokio::test]
+async fn the_cli_issues_a_certificate_to_a_device_and_revokes_it() {
+    let s = TestServer::spawn_with(|c| {
+        let mut p = dps_core::issuance::CredentialPolicy::new("devices");
+        p.min_renewal_interval_secs = 0;
+        c.instances[0].credential_policy = vec![p];
+    })
+    .await;
+    let cli = Cli::new(&s);
+    let key = s
+        .enroll(
+            "cli-cert-1",
+            serde_json::json!({"credentialPolicyName": "devices"}),
+        )
+        .await;
+    let policies = cli.json(&["certificate", "policies"]).await;
+    assert_eq!(policies[0]["policy"]["name"], "devices", "{policies}");
+    let (ok, _, err) = cli
+        .run(&[
+            "certificate",
+            "export-ca",
+            "devices",
+            "--out",
+            "issuing-ca.pem",
+        ])
+        .await;
+    assert!(ok, "{err}");
+    let endpoint = format!("localhost:{}", s.server.https.port());
+    let out = cli
+        .json(&[
+            "device",
+            "register",
+            "--id-scope",
+            SCOPE,
+            "--registration-id",
+            "cli-cert-1",
+            "--key",
+            &key,
+            "--global-endpoint",
+            &endpoint,
+            "--ca-file",
+            cli.ca.to_str().unwrap(),
+            "--issue-certificate",
+            "--key-type",
+            "ecdsa-p384",
+        ])
+        .await;
+    assert_eq!(out["status"], "assigned", "{out}");
+    let dir = s.dir.path();
+    for f in ["cli-cert-1.pem", "cli-cert-1.key.pem"] {
+        assert!(dir.join(f).exists(), "{f} written: {out}");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("cli-cert-1.key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "the key is private: {mode:o}");
+    }
+    let verify = Command::new("openssl")
+        .args(["verify", "-CAfile", "issuing-ca.pem", "cli-cert-1.pem"])
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    // Renewal with the issued certificate (the files just written are replaced).
+    let out = cli
+        .json(&[
+            "device",
+            "register",
+            "--id-scope",
+            SCOPE,
+            "--registration-id",
+            "cli-cert-1",
+            "--cert",
+            "cli-cert-1.pem",
+            "--key-file",
+            "cli-cert-1.key.pem",
+            "--global-endpoint",
+            &endpoint,
+            "--ca-file",
+            cli.ca.to_str().unwrap(),
+            "--issue-certificate",
+        ])
+        .await;
+    assert_eq!(out["status"], "assigned", "{out}");
+    assert_eq!(
+        out["registrationState"]["x509"]["certificateInfo"]["subjectName"], "CN=cli-cert-1",
+        "{out}"
+    );
+    let issued = cli
+        .json(&["certificate", "issued", "--registration-id", "cli-cert-1"])
+        .await;
+    assert_eq!(issued.as_array().map(Vec::len), Some(2), "{issued}");
+    assert_eq!(issued[0]["status"], "active", "{issued}");
+    let (ok, _, err) = cli
+        .run(&["certificate", "revoke", "--registration-id", "cli-cert-1"])
+        .await;
+    assert!(ok, "{err}");
+    let issued = cli
+        .json(&["certificate", "issued", "--status", "revoked"])
+        .await;
+    assert_eq!(issued.as_array().map(Vec::len), Some(2), "{issued}");
+    let (ok, _, err) = cli
+        .run(&["certificate", "crl", "devices", "--out", "devices.crl"])
+        .await;
+    assert!(ok, "{err}");
+    let crl = Command::new("openssl")
+        .args([
+            "crl",
+            "-inform",
+            "DER",
+            "-in",
+            "devices.crl",
+            "-noout",
+            "-text",
+        ])
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    let text = String::from_utf8_lossy(&crl.stdout);
+    let serial = issued[0]["serialNumber"].as_str().unwrap();
+    assert!(text.contains(serial), "{text}");
+}

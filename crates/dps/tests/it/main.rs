@@ -3,6 +3,7 @@
 mod audit_limits;
 mod auth;
 mod authz_matrix;
+mod certificates_issuance;
 mod cli;
 mod connections;
 mod device_client;

@@ -73,6 +73,7 @@ pub fn instance(name: &str, scope: &str, host: &str, hubs: Vec<LinkedHub>) -> In
         register_response: RegisterResponse::Accepted,
         allow_fault_injection: false,
         fault: vec![],
+        credential_policy: Vec::new(),
     }
 }
 

@@ -9,9 +9,10 @@ use super::{ts, Engine, Failure};
 use crate::repo::Repo;
 use dps_core::device::Transport;
 use dps_core::error::AssignmentFailure;
-use dps_core::hub::{HubError, HubIdentity};
+use dps_core::hub::{HubAuth, HubError, HubIdentity};
 use dps_core::ids::DeviceId;
 use dps_core::instance::{Instance, LinkedHub};
+use dps_core::issuance::{CheckedCsr, CredentialPolicy};
 use dps_core::model::*;
 use dps_core::reprovision;
 use dps_core::store::Write;
@@ -28,6 +29,7 @@ impl Engine {
         payload: Option<serde_json::Value>,
         transport: Transport,
         force: bool,
+        csr: Option<(CredentialPolicy, CheckedCsr)>,
     ) -> Result<RegistrationRecord> {
         let inst = adm.instance.clone();
         let rid = adm.registration_id.clone();
@@ -52,6 +54,7 @@ impl Engine {
             pending: None,
             transport: None,
             hub_write: None,
+            issued: None,
         });
         if let Some(prev) = rec.operation_id.replace(op.to_string()) {
             rec.recent_operations.push(prev);
@@ -234,9 +237,25 @@ impl Engine {
                 .or_else(|| settings.initial_twin.clone())
                 .or_else(|| Some(TwinState::default()));
         }
+        // Certificate issuance: sign the device's CSR; its hub identity then authenticates with
+        // the issued certificate. A failure to sign is ours (500) and writes nothing.
+        let signed = match &csr {
+            Some((policy, checked)) => Some(
+                self.issuer
+                    .sign(&inst, policy, rid.as_str(), &device_id, checked, op)
+                    .await?,
+            ),
+            None => None,
+        };
         let identity = HubIdentity {
             device_id: device_id.clone(),
-            auth: adm.hub_auth.clone(),
+            auth: match &signed {
+                Some(s) => HubAuth::X509Thumbprint {
+                    primary: s.reference.sha256_thumbprint.clone(),
+                    secondary: None,
+                },
+                None => adm.hub_auth.clone(),
+            },
             capabilities: settings.capabilities.clone().unwrap_or_default(),
             enabled: true,
         };
@@ -348,8 +367,36 @@ impl Engine {
         if let Some((_, task)) = &cleanup {
             writes.push(Write::EnqueueCleanup(task.clone()));
         }
+        let issued_kind = signed.as_ref().map(|s| {
+            let renewed = existing.as_ref().is_some_and(|r| r.issued.is_some());
+            writes.push(self.issuer.record_write(&inst.name, &s.record));
+            writes.push(Write::Audit(dps_core::store::AuditEntry {
+                seq: 0,
+                timestamp: ts(self.clock.as_ref()),
+                instance: inst.name.clone(),
+                actor: "device".to_string(),
+                action: if renewed {
+                    "certificate.renewed"
+                } else {
+                    "certificate.issued"
+                }
+                .to_string(),
+                target_kind: "issuedCertificate".to_string(),
+                target_id: s.record.serial_number.clone(),
+                before: None,
+                after: serde_json::to_string(&s.record).ok(),
+            }));
+            rec.issued = Some(s.reference.clone());
+            (
+                s.record.policy.clone(),
+                if renewed { "renewed" } else { "issued" },
+            )
+        });
         self.commit(&inst.name, &mut rec, "registration.assigned", writes)
             .await?;
+        if let Some((policy, kind)) = issued_kind {
+            metrics::counter!("CertificatesIssued", "instance" => inst.name.clone(), "policy" => policy, "kind" => kind).increment(1);
+        }
         if in_store {
             self.hubs.record(&hub.host, t0, &Ok(()));
         }

@@ -6,6 +6,7 @@
 //! (the individual enrollment).
 
 use super::Engine;
+use crate::issuer::IssuedCertificate;
 use dps_core::device::DeviceCredential;
 use dps_core::error::AuthFailure;
 use dps_core::hub::HubAuth;
@@ -16,9 +17,15 @@ use dps_core::model::{
     X509RegistrationResult,
 };
 use dps_core::sas::{derive_device_key, SasToken};
+use dps_core::store::Collection;
 use dps_core::x509::verify::{attest as decide, X509Candidates, X509Match};
 use dps_core::Result;
 use std::sync::Arc;
+
+/// Now as Azure writes timestamps (what certificate infos hold; they compare lexically).
+fn azure_now(t: time::OffsetDateTime) -> String {
+    dps_core::clock::azure_timestamp(t)
+}
 
 /// Where the device's enrollment came from.
 #[derive(Debug, Clone)]
@@ -78,6 +85,9 @@ impl Engine {
         match cred {
             DeviceCredential::Sas(token) => self.attest_sas(inst, rid, token).await,
             DeviceCredential::Certificates(chain) if !chain.is_empty() => {
+                if let Some(a) = self.attest_issued(inst, rid, chain).await? {
+                    return Ok(a);
+                }
                 self.attest_x509(inst, rid, chain).await
             }
             _ => Err(AuthFailure::MissingCredential.into()),
@@ -200,6 +210,110 @@ impl Engine {
         Err(individual_failure
             .unwrap_or_else(|| AuthFailure::UnknownRegistration(rid.to_string()))
             .into())
+    }
+
+    /// A device presenting a certificate dps issued to it (certificate issuance): admitted by
+    /// its original enrollment (the individual enrollment for its registration id, else the
+    /// group its registration record names), so that it renews with the certificate it got.
+    /// The leaf must be byte for byte the certificate dps recorded (same SHA-256 thumbprint;
+    /// TLS proved the key), issued to this registration id, active, within its validity and
+    /// not on the deny list. `None`: not a certificate dps issued (regular X.509 attestation
+    /// decides).
+    async fn attest_issued(
+        &self,
+        inst: &Arc<Instance>,
+        rid: &RegistrationId,
+        chain: &[Vec<u8>],
+    ) -> Result<Option<Admitted>> {
+        if inst.credential_policy.is_empty() {
+            return Ok(None);
+        }
+        let leaf = &chain[0];
+        let Ok(info) = dps_core::x509::certificate_info(leaf) else {
+            return Ok(None);
+        };
+        let Some((issued, _)) = self
+            .repo
+            .get::<IssuedCertificate>(
+                Collection::IssuedCertificate,
+                &inst.name,
+                &info.serial_number,
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        if !dps_core::x509::thumbprint_eq(&issued.sha256_thumbprint, &info.sha256_thumbprint) {
+            return Ok(None);
+        }
+        let refuse = |f: AuthFailure| -> Result<Option<Admitted>> {
+            tracing::info!(registration_id = %rid, reason = %f, "issued certificate refused");
+            Err(f.into())
+        };
+        if issued.status != "active" {
+            return refuse(AuthFailure::Revoked(format!(
+                "issued certificate serial {}",
+                issued.serial_number
+            )));
+        }
+        if !issued.registration_id.eq_ignore_ascii_case(rid.as_str()) {
+            return refuse(AuthFailure::Certificate(format!(
+                "the certificate was issued to registration '{}'",
+                issued.registration_id
+            )));
+        }
+        let now = azure_now(self.clock.now());
+        if now < info.not_before_utc || now > info.not_after_utc {
+            return refuse(AuthFailure::Certificate(format!(
+                "the issued certificate is valid from {} to {}",
+                info.not_before_utc, info.not_after_utc
+            )));
+        }
+        if let Some(entry) = self.catalog.x509(&inst.name).await?.deny.is_revoked(leaf) {
+            return refuse(AuthFailure::Revoked(entry));
+        }
+        let (source, group_id) = match self.repo.enrollment(&inst.name, rid.as_str()).await? {
+            Some(e) => (Source::Individual(Box::new(e)), None),
+            None => {
+                let gid = self
+                    .record(&inst.name, rid)
+                    .await?
+                    .and_then(|r| r.enrollment_group_id);
+                let group = match &gid {
+                    Some(g) => self
+                        .repo
+                        .get::<EnrollmentGroup>(Collection::Group, &inst.name, g)
+                        .await?
+                        .map(|(mut g, etag)| {
+                            g.settings.etag = Some(etag);
+                            g
+                        }),
+                    None => None,
+                };
+                match group {
+                    Some(g) => (Source::Group(Box::new(g)), gid),
+                    None => {
+                        return refuse(AuthFailure::UnknownRegistration(rid.to_string()));
+                    }
+                }
+            }
+        };
+        Ok(Some(Admitted {
+            instance: inst.clone(),
+            registration_id: rid.clone(),
+            source,
+            disabled_override: false,
+            attestation: AttestationType::X509,
+            hub_auth: HubAuth::X509Thumbprint {
+                primary: info.sha256_thumbprint.clone(),
+                secondary: None,
+            },
+            x509: Some(X509RegistrationResult {
+                certificate_info: Some(info),
+                enrollment_group_id: group_id,
+                signing_certificate_info: None,
+            }),
+        }))
     }
 
     async fn attest_x509(

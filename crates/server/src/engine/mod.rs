@@ -137,6 +137,8 @@ pub struct Engine {
     refusals: refusals::RefusalSampler,
     /// Fault injection rules in force on this node.
     faults: Arc<crate::faults::Faults>,
+    /// The credential policies' issuing CAs (certificate issuance).
+    issuer: Arc<crate::issuer::Issuer>,
     me: std::sync::Weak<Engine>,
 }
 
@@ -164,8 +166,14 @@ impl Engine {
             },
             Instant::now(),
         );
+        let issuer = Arc::new(crate::issuer::Issuer::new(
+            repo.clone(),
+            clock.clone(),
+            random.clone(),
+        ));
         Arc::new_cyclic(|me| Engine {
             me: me.clone(),
+            issuer,
             audit: Audit::with_clock(repo.store.clone(), clock.clone()),
             repo,
             instances,
@@ -316,6 +324,64 @@ impl Engine {
         metrics::counter!("AttestationAttempts", "instance" => inst.name.clone(), "protocol" => transport.as_str(), "attestation" => cred_kind(credential), "result" => "failure").increment(1);
     }
 
+    /// The credential policies' issuing CAs (for the issuance use case: CA export, CRLs).
+    pub fn issuer(&self) -> Arc<crate::issuer::Issuer> {
+        self.issuer.clone()
+    }
+
+    /// The credential policy and the checked CSR of a registration that sent a `csr`: the
+    /// enrollment must name a policy of the instance, the CSR must pass its checks, and the
+    /// device must not have been issued a certificate within the policy's
+    /// `min_renewal_interval_secs` (429 with the wait otherwise).
+    async fn certificate_request(
+        &self,
+        adm: &attest::Admitted,
+        field: &str,
+    ) -> Result<(
+        dps_core::issuance::CredentialPolicy,
+        dps_core::issuance::CheckedCsr,
+    )> {
+        let inst = &adm.instance;
+        let rid = &adm.registration_id;
+        let Some(name) = adm
+            .settings()
+            .credential_policy_name
+            .as_deref()
+            .filter(|n| !n.is_empty())
+        else {
+            return Err(Error::invalid(format!(
+                "the enrollment of '{rid}' has no credentialPolicyName, so dps issues it no \
+                 certificate: send the registration without 'csr', or give the enrollment a \
+                 credential policy"
+            )));
+        };
+        let policy = inst.credential_policy(name).cloned().ok_or_else(|| {
+            Error::invalid(format!(
+                "the enrollment's credential policy '{name}' does not exist in this instance"
+            ))
+        })?;
+        let der =
+            dps_core::issuance::decode_csr(field).map_err(|e| Error::invalid(e.to_string()))?;
+        let checked = dps_core::issuance::check_csr(&der, rid.as_str(), &policy)
+            .map_err(|e| Error::invalid(e.to_string()))?;
+        if policy.min_renewal_interval_secs > 0 {
+            if let Some(prev) = self.record(&inst.name, rid).await?.and_then(|r| r.issued) {
+                let next = prev
+                    .issued_unix
+                    .saturating_add(policy.min_renewal_interval_secs.min(i64::MAX as u64) as i64);
+                let now = self.clock.now().unix_timestamp();
+                if now < next {
+                    metrics::counter!("dps_certificate_requests_throttled_total").increment(1);
+                    tracing::info!(registration_id = %rid, policy = %policy.name, retry_after = next - now, "certificate request too soon after the last one");
+                    return Err(Error::Throttled {
+                        retry_after: (next - now).clamp(1, u32::MAX as i64) as u32,
+                    });
+                }
+            }
+        }
+        Ok((policy, checked))
+    }
+
     /// A fresh ETag for a registration record, from the injected source of randomness.
     fn new_etag(&self) -> String {
         dps_core::random::etag(self.random.as_ref())
@@ -361,6 +427,8 @@ impl Engine {
         s
     }
 
+    /// The answer of operation `op`: the registration state, with the issued certificate chain
+    /// when this operation issued one (never in status lookups or the service API).
     fn final_response(rec: &RegistrationRecord, op: &str) -> Result<DeviceResponse> {
         let status = rec.state.status.unwrap_or(RegistrationStatus::Unassigned);
         if status == RegistrationStatus::Failed {
@@ -383,7 +451,15 @@ impl Engine {
             body: RegistrationOperationStatus {
                 operation_id: op.to_string(),
                 status,
-                registration_state: Some(Self::device_state(rec)),
+                registration_state: Some({
+                    let mut state = Self::device_state(rec);
+                    if status == RegistrationStatus::Assigned {
+                        if let Some(issued) = rec.issued.as_ref().filter(|i| i.operation_id == op) {
+                            state.issued_certificate_chain = Some(issued.chain.clone());
+                        }
+                    }
+                    state
+                }),
             },
             retry_after: None,
         })
@@ -476,6 +552,10 @@ impl Engine {
                 FaultAction::HubDown => {}
             }
         }
+        let csr = match req.body.csr.as_deref() {
+            Some(field) => Some(self.certificate_request(&adm, field).await?),
+            None => None,
+        };
         let op = dps_core::random::operation_id(self.random.as_ref()).to_string();
         if let Some(f) = &fault {
             match f.action {
@@ -503,7 +583,7 @@ impl Engine {
                     // An injected delay: the registration stays `assigning` meanwhile.
                     tokio::time::sleep(delay).await;
                 }
-                let r = me.assign(adm, &op, payload, transport, force).await;
+                let r = me.assign(adm, &op, payload, transport, force, csr).await;
                 me.running.lock().expect("running lock").remove(&key);
                 r
             }

@@ -87,6 +87,7 @@ async fn fixture_clocked(
         linked_hub: hubs,
         allocation_policy: AllocationPolicy::Hashed,
         register_response: RegisterResponse::Immediate,
+        credential_policy: Vec::new(),
     };
     instances.put(&instance).await.unwrap();
     let webhook = Arc::new(FakeWebhook::default());

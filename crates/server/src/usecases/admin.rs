@@ -54,6 +54,40 @@ fn keep_secrets<T: serde::Serialize>(
     redact::restore(v, old.as_ref()).map_err(|e| Error::invalid(format!("invalid {what}: {e}")))
 }
 
+/// Credential policies through the admin API: each well formed, names unique, and CA files
+/// only as the configuration file set them (a file path from the API would let an instance's
+/// administrator sign with any key file the server can read, another instance's included).
+fn check_credential_policies(inst: &Instance, existing: Option<&Instance>) -> Result<()> {
+    let mut names = std::collections::HashSet::new();
+    for p in &inst.credential_policy {
+        p.check().map_err(Error::invalid)?;
+        if !names.insert(p.name.to_ascii_lowercase()) {
+            return Err(Error::invalid(format!(
+                "credential_policy '{}': duplicate name",
+                p.name
+            )));
+        }
+        if !p.generated_ca() || p.ca_chain_file.is_some() {
+            let same = existing
+                .and_then(|e| e.credential_policy(&p.name))
+                .is_some_and(|old| {
+                    old.ca_certificate_file == p.ca_certificate_file
+                        && old.ca_key_file == p.ca_key_file
+                        && old.ca_chain_file == p.ca_chain_file
+                });
+            if !same {
+                return Err(Error::invalid(format!(
+                    "credential_policy '{}': CA files (ca_certificate_file, ca_key_file, \
+                     ca_chain_file) are set in the configuration file only; through the API \
+                     a policy gets a generated CA",
+                    p.name
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Admin {
     /// The linked hubs' adapters and state (the broker-auth endpoints read their caches).
     pub fn hubs(&self) -> &HubSet {
@@ -137,6 +171,7 @@ impl Admin {
         for hub in &inst.linked_hub {
             self.check_hub(hub)?;
         }
+        check_credential_policies(&inst, existing.as_deref())?;
         if inst.access_policy.is_empty() {
             inst.access_policy = existing
                 .as_ref()

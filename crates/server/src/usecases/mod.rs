@@ -14,6 +14,7 @@
 pub mod admin;
 pub mod certificates;
 pub mod enrollments;
+pub mod issuance;
 pub mod registrations;
 
 use crate::audit::Audit;
@@ -178,6 +179,7 @@ pub(crate) mod testing {
             linked_hub: vec![LinkedHub::registry("hub.localhost")],
             allocation_policy: Default::default(),
             register_response: Default::default(),
+            credential_policy: Vec::new(),
         };
         instances.put(&inst).await.unwrap();
         let clock = Arc::new(FixedClock(NOW));
