@@ -22,6 +22,7 @@ data_dir = "$dir/data"
 [listen]
 https = "127.0.0.1:0"
 mqtt = ""
+amqp = ""
 admin = "127.0.0.1:0"
 [log]
 level = "warn"

@@ -8,15 +8,15 @@
 # INFLIGHT=N sets max_inflight_registrations (default 2000); EXTRA_LIMITS="key = value" adds a
 # line to [limits], e.g. EXTRA_LIMITS="max_pending_handshakes = 4096".
 #
-# The endpoint (--global-endpoint) is added: the HTTPS one, or the MQTT one when the arguments
-# say `--transport mqtt`.
+# The endpoint (--global-endpoint) is added: the HTTPS one, or the MQTT (AMQP) one when the
+# arguments say `--transport mqtt` (`--transport amqp`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 engine=${1:-sqlite}
 shift || true
 source bench/server.sh
 start_server "$engine"
-ep=$H; [[ " $* " == *" mqtt "* ]] && ep=$M
+ep=$H; [[ " $* " == *" mqtt "* ]] && ep=$M; [[ " $* " == *" amqp "* ]] && ep=$A
 /usr/bin/time -f "client: %U user %S sys %e wall %M KB" "$bin" bench "${common[@]}" --global-endpoint "$ep" "$@" >"$dir/last.json"
 python3 - "$dir/last.json" <<'PY'
 import json, sys

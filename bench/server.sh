@@ -2,7 +2,7 @@
 # process (an instance answering `register` with 200 when done in time, two built-in registry
 # hubs, `max_inflight_registrations` = $INFLIGHT or 2000, any other `[limits]` lines in
 # $EXTRA_LIMITS) on SQLite or on the local PostgreSQL (database dps_bench, recreated).
-# Sets: bin, dir, pid, H (HTTPS endpoint), M (MQTT endpoint), admin, common (dps bench flags);
+# Sets: bin, dir, pid, H (HTTPS endpoint), M (MQTT endpoint), A (AMQP endpoint), admin, common (dps bench flags);
 # exports the CLI's connection string, URL and CA file. The server stops when the script exits.
 bin=target/release/dps
 start_server() {
@@ -19,6 +19,7 @@ store = "$store"
 [listen]
 https = "127.0.0.1:0"
 mqtt = "127.0.0.1:0"
+amqp = "127.0.0.1:0"
 admin = "127.0.0.1:0"
 [log]
 level = "warn"
@@ -38,11 +39,11 @@ EOF
   pid=$!
   trap 'kill $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
   for _ in $(seq 200); do [[ -s $dir/data/run.json ]] && break; sleep 0.1; done
-  local https mqtt
-  https=$(field '["https"]'); mqtt=$(field '["mqtt"]'); admin=$(field '["admin"]')
+  local https mqtt amqp
+  https=$(field '["https"]'); mqtt=$(field '["mqtt"]'); amqp=$(field '["amqp"]'); admin=$(field '["admin"]')
   DPS_CONNECTION_STRING=$(field '["instances"][0]["connection_string"]')
   export DPS_CONNECTION_STRING DPS_URL="https://localhost:${https##*:}" DPS_CA_FILE="$dir/data/ca.pem"
-  H="localhost:${https##*:}"; M="localhost:${mqtt##*:}"
+  H="localhost:${https##*:}"; M="localhost:${mqtt##*:}"; A="localhost:${amqp##*:}"
   common=(--json --create-group --admin-url "http://$admin" --poll-interval-ms 10)
 }
 field() { python3 -c 'import json,sys; v=json.load(open(sys.argv[1])); print(eval("v"+sys.argv[2]))' "$dir/data/run.json" "$1"; }

@@ -7,7 +7,7 @@
 #   bash interop/run.sh python [ARGS...]# pytest only; ARGS go to pytest, e.g. -k "websockets and group"
 #   bash interop/run.sh serve           # start the server, print how to run single tests, wait (Ctrl-C)
 #
-# Needs: target/release/dps (built beforehand; override with DPS_BIN), root (ports 443 and 8883),
+# Needs: target/release/dps (built beforehand; override with DPS_BIN), root (ports 443, 8883, 5671),
 # `npm ci --prefix interop/node`, `pip install -r interop/python/requirements.txt`.
 # Env: DPS_INTEROP_KEEP_DATA=1 keeps the temporary data dir; DPS_INTEROP_START_TIMEOUT (s, default 60).
 set -euo pipefail
@@ -34,7 +34,7 @@ if [[ ! -x $DPS_BIN ]]; then
   exit 2
 fi
 if [[ $(id -u) -ne 0 ]]; then
-  log "warning: not root; binding ports 443/8883 will probably fail"
+  log "warning: not root; binding ports 443/8883/5671 will probably fail"
 fi
 
 DATA_DIR=$(mktemp -d "${TMPDIR:-/tmp}/dps-interop.XXXXXX")
@@ -132,7 +132,7 @@ declare -a RESULTS=()
 run_node() {
   local -a args=("$@")
   if [[ ${#args[@]} -eq 0 ]]; then
-    args=(service.test.mjs device-http.test.mjs device-mqtt.test.mjs device-x509.test.mjs)
+    args=(service.test.mjs device-http.test.mjs device-mqtt.test.mjs device-amqp.test.mjs device-x509.test.mjs device-tpm.test.mjs)
   fi
   if [[ ! -d $HERE/node/node_modules ]]; then
     log "interop/node/node_modules missing: run 'npm ci --prefix interop/node'"
@@ -145,7 +145,7 @@ run_node() {
     if [[ $a == -* ]]; then opts+=("$a"); else files+=("$a"); fi
   done
   if [[ ${#files[@]} -eq 0 ]]; then
-    files=(service.test.mjs device-http.test.mjs device-mqtt.test.mjs device-x509.test.mjs)
+    files=(service.test.mjs device-http.test.mjs device-mqtt.test.mjs device-amqp.test.mjs device-x509.test.mjs device-tpm.test.mjs)
   fi
   log "node --test ${opts[*]} ${files[*]}"
   (cd "$HERE/node" && timeout --foreground "$SUITE_TIMEOUT" \

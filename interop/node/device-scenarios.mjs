@@ -1,4 +1,5 @@
-// Device-registration scenarios shared by device-http.test.mjs and device-mqtt.test.mjs.
+// Device-registration scenarios shared by device-http.test.mjs, device-mqtt.test.mjs and
+// device-amqp.test.mjs.
 // Enrollments are created through the service SDK; devices register through
 // azure-iot-provisioning-device with the given transport.
 import { describe, it, before, after } from 'node:test';
@@ -14,14 +15,20 @@ const T = { timeout: TEST_TIMEOUT };
 /**
  * The SDK reported an authentication refusal: a 401 answer (UnauthorizedError), or over MQTT a
  * refused CONNECT ("Connection refused: Not authorized"), depending on where the server checks.
+ * Over AMQP: a `rejected` outcome with `amqp:unauthorized-access` (X.509, checked at register),
+ * or the SASL outcome `auth` (SAS tokens, checked in SASL), which the Node SDK reports as a bare
+ * NotConnectedError; device-amqp.test.mjs checks that dps recorded that refusal.
  */
 export function assertRefused(err, transport, { allowNotFound = false } = {}) {
   const st = errorStatus(err);
-  const detail = `${err.name}: ${err.message} (status ${st}) ${JSON.stringify(err.result ?? '')}`;
-  const unauthorized = err.name === 'UnauthorizedError' || st === 401;
-  const notFound = allowNotFound && (err.name === 'DeviceNotFoundError' || st === 404);
+  const detail = `${err.name}: ${err.message} (status ${st}) ${JSON.stringify(err.result ?? '')} ${err.condition ?? ''}`;
+  const unauthorized = err.name === 'UnauthorizedError' || st === 401
+    || err.condition === 'amqp:unauthorized-access';
+  const notFound = allowNotFound && (err.name === 'DeviceNotFoundError' || st === 404
+    || err.condition === 'amqp:not-found');
   const connectRefused = transport !== 'http' && /not authori[sz]ed|refused|bad user ?name or password/i.test(err.message);
-  assert.ok(unauthorized || notFound || connectRefused, `expected an authentication refusal, got ${detail}`);
+  const saslRefused = transport.startsWith('amqp') && err.name === 'NotConnectedError';
+  assert.ok(unauthorized || notFound || connectRefused || saslRefused, `expected an authentication refusal, got ${detail}`);
   if (err.result && typeof err.result === 'object' && 'errorCode' in err.result) {
     assert.equal(Math.floor(err.result.errorCode / 1000), st ?? Math.floor(err.result.errorCode / 1000),
       `errorCode/1000 equals the status (${detail})`);

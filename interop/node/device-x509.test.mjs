@@ -197,3 +197,5 @@ function x509Scenarios(transport) {
 x509Scenarios('http');
 x509Scenarios('mqtt');
 x509Scenarios('mqttws');
+x509Scenarios('amqp');
+x509Scenarios('amqpws');

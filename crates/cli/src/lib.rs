@@ -184,6 +184,9 @@ pub struct ServeArgs {
     /// MQTT listen address.
     #[arg(long)]
     pub mqtt: Option<String>,
+    /// AMQP listen address.
+    #[arg(long)]
+    pub amqp: Option<String>,
     /// Admin (metrics/health) listen address.
     #[arg(long)]
     pub admin: Option<String>,

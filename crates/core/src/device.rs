@@ -1,5 +1,5 @@
 //! The device-facing port: the registration use cases as every transport (HTTPS, MQTT, MQTT
-//! over WebSocket) sees them. Front ends translate their wire format into a [`DeviceRequest`]
+//! over WebSocket, AMQP, AMQP over WebSocket) sees them. Front ends translate their wire format into a [`DeviceRequest`]
 //! and render the [`DeviceResponse`], or the domain [`Error`] through [`crate::wire`] (the one
 //! mapping to wire errors); they hold no registration logic.
 
@@ -16,8 +16,10 @@ pub enum Transport {
     Mqtt,
     /// MQTT over WebSocket.
     MqttWs,
-    /// AMQP (reserved).
+    /// AMQP 1.0 over TLS.
     Amqp,
+    /// AMQP 1.0 over WebSocket.
+    AmqpWs,
 }
 
 impl Transport {
@@ -28,6 +30,7 @@ impl Transport {
             Transport::Mqtt => "mqtt",
             Transport::MqttWs => "mqtt-ws",
             Transport::Amqp => "amqp",
+            Transport::AmqpWs => "amqp-ws",
         }
     }
 }
@@ -114,10 +117,33 @@ pub trait DeviceService: Send + Sync + 'static {
         &self,
         req: DeviceRequest,
     ) -> Result<DeviceRegistrationState, Error>;
-    /// Check credentials at MQTT CONNECT (SAS tokens; X.509 is checked at register time).
-    /// `peer` is the network peer's address, when known.
+    /// TPM attestation, step 1 (protocol digest §6.5), for a transport that runs the challenge
+    /// outside a register request: the AMQP SASL `TPM` mechanism (§6.5.6) calls it with the EK
+    /// from `sasl-init` and the SRK from the first `sasl-response`, and sends the returned
+    /// activation blob (raw bytes) in its challenge frames. The device then proves itself with
+    /// the SAS token of the final `sasl-response`, which the transport passes as
+    /// [`DeviceCredential::Sas`] on its requests (register requests also carry `tpm`). HTTPS
+    /// needs no call: a register request with `tpm` and no credential is answered with
+    /// [`Error::TpmChallenge`].
+    async fn tpm_challenge(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+        tpm: &crate::model::TpmAttestation,
+        transport: Transport,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Vec<u8>, Error> {
+        let _ = (id_scope, registration_id, tpm, transport, peer);
+        Err(Error::Unsupported(
+            "TPM attestation is not supported by this service".into(),
+        ))
+    }
+    /// Check credentials when a connection authenticates (MQTT CONNECT, AMQP SASL PLAIN; SAS
+    /// tokens: X.509 is checked at register time). `transport` labels refusals in the audit
+    /// log and the metrics; `peer` is the network peer's address, when known.
     async fn authorize_connect(
         &self,
+        transport: Transport,
         id_scope: &str,
         registration_id: &str,
         credential: &DeviceCredential,

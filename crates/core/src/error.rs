@@ -44,6 +44,31 @@ pub enum AuthFailure {
     /// No instance answers to this host or scope.
     #[error("no provisioning instance answers to '{0}'")]
     UnknownInstance(String),
+    /// TPM: no individual TPM enrollment has this registration id (the wire says 404201, as
+    /// Azure does for an unknown TPM registration).
+    #[error("TPM: no individual enrollment for registration id '{0}'")]
+    TpmNotEnrolled(String),
+    /// TPM: the endorsement key presented (or the one the activation was made for) is not the
+    /// enrollment's.
+    #[error("TPM: unknown endorsement key: {0}")]
+    TpmUnknownEndorsementKey(String),
+    /// TPM: the storage root key differs from the enrollment's or from the one the activation
+    /// was made for.
+    #[error("TPM: wrong storage root key: {0}")]
+    TpmWrongStorageRootKey(String),
+    /// TPM: the SAS token is not signed with the key of the device's current activation.
+    #[error("TPM: bad signature: {0}")]
+    TpmBadSignature(SasError),
+    /// TPM: the SAS token is signed with the key of an earlier activation, replaced since by a
+    /// newer one.
+    #[error("TPM: replayed activation: the token is signed with the key of an earlier activation")]
+    TpmReplayedActivation,
+    /// TPM: a SAS token, but no activation was issued for this device (or it was removed).
+    #[error("TPM: no activation was issued for this device; register without a token first")]
+    TpmNoActivation,
+    /// TPM attestation over MQTT (Azure does not support it either).
+    #[error("TPM attestation is not supported over MQTT")]
+    TpmOverMqtt,
 }
 
 /// Why an assignment ended a registration as `failed` (or told the device to retry). Stored in
@@ -221,6 +246,13 @@ pub enum Error {
     PayloadTooLarge {
         /// The limit in bytes.
         limit: usize,
+    },
+    /// TPM attestation, first step: not an error of the device, but the HTTP answer is a 401
+    /// carrying the activation blob (protocol digest §6.5.2).
+    #[error("TPM activation challenge")]
+    TpmChallenge {
+        /// Base64 activation blob (encrypted to the device's EK; not a secret on the wire).
+        authentication_key: String,
     },
 }
 

@@ -23,6 +23,7 @@ pub mod redact;
 pub mod reprovision;
 pub mod sas;
 pub mod store;
+pub mod tpm;
 pub mod wire;
 pub mod x509;
 

@@ -844,4 +844,9 @@ pub struct PendingAssignment {
     pub device_id: String,
     /// Started at (Azure format).
     pub started: String,
+    /// The node that writes the identity (its id for this run, see
+    /// `dps_core::store::NodeBeat`): the intent is its own until its heartbeat lapses. `None` in
+    /// records written before nodes had ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }

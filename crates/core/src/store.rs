@@ -36,11 +36,14 @@ pub enum Collection {
     /// Certificates dps issued to devices (id = serial number; status `active`/`revoked`,
     /// kind = policy, group = registration id).
     IssuedCertificate,
+    /// TPM activations: the HMAC key dps last gave each TPM device (and a few earlier ones, to
+    /// recognise replays). Secret; never returned by an API.
+    TpmActivation,
 }
 
 impl Collection {
     /// All collections.
-    pub const ALL: [Collection; 9] = [
+    pub const ALL: [Collection; 10] = [
         Collection::Instance,
         Collection::Enrollment,
         Collection::Group,
@@ -50,6 +53,7 @@ impl Collection {
         Collection::DenyList,
         Collection::IssuingCa,
         Collection::IssuedCertificate,
+        Collection::TpmActivation,
     ];
     /// Stable name used in the database.
     pub fn as_str(self) -> &'static str {
@@ -63,6 +67,7 @@ impl Collection {
             Collection::DenyList => "denylist",
             Collection::IssuingCa => "issuingca",
             Collection::IssuedCertificate => "issuedcert",
+            Collection::TpmActivation => "tpmactivation",
         }
     }
 }
@@ -210,6 +215,22 @@ pub enum Write {
     EnqueueCleanup(CleanupTask),
     /// Drop the clean-up task of a key, if any (the device id was assigned to that hub again).
     CancelCleanup(CleanupKey),
+    /// A capacity reservation: the whole write fails with a `Conflict { current: None }` when
+    /// `scope` already holds `max` or more registration records on `hub` (the index `hub`,
+    /// compared lowercased, with status `assigned` or `assigning`), not counting the record
+    /// `except` (the one being written). Writes nothing. Evaluated so that concurrent writers,
+    /// on any node, see each other's records: PostgreSQL takes an advisory transaction lock per
+    /// scope and hub before counting; SQLite's single writer applies one batch at a time.
+    HubCapacity {
+        /// Scope (instance).
+        scope: String,
+        /// The hub host.
+        hub: String,
+        /// Most records on the hub.
+        max: u64,
+        /// The id of the record being written (not counted).
+        except: String,
+    },
 }
 
 /// What a clean-up task does to a hub identity.
@@ -277,6 +298,26 @@ pub struct CleanupTask {
     pub claim: Option<String>,
     /// The current claim holds until this time.
     pub claimed_until_ms: Option<i64>,
+}
+
+/// A dps node's heartbeat row: nodes sharing a store each keep one fresh, and an intent (a
+/// registration `assigning` on a hub outside the store) belongs to the node that wrote it, so
+/// that recovery takes over only the intents of nodes whose heartbeat has lapsed. Times are Unix
+/// milliseconds of the writing node's clock (nodes keep their clocks in step with NTP; the lease
+/// is many times any skew).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeBeat {
+    /// The node's id for this run of the process (a name plus a random part: a restarted
+    /// process is a new node, and its previous run's intents are taken over).
+    pub id: String,
+    /// The configured node name (for operators; not unique).
+    pub name: String,
+    /// When this run started.
+    pub started_ms: i64,
+    /// The last heartbeat.
+    pub heartbeat_ms: i64,
+    /// The heartbeat holds until this time; after it the node counts as dead.
+    pub expires_ms: i64,
 }
 
 /// The storage port.
@@ -368,6 +409,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<CleanupTask>, StoreError>;
     /// How many clean-up tasks are queued.
     async fn count_cleanup(&self) -> Result<u64, StoreError>;
+    /// Create or refresh a node's heartbeat row (keyed by [`NodeBeat::id`]).
+    async fn heartbeat(&self, node: &NodeBeat) -> Result<(), StoreError>;
+    /// Every node's heartbeat row, live or lapsed, ordered by id.
+    async fn nodes(&self) -> Result<Vec<NodeBeat>, StoreError>;
+    /// Remove heartbeat rows: the node `id` if given (a node stopping cleanly), and every row
+    /// whose heartbeat expired before `expired_before_ms` (long-dead nodes). Returns how many.
+    async fn remove_nodes(
+        &self,
+        id: Option<&str>,
+        expired_before_ms: i64,
+    ) -> Result<u64, StoreError>;
 }
 
 /// A fresh opaque ETag.

@@ -87,6 +87,13 @@ impl From<&Error> for WireError {
     fn from(e: &Error) -> Self {
         match e {
             Error::InvalidArgument(m) => WireError::new(codes::INVALID_ARGUMENT, m.clone()),
+            Error::Unauthorized(AuthFailure::TpmNotEnrolled(_)) => {
+                WireError::new(codes::NOT_FOUND, "Registration not found")
+            }
+            Error::Unauthorized(AuthFailure::TpmOverMqtt) => WireError::new(
+                codes::INVALID_ARGUMENT,
+                "TPM attestation is not supported over MQTT; use HTTPS or AMQP",
+            ),
             Error::Unauthorized(f) => {
                 // Never say more than Azure does about why a device was refused.
                 let msg = match f {
@@ -101,7 +108,14 @@ impl From<&Error> for WireError {
                     | AuthFailure::KeyMismatch
                     | AuthFailure::Certificate(_)
                     | AuthFailure::Revoked(_)
-                    | AuthFailure::AttestationMismatch(_) => "Unauthorized".to_string(),
+                    | AuthFailure::AttestationMismatch(_)
+                    | AuthFailure::TpmNotEnrolled(_)
+                    | AuthFailure::TpmUnknownEndorsementKey(_)
+                    | AuthFailure::TpmWrongStorageRootKey(_)
+                    | AuthFailure::TpmBadSignature(_)
+                    | AuthFailure::TpmReplayedActivation
+                    | AuthFailure::TpmNoActivation
+                    | AuthFailure::TpmOverMqtt => "Unauthorized".to_string(),
                 };
                 WireError::new(codes::UNAUTHORIZED, msg)
             }
@@ -157,7 +171,27 @@ impl From<&Error> for WireError {
             Error::NoRoute(m) => WireError::new(codes::NOT_FOUND, m.clone()),
             Error::UnknownTopic => WireError::new(codes::UNKNOWN_TOPIC, "Unknown topic"),
             Error::PayloadTooLarge { .. } => WireError::new(codes::TOO_LARGE, e.to_string()),
+            // Rendered by `tpm_challenge` over HTTPS; a transport without the challenge
+            // (MQTT) sees a plain refusal.
+            Error::TpmChallenge { .. } => WireError::new(codes::UNAUTHORIZED, "Unauthorized"),
         }
+    }
+}
+
+/// The TPM challenge answer (protocol digest §6.5.2): HTTP 401 with `authenticationKey` and
+/// `keyName`, and no `status` or `errorCode` (the C SDK reads "no status" plus TPM as the
+/// challenge). `None` for every other error.
+pub fn tpm_challenge(e: &Error) -> Option<(u16, serde_json::Value)> {
+    match e {
+        Error::TpmChallenge { authentication_key } => Some((
+            401,
+            serde_json::json!({
+                "message": "TPM activation required: activate the authenticationKey and sign a SAS token with it",
+                "authenticationKey": authentication_key,
+                "keyName": "registration",
+            }),
+        )),
+        _ => None,
     }
 }
 

@@ -29,6 +29,9 @@ pub enum Auth {
         /// The leaf's private key, PEM (PKCS#8, PKCS#1 or SEC1).
         key_pem: Vec<u8>,
     },
+    /// A TPM 2.0 reached through tpm2-tools (HTTPS only): the EK and SRK are sent, dps's
+    /// activation blob is opened in the TPM and SAS tokens are signed inside it.
+    Tpm(crate::tpm::Tpm2Tools),
 }
 
 impl std::fmt::Debug for Auth {
@@ -37,6 +40,7 @@ impl std::fmt::Debug for Auth {
             Auth::SymmetricKey(_) => "SymmetricKey(<redacted>)",
             Auth::GroupKey(_) => "GroupKey(<redacted>)",
             Auth::X509 { .. } => "X509 { .. }",
+            Auth::Tpm(_) => "Tpm",
         })
     }
 }
@@ -49,6 +53,8 @@ pub enum Transport {
     Https,
     /// MQTT 3.1.1 over TLS (default port 8883).
     Mqtt,
+    /// AMQP 1.0 over TLS (default port 5671).
+    Amqp,
 }
 
 impl Transport {
@@ -57,6 +63,7 @@ impl Transport {
         match self {
             Transport::Https => 443,
             Transport::Mqtt => 8883,
+            Transport::Amqp => 5671,
         }
     }
 }
@@ -244,6 +251,8 @@ pub struct ProvisioningClient {
     pub(crate) registration_id: String,
     /// The device's symmetric key (derived already for group keys); `None` for X.509.
     pub(crate) key: Option<String>,
+    /// The TPM, for TPM attestation.
+    pub(crate) tpm: Option<crate::tpm::Tpm2Tools>,
     pub(crate) tls: ClientTls,
     pub(crate) payload: Option<Value>,
     /// A certificate signing request (base64 DER) sent with the registration.
@@ -285,6 +294,21 @@ impl ProvisioningClient {
     pub async fn register(&self) -> Result<RegistrationResult, Error> {
         let work = async {
             match self.transport {
+                Transport::Https if self.tpm.is_some() => {
+                    let mut s = self.https_session();
+                    let r = s
+                        .register_tpm(
+                            &self.registration_id,
+                            self.tpm.as_ref().expect("checked"),
+                            self.payload.as_ref(),
+                        )
+                        .await;
+                    s.close();
+                    r
+                }
+                Transport::Mqtt if self.tpm.is_some() => Err(Error::Config(
+                    "TPM attestation is not supported over MQTT (as in Azure); use HTTPS".into(),
+                )),
                 Transport::Https => {
                     let mut s = self.https_session();
                     let r = s
@@ -306,6 +330,16 @@ impl ProvisioningClient {
                         self.key.as_deref(),
                         self.payload.as_ref(),
                         self.csr.as_deref(),
+                    )
+                    .await
+                }
+                Transport::Amqp => {
+                    crate::amqp::register(
+                        &self.ep,
+                        self.tls.mqtt.clone(),
+                        &self.registration_id,
+                        self.key.as_deref(),
+                        self.payload.as_ref(),
                     )
                     .await
                 }
@@ -337,7 +371,8 @@ impl ProvisioningClient {
         let started = Instant::now();
         let config = match self.transport {
             Transport::Https => &self.tls.https,
-            Transport::Mqtt => &self.tls.mqtt,
+            // AMQP uses the same TLS settings as MQTT (no ALPN).
+            Transport::Mqtt | Transport::Amqp => &self.tls.mqtt,
         };
         let stream = crate::tls::connect_tls(&self.ep, config).await?;
         let elapsed = started.elapsed();
@@ -395,7 +430,7 @@ impl ProvisioningClientBuilder {
         self.auth = Some(auth);
         self
     }
-    /// HTTPS (default) or MQTT.
+    /// HTTPS (default), MQTT or AMQP.
     pub fn transport(mut self, t: Transport) -> Self {
         self.transport = t;
         self
@@ -506,7 +541,12 @@ impl ProvisioningClientBuilder {
             Some(t) => t,
             None => ClientTls::new(&self.trust)?,
         };
+        let mut tpm = None;
         let (key, identity) = match auth {
+            Auth::Tpm(t) => {
+                tpm = Some(t);
+                (None, None)
+            }
             Auth::SymmetricKey(k) => {
                 if !dps_core::sas::valid_key(&k) {
                     return Err(Error::Config(
@@ -549,6 +589,7 @@ impl ProvisioningClientBuilder {
             transport: self.transport,
             registration_id,
             key,
+            tpm,
             tls,
             payload: self.payload,
             csr: self.csr,

@@ -76,6 +76,9 @@ pub enum Error {
     /// The client was configured wrongly (bad key, unreadable PEM, missing field).
     #[error("configuration error: {0}")]
     Config(String),
+    /// A TPM step failed (tpm2-tools missing, the TPM refused the activation, ...).
+    #[error("TPM error: {0}")]
+    Tpm(String),
 }
 
 fn code_suffix(code: Option<u32>) -> String {
@@ -108,6 +111,7 @@ impl Error {
             Error::Timeout => "timeout".into(),
             Error::Protocol(_) => "protocol".into(),
             Error::Config(_) => "config".into(),
+            Error::Tpm(_) => "tpm".into(),
         }
     }
 

@@ -173,12 +173,10 @@ impl HttpsSession {
         payload: Option<&Value>,
         csr: Option<&str>,
     ) -> Result<RegistrationResult, Error> {
-        let ep = self.ep.clone();
         let started = Instant::now();
-        let mut timing = Timing::default();
         let auth = match key {
             Some(k) => {
-                let sas = device_sas(&ep.id_scope, registration_id, k, ep.sas_ttl)
+                let sas = device_sas(&self.ep.id_scope, registration_id, k, self.ep.sas_ttl)
                     .ok_or_else(|| Error::Config("the device key is not valid base64".into()))?;
                 Some(
                     HeaderValue::try_from(sas)
@@ -194,7 +192,117 @@ impl HttpsSession {
             ..Default::default()
         })
         .map_err(|e| Error::Config(e.to_string()))?;
+        self.exchange(
+            registration_id,
+            auth,
+            Bytes::from(body),
+            started,
+            Timing::default(),
+        )
+        .await
+    }
+
+    /// Register a TPM device (protocol digest §6.5.2): send the EK and SRK without a
+    /// credential, open the 401 challenge's activation blob in the TPM, sign the SAS token
+    /// inside the TPM, register with it, and import the blob of the assigned registration
+    /// state (the hub key) into the TPM. The TPM steps run on the blocking pool.
+    pub async fn register_tpm(
+        &mut self,
+        registration_id: &str,
+        tpm: &crate::tpm::Tpm2Tools,
+        payload: Option<&Value>,
+    ) -> Result<RegistrationResult, Error> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let started = Instant::now();
+        let mut timing = Timing::default();
+        let tools = tpm.clone();
+        let keys = blocking(move || tools.provision()).await?;
+        let body = serde_json::to_vec(&DeviceRegistration {
+            registration_id: Some(registration_id.to_string()),
+            tpm: Some(dps_core::model::TpmAttestation {
+                endorsement_key: b64.encode(&keys.endorsement_key),
+                storage_root_key: Some(b64.encode(&keys.storage_root_key)),
+            }),
+            payload: payload.cloned(),
+            ..Default::default()
+        })
+        .map_err(|e| Error::Config(e.to_string()))?;
         let body = Bytes::from(body);
+        let register = path_uri(register_path(
+            &self.ep.id_scope,
+            registration_id,
+            &self.ep.api_version,
+        ))?;
+        let mut fresh = false;
+        timing.attempts += 1;
+        let resp = self
+            .send(&Method::PUT, &register, None, &body, &mut fresh)
+            .await?;
+        let challenge = (resp.status == 401)
+            .then(|| serde_json::from_slice::<Value>(&resp.body).ok())
+            .flatten()
+            .and_then(|v| v["authenticationKey"].as_str().map(str::to_string));
+        let Some(blob) = challenge else {
+            return Err(if (200..300).contains(&resp.status) {
+                Error::Protocol(
+                    "the service answered a TPM registration without a challenge".into(),
+                )
+            } else {
+                Error::from_status(resp.status, &resp.body, resp.retry_after)
+            });
+        };
+        let blob = b64
+            .decode(blob)
+            .map_err(|_| Error::Protocol("authenticationKey is not base64".into()))?;
+        let tools = tpm.clone();
+        blocking(move || tools.import_activation(&blob)).await?;
+        let sr = percent_encoding::utf8_percent_encode(
+            &format!("{}/registrations/{registration_id}", self.ep.id_scope),
+            percent_encoding::NON_ALPHANUMERIC,
+        )
+        .to_string();
+        let se = crate::wire::now_secs() + self.ep.sas_ttl.as_secs() as i64;
+        let tools = tpm.clone();
+        let to_sign = format!("{sr}\n{se}").into_bytes();
+        let mac = blocking(move || tools.hmac(&to_sign)).await?;
+        let sig = percent_encoding::utf8_percent_encode(
+            &b64.encode(mac),
+            percent_encoding::NON_ALPHANUMERIC,
+        )
+        .to_string();
+        let sas = format!("SharedAccessSignature sr={sr}&sig={sig}&se={se}&skn=registration");
+        let auth =
+            HeaderValue::try_from(sas).map_err(|e| Error::Config(format!("bad SAS token: {e}")))?;
+        let result = self
+            .exchange(registration_id, Some(auth), body, started, timing)
+            .await?;
+        // The hub key: the SDKs import it before connecting to the hub; so does this client.
+        if let Some(k) = result
+            .state
+            .tpm
+            .as_ref()
+            .and_then(|t| t["authenticationKey"].as_str())
+        {
+            let blob = b64
+                .decode(k)
+                .map_err(|_| Error::Protocol("tpm.authenticationKey is not base64".into()))?;
+            let tools = tpm.clone();
+            blocking(move || tools.import_activation(&blob)).await?;
+        }
+        Ok(result)
+    }
+
+    /// PUT register with `auth` and `body`, then poll the operation until it finishes.
+    async fn exchange(
+        &mut self,
+        registration_id: &str,
+        auth: Option<HeaderValue>,
+        body: Bytes,
+        started: Instant,
+        mut timing: Timing,
+    ) -> Result<RegistrationResult, Error> {
+        let ep = self.ep.clone();
         let register = path_uri(register_path(
             &ep.id_scope,
             registration_id,
@@ -253,6 +361,16 @@ impl HttpsSession {
             }
         }
     }
+}
+
+/// Run a TPM step on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::tpm::TpmError> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Transport(format!("TPM task failed: {e}")))?
+        .map_err(|e| Error::Tpm(e.to_string()))
 }
 
 /// A request path as a URI (parsed once, cloned cheaply for retries).

@@ -53,11 +53,13 @@
 //! Every [`RegistrationResult`] carries a [`Timing`]: the time from the first byte sent to the
 //! final answer, and how many register attempts and polls it took.
 
+pub mod amqp;
 mod client;
 mod error;
 mod https;
 mod mqtt;
 pub mod tls;
+pub mod tpm;
 pub mod wire;
 
 pub use client::{

@@ -37,7 +37,7 @@ fn main() {
     std::fs::write(
         &cfg,
         format!(
-            "data_dir = \"{}\"\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"\nadmin = \"\"\n[log]\nlevel = \"warn\"\n[limits]\nmax_mqtt_connections = 1000000\n[[instance]]\nname = \"default\"\nid_scope = \"0ne0000AB01\"\nhostnames = [\"localhost\"]\n[[instance.linked_hub]]\nhost = \"hub.idle\"\n",
+            "data_dir = \"{}\"\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"\namqp = \"\"\nadmin = \"\"\n[log]\nlevel = \"warn\"\n[limits]\nmax_mqtt_connections = 1000000\n[[instance]]\nname = \"default\"\nid_scope = \"0ne0000AB01\"\nhostnames = [\"localhost\"]\n[[instance.linked_hub]]\nhost = \"hub.idle\"\n",
             dir.path().join("data").display()
         ),
     )

@@ -262,7 +262,7 @@ fn main() {
         let mut cfg = dps_server::config::Config {
             data_dir: dir.path().to_path_buf(),
             store: a.store.clone(),
-            listen: dps_server::config::Listen { https: "127.0.0.1:0".into(), mqtt: String::new(), admin: String::new() },
+            listen: dps_server::config::Listen { https: "127.0.0.1:0".into(), mqtt: String::new(), amqp: String::new(), admin: String::new() },
             ..Default::default()
         };
         cfg.instances = vec![dps_server::config::InstanceConfig {

@@ -23,6 +23,7 @@ fn main() -> ExitCode {
                 listen: ListenOverrides {
                     https: a.https,
                     mqtt: a.mqtt,
+                    amqp: a.amqp,
                     admin: a.admin,
                 },
                 log: matches!(cli.log_format, LogFormat::Json).then(|| LogOverride {
@@ -114,7 +115,13 @@ fn serve(
         dps_server::server::print_banner(&server);
         shutdown_signal().await;
         tracing::info!("shutting down");
+        let engine = server.app.engine.clone();
         drop(server);
+        // A clean stop removes this node's heartbeat row: other nodes sharing the store end
+        // what it left in flight at once instead of after the lease.
+        if let Err(e) = engine.leave().await {
+            tracing::warn!(error = %e, "could not remove this node's heartbeat");
+        }
         ExitCode::SUCCESS
     })
 }

@@ -67,6 +67,7 @@ fn only_the_wire_module_builds_wire_errors() {
         "crates/core/src",
         "crates/server/src",
         "crates/mqtt/src",
+        "crates/amqp/src",
         "crates/store/src",
         "crates/dps/src",
     ] {
@@ -99,6 +100,7 @@ const FRONT_ENDS: &[&str] = &[
     "crates/server/src/admin_api.rs",
     "crates/server/src/certificates.rs",
     "crates/server/src/mqtt_front.rs",
+    "crates/server/src/amqp_front.rs",
     "crates/server/src/broker_auth_api.rs",
 ];
 
@@ -117,6 +119,7 @@ fn front_ends_reach_the_store_only_through_use_cases() {
         );
     }
     files.extend(sources("crates/mqtt/src"));
+    files.extend(sources("crates/amqp/src"));
     let bad = offending(
         &files,
         // The store's value types that describe a request (`Expect` from If-Match, `Filter`,
@@ -155,6 +158,7 @@ fn use_cases_and_the_engine_do_not_import_front_ends() {
             "crate::service_api",
             "crate::admin_api",
             "crate::mqtt_front",
+            "crate::amqp_front",
             "axum::",
             "hyper::",
         ],

@@ -52,6 +52,8 @@ pub enum CloseReason {
 /// A credential check to run at CONNECT.
 #[derive(Debug, Clone)]
 pub struct AuthorizeConnect {
+    /// The transport (MQTT or MQTT over WebSocket).
+    pub transport: Transport,
     /// ID scope from the username.
     pub id_scope: String,
     /// Registration id.
@@ -67,6 +69,7 @@ impl AuthorizeConnect {
     pub async fn run(&self, service: &dyn DeviceService) -> Result<(), ConnectRefusal> {
         service
             .authorize_connect(
+                self.transport,
                 &self.id_scope,
                 &self.registration_id,
                 &self.credential,
@@ -266,6 +269,7 @@ impl Session {
         };
         self.keep_alive = c.keep_alive;
         let auth = AuthorizeConnect {
+            transport: self.transport,
             id_scope: id_scope.clone(),
             registration_id: registration_id.clone(),
             peer: self.peer,

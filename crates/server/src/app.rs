@@ -38,6 +38,8 @@ pub struct App {
     pub max_token_lifetime_secs: u64,
     /// MQTT limits.
     pub mqtt_limits: dps_mqtt::MqttLimits,
+    /// AMQP limits.
+    pub amqp_limits: dps_amqp::AmqpLimits,
     /// Set once every listener is bound.
     pub listening: AtomicBool,
 }

@@ -1,7 +1,8 @@
 //! What attestation reads on every registration and the use cases change: an instance's
 //! enrollment groups (per attestation kind) and its X.509 material (CA certificates and deny
 //! list). Each is read from the store at most once per [`TTL`] and dropped at once by a change
-//! made on this node; other nodes sharing the store see the change within the TTL.
+//! made on this node; other nodes sharing a PostgreSQL store drop it when the database announces
+//! the change (`LISTEN/NOTIFY`, in `server.rs`), and within the TTL if notifications are down.
 //!
 //! The registration engine reads through the catalog; the enrollment and certificate use cases
 //! tell it what changed. Nothing else holds these caches.
@@ -49,6 +50,10 @@ impl<V> InstanceCache<V> {
 
     fn put(&self, key: (String, String), v: Arc<V>) {
         self.lock().insert(key, (Instant::now(), v));
+    }
+
+    fn clear(&self) {
+        self.lock().clear();
     }
 
     fn invalidate(&self, instance: &str) {
@@ -102,6 +107,12 @@ impl Catalog {
     /// An enrollment group of the instance was written or deleted on this node.
     pub fn groups_changed(&self, instance: &str) {
         self.groups.invalidate(instance);
+    }
+
+    /// Everything may have changed (the change notifications were interrupted).
+    pub fn invalidate_all(&self) {
+        self.groups.clear();
+        self.x509.clear();
     }
 
     /// A CA certificate or deny-list entry of the instance was written or deleted on this node.

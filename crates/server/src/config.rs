@@ -39,6 +39,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// The clean-up of identities devices left behind on hubs.
     pub hub_cleanup: HubCleanupConfig,
+    /// This node among the nodes sharing a store: its name, heartbeat and lease.
+    pub cluster: ClusterConfig,
     /// Provisioning instances declared here are created or updated at start.
     #[serde(rename = "instance")]
     pub instances: Vec<InstanceConfig>,
@@ -52,6 +54,8 @@ pub struct Listen {
     pub https: String,
     /// MQTT over TLS; empty disables it.
     pub mqtt: String,
+    /// AMQP 1.0 over TLS; empty disables it. (AMQP over WebSocket is served on `https`.)
+    pub amqp: String,
     /// Metrics and health (plain HTTP; keep it on loopback); empty disables it.
     pub admin: String,
 }
@@ -61,6 +65,7 @@ impl Default for Listen {
         Listen {
             https: "[::]:443".into(),
             mqtt: "[::]:8883".into(),
+            amqp: "[::]:5671".into(),
             admin: "127.0.0.1:9090".into(),
         }
     }
@@ -114,6 +119,15 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Concurrent MQTT connections, over TLS and over WebSocket together (beyond: refused).
     pub max_mqtt_connections: usize,
+    /// Concurrent AMQP connections, over TLS and over WebSocket together (beyond: refused).
+    pub max_amqp_connections: usize,
+    /// The AMQP max-frame-size dps announces in OPEN and enforces after it (bytes). Before
+    /// OPEN (protocol header, SASL, the device's OPEN) frames are limited to 8 KiB whatever
+    /// this says.
+    pub amqp_max_frame_bytes: usize,
+    /// Time allowed from an AMQP connection's TLS handshake (or WebSocket upgrade) to the end
+    /// of OPEN: protocol header, SASL with the credential check, OPEN (ms).
+    pub amqp_open_timeout_ms: u64,
     /// Concurrent connections on the HTTPS listener (beyond: closed before the TLS handshake).
     pub max_https_connections: usize,
     /// Time allowed for an HTTPS request head: from the end of the TLS handshake for the first
@@ -130,8 +144,9 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Largest WebSocket message and frame on MQTT over WebSocket (bytes).
     pub ws_max_message_bytes: usize,
-    /// A registration still `assigning` this long after it started is considered interrupted
-    /// (crash) and marked failed-retryable (ms).
+    /// A registration still `assigning` this long after it started, with no owning node (written
+    /// by a dps from before node heartbeats), is considered interrupted and marked
+    /// failed-retryable (ms). Intents with an owner follow the owner's heartbeat (`[cluster]`).
     pub recovery_after_ms: u64,
     /// Refused device attempts written to the audit log per second on this node (burst: ten
     /// times as many); beyond, they are counted in `dps_audit_refusals_dropped_total` and logged
@@ -149,6 +164,9 @@ impl Default for Limits {
             max_pending_handshakes: 8192,
             max_body_bytes: 96 * 1024,
             max_mqtt_connections: 100_000,
+            max_amqp_connections: 100_000,
+            amqp_max_frame_bytes: 64 * 1024,
+            amqp_open_timeout_ms: 10_000,
             max_https_connections: 20_000,
             http_header_timeout_ms: 10_000,
             http_idle_timeout_ms: 60_000,
@@ -165,7 +183,25 @@ impl Default for Limits {
 impl Limits {
     /// Check the connection limits: each must be within its range (named in the error).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let ranges: [(&str, u64, u64, u64); 10] = [
+        let ranges: [(&str, u64, u64, u64); 13] = [
+            (
+                "max_amqp_connections",
+                self.max_amqp_connections as u64,
+                1,
+                10_000_000,
+            ),
+            (
+                "amqp_max_frame_bytes",
+                self.amqp_max_frame_bytes as u64,
+                4096,
+                1024 * 1024,
+            ),
+            (
+                "amqp_open_timeout_ms",
+                self.amqp_open_timeout_ms,
+                100,
+                600_000,
+            ),
             (
                 "tls_handshake_timeout_ms",
                 self.tls_handshake_timeout_ms,
@@ -298,6 +334,88 @@ impl Default for AuditConfig {
     }
 }
 
+/// This node among the nodes sharing one store (PostgreSQL): every node keeps a heartbeat row
+/// fresh; the intents of a node whose heartbeat has lapsed are taken over by the others.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// The node's name in its heartbeat row and intents (a random part is added per run).
+    /// Empty: the host name.
+    pub node_name: String,
+    /// How often the node writes its heartbeat and looks for interrupted work (ms).
+    pub heartbeat_ms: u64,
+    /// How long a heartbeat holds (ms): a node silent this long counts as dead and its intents
+    /// are ended by the others.
+    pub lease_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node_name: String::new(),
+            heartbeat_ms: 1000,
+            lease_ms: 5000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Check the ranges (named in the error).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(50..=60_000).contains(&self.heartbeat_ms) {
+            return Err(invalid(format!(
+                "cluster.heartbeat_ms = {} is out of range: it must be between 50 and 60000",
+                self.heartbeat_ms
+            )));
+        }
+        if self.lease_ms < 3 * self.heartbeat_ms || self.lease_ms > 600_000 {
+            return Err(invalid(format!(
+                "cluster.lease_ms = {} is out of range: it must be at least three heartbeats \
+                 (3 x cluster.heartbeat_ms = {}) and at most 600000",
+                self.lease_ms,
+                3 * self.heartbeat_ms
+            )));
+        }
+        if self.node_name.len() > 64
+            || !self
+                .node_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(invalid(format!(
+                "cluster.node_name = '{}' must be at most 64 characters of [A-Za-z0-9._-]",
+                self.node_name
+            )));
+        }
+        Ok(())
+    }
+
+    /// The engine's node settings; an empty name becomes the host name (or `dps`).
+    pub fn settings(&self) -> crate::engine::NodeSettings {
+        let name = if self.node_name.is_empty() {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| {
+                    h.trim()
+                        .chars()
+                        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                        .take(64)
+                        .collect::<String>()
+                })
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "dps".into())
+        } else {
+            self.node_name.clone()
+        };
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        crate::engine::NodeSettings {
+            id: format!("{name}-{}", &run[..12]),
+            name,
+            lease: std::time::Duration::from_millis(self.lease_ms),
+        }
+    }
+}
+
 /// The clean-up of identities devices left behind on hubs (they moved to another hub, changed
 /// device id, or their registration was deleted): a durable queue in the store, worked by a
 /// background worker on every node, retried with exponential backoff until the hub confirms.
@@ -418,6 +536,7 @@ impl std::fmt::Debug for Config {
             .field("outbound", &self.outbound)
             .field("audit", &self.audit)
             .field("hub_cleanup", &self.hub_cleanup)
+            .field("cluster", &self.cluster)
             .field("instances", &self.instances)
             .finish()
     }
@@ -474,6 +593,7 @@ impl Default for Config {
             outbound: Outbound::default(),
             audit: AuditConfig::default(),
             hub_cleanup: HubCleanupConfig::default(),
+            cluster: ClusterConfig::default(),
             instances: Vec::new(),
         }
     }
@@ -508,6 +628,9 @@ pub struct ListenOverrides {
     /// `--mqtt`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mqtt: Option<String>,
+    /// `--amqp`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amqp: Option<String>,
     /// `--admin`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin: Option<String>,
@@ -515,7 +638,7 @@ pub struct ListenOverrides {
 
 impl ListenOverrides {
     fn is_empty(&self) -> bool {
-        self.https.is_none() && self.mqtt.is_none() && self.admin.is_none()
+        self.https.is_none() && self.mqtt.is_none() && self.amqp.is_none() && self.admin.is_none()
     }
 }
 
@@ -550,6 +673,7 @@ const ENV_KEYS: &[&str] = &[
     "outbound",
     "audit",
     "hub_cleanup",
+    "cluster",
 ];
 
 impl Config {
@@ -636,6 +760,7 @@ impl Config {
         for (key, v) in [
             ("listen.https", &self.listen.https),
             ("listen.mqtt", &self.listen.mqtt),
+            ("listen.amqp", &self.listen.amqp),
             ("listen.admin", &self.listen.admin),
         ] {
             if key != "listen.https" && v.is_empty() {
@@ -661,6 +786,7 @@ impl Config {
         self.limits.validate()?;
         self.outbound.validate()?;
         self.hub_cleanup.validate()?;
+        self.cluster.validate()?;
         let policy = crate::outbound::Policy::new(
             self.outbound.allow_private_addresses,
             &self.outbound.allowed_webhook_hosts,
@@ -1078,6 +1204,9 @@ mod tests {
             ("max_header_count", |l| l.max_header_count = 5000),
             ("max_header_bytes", |l| l.max_header_bytes = 100),
             ("ws_max_message_bytes", |l| l.ws_max_message_bytes = 1 << 30),
+            ("max_amqp_connections", |l| l.max_amqp_connections = 0),
+            ("amqp_max_frame_bytes", |l| l.amqp_max_frame_bytes = 100),
+            ("amqp_open_timeout_ms", |l| l.amqp_open_timeout_ms = 0),
         ] {
             let mut cfg = Config::default();
             set(&mut cfg.limits);

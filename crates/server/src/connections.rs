@@ -36,6 +36,10 @@ pub mod listener {
     pub const MQTT: &str = "mqtt";
     /// MQTT over WebSocket (upgraded on the HTTPS listener).
     pub const MQTT_WS: &str = "mqtt_ws";
+    /// The AMQP-over-TLS listener.
+    pub const AMQP: &str = "amqp";
+    /// AMQP over WebSocket (upgraded on the HTTPS listener).
+    pub const AMQP_WS: &str = "amqp_ws";
 }
 
 /// Why a connection was closed (the `reason` label of `dps_connections_closed_total`).
@@ -558,11 +562,14 @@ async fn watch(
     }
 }
 
-/// MQTT over WebSocket settings, handed to the upgrade handler as a request extension.
+/// MQTT and AMQP over WebSocket settings, handed to the upgrade handler as a request
+/// extension.
 #[derive(Clone, Debug)]
 pub struct WsSettings {
     /// The MQTT connection cap (shared with the MQTT-over-TLS listener).
     pub slots: Slots,
+    /// The AMQP connection cap (shared with the AMQP-over-TLS listener).
+    pub amqp_slots: Slots,
     /// Largest WebSocket message and frame (bytes).
     pub max_message_bytes: usize,
 }

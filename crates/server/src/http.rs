@@ -134,6 +134,12 @@ fn error_response(w: &WireError) -> Response<Body> {
 /// Render a domain error: mapped by `dps_core::wire` (the one mapping), rendered by
 /// [`error_response`].
 pub fn err(e: &dps_core::Error) -> Response<Body> {
+    if let Some((status, body)) = dps_core::wire::tpm_challenge(e) {
+        return json_response(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::UNAUTHORIZED),
+            &body,
+        );
+    }
     error_response(&WireError::from(e))
 }
 
@@ -432,7 +438,7 @@ fn is_websocket_path(path: &str) -> bool {
 async fn websocket(app: Arc<App>, req: Request<Body>) -> Response<Body> {
     if !is_websocket_path(req.uri().path()) {
         return err(&dps_core::Error::NoRoute(format!(
-            "no WebSocket endpoint at {}; MQTT over WebSocket is served at /$iothub/websocket",
+            "no WebSocket endpoint at {}; MQTT and AMQP over WebSocket are served at /$iothub/websocket",
             req.uri().path()
         )));
     }
@@ -452,33 +458,60 @@ async fn websocket(app: Arc<App>, req: Request<Body>) -> Response<Body> {
             Ok(ws) => ws,
             Err(rej) => return axum::response::IntoResponse::into_response(rej),
         };
-    let offered: Option<HeaderValue> = ws
-        .requested_protocols()
-        .find(|p| p.to_str().is_ok_and(|s| s.eq_ignore_ascii_case("mqtt")))
-        .cloned();
-    let Some(proto) = offered else {
+    // The subprotocol tells MQTT and AMQP apart on the same path.
+    let offered: Option<(HeaderValue, bool)> = ws.requested_protocols().find_map(|p| {
+        let s = p.to_str().ok()?;
+        if s.eq_ignore_ascii_case("mqtt") {
+            Some((p.clone(), false))
+        } else if s.eq_ignore_ascii_case("AMQPWSB10") {
+            Some((p.clone(), true))
+        } else {
+            None
+        }
+    });
+    let Some((proto, amqp)) = offered else {
         return err(&dps_core::Error::invalid(
-            "WebSocket subprotocol 'mqtt' is required",
+            "WebSocket subprotocol 'mqtt' or 'AMQPWSB10' is required",
         ));
     };
-    // The MQTT connection cap covers WebSocket connections too; the place is taken before the
-    // upgrade and held by the upgraded connection.
+    // The MQTT (or AMQP) connection cap covers WebSocket connections too; the place is taken
+    // before the upgrade and held by the upgraded connection.
     let (slot, max_message) = match &settings {
-        Some(s) => match s.slots.try_acquire(crate::connections::listener::MQTT_WS) {
-            Some(slot) => (Some(slot), s.max_message_bytes),
-            None => {
-                tracing::debug!("MQTT over WebSocket refused: max_mqtt_connections reached");
-                return err(&dps_core::Error::Throttled { retry_after: 10 });
+        Some(s) => {
+            let (slots, listener, what) = if amqp {
+                (
+                    &s.amqp_slots,
+                    crate::connections::listener::AMQP_WS,
+                    "max_amqp_connections",
+                )
+            } else {
+                (
+                    &s.slots,
+                    crate::connections::listener::MQTT_WS,
+                    "max_mqtt_connections",
+                )
+            };
+            match slots.try_acquire(listener) {
+                Some(slot) => (Some(slot), s.max_message_bytes),
+                None => {
+                    tracing::debug!("WebSocket connection refused: {what} reached");
+                    return err(&dps_core::Error::Throttled { retry_after: 10 });
+                }
             }
-        },
+        }
         None => (None, crate::config::Limits::default().ws_max_message_bytes),
     };
     ws.set_selected_protocol(proto);
-    // Before authentication a client must not make us buffer more than one MQTT packet's worth
-    // (the library's default is 64 MiB per message).
+    // Before authentication a client must not make us buffer more than one packet's or
+    // frame's worth (the library's default is 64 MiB per message).
     ws.max_message_size(max_message)
         .max_frame_size(max_message)
         .on_upgrade(move |socket| async move {
-            crate::mqtt_front::serve_ws(app, socket, peer, certs.0.as_ref().clone(), slot).await
+            let certs = certs.0.as_ref().clone();
+            if amqp {
+                crate::amqp_front::serve_ws(app, socket, peer, certs, slot).await
+            } else {
+                crate::mqtt_front::serve_ws(app, socket, peer, certs, slot).await
+            }
         })
 }

@@ -168,6 +168,7 @@ impl Instances {
             Collection::DenyList,
             Collection::IssuingCa,
             Collection::IssuedCertificate,
+            Collection::TpmActivation,
         ] {
             self.repo.store.delete_scope(c, &inst.name).await?;
         }

@@ -6,6 +6,7 @@
 //! the MQTT session in `dps-mqtt`.
 
 pub mod admin_api;
+pub mod amqp_front;
 pub mod app;
 pub mod audit;
 pub mod broker_auth_api;

@@ -50,11 +50,18 @@ pub fn registration_index(r: &RegistrationRecord) -> DocIndex {
             .enrollment_group_id
             .as_ref()
             .map(|g| g.to_ascii_lowercase()),
-        hub: r
-            .state
-            .assigned_hub
-            .as_ref()
-            .map(|h| h.to_ascii_lowercase()),
+        // An intent counts on the hub it is about to write (capacity reservations, see
+        // `dps_core::store::Write::HubCapacity`).
+        hub: match (&r.state.status, &r.pending) {
+            (Some(dps_core::model::RegistrationStatus::Assigning), Some(p)) => {
+                Some(p.hub.to_ascii_lowercase())
+            }
+            _ => r
+                .state
+                .assigned_hub
+                .as_ref()
+                .map(|h| h.to_ascii_lowercase()),
+        },
     }
 }
 
@@ -195,13 +202,15 @@ impl Repo {
         }
     }
 
-    /// Write a registration record with a new ETag (unconditional; callers serialize per
+    /// Write a registration record with a new ETag under a condition (the engine's writes are
+    /// compare-and-set on the version it read, so that nodes sharing the store serialize per
     /// device). The caller draws the ETag from its injected `Random`.
     pub async fn put_registration(
         &self,
         instance: &str,
         rec: &mut RegistrationRecord,
         etag: String,
+        expect: Expect,
     ) -> Result<()> {
         rec.state.etag = Some(etag.clone());
         let id = rec.state.registration_id.clone();
@@ -212,7 +221,7 @@ impl Repo {
             &etag,
             rec,
             registration_index(rec),
-            Expect::Any,
+            expect,
         )
         .await?;
         Ok(())

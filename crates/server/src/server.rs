@@ -26,6 +26,8 @@ pub struct Server {
     pub https: SocketAddr,
     /// Bound MQTT address.
     pub mqtt: Option<SocketAddr>,
+    /// Bound AMQP address.
+    pub amqp: Option<SocketAddr>,
     /// Bound admin address.
     pub admin: Option<SocketAddr>,
     /// The CA devices must trust (development CA), if generated.
@@ -188,6 +190,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     )?;
     let https_tls = crate::tls::server_config(&pki, &[b"h2", b"http/1.1"])?;
     let mqtt_tls = crate::tls::server_config(&pki, &[])?;
+    let amqp_tls = mqtt_tls.clone();
 
     let outbound = Arc::new(
         crate::outbound::Outbound::from_config(
@@ -206,6 +209,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         refused_per_source_per_second: cfg.audit.refused_per_source_per_second,
         refused_max_sources: cfg.audit.refused_max_sources,
         cleanup: cfg.hub_cleanup.settings(),
+        node: cfg.cluster.settings(),
         ..EngineSettings::default()
     };
     let catalog = crate::catalog::Catalog::new(repo.clone());
@@ -241,6 +245,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     for i in declared.iter().filter(|i| i.allow_fault_injection) {
         tracing::warn!(instance = %i.name, rules = i.fault.len(), "fault injection is allowed on this instance: devices may get injected errors, delays and outages (never on production)");
     }
+    // This node's heartbeat row exists before it writes any intent, so that no other node
+    // takes its work for a dead node's.
+    engine
+        .heartbeat()
+        .await
+        .map_err(|e| anyhow!("writing this node's heartbeat: {e}"))?;
+    tracing::info!(node = engine.node_id(), "node started");
     let recovery_after = Duration::from_millis(cfg.limits.recovery_after_ms);
     match engine.recover(recovery_after).await {
         Ok(0) => {}
@@ -258,6 +269,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         max_rows: (cfg.audit.max_rows > 0).then_some(cfg.audit.max_rows),
     };
     let cleanup_store = store.clone();
+    // Changes other nodes make (PostgreSQL `LISTEN/NOTIFY`); polling stays as the fallback.
+    let changes = backend.watch_changes();
+    let watched_catalog = catalog.clone();
     let cx = crate::usecases::Context::new(store, clock.clone(), random);
     let app = Arc::new(App {
         enrollments: crate::usecases::enrollments::Enrollments::new(
@@ -286,6 +300,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         max_body: cfg.limits.max_body_bytes,
         max_token_lifetime_secs: cfg.auth.max_token_lifetime_secs,
         mqtt_limits: dps_mqtt::MqttLimits::default(),
+        amqp_limits: dps_amqp::AmqpLimits {
+            max_frame_size: u32::try_from(cfg.limits.amqp_max_frame_bytes).unwrap_or(u32::MAX),
+            open_timeout: Duration::from_millis(cfg.limits.amqp_open_timeout_ms),
+            ..dps_amqp::AmqpLimits::default()
+        },
         listening: Default::default(),
     });
 
@@ -298,6 +317,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         cfg.limits.max_mqtt_connections,
         "dps_mqtt_connections",
     );
+    // One AMQP connection cap for AMQP over TLS and AMQP over WebSocket.
+    let amqp_slots = crate::connections::Slots::with_total_gauge(
+        cfg.limits.max_amqp_connections,
+        "dps_amqp_connections",
+    );
     tasks.push(tokio::spawn(crate::http::serve_https(
         https,
         tokio_rustls::TlsAcceptor::from(https_tls),
@@ -309,6 +333,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             http: crate::connections::HttpLimits::from_config(&cfg.limits),
             ws: crate::connections::WsSettings {
                 slots: mqtt_slots.clone(),
+                amqp_slots: amqp_slots.clone(),
                 max_message_bytes: cfg.limits.ws_max_message_bytes,
             },
         },
@@ -328,6 +353,21 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         )));
         Some(a)
     };
+    let amqp_addr = if cfg.listen.amqp.is_empty() {
+        None
+    } else {
+        let l = bind(&cfg.listen.amqp, "amqp").await?;
+        let a = l.local_addr()?;
+        tasks.push(tokio::spawn(crate::amqp_front::serve_amqp(
+            l,
+            tokio_rustls::TlsAcceptor::from(amqp_tls),
+            app.clone(),
+            handshake,
+            amqp_slots,
+            cfg.limits.max_pending_handshakes,
+        )));
+        Some(a)
+    };
     let admin_addr = if cfg.listen.admin.is_empty() {
         None
     } else {
@@ -339,14 +379,22 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         }));
         Some(a)
     };
-    // Registrations interrupted by a crash (here or on another node) are finished periodically.
+    // The heartbeat, and the intents of nodes whose heartbeat lapsed (or this node's own that
+    // a store failure left behind) are ended, every `cluster.heartbeat_ms`.
     {
         let engine = app.engine.clone();
+        let every = Duration::from_millis(cfg.cluster.heartbeat_ms);
         tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(recovery_after.max(Duration::from_secs(1)));
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
             loop {
                 tick.tick().await;
+                if let Err(e) = engine.heartbeat().await {
+                    tracing::warn!(error = %e, "writing this node's heartbeat failed");
+                    metrics::counter!("dps_node_heartbeat_failures_total").increment(1);
+                    continue;
+                }
                 match engine.recover(recovery_after).await {
                     Ok(0) => {}
                     Ok(n) => tracing::warn!(count = n, "recovered interrupted registrations"),
@@ -375,7 +423,18 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             }
         }));
     }
-    // Nodes sharing a store pick up instance changes made elsewhere.
+    // Nodes sharing a store pick up changes made elsewhere at once (PostgreSQL notifications)
+    // and, as a fallback, by polling: instances every 5 s, the catalog's entries expire after
+    // 2 s.
+    if let Some(mut rx) = changes {
+        let instances = instances.clone();
+        let catalog = watched_catalog;
+        tasks.push(tokio::spawn(async move {
+            while let Some(change) = rx.recv().await {
+                apply_change(&instances, &catalog, change).await;
+            }
+        }));
+    }
     {
         let instances = instances.clone();
         tasks.push(tokio::spawn(async move {
@@ -397,6 +456,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     let server = Server {
         https: https_addr,
         mqtt: mqtt_addr,
+        amqp: amqp_addr,
         admin: admin_addr,
         ca_path: pki.ca_path.clone(),
         instances: list,
@@ -408,10 +468,43 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     Ok(server)
 }
 
+/// Drop what a change made by any node (announced by PostgreSQL) makes stale.
+async fn apply_change(
+    instances: &Instances,
+    catalog: &crate::catalog::Catalog,
+    change: dps_store::Change,
+) {
+    use dps_core::store::Collection;
+    let reload = |why: &'static str| async move {
+        if let Err(e) = instances.reload().await {
+            tracing::warn!(error = %e, why, "reloading instances failed");
+        }
+    };
+    match change {
+        dps_store::Change::Listening => {
+            reload("listening").await;
+            catalog.invalidate_all();
+        }
+        dps_store::Change::Doc { collection, scope } => {
+            metrics::counter!("dps_change_notifications_total").increment(1);
+            if collection == Collection::Instance.as_str() {
+                reload("instance changed").await;
+            } else if collection == Collection::Group.as_str() {
+                catalog.groups_changed(&scope);
+            } else if collection == Collection::Certificate.as_str()
+                || collection == Collection::DenyList.as_str()
+            {
+                catalog.x509_changed(&scope);
+            }
+        }
+    }
+}
+
 fn write_run_json(cfg: &Config, s: &Server) -> anyhow::Result<()> {
     let v = serde_json::json!({
         "https": s.https.to_string(),
         "mqtt": s.mqtt.map(|a| a.to_string()),
+        "amqp": s.amqp.map(|a| a.to_string()),
         "admin": s.admin.map(|a| a.to_string()),
         "ca": s.ca_path.as_ref().map(|p| std::fs::canonicalize(p).unwrap_or(p.clone()).display().to_string()),
         "instances": s.instances.iter().map(|(n, scope, cs)| serde_json::json!({"name": n, "id_scope": scope, "connection_string": cs})).collect::<Vec<_>>(),
@@ -454,6 +547,9 @@ pub fn print_banner(s: &Server) {
     println!("  https (device + service API): {}", s.https);
     if let Some(m) = s.mqtt {
         println!("  mqtt:                         {m}");
+    }
+    if let Some(a) = s.amqp {
+        println!("  amqp:                         {a}");
     }
     if let Some(a) = s.admin {
         println!("  admin (metrics, health):      http://{a}");

@@ -36,7 +36,7 @@ use std::sync::Arc;
 use dps_core::store::{Store, StoreError};
 
 pub use migrate::SCHEMA_VERSION;
-pub use postgres::{PostgresOptions, PostgresStore};
+pub use postgres::{Change, PostgresOptions, PostgresStore, CHANGES_CHANNEL};
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
 
 /// File name of the default SQLite database inside the data directory.
@@ -271,6 +271,15 @@ impl Backend {
         match self {
             Backend::Sqlite(s) => s.schema_version().await,
             Backend::Postgres(p) => p.schema_version().await,
+        }
+    }
+
+    /// Changes of cached data made by any node, as they commit (PostgreSQL `LISTEN/NOTIFY`);
+    /// `None` for SQLite, which serves one node (its own changes invalidate its caches directly).
+    pub fn watch_changes(&self) -> Option<tokio::sync::mpsc::Receiver<Change>> {
+        match self {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(p) => Some(p.watch_changes()),
         }
     }
 

@@ -23,6 +23,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "hub_cleanup",
         sql: include_str!("../migrations/sqlite/0002_hub_cleanup.sql"),
     },
+    Migration {
+        version: 3,
+        name: "nodes",
+        sql: include_str!("../migrations/sqlite/0003_nodes.sql"),
+    },
 ];
 
 /// PostgreSQL migrations, in order.
@@ -37,10 +42,15 @@ pub(crate) const POSTGRES: &[Migration] = &[
         name: "hub_cleanup",
         sql: include_str!("../migrations/postgres/0002_hub_cleanup.sql"),
     },
+    Migration {
+        version: 3,
+        name: "nodes",
+        sql: include_str!("../migrations/postgres/0003_nodes.sql"),
+    },
 ];
 
 /// The schema version this binary migrates to.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 #[cfg(test)]
 mod tests {

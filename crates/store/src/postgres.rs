@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use dps_core::store::{
     AuditEntry, AuditQuery, CleanupAction, CleanupKey, CleanupTask, Collection, Doc, DocIndex,
-    Expect, Filter, Page, Store, StoreError, Write,
+    Expect, Filter, NodeBeat, Page, Store, StoreError, Write,
 };
 use tokio_postgres::types::ToSql;
 
@@ -45,6 +45,27 @@ impl Default for PostgresOptions {
 pub struct PostgresStore {
     pool: Pool,
     url: String,
+    /// The connection settings and TLS connector, for the dedicated `LISTEN` connection.
+    listen: (tokio_postgres::Config, MakeRustlsConnect),
+}
+
+/// The channel on which the database announces changes of cached data (migration 3's trigger).
+pub const CHANGES_CHANNEL: &str = "dps_changes";
+
+/// What [`PostgresStore::watch_changes`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A document of `collection` in `scope` was written or deleted (committed).
+    Doc {
+        /// The collection's stored name (`instance`, `group`, `enrollment`, `certificate`,
+        /// `denylist`).
+        collection: String,
+        /// The scope (instance name; empty for instances).
+        scope: String,
+    },
+    /// The listening connection was (re-)established: changes made while it was down were not
+    /// seen, so everything cached should be dropped.
+    Listening,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -210,6 +231,11 @@ impl PostgresStore {
             let _ = task.await;
             cfg.options(format!("-c search_path={schema}"));
         }
+        let mut listen_cfg = cfg.clone();
+        // A half-open listening connection (a partition) is noticed and replaced.
+        listen_cfg.keepalives(true);
+        listen_cfg.keepalives_idle(Duration::from_secs(10));
+        let listen = (listen_cfg, connector.clone());
         let mgr = Manager::from_config(
             cfg,
             connector,
@@ -230,6 +256,7 @@ impl PostgresStore {
         let store = PostgresStore {
             pool,
             url: redacted,
+            listen,
         };
         store.migrate().await?;
         tracing::info!(url = %store.url, "postgres store open");
@@ -239,6 +266,93 @@ impl PostgresStore {
     /// The URL, password redacted.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Follow the changes announced on [`CHANGES_CHANNEL`] over a dedicated connection
+    /// (`LISTEN`), reconnecting after a second when it drops. [`Change::Listening`] comes first
+    /// and after each reconnection. The watch ends when the receiver is dropped.
+    pub fn watch_changes(&self) -> tokio::sync::mpsc::Receiver<Change> {
+        use futures::StreamExt;
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let (cfg, connector) = self.listen.clone();
+        let url = self.url.clone();
+        tokio::spawn(async move {
+            loop {
+                match cfg.connect(connector.clone()).await {
+                    Ok((client, mut conn)) => {
+                        let (msgs_tx, mut msgs) = tokio::sync::mpsc::unbounded_channel();
+                        let driver = tokio::spawn(async move {
+                            let mut stream =
+                                futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+                            while let Some(m) = stream.next().await {
+                                match m {
+                                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                                        if msgs_tx.send(n.payload().to_owned()).is_err() {
+                                            break;
+                                        }
+                                    }
+                                    Ok(_) => {}
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "postgres LISTEN connection failed");
+                                        break;
+                                    }
+                                }
+                            }
+                        });
+                        let listening = async {
+                            client
+                                .batch_execute(&format!("LISTEN {CHANGES_CHANNEL}"))
+                                .await?;
+                            // The schema whose changes are ours (the channel is per database).
+                            let row = client
+                                .query_one("SELECT current_schema()::TEXT", &[])
+                                .await?;
+                            row.try_get::<_, String>(0)
+                        };
+                        match listening.await {
+                            Ok(schema) => {
+                                if tx.send(Change::Listening).await.is_err() {
+                                    driver.abort();
+                                    return;
+                                }
+                                while let Some(payload) = msgs.recv().await {
+                                    let mut parts = payload.splitn(3, ' ');
+                                    let (Some(in_schema), Some(collection)) =
+                                        (parts.next(), parts.next())
+                                    else {
+                                        continue;
+                                    };
+                                    if in_schema != schema {
+                                        continue;
+                                    }
+                                    let scope = parts.next().unwrap_or("");
+                                    let change = Change::Doc {
+                                        collection: collection.to_owned(),
+                                        scope: scope.to_owned(),
+                                    };
+                                    if tx.send(change).await.is_err() {
+                                        driver.abort();
+                                        return;
+                                    }
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(url = %url, error = %error_chain(&e), "postgres LISTEN failed")
+                            }
+                        }
+                        driver.abort();
+                    }
+                    Err(e) => {
+                        tracing::warn!(url = %url, error = %error_chain(&e), "postgres LISTEN connection failed")
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        rx
     }
 
     async fn migrate(&self) -> Result<(), OpenError> {
@@ -317,14 +431,39 @@ impl PostgresStore {
         self.pool.get().await.map_err(pool_err)
     }
 
-    /// Unconditional writes (the registration path: record, built-in hub identity, audit entry)
-    /// in one transaction sent as one pipeline: `BEGIN`, the statements and `COMMIT` leave in a
-    /// single flight instead of one round trip each. Every request is sent at the first poll of
-    /// the joined futures, so the transaction is always closed on the connection. If a
-    /// statement fails, PostgreSQL aborts the transaction and the `COMMIT` rolls it back.
+    /// Writes without a condition, except possibly the first (the registration path: the
+    /// record's compare-and-set, then the built-in hub identity, the clean-up queue's changes
+    /// and the audit entry), in one transaction sent as one pipeline: `BEGIN`, the statements
+    /// and `COMMIT` leave in a single flight instead of one round trip each. Every request is
+    /// sent at the first poll of the joined futures, so the transaction is always closed on the
+    /// connection. If a statement fails, PostgreSQL aborts the transaction and the `COMMIT` rolls
+    /// it back; a first write whose condition does not hold fails on purpose (a division by
+    /// zero when it changed no row, [`COND_ETAG_SQL`], [`COND_ABSENT_SQL`]), which is reported
+    /// as the `Conflict`.
     async fn write_pipelined(&self, writes: &[Write]) -> Result<(), StoreError> {
         let client = self.client().await?;
         let upsert = client.prepare_cached(UPSERT_SQL).await.map_err(pg_err)?;
+        let first_condition = match writes.first() {
+            Some(Write::Put {
+                expect: e @ (Expect::Etag(_) | Expect::Absent),
+                c,
+                scope,
+                doc,
+            }) => Some((e.clone(), *c, scope.clone(), sql::key_of(&doc.id))),
+            _ => None,
+        };
+        let cond = match &first_condition {
+            Some((Expect::Etag(_), ..)) => {
+                Some(client.prepare_cached(COND_ETAG_SQL).await.map_err(pg_err)?)
+            }
+            Some(_) => Some(
+                client
+                    .prepare_cached(COND_ABSENT_SQL)
+                    .await
+                    .map_err(pg_err)?,
+            ),
+            None => None,
+        };
         let audit = client.prepare_cached(AUDIT_SQL).await.map_err(pg_err)?;
         let has_cleanup = writes
             .iter()
@@ -353,7 +492,20 @@ impl PostgresStore {
             Vec<Box<dyn ToSql + Sync + Send>>,
         )> = writes
             .iter()
-            .map(|w| match w {
+            .enumerate()
+            .map(|(i, w)| match w {
+                Write::Put {
+                    c,
+                    scope,
+                    doc,
+                    expect,
+                } if i == 0 && cond.is_some() => {
+                    let mut p = doc_params(*c, scope, doc);
+                    if let Expect::Etag(e) = expect {
+                        p.push(Box::new(e.clone()));
+                    }
+                    (cond.as_ref().expect("prepared above"), p)
+                }
                 Write::Put { c, scope, doc, .. } => (&upsert, doc_params(*c, scope, doc)),
                 Write::Audit(e) => (&audit, audit_params(e)),
                 Write::EnqueueCleanup(t) => (
@@ -362,6 +514,9 @@ impl PostgresStore {
                 ),
                 Write::CancelCleanup(k) => {
                     (cancel.as_ref().expect("prepared when used"), key_params(k))
+                }
+                Write::HubCapacity { .. } => {
+                    unreachable!("write_all sends capacity checks through a transaction")
                 }
             })
             .collect();
@@ -374,6 +529,24 @@ impl PostgresStore {
             pg.batch_execute("COMMIT"),
         );
         begin.map_err(pg_err)?;
+        let mut results = results.into_iter();
+        if let Some((_, c, scope, key)) = &first_condition {
+            match results.next() {
+                Some(Err(e))
+                    if e.code() == Some(&tokio_postgres::error::SqlState::DIVISION_BY_ZERO) =>
+                {
+                    // Rolled back by the `COMMIT` of the aborted transaction.
+                    commit.map_err(pg_err)?;
+                    return Err(StoreError::Conflict {
+                        current: current_etag(&client, *c, scope, key).await?,
+                    });
+                }
+                Some(r) => {
+                    r.map_err(pg_err)?;
+                }
+                None => {}
+            }
+        }
         for r in results {
             r.map_err(pg_err)?;
         }
@@ -406,6 +579,21 @@ const UPSERT_SQL: &str =
      ON CONFLICT (collection, scope, key) DO UPDATE SET
      id = EXCLUDED.id, etag = EXCLUDED.etag, body = EXCLUDED.body,
      status = EXCLUDED.status, kind = EXCLUDED.kind, grp = EXCLUDED.grp, hub = EXCLUDED.hub";
+
+/// The compare-and-set of a document in a pipeline (`$11`: the expected ETag): fails with a
+/// division by zero when no row had that ETag, which aborts the transaction.
+const COND_ETAG_SQL: &str = "WITH w AS (UPDATE docs SET id = $4, etag = $5, body = $6, \
+     status = $7, kind = $8, grp = $9, hub = $10 \
+     WHERE collection = $1 AND scope = $2 AND key = $3 AND etag = $11 RETURNING 1) \
+     SELECT 1 / (SELECT count(*)::INT FROM w)";
+
+/// The create of a document that must be absent, in a pipeline: fails with a division by zero
+/// when it exists, which aborts the transaction.
+const COND_ABSENT_SQL: &str = "WITH w AS (INSERT INTO docs \
+     (collection, scope, key, id, etag, body, status, kind, grp, hub) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+     ON CONFLICT (collection, scope, key) DO NOTHING RETURNING 1) \
+     SELECT 1 / (SELECT count(*)::INT FROM w)";
 
 const AUDIT_SQL: &str = "INSERT INTO audit (ts, instance, actor, action, target_kind, target_id,
                                 target_key, before, after)
@@ -700,7 +888,16 @@ impl Store for PostgresStore {
     }
 
     async fn write_all(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        let unconditional = writes.iter().all(|w| {
+        // A condition on the first write only (the registration path) is checked in the
+        // pipeline too; other conditions go through a transaction, one statement at a time.
+        let first_conditional = matches!(
+            writes.first(),
+            Some(Write::Put {
+                expect: Expect::Etag(_) | Expect::Absent,
+                ..
+            })
+        );
+        let unconditional = writes.iter().skip(usize::from(first_conditional)).all(|w| {
             matches!(
                 w,
                 Write::Put {
@@ -730,6 +927,35 @@ impl Store for PostgresStore {
                 }
                 Write::CancelCleanup(k) => {
                     exec_on(&tx, sql::CLEANUP_CANCEL, &key_params(k)).await?;
+                }
+                Write::HubCapacity {
+                    scope,
+                    hub,
+                    max,
+                    except,
+                } => {
+                    let hub = hub.to_lowercase();
+                    // One writer per (scope, hub) at a time until commit: the count below sees
+                    // every record committed by the previous holder.
+                    tx.execute(
+                        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                        &[&format!("dps-capacity {scope} {hub}")],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                    let stmt = tx
+                        .prepare_cached(&sql::pg(sql::HUB_CAPACITY_COUNT))
+                        .await
+                        .map_err(pg_err)?;
+                    let n: i64 = tx
+                        .query_one(&stmt, &[scope, &hub, &sql::key_of(except)])
+                        .await
+                        .map_err(pg_err)?
+                        .try_get(0)
+                        .map_err(|e| StoreError::Corrupt(format!("postgres row: {e}")))?;
+                    if u64::try_from(n).unwrap_or(0) >= *max {
+                        return Err(StoreError::Conflict { current: None });
+                    }
                 }
             }
         }
@@ -813,6 +1039,66 @@ impl Store for PostgresStore {
             .try_get(0)
             .map_err(|e| StoreError::Corrupt(format!("postgres row: {e}")))?;
         u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("negative count {n}")))
+    }
+
+    async fn heartbeat(&self, node: &NodeBeat) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&sql::pg(sql::NODE_BEAT))
+            .await
+            .map_err(pg_err)?;
+        client
+            .execute(
+                &stmt,
+                &[
+                    &node.id,
+                    &node.name,
+                    &node.started_ms,
+                    &node.heartbeat_ms,
+                    &node.expires_ms,
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeBeat>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(sql::NODE_LIST)
+            .await
+            .map_err(pg_err)?;
+        let rows = client.query(&stmt, &[]).await.map_err(pg_err)?;
+        rows.iter()
+            .map(|r| {
+                let corrupt =
+                    |e: tokio_postgres::Error| StoreError::Corrupt(format!("postgres row: {e}"));
+                Ok(NodeBeat {
+                    id: r.try_get(0).map_err(corrupt)?,
+                    name: r.try_get(1).map_err(corrupt)?,
+                    started_ms: r.try_get(2).map_err(corrupt)?,
+                    heartbeat_ms: r.try_get(3).map_err(corrupt)?,
+                    expires_ms: r.try_get(4).map_err(corrupt)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn remove_nodes(
+        &self,
+        id: Option<&str>,
+        expired_before_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&sql::pg(sql::NODE_REMOVE))
+            .await
+            .map_err(pg_err)?;
+        client
+            .execute(&stmt, &[&id, &expired_before_ms])
+            .await
+            .map_err(pg_err)
     }
 
     async fn prune_audit(

@@ -292,6 +292,28 @@ pub(crate) fn cleanup_list() -> String {
 /// Count tasks.
 pub(crate) const CLEANUP_COUNT: &str = "SELECT count(*) FROM hub_cleanup";
 
+/// Registration records on a hub that hold or are about to hold an identity there
+/// (`?1` scope, `?2` hub lowercased, `?3` the key not counted).
+pub(crate) const HUB_CAPACITY_COUNT: &str = "SELECT count(*) FROM docs \
+     WHERE collection = 'registration' AND scope = ?1 AND hub = ?2 \
+     AND status IN ('assigned', 'assigning') AND key <> ?3";
+
+// ---------------------------------------------------------------------------------------------
+// Node heartbeats (`?N` placeholders as above).
+
+/// Create or refresh a heartbeat row.
+pub(crate) const NODE_BEAT: &str = "INSERT INTO nodes (id, name, started, heartbeat, expires) \
+     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO UPDATE SET name = excluded.name, \
+     heartbeat = excluded.heartbeat, expires = excluded.expires";
+
+/// Every heartbeat row.
+pub(crate) const NODE_LIST: &str =
+    "SELECT id, name, started, heartbeat, expires FROM nodes ORDER BY id";
+
+/// Remove the row `?1` (NULL: none) and the rows expired before `?2`.
+pub(crate) const NODE_REMOVE: &str =
+    "DELETE FROM nodes WHERE id = CAST(?1 AS TEXT) OR expires < ?2";
+
 /// SQLite placeholders (`?N`) to PostgreSQL ones (`$N`). The statements above have no `?`
 /// anywhere else.
 pub(crate) fn pg(sql: &str) -> String {

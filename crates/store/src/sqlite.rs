@@ -17,7 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use dps_core::store::{
     AuditEntry, AuditQuery, CleanupAction, CleanupKey, CleanupTask, Collection, Doc, DocIndex,
-    Expect, Filter, Page, Store, StoreError, Write,
+    Expect, Filter, NodeBeat, Page, Store, StoreError, Write,
 };
 use rusqlite::types::Value;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
@@ -477,6 +477,13 @@ enum Op {
         sql: &'static str,
         params: Vec<rusqlite::types::Value>,
     },
+    /// A capacity check (see [`Write::HubCapacity`]): a `Conflict` when the count reaches `max`.
+    HubCapacity {
+        scope: String,
+        hub: String,
+        max: i64,
+        except: String,
+    },
     /// Claim due clean-up tasks.
     ClaimCleanup {
         now_ms: i64,
@@ -638,16 +645,24 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<Result<Answer, StoreErr
         Op::Many(ops) => {
             // Writes without a condition cannot fail on their own (a database error fails the
             // whole batch): no savepoint, whose sub-journal would copy every page touched.
-            let unconditional = ops.iter().all(|op| {
-                matches!(
-                    op,
-                    Op::Put {
-                        expect: Expect::Any,
-                        ..
-                    } | Op::Audit(_)
-                        | Op::Exec { .. }
-                )
-            });
+            // Conditions checked before the first write (the registration path's capacity check
+            // and compare-and-set on the record) fail before anything is written: no savepoint
+            // either.
+            let mut written = false;
+            let mut unconditional = true;
+            for op in ops {
+                let (conditional, writes) = match op {
+                    Op::Put { expect, .. } => (*expect != Expect::Any, true),
+                    Op::HubCapacity { .. } => (true, false),
+                    Op::Audit(_) | Op::Exec { .. } => (false, true),
+                    _ => (true, true),
+                };
+                if conditional && written {
+                    unconditional = false;
+                    break;
+                }
+                written |= writes;
+            }
             if unconditional {
                 for op in ops {
                     if let Err(e) = apply(conn, op)? {
@@ -664,6 +679,21 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<Result<Answer, StoreErr
                 }
             }
             conn.execute_batch("RELEASE many")?;
+            Ok(Ok(Answer::Unit))
+        }
+        Op::HubCapacity {
+            scope,
+            hub,
+            max,
+            except,
+        } => {
+            let n: i64 = conn.prepare_cached(sql::HUB_CAPACITY_COUNT)?.query_row(
+                params![scope, hub.to_lowercase(), sql::key_of(except)],
+                |r| r.get(0),
+            )?;
+            if n >= *max {
+                return Ok(Err(StoreError::Conflict { current: None }));
+            }
             Ok(Ok(Answer::Unit))
         }
         Op::Exec { sql, params } => {
@@ -909,6 +939,17 @@ impl Store for SqliteStore {
                     sql: sql::CLEANUP_CANCEL,
                     params: key_values(&k),
                 },
+                Write::HubCapacity {
+                    scope,
+                    hub,
+                    max,
+                    except,
+                } => Op::HubCapacity {
+                    scope,
+                    hub,
+                    max: i64::try_from(max).unwrap_or(i64::MAX),
+                    except,
+                },
             })
             .collect();
         self.write(Op::Many(ops), Reply::Unit).await
@@ -985,6 +1026,52 @@ impl Store for SqliteStore {
             })
             .await?;
         u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("negative count {n}")))
+    }
+
+    async fn heartbeat(&self, node: &NodeBeat) -> Result<(), StoreError> {
+        let op = Op::Exec {
+            sql: sql::NODE_BEAT,
+            params: vec![
+                Value::Text(node.id.clone()),
+                Value::Text(node.name.clone()),
+                Value::Integer(node.started_ms),
+                Value::Integer(node.heartbeat_ms),
+                Value::Integer(node.expires_ms),
+            ],
+        };
+        self.write(op, Reply::Count).await.map(|_| ())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeBeat>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(sql::NODE_LIST)?;
+            let rows = stmt.query_map([], |r| {
+                Ok(NodeBeat {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    started_ms: r.get(2)?,
+                    heartbeat_ms: r.get(3)?,
+                    expires_ms: r.get(4)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn remove_nodes(
+        &self,
+        id: Option<&str>,
+        expired_before_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let op = Op::Exec {
+            sql: sql::NODE_REMOVE,
+            params: vec![
+                id.map_or(Value::Null, |i| Value::Text(i.to_owned())),
+                Value::Integer(expired_before_ms),
+            ],
+        };
+        self.write(op, Reply::Count).await
     }
 
     async fn prune_audit(

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use dps_core::store::{
     AuditEntry, AuditQuery, CleanupAction, CleanupKey, CleanupTask, Collection, Doc, DocIndex,
-    Expect, Filter, Store, StoreError, Write,
+    Expect, Filter, NodeBeat, Store, StoreError, Write,
 };
 use dps_store::{Backend, PostgresOptions, PostgresStore, SqliteStore, SCHEMA_VERSION};
 
@@ -175,7 +175,291 @@ conformance!(
     cleanup_cancel_drops_the_task,
     cleanup_concurrent_claims_never_share_a_task,
     cleanup_list_by_instance_oldest_first,
+    nodes_heartbeat_list_and_remove,
+    write_all_conditional_first_write_fails_before_anything_is_written,
+    concurrent_compare_and_set_writes_of_one_record_exactly_one_wins,
+    hub_capacity_reservations_never_overshoot_under_concurrency,
 );
+
+// ------------------------------------------------------------------------------------------------
+// Node heartbeats and the compare-and-set of a registration record across nodes
+
+fn beat(id: &str, heartbeat_ms: i64, expires_ms: i64) -> NodeBeat {
+    NodeBeat {
+        id: id.into(),
+        name: format!("name-{id}"),
+        started_ms: 1000,
+        heartbeat_ms,
+        expires_ms,
+    }
+}
+
+async fn nodes_heartbeat_list_and_remove(ctx: &Ctx) {
+    let s = ctx.store();
+    assert!(s.nodes().await.unwrap().is_empty());
+    s.heartbeat(&beat("b", 2000, 7000)).await.unwrap();
+    s.heartbeat(&beat("a", 2000, 3000)).await.unwrap();
+    // A refresh keeps the start time of the row and moves its heartbeat and expiry.
+    let mut again = beat("b", 4000, 9000);
+    again.started_ms = 999_999;
+    s.heartbeat(&again).await.unwrap();
+    let nodes = s.nodes().await.unwrap();
+    assert_eq!(nodes, vec![beat("a", 2000, 3000), beat("b", 4000, 9000)]);
+    // Rows expired before the cut go; a named row goes whatever its expiry.
+    assert_eq!(s.remove_nodes(None, 3000).await.unwrap(), 0);
+    assert_eq!(s.remove_nodes(None, 3001).await.unwrap(), 1);
+    assert_eq!(s.nodes().await.unwrap(), vec![beat("b", 4000, 9000)]);
+    assert_eq!(s.remove_nodes(Some("b"), 0).await.unwrap(), 1);
+    assert!(s.nodes().await.unwrap().is_empty());
+}
+
+async fn write_all_conditional_first_write_fails_before_anything_is_written(ctx: &Ctx) {
+    let s = ctx.store();
+    let r = Collection::Registration;
+    s.put(r, "i", doc("dev", "e1"), Expect::Absent)
+        .await
+        .unwrap();
+    let audit = AuditEntry {
+        instance: "i".into(),
+        actor: "device".into(),
+        action: "registration.assigned".into(),
+        target_kind: "registration".into(),
+        target_id: "dev".into(),
+        ..Default::default()
+    };
+    let batch = |expect: Expect, etag: &str| {
+        vec![
+            Write::Put {
+                c: r,
+                scope: "i".into(),
+                doc: doc("dev", etag),
+                expect,
+            },
+            Write::Put {
+                c: Collection::HubDevice,
+                scope: "hub".into(),
+                doc: doc("dev", etag),
+                expect: Expect::Any,
+            },
+            Write::Audit(audit.clone()),
+        ]
+    };
+    assert_eq!(
+        s.write_all(batch(Expect::Etag("stale".into()), "e2"))
+            .await
+            .unwrap_err(),
+        conflict(Some("e1"))
+    );
+    assert_eq!(
+        s.write_all(batch(Expect::Absent, "e2")).await.unwrap_err(),
+        conflict(Some("e1"))
+    );
+    assert!(s
+        .get(Collection::HubDevice, "hub", "dev")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s
+        .list_audit(&AuditQuery::default())
+        .await
+        .unwrap()
+        .is_empty());
+    s.write_all(batch(Expect::Etag("e1".into()), "e2"))
+        .await
+        .unwrap();
+    assert_eq!(s.get(r, "i", "dev").await.unwrap().unwrap().etag, "e2");
+    assert_eq!(
+        s.get(Collection::HubDevice, "hub", "dev")
+            .await
+            .unwrap()
+            .unwrap()
+            .etag,
+        "e2"
+    );
+    assert_eq!(s.list_audit(&AuditQuery::default()).await.unwrap().len(), 1);
+}
+
+/// Two nodes registering one device both read the record and write it back on its ETag: one
+/// wins, the other sees a conflict naming the winner's ETag (and retries from there).
+async fn concurrent_compare_and_set_writes_of_one_record_exactly_one_wins(ctx: &Ctx) {
+    let s = ctx.store();
+    let r = Collection::Registration;
+    for round in 0..20 {
+        let id = format!("dev{round}");
+        s.put(r, "i", doc(&id, "base"), Expect::Absent)
+            .await
+            .unwrap();
+        let mut tasks = Vec::new();
+        for n in 0..4 {
+            let s = s.clone();
+            let id = id.clone();
+            tasks.push(tokio::spawn(async move {
+                let w = Write::Put {
+                    c: r,
+                    scope: "i".into(),
+                    doc: doc(&id, &format!("n{n}")),
+                    expect: Expect::Etag("base".into()),
+                };
+                s.write_all(vec![w]).await.map(|()| n)
+            }));
+        }
+        let mut won = Vec::new();
+        let mut lost = Vec::new();
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(n) => won.push(n),
+                Err(e) => lost.push(e),
+            }
+        }
+        assert_eq!(won.len(), 1, "round {round}: {lost:?}");
+        let winner = format!("n{}", won[0]);
+        for e in lost {
+            assert_eq!(e, conflict(Some(&winner)), "round {round}");
+        }
+        assert_eq!(s.get(r, "i", &id).await.unwrap().unwrap().etag, winner);
+    }
+}
+
+fn on_hub(id: &str, status: &str, hub: &str) -> Doc {
+    Doc {
+        index: DocIndex {
+            status: Some(status.into()),
+            hub: Some(hub.into()),
+            ..DocIndex::default()
+        },
+        ..doc(id, "e")
+    }
+}
+
+/// Writers on any node reserve a place on a hub with a capacity check in the same write: 40
+/// concurrent writers on a hub with room for 7 (one taken, one more `assigning`) leave exactly
+/// 7; a record already on the hub is not counted against itself.
+async fn hub_capacity_reservations_never_overshoot_under_concurrency(ctx: &Ctx) {
+    let s = ctx.store();
+    let r = Collection::Registration;
+    s.put(r, "i", on_hub("old-1", "assigned", "hub.a"), Expect::Absent)
+        .await
+        .unwrap();
+    s.put(
+        r,
+        "i",
+        on_hub("old-2", "assigning", "hub.a"),
+        Expect::Absent,
+    )
+    .await
+    .unwrap();
+    // Other statuses, hubs and scopes do not count.
+    s.put(r, "i", on_hub("old-3", "failed", "hub.a"), Expect::Absent)
+        .await
+        .unwrap();
+    s.put(r, "i", on_hub("old-4", "assigned", "hub.b"), Expect::Absent)
+        .await
+        .unwrap();
+    s.put(r, "j", on_hub("old-5", "assigned", "hub.a"), Expect::Absent)
+        .await
+        .unwrap();
+    let reserve = |id: String| {
+        vec![
+            Write::HubCapacity {
+                scope: "i".into(),
+                hub: "HUB.A".into(),
+                max: 7,
+                except: id.clone(),
+            },
+            Write::Put {
+                c: r,
+                scope: "i".into(),
+                doc: on_hub(&id, "assigning", "hub.a"),
+                expect: Expect::Absent,
+            },
+        ]
+    };
+    let mut tasks = Vec::new();
+    for n in 0..40 {
+        let s = s.clone();
+        let w = reserve(format!("new-{n}"));
+        tasks.push(tokio::spawn(async move { s.write_all(w).await }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(e) => assert_eq!(e, conflict(None)),
+        }
+    }
+    assert_eq!(ok, 5, "two places were taken already");
+    let on_a = Filter {
+        hub: Some("hub.a".into()),
+        ..Filter::default()
+    };
+    assert_eq!(
+        s.count(r, "i", &on_a).await.unwrap(),
+        8,
+        "7 + the failed one"
+    );
+    // A record on the full hub may be written again (it is not counted against itself).
+    let mut again = reserve("old-1".into());
+    if let Write::Put { expect, .. } = &mut again[1] {
+        *expect = Expect::Any;
+    }
+    s.write_all(again).await.unwrap();
+    assert_eq!(
+        s.write_all(reserve("late".into())).await.unwrap_err(),
+        conflict(None)
+    );
+}
+
+/// PostgreSQL announces changes of cached collections (not of registration records) at commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_announces_changes_of_cached_collections() {
+    let Some(ctx) = postgres_ctx().await else {
+        return;
+    };
+    let Backend::Postgres(pg) = &ctx.backend else {
+        unreachable!("postgres context")
+    };
+    let mut rx = pg.watch_changes();
+    async fn next(rx: &mut tokio::sync::mpsc::Receiver<dps_store::Change>) -> dps_store::Change {
+        tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a change within 10 s")
+            .expect("the watch is open")
+    }
+    assert_eq!(next(&mut rx).await, dps_store::Change::Listening);
+    let s = ctx.store();
+    // A registration record is not announced; the group written after it is the next change.
+    s.put(Collection::Registration, "inst", doc("d", "e"), Expect::Any)
+        .await
+        .unwrap();
+    s.put(Collection::Group, "inst", doc("g", "e"), Expect::Any)
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut rx).await,
+        dps_store::Change::Doc {
+            collection: "group".into(),
+            scope: "inst".into()
+        }
+    );
+    s.delete(Collection::Instance, "", "nothing", Expect::Any)
+        .await
+        .unwrap();
+    s.put(Collection::Instance, "", doc("x", "e"), Expect::Any)
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut rx).await,
+        dps_store::Change::Doc {
+            collection: "instance".into(),
+            scope: String::new()
+        }
+    );
+    s.delete(Collection::DenyList, "inst", "x", Expect::Any)
+        .await
+        .unwrap();
+    drop(rx);
+    ctx.finish().await;
+}
 
 // ------------------------------------------------------------------------------------------------
 // Tests

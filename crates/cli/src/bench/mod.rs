@@ -179,8 +179,8 @@ pub(crate) async fn run(g: &Globals, a: BenchArgs) -> Result<ExitCode> {
     if a.attestation == AttestationArg::Tpm {
         bail!("the bench supports symmetricKey and x509 attestation");
     }
-    if a.keep_alive && a.transport == TransportArg::Mqtt {
-        bail!("--keep-alive applies to HTTPS only (an MQTT connection carries one device)");
+    if a.keep_alive && a.transport != TransportArg::Https {
+        bail!("--keep-alive applies to HTTPS only (an MQTT or AMQP connection carries one device)");
     }
     if a.keep_alive && a.attestation == AttestationArg::X509 {
         bail!("--keep-alive cannot be used with x509 (the TLS connection is the device identity)");
@@ -233,6 +233,7 @@ pub(crate) async fn run(g: &Globals, a: BenchArgs) -> Result<ExitCode> {
             match a.transport {
                 TransportArg::Https => "https",
                 TransportArg::Mqtt => "mqtt",
+                TransportArg::Amqp => "amqp",
             },
             if a.storm {
                 "reboot storm".to_string()
@@ -367,6 +368,7 @@ pub(crate) async fn run(g: &Globals, a: BenchArgs) -> Result<ExitCode> {
         v["transport"] = json!(match a.transport {
             TransportArg::Https => "https",
             TransportArg::Mqtt => "mqtt",
+            TransportArg::Amqp => "amqp",
         });
         v["attestation"] = json!(a.attestation.as_str());
         v["keepAlive"] = json!(a.keep_alive);

@@ -20,6 +20,8 @@ pub enum TransportArg {
     Https,
     /// MQTT over TLS.
     Mqtt,
+    /// AMQP 1.0 over TLS.
+    Amqp,
 }
 
 impl From<TransportArg> for dps_device::Transport {
@@ -27,8 +29,16 @@ impl From<TransportArg> for dps_device::Transport {
         match t {
             TransportArg::Https => dps_device::Transport::Https,
             TransportArg::Mqtt => dps_device::Transport::Mqtt,
+            TransportArg::Amqp => dps_device::Transport::Amqp,
         }
     }
+}
+
+/// Device attestations chosen by flag (symmetric keys and X.509 follow from the credential).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DeviceAttestationArg {
+    /// TPM 2.0 through tpm2-tools.
+    Tpm,
 }
 
 /// `dps device …`
@@ -40,7 +50,7 @@ pub enum DeviceCommand {
 
 /// `dps device register` arguments.
 #[derive(Args, Debug, Clone)]
-#[command(group(ArgGroup::new("credential").required(true).args(["key", "group_key", "cert"])))]
+#[command(group(ArgGroup::new("credential").required(true).args(["key", "group_key", "cert", "attestation"])))]
 pub struct RegisterArgs {
     /// The instance's ID scope.
     #[arg(long)]
@@ -60,6 +70,17 @@ pub struct RegisterArgs {
     /// The device certificate's private key, PEM.
     #[arg(long, requires = "cert")]
     pub key_file: Option<PathBuf>,
+    /// `tpm`: attest with a TPM 2.0 through tpm2-tools (HTTPS only). The EK and SRK are
+    /// created at 0x81010001 and 0x81000001 if missing; the activated key is imported there.
+    #[arg(long, value_enum, conflicts_with_all = ["key", "group_key", "cert"])]
+    pub attestation: Option<DeviceAttestationArg>,
+    /// The TPM to use, in TPM2TOOLS_TCTI syntax (e.g. `swtpm:host=127.0.0.1,port=2321`,
+    /// `device:/dev/tpmrm0`); default: TPM2TOOLS_TCTI or the tools' default.
+    #[arg(long, requires = "attestation")]
+    pub tpm_tcti: Option<String>,
+    /// Work directory for the files the TPM tools exchange.
+    #[arg(long, requires = "attestation", default_value = "dps-data/tpm")]
+    pub tpm_dir: PathBuf,
     /// Device endpoint host[:port] (default: the --url / connection string host).
     #[arg(long)]
     pub global_endpoint: Option<String>,
@@ -188,7 +209,7 @@ pub(crate) fn default_endpoint(g: &Globals, transport: TransportArg) -> String {
         let hostport = rest.split('/').next().unwrap_or(rest);
         return match transport {
             TransportArg::Https => hostport.to_string(),
-            TransportArg::Mqtt => dps_device::split_host_port(hostport)
+            TransportArg::Mqtt | TransportArg::Amqp => dps_device::split_host_port(hostport)
                 .map(|(h, _)| h)
                 .unwrap_or_else(|_| hostport.to_string()),
         };
@@ -204,7 +225,12 @@ pub(crate) fn default_endpoint(g: &Globals, transport: TransportArg) -> String {
 }
 
 pub(crate) async fn register(g: &Globals, a: RegisterArgs) -> Result<ExitCode> {
-    let auth = if let Some(k) = &a.key {
+    let auth = if a.attestation == Some(DeviceAttestationArg::Tpm) {
+        Auth::Tpm(dps_device::tpm::Tpm2Tools::new(
+            a.tpm_tcti.clone(),
+            a.tpm_dir.clone(),
+        ))
+    } else if let Some(k) = &a.key {
         Auth::SymmetricKey(k.clone())
     } else if let Some(k) = &a.group_key {
         Auth::GroupKey(k.clone())

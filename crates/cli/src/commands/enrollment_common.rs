@@ -24,7 +24,7 @@ pub enum AttestationArg {
     /// X.509 certificates.
     #[value(name = "x509")]
     X509,
-    /// TPM (listing filter only).
+    /// TPM 2.0 (individual enrollments; needs --endorsement-key).
     #[value(name = "tpm")]
     Tpm,
 }
@@ -80,6 +80,13 @@ pub struct EnrollmentFields {
     /// Secondary certificate, PEM.
     #[arg(long)]
     pub secondary_certificate_path: Option<PathBuf>,
+    /// TPM endorsement key: base64 TPM2B_PUBLIC (as `tpm2_createek -u` writes it, base64),
+    /// or the path of a file holding the raw TPM2B_PUBLIC.
+    #[arg(long)]
+    pub endorsement_key: Option<String>,
+    /// TPM storage root key, same forms (optional: when given, only this SRK is accepted).
+    #[arg(long, requires = "endorsement_key")]
+    pub storage_root_key: Option<String>,
     /// Linked hubs this enrollment may use (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub iot_hubs: Option<Vec<String>>,
@@ -284,6 +291,20 @@ fn parse_json_arg(flag: &str, s: &str) -> Result<Value> {
     Ok(v)
 }
 
+/// A TPM key flag: a file with the raw TPM2B_PUBLIC, or base64 of it; checked locally so that
+/// a wrong file is named before the service refuses it.
+fn tpm_key(flag: &str, v: &str) -> Result<String> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let text = match std::fs::read(v) {
+        Ok(raw) => b64.encode(raw),
+        Err(_) => v.trim().to_string(),
+    };
+    dps_core::tpm::PublicArea::from_base64(&text, "key")
+        .map_err(|e| anyhow!("{flag}: not a TPM2B_PUBLIC file or base64 of one: {e}"))?;
+    Ok(text)
+}
+
 /// Apply the flags to an enrollment or group document. `existing_attestation` (with secrets) is
 /// kept unless the flags change it.
 fn apply_fields(
@@ -299,13 +320,28 @@ fn apply_fields(
     let wants_sym = f.attestation == Some(AttestationArg::SymmetricKey)
         || f.primary_key.is_some()
         || f.secondary_key.is_some();
-    if f.attestation == Some(AttestationArg::Tpm) {
-        bail!("TPM enrollments cannot be created with the CLI yet; use the service API");
+    let wants_tpm = f.attestation == Some(AttestationArg::Tpm) || f.endorsement_key.is_some();
+    if wants_tpm && kind == Kind::Group {
+        bail!("TPM attestation is not allowed for enrollment groups (as in Azure)");
     }
-    if wants_x509 && wants_sym {
-        bail!("choose either symmetric keys or an X.509 certificate, not both");
+    if [wants_x509, wants_sym, wants_tpm]
+        .iter()
+        .filter(|w| **w)
+        .count()
+        > 1
+    {
+        bail!("choose one attestation: symmetric keys, an X.509 certificate or a TPM");
     }
-    if wants_x509 {
+    if wants_tpm {
+        let Some(ek) = &f.endorsement_key else {
+            bail!("tpm attestation needs --endorsement-key");
+        };
+        let mut tpm = json!({"endorsementKey": tpm_key("--endorsement-key", ek)?});
+        if let Some(srk) = &f.storage_root_key {
+            tpm["storageRootKey"] = json!(tpm_key("--storage-root-key", srk)?);
+        }
+        doc.insert("attestation".into(), json!({"type": "tpm", "tpm": tpm}));
+    } else if wants_x509 {
         let mut x509 = Map::new();
         if let Some(ca) = root_ca_name {
             if kind == Kind::Enrollment {

@@ -144,6 +144,7 @@ fn client(s: &TestServer, rid: &str, auth: Auth, t: Transport, csr: &[u8]) -> Pr
     let port = match t {
         Transport::Https => s.server.https.port(),
         Transport::Mqtt => s.server.mqtt.expect("mqtt listener").port(),
+        Transport::Amqp => s.server.amqp.expect("amqp listener").port(),
     };
     ProvisioningClient::builder()
         .global_endpoint("localhost")

@@ -370,7 +370,7 @@ async fn the_server_raises_its_open_file_limit() {
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+            "data_dir = {:?}\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"\namqp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
              [[instance]]\nname = \"default\"\nhostnames = [\"localhost\"]\n",
             data.to_str().unwrap()
         ),
@@ -534,4 +534,96 @@ async fn the_cli_issues_a_certificate_to_a_device_and_revokes_it() {
     let text = String::from_utf8_lossy(&crl.stdout);
     let serial = issued[0]["serialNumber"].as_str().unwrap();
     assert!(text.contains(serial), "{text}");
+}
+
+/// `dps enrollment create --attestation tpm --endorsement-key` and `dps device register
+/// --attestation tpm` against a software TPM (swtpm + tpm2-tools; skipped without them outside
+/// CI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_enrolls_and_registers_a_tpm_device() {
+    use dps_device::tpm::{tools_available, Swtpm, Tpm2Tools};
+    if !tools_available() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "swtpm and tpm2-tools are required under CI=true"
+        );
+        eprintln!("skipped: swtpm or tpm2-tools not installed");
+        return;
+    }
+    let s = TestServer::spawn().await;
+    let cli = Cli::new(&s);
+    let dir = s.dir.path().to_path_buf();
+    let (tpm, keys) = tokio::task::spawn_blocking(move || {
+        let tpm = Swtpm::start(dir.join("swtpm")).unwrap();
+        let keys = Tpm2Tools::new(Some(tpm.tcti()), dir.join("ek-work"))
+            .provision()
+            .unwrap();
+        (tpm, keys)
+    })
+    .await
+    .unwrap();
+    // The EK as tpm2_createek/tpm2_readpublic write it (raw TPM2B_PUBLIC file).
+    let ek_file = s.dir.path().join("ek.pub");
+    std::fs::write(&ek_file, &keys.endorsement_key).unwrap();
+    let created = cli
+        .json(&[
+            "enrollment",
+            "create",
+            "cli-tpm-1",
+            "--attestation",
+            "tpm",
+            "--endorsement-key",
+            ek_file.to_str().unwrap(),
+        ])
+        .await;
+    assert_eq!(created["attestation"]["type"], "tpm", "{created}");
+    // Not for groups.
+    let (ok, _, err) = cli
+        .run(&[
+            "enrollment-group",
+            "create",
+            "g-tpm",
+            "--attestation",
+            "tpm",
+            "--endorsement-key",
+            ek_file.to_str().unwrap(),
+        ])
+        .await;
+    assert!(
+        !ok && err.contains("not allowed for enrollment groups"),
+        "{err}"
+    );
+
+    let endpoint = format!("localhost:{}", s.server.https.port());
+    let tcti = tpm.tcti();
+    let (ok, out, err) = cli
+        .run(&[
+            "--output",
+            "json",
+            "device",
+            "register",
+            "--id-scope",
+            SCOPE,
+            "--registration-id",
+            "cli-tpm-1",
+            "--attestation",
+            "tpm",
+            "--tpm-tcti",
+            &tcti,
+            "--global-endpoint",
+            &endpoint,
+            "--ca-file",
+            cli.ca.to_str().unwrap(),
+        ])
+        .await;
+    assert!(ok, "TPM register failed: {out} {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["status"], "assigned", "{v}");
+    assert!(
+        v["registrationState"]["tpm"]["authenticationKey"].is_string(),
+        "{v}"
+    );
+    let reg = cli.json(&["registration", "show", "cli-tpm-1"]).await;
+    assert_eq!(reg["status"], "assigned", "{reg}");
+    drop(tpm);
 }

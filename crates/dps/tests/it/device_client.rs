@@ -1,4 +1,4 @@
-//! The Rust device client (dps-device) against the real server: HTTPS and MQTT over TLS,
+//! The Rust device client (dps-device) against the real server: HTTPS, MQTT and AMQP over TLS,
 //! individual and group keys, X.509, and typed errors.
 
 use crate::support::*;
@@ -10,6 +10,7 @@ fn client(s: &TestServer, rid: &str, auth: Auth, t: Transport) -> ProvisioningCl
     let port = match t {
         Transport::Https => s.server.https.port(),
         Transport::Mqtt => s.server.mqtt.expect("mqtt listener").port(),
+        Transport::Amqp => s.server.amqp.expect("amqp listener").port(),
     };
     ProvisioningClient::builder()
         .global_endpoint("localhost")
@@ -26,11 +27,11 @@ fn client(s: &TestServer, rid: &str, auth: Auth, t: Transport) -> ProvisioningCl
 }
 
 #[tokio::test]
-async fn the_rust_client_registers_over_https_and_mqtt_with_individual_and_group_keys() {
+async fn the_rust_client_registers_over_https_mqtt_and_amqp_with_individual_and_group_keys() {
     let s = TestServer::spawn().await;
     let key = s.enroll("rc-ind", json!({})).await;
     let gkey = s.enroll_group("rc-grp", json!({})).await;
-    for t in [Transport::Https, Transport::Mqtt] {
+    for t in [Transport::Https, Transport::Mqtt, Transport::Amqp] {
         let r = client(&s, "rc-ind", Auth::SymmetricKey(key.clone()), t)
             .register()
             .await
@@ -42,10 +43,10 @@ async fn the_rust_client_registers_over_https_and_mqtt_with_individual_and_group
         assert!(r.timing.new_connection, "{t:?}");
         let rid = format!(
             "rc-grp-dev-{}",
-            if matches!(t, Transport::Https) {
-                "h"
-            } else {
-                "m"
+            match t {
+                Transport::Https => "h",
+                Transport::Mqtt => "m",
+                Transport::Amqp => "a",
             }
         );
         let r = client(&s, &rid, Auth::GroupKey(gkey.clone()), t)
@@ -69,7 +70,7 @@ async fn the_rust_client_reports_typed_errors() {
     let key = s
         .enroll("rc-dis", json!({"provisioningStatus": "disabled"}))
         .await;
-    for t in [Transport::Https, Transport::Mqtt] {
+    for t in [Transport::Https, Transport::Mqtt, Transport::Amqp] {
         let e = client(
             &s,
             "rc-unknown",

@@ -1,5 +1,6 @@
 //! Integration tests: the real server in-process on port 0.
 
+mod amqp;
 mod audit_limits;
 mod auth;
 mod authz_matrix;
@@ -15,6 +16,7 @@ mod hubs_broker_auth;
 mod hubs_failures;
 mod hubs_mosquitto;
 mod hubs_webhook;
+mod multinode;
 mod observability;
 mod outbound;
 mod registration;
@@ -27,5 +29,6 @@ mod support_iothub;
 mod support_mosquitto;
 mod support_rabbitmq;
 mod support_webhook;
+mod tpm;
 mod vectors;
 mod x509;

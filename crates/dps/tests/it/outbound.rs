@@ -499,7 +499,7 @@ async fn keys_and_run_json_are_created_private_and_replaced_atomically() {
 async fn dps_serve_names_the_key_of_a_bad_value_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let base = format!(
-        "data_dir = \"{}\"\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"\"\nadmin = \"\"\n",
+        "data_dir = \"{}\"\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"\"\namqp = \"\"\nadmin = \"\"\n",
         dir.path().join("data").display()
     );
     for (extra, key) in [

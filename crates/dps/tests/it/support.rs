@@ -30,6 +30,7 @@ pub fn config(dir: &std::path::Path) -> Config {
         listen: Listen {
             https: "127.0.0.1:0".into(),
             mqtt: "127.0.0.1:0".into(),
+            amqp: "127.0.0.1:0".into(),
             admin: "127.0.0.1:0".into(),
         },
         outbound: dps_server::config::Outbound {

@@ -134,6 +134,7 @@ impl DeviceService for Fake {
     }
     async fn authorize_connect(
         &self,
+        _transport: dps_core::device::Transport,
         id_scope: &str,
         registration_id: &str,
         credential: &DeviceCredential,

@@ -36,21 +36,25 @@ impl Engine {
         let mut full = Vec::new();
         for h in &candidates {
             if let Some(max) = h.max_devices {
-                let filter = dps_core::store::Filter {
-                    hub: Some(h.host.to_ascii_lowercase()),
-                    status: Some("assigned".into()),
-                    ..Default::default()
-                };
-                let n = self
-                    .repo
-                    .store
-                    .count(
-                        dps_core::store::Collection::Registration,
-                        &inst.name,
-                        &filter,
-                    )
-                    .await
-                    .unwrap_or(0);
+                // Assigned devices and intents about to write the hub (their reservations).
+                let mut n = 0;
+                for status in ["assigned", "assigning"] {
+                    let filter = dps_core::store::Filter {
+                        hub: Some(h.host.to_ascii_lowercase()),
+                        status: Some(status.into()),
+                        ..Default::default()
+                    };
+                    n += self
+                        .repo
+                        .store
+                        .count(
+                            dps_core::store::Collection::Registration,
+                            &inst.name,
+                            &filter,
+                        )
+                        .await
+                        .unwrap_or(0);
+                }
                 let already_there = current_hub.is_some_and(|c| c.eq_ignore_ascii_case(&h.host));
                 if n >= max && !already_there {
                     full.push(h.host.clone());

@@ -20,8 +20,16 @@ use dps_core::Result;
 use std::time::Instant;
 
 impl Engine {
-    /// The assignment, under the per-device lock. Returns the final record (assigned, failed or
-    /// disabled). `Err` only for store failures.
+    /// The assignment, under the per-device lock of this node and, across nodes sharing the
+    /// store, the compare-and-set of the device's record: every write of the record is
+    /// conditional on the version this attempt read (or last wrote). An attempt that loses the
+    /// race (another node wrote the record meanwhile) starts again from the record as it is
+    /// now; one that finds another live node's intent waits for that node to finish (a lapsed
+    /// node's intent is ended first, see `lifecycle.rs`). So two registrations of one device on
+    /// two nodes end with one record, one identity on one hub, and the same answer.
+    ///
+    /// Returns the final record (assigned, failed or disabled). `Err` for store failures, and
+    /// `Throttled` when another node's assignment of the device outlasts the wait.
     pub(super) async fn assign(
         &self,
         adm: Admitted,
@@ -35,7 +43,78 @@ impl Engine {
         let rid = adm.registration_id.clone();
         let _lock = self.lock_for(&inst.name, &rid.key()).lock().await;
         let started = Instant::now();
-        let existing = self.record(&inst.name, &rid).await?;
+        let wait_until = started + self.foreign_intent_wait();
+        let mut pause = std::time::Duration::from_millis(20);
+        let mut conflicts = 0;
+        loop {
+            let existing = self.repo.registration(&inst.name, rid.as_str()).await?;
+            if let Some((rec, etag)) = &existing {
+                if let Some(owner) = self.foreign_intent(rec) {
+                    if self.node_is_live(owner).await? {
+                        if Instant::now() >= wait_until {
+                            tracing::warn!(registration_id = %rid, node = owner, "another node's assignment of this device is still running; the device is told to retry");
+                            return Err(dps_core::Error::Throttled {
+                                retry_after: self.settings.busy_retry_after,
+                            });
+                        }
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(std::time::Duration::from_millis(250));
+                        continue;
+                    }
+                    // Its node is dead: end its intent (unless something else changed the
+                    // record meanwhile), then assign from the record as it is then.
+                    self.finish_interrupted(&inst.name, rec.clone(), etag.clone())
+                        .await?;
+                    continue;
+                }
+            }
+            let existing = existing.map(|(mut rec, etag)| {
+                // The version every write of this attempt is conditional on.
+                rec.state.etag = Some(etag);
+                rec
+            });
+            match self
+                .assign_once(
+                    &adm,
+                    op,
+                    payload.clone(),
+                    transport,
+                    force,
+                    existing,
+                    started,
+                    csr.as_ref(),
+                )
+                .await
+            {
+                Err(dps_core::Error::Store(dps_core::store::StoreError::Conflict { .. }))
+                    if conflicts < MAX_CONFLICTS =>
+                {
+                    conflicts += 1;
+                    metrics::counter!("dps_registration_conflicts_total").increment(1);
+                    tracing::debug!(registration_id = %rid, "the record changed under this attempt (another node); starting again");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One attempt of the assignment from `existing` (its `state.etag` is the stored version);
+    /// a `Conflict` means another writer changed the record and nothing of this attempt was
+    /// committed.
+    #[allow(clippy::too_many_arguments)]
+    async fn assign_once(
+        &self,
+        adm: &Admitted,
+        op: &str,
+        payload: Option<serde_json::Value>,
+        transport: Transport,
+        force: bool,
+        existing: Option<RegistrationRecord>,
+        started: Instant,
+        csr: Option<&(CredentialPolicy, CheckedCsr)>,
+    ) -> Result<RegistrationRecord> {
+        let inst = adm.instance.clone();
+        let rid = adm.registration_id.clone();
         let now = ts(self.clock.as_ref());
         let mut rec = existing.clone().unwrap_or_else(|| RegistrationRecord {
             state: DeviceRegistrationState {
@@ -71,6 +150,7 @@ impl Engine {
             enrollment_group_id: adm.group_id(),
         });
         rec.state.x509 = adm.x509.clone();
+        rec.state.tpm = adm.tpm.clone();
         rec.state.payload = None;
         let labels = (
             inst.name.clone(),
@@ -141,7 +221,7 @@ impl Engine {
             },
             _ => match self
                 .allocate(
-                    &adm,
+                    adm,
                     &settings,
                     current_hub.as_deref(),
                     previous_device.as_deref(),
@@ -163,6 +243,7 @@ impl Engine {
             hub: hub.host.clone(),
             device_id: device_id.clone(),
             started: now.clone(),
+            owner: Some(self.node_id().to_string()),
         });
         if !rec
             .hub_history
@@ -239,7 +320,7 @@ impl Engine {
         }
         // Certificate issuance: sign the device's CSR; its hub identity then authenticates with
         // the issued certificate. A failure to sign is ours (500) and writes nothing.
-        let signed = match &csr {
+        let signed = match csr {
             Some((policy, checked)) => Some(
                 self.issuer
                     .sign(&inst, policy, rid.as_str(), &device_id, checked, op)
@@ -302,15 +383,45 @@ impl Engine {
         } else if staged.is_none() {
             // Until the write is confirmed, dps does not know what the hub holds.
             rec.hub_write = None;
-            self.repo
-                .put_registration(&inst.name, &mut rec, self.new_etag())
-                .await?;
+            let expect = Self::expect_of(&rec);
+            match capacity_check(&inst.name, &hub, existing.as_ref(), rid.as_str()) {
+                None => {
+                    self.repo
+                        .put_registration(&inst.name, &mut rec, self.new_etag(), expect)
+                        .await?
+                }
+                Some(check) => {
+                    // The intent is the reservation: written only while the hub has room,
+                    // counted by every node from then on.
+                    let doc = Repo::registration_doc(&mut rec, self.new_etag());
+                    self.repo
+                        .store
+                        .write_all(vec![
+                            check,
+                            Write::Put {
+                                c: dps_core::store::Collection::Registration,
+                                scope: inst.name.clone(),
+                                doc,
+                                expect,
+                            },
+                        ])
+                        .await?;
+                }
+            }
             let t0 = Instant::now();
             let r = adapter.upsert_device(&identity, twin.as_ref()).await;
             self.hubs.record(&hub.host, t0, &r);
             if let Err(e) = r {
                 return self
-                    .hub_failed(&inst, &mut rec, existing.as_ref(), &hub, e, labels)
+                    .hub_failed_after_write(
+                        &inst,
+                        &mut rec,
+                        existing.as_ref(),
+                        &hub,
+                        e,
+                        labels,
+                        Some(&device_id),
+                    )
                     .await;
             }
             metrics::counter!("dps_hub_writes_total", "kind" => kind).increment(1);
@@ -360,6 +471,15 @@ impl Engine {
             (h, task)
         });
         let mut writes: Vec<Write> = staged.into_iter().collect();
+        if in_store {
+            // A hub kept in the store has no intent: the reservation is checked at the commit.
+            writes.extend(capacity_check(
+                &inst.name,
+                &hub,
+                existing.as_ref(),
+                rid.as_str(),
+            ));
+        }
         if !unchanged {
             // The identity is written (again): a queued removal of it must not run.
             writes.push(Self::cancel_cleanup(&inst.name, &hub.host, &device_id));
@@ -429,8 +549,14 @@ impl Engine {
         action: &str,
         extra: Vec<Write>,
     ) -> Result<()> {
-        let mut writes = extra;
-        writes.reserve(2);
+        // Capacity checks, then the record: their conditions are checked before anything is
+        // written.
+        let mut writes = Vec::with_capacity(extra.len() + 2);
+        let (checks, extra): (Vec<Write>, Vec<Write>) = extra
+            .into_iter()
+            .partition(|w| matches!(w, Write::HubCapacity { .. }));
+        writes.extend(checks);
+        let expect = Self::expect_of(rec);
         let doc = Repo::registration_doc(rec, self.new_etag());
         // The audit entry's `after` is the record without its list of earlier operation ids.
         // A record holds no secrets, but a custom allocation payload is anything: that one goes
@@ -453,8 +579,9 @@ impl Engine {
             c: dps_core::store::Collection::Registration,
             scope: instance.to_string(),
             doc,
-            expect: dps_core::store::Expect::Any,
+            expect,
         });
+        writes.extend(extra);
         writes.push(Write::Audit(dps_core::store::AuditEntry {
             seq: 0,
             timestamp: ts(self.clock.as_ref()),
@@ -479,6 +606,18 @@ impl Engine {
         f: Failure,
         labels: (String, &'static str, &'static str),
     ) -> Result<RegistrationRecord> {
+        self.fail_with(inst, rec, f, labels, Vec::new()).await
+    }
+
+    /// [`fail`](Self::fail), committing `extra` writes with the record.
+    async fn fail_with(
+        &self,
+        inst: &Instance,
+        rec: &mut RegistrationRecord,
+        f: Failure,
+        labels: (String, &'static str, &'static str),
+        extra: Vec<Write>,
+    ) -> Result<RegistrationRecord> {
         let Failure { failure, reason } = f;
         tracing::info!(registration_id = %rec.state.registration_id, failure = %failure, reason = %reason, "registration failed");
         let wire = dps_core::wire::assignment_failure(&failure);
@@ -497,7 +636,7 @@ impl Engine {
             "failed"
         };
         rec.failure = Some(failure);
-        self.commit(&inst.name, rec, "registration.failed", Vec::new())
+        self.commit(&inst.name, rec, "registration.failed", extra)
             .await?;
         metrics::counter!("RegistrationAttempts", "instance" => labels.0, "hub" => "none", "protocol" => labels.1, "attestation" => labels.2, "result" => result).increment(1);
         Ok(rec.clone())
@@ -512,7 +651,25 @@ impl Engine {
         e: HubError,
         labels: (String, &'static str, &'static str),
     ) -> Result<RegistrationRecord> {
+        self.hub_failed_after_write(inst, rec, before, hub, e, labels, None)
+            .await
+    }
+
+    /// A failed hub call; `written` is the device id when the call was the identity write
+    /// itself.
+    #[allow(clippy::too_many_arguments)]
+    async fn hub_failed_after_write(
+        &self,
+        inst: &Instance,
+        rec: &mut RegistrationRecord,
+        before: Option<&RegistrationRecord>,
+        hub: &LinkedHub,
+        e: HubError,
+        labels: (String, &'static str, &'static str),
+        written: Option<&str>,
+    ) -> Result<RegistrationRecord> {
         // The identity was not written: forget the intent so that history stays truthful.
+        let mut extra = Vec::new();
         if rec
             .hub_history
             .last()
@@ -520,6 +677,20 @@ impl Engine {
             && before.is_none_or(|b| b.hub_history.last() != rec.hub_history.last())
         {
             rec.hub_history.pop();
+            // A write that timed out or lost its connection may have reached the hub all the
+            // same: the identity the device may have there is queued for removal (dropped by
+            // the commit that assigns the device to this hub after all), so that it is not
+            // left behind when the device ends up on another hub.
+            if let (Some(device_id), HubError::Unreachable { .. }) = (written, &e) {
+                let task = self.new_cleanup(
+                    &inst.name,
+                    &hub.host,
+                    device_id,
+                    &rec.state.registration_id,
+                    false,
+                );
+                extra.push(Write::EnqueueCleanup(task));
+            }
         }
         let failure = match &e {
             HubError::Unauthorized { .. } => AssignmentFailure::HubUnauthorized,
@@ -532,7 +703,7 @@ impl Engine {
             HubError::Unreachable { .. } => Some(5),
             _ => None,
         };
-        self.fail(
+        self.fail_with(
             inst,
             rec,
             Failure {
@@ -540,9 +711,52 @@ impl Engine {
                 reason: e.to_string(),
             },
             labels,
+            extra,
         )
         .await
     }
+}
+
+/// Attempts of one registration that lose the record's compare-and-set to another writer before
+/// the error is returned (each loss needs another node's write of the same device).
+const MAX_CONFLICTS: u32 = 8;
+
+impl Engine {
+    /// The condition of the next write of `rec`: the version it was read as or last written
+    /// as (`state.etag`), or absent for a new record.
+    pub(super) fn expect_of(rec: &RegistrationRecord) -> dps_core::store::Expect {
+        rec.state.etag.clone().map_or(
+            dps_core::store::Expect::Absent,
+            dps_core::store::Expect::Etag,
+        )
+    }
+}
+
+/// The reservation of a place on `hub` when it has a `max_devices` and the device is not on it
+/// already: the write that puts the device there (its intent, or for a hub kept in the store the
+/// final record) fails as a conflict when the hub is full by then, counted in the store across
+/// nodes (`dps_core::store::Write::HubCapacity`); the assignment then starts again and allocates
+/// from the new count.
+fn capacity_check(
+    instance: &str,
+    hub: &LinkedHub,
+    existing: Option<&RegistrationRecord>,
+    registration_id: &str,
+) -> Option<Write> {
+    let max = hub.max_devices?;
+    let there = existing.is_some_and(|r| {
+        r.state.status == Some(RegistrationStatus::Assigned)
+            && r.state
+                .assigned_hub
+                .as_deref()
+                .is_some_and(|h| h.eq_ignore_ascii_case(&hub.host))
+    });
+    (!there).then(|| Write::HubCapacity {
+        scope: instance.to_string(),
+        hub: hub.host.clone(),
+        max,
+        except: registration_id.to_string(),
+    })
 }
 
 /// The linked hub's `skip_unchanged` option (default `true`): `false` writes the identity on

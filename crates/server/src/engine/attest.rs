@@ -7,19 +7,20 @@
 
 use super::Engine;
 use crate::issuer::IssuedCertificate;
+use base64::Engine as _;
 use dps_core::device::DeviceCredential;
 use dps_core::error::AuthFailure;
 use dps_core::hub::HubAuth;
 use dps_core::ids::RegistrationId;
 use dps_core::instance::Instance;
 use dps_core::model::{
-    AttestationType, EnrollmentGroup, EnrollmentSettings, IndividualEnrollment,
+    AttestationType, EnrollmentGroup, EnrollmentSettings, IndividualEnrollment, TpmAttestation,
     X509RegistrationResult,
 };
 use dps_core::sas::{derive_device_key, SasToken};
 use dps_core::store::Collection;
 use dps_core::x509::verify::{attest as decide, X509Candidates, X509Match};
-use dps_core::Result;
+use dps_core::{Error, Result};
 use std::sync::Arc;
 
 /// Now as Azure writes timestamps (what certificate infos hold; they compare lexically).
@@ -45,6 +46,9 @@ pub(super) struct Admitted {
     pub(super) attestation: AttestationType,
     pub(super) hub_auth: HubAuth,
     pub(super) x509: Option<X509RegistrationResult>,
+    /// TPM: `{"authenticationKey": <new activation blob for the hub key>}` for the
+    /// registration state (register requests only).
+    pub(super) tpm: Option<serde_json::Value>,
 }
 
 impl Admitted {
@@ -82,15 +86,35 @@ impl Engine {
         rid: &RegistrationId,
         cred: &DeviceCredential,
     ) -> Result<Admitted> {
+        self.attest_device(inst, rid, cred, None).await
+    }
+
+    /// Attest a device from its credential and, for TPM devices, the `tpm` keys of its request:
+    /// a TPM device without a credential gets [`Error::TpmChallenge`] (step 1 of §6.5.2).
+    pub(super) async fn attest_device(
+        &self,
+        inst: &Arc<Instance>,
+        rid: &RegistrationId,
+        cred: &DeviceCredential,
+        tpm: Option<&TpmAttestation>,
+    ) -> Result<Admitted> {
         match cred {
-            DeviceCredential::Sas(token) => self.attest_sas(inst, rid, token).await,
+            DeviceCredential::Sas(token) => self.attest_sas(inst, rid, token, tpm).await,
             DeviceCredential::Certificates(chain) if !chain.is_empty() => {
                 if let Some(a) = self.attest_issued(inst, rid, chain).await? {
                     return Ok(a);
                 }
                 self.attest_x509(inst, rid, chain).await
             }
-            _ => Err(AuthFailure::MissingCredential.into()),
+            _ => match tpm {
+                Some(t) => {
+                    let blob = self.issue_tpm_activation(inst, rid, t).await?;
+                    Err(Error::TpmChallenge {
+                        authentication_key: base64::engine::general_purpose::STANDARD.encode(blob),
+                    })
+                }
+                None => Err(AuthFailure::MissingCredential.into()),
+            },
         }
     }
 
@@ -99,6 +123,7 @@ impl Engine {
         inst: &Arc<Instance>,
         rid: &RegistrationId,
         token: &str,
+        tpm: Option<&TpmAttestation>,
     ) -> Result<Admitted> {
         let tok = SasToken::parse(token).map_err(AuthFailure::from)?;
         let now = self.clock.now().unix_timestamp();
@@ -107,6 +132,10 @@ impl Engine {
         let individual = self.repo.enrollment(&inst.name, rid.as_str()).await?;
         let mut individual_failure = None;
         if let Some(e) = &individual {
+            if e.settings.attestation.kind == AttestationType::Tpm {
+                // A TPM enrollment is individual only and authoritative.
+                return self.attest_tpm_sas(inst, rid, &tok, e, tpm, now).await;
+            }
             if e.settings.attestation.kind == AttestationType::SymmetricKey {
                 let sk = e
                     .settings
@@ -134,6 +163,7 @@ impl Engine {
                                     .unwrap_or_default(),
                             },
                             x509: None,
+                            tpm: None,
                             source: Source::Individual(Box::new(e.clone())),
                         })
                     }
@@ -204,6 +234,7 @@ impl Engine {
                     attestation: AttestationType::SymmetricKey,
                     hub_auth: HubAuth::SymmetricKey { primary, secondary },
                     x509: None,
+                    tpm: None,
                 });
             }
         }
@@ -313,6 +344,7 @@ impl Engine {
                 enrollment_group_id: group_id,
                 signing_certificate_info: None,
             }),
+            tpm: None,
         }))
     }
 
@@ -334,6 +366,7 @@ impl Engine {
                     secondary: None,
                 },
                 x509: Some(a.result),
+                tpm: None,
                 source: match a.source {
                     X509Source::Individual(e) => Source::Individual(e),
                     X509Source::Group(g) => Source::Group(g),

@@ -119,7 +119,7 @@ enum HubTurn {
 
 impl Engine {
     /// Unix milliseconds now, by the engine's clock.
-    fn now_ms(&self) -> i64 {
+    pub(super) fn now_ms(&self) -> i64 {
         i64::try_from(self.clock.now().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
     }
 

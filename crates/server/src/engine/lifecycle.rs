@@ -120,14 +120,16 @@ impl Engine {
             .await;
     }
 
-    /// Finish what a crash interrupted: records left `assigning` (with a pending assignment)
-    /// become `failed` with a retryable code, keeping the pending hub in their history so that the
-    /// next registration updates or moves that identity instead of orphaning it.
-    ///
-    /// Only records whose pending assignment started more than `older_than` ago are touched, so
-    /// that nodes sharing a store do not fail each other's registrations in flight.
-    pub async fn recover(&self, older_than: Duration) -> Result<usize> {
-        let cutoff = azure_timestamp(self.clock.now() - older_than);
+    /// Finish what a crash interrupted: intents (records left `assigning` with a pending
+    /// assignment) of nodes whose heartbeat has lapsed, and this node's own intents that no
+    /// running assignment holds (a store failure ended it half-way), become `failed` with a
+    /// retryable code, keeping the pending hub in their history so that the next registration
+    /// updates or moves that identity instead of orphaning it. Intents of live nodes are never
+    /// touched, however old. Intents written before nodes had ids (no owner) are ended once
+    /// older than `unowned_after`.
+    pub async fn recover(&self, unowned_after: Duration) -> Result<usize> {
+        let cutoff = azure_timestamp(self.clock.now() - unowned_after);
+        let live = self.live_nodes().await?;
         let mut n = 0;
         for inst in self.instances.list() {
             let filter = dps_core::store::Filter {
@@ -142,48 +144,99 @@ impl Engine {
                     &filter,
                 )
                 .await?;
-            for (mut rec, _) in stuck {
-                let started = rec
-                    .pending
-                    .as_ref()
-                    .map(|p| p.started.clone())
-                    .or(rec.state.last_updated_date_time_utc.clone())
-                    .unwrap_or_default();
-                if started > cutoff {
-                    continue;
-                }
-                let _lock = self
-                    .lock_for(&inst.name, &rec.state.registration_id.to_ascii_lowercase())
-                    .lock()
-                    .await;
-                let reason = match &rec.pending {
-                    Some(p) => format!("interrupted while writing identity '{}' on hub '{}'; the device must register again", p.device_id, p.hub),
-                    None => "interrupted; the device must register again".to_string(),
+            for (rec, etag) in stuck {
+                let orphan = match super::nodes::intent_owner(&rec) {
+                    Some(owner) if owner == self.node_id() => !self.is_running(&inst.name, &rec),
+                    Some(owner) => !live.contains(owner),
+                    None => {
+                        let started = rec
+                            .pending
+                            .as_ref()
+                            .map(|p| p.started.clone())
+                            .or(rec.state.last_updated_date_time_utc.clone())
+                            .unwrap_or_default();
+                        started <= cutoff
+                    }
                 };
-                let wire = dps_core::wire::assignment_failure(&AssignmentFailure::Interrupted);
-                rec.state.status = Some(RegistrationStatus::Failed);
-                rec.state.error_code = Some(wire.error_code);
-                rec.state.error_message = Some(wire.message);
-                rec.failure = Some(AssignmentFailure::Interrupted);
-                rec.reason = Some(reason);
-                rec.pending = None;
-                self.repo
-                    .put_registration(&inst.name, &mut rec, self.new_etag())
-                    .await?;
-                self.audit
-                    .record(
-                        &inst.name,
-                        "system",
-                        "registration.recovered",
-                        "registration",
-                        &rec.state.registration_id.clone(),
-                        None::<&()>,
-                        Some(&rec),
-                    )
-                    .await;
-                n += 1;
+                if orphan && self.finish_interrupted(&inst.name, rec, etag).await? {
+                    n += 1;
+                }
             }
         }
         Ok(n)
+    }
+
+    /// Is an assignment of this node working on `rec`'s operation now?
+    fn is_running(&self, instance: &str, rec: &RegistrationRecord) -> bool {
+        let Some(op) = rec.operation_id.clone() else {
+            return false;
+        };
+        self.running.lock().expect("running lock").contains(&(
+            instance.to_ascii_lowercase(),
+            rec.state.registration_id.to_ascii_lowercase(),
+            op,
+        ))
+    }
+
+    /// End an interrupted intent as failed-retryable, if the record is still the version read
+    /// (`etag`): `false` when another writer changed it meanwhile (nothing is written then).
+    pub(super) async fn finish_interrupted(
+        &self,
+        instance: &str,
+        mut rec: RegistrationRecord,
+        etag: String,
+    ) -> Result<bool> {
+        let reason = match &rec.pending {
+            Some(p) => format!(
+                "interrupted while writing identity '{}' on hub '{}'{}; the device must register again",
+                p.device_id,
+                p.hub,
+                p.owner
+                    .as_deref()
+                    .map(|o| format!(" (node {o} stopped)"))
+                    .unwrap_or_default()
+            ),
+            None => "interrupted; the device must register again".to_string(),
+        };
+        tracing::warn!(registration_id = %rec.state.registration_id, reason = %reason, "ending an interrupted registration");
+        let wire = dps_core::wire::assignment_failure(&AssignmentFailure::Interrupted);
+        rec.state.status = Some(RegistrationStatus::Failed);
+        rec.state.error_code = Some(wire.error_code);
+        rec.state.error_message = Some(wire.message);
+        rec.failure = Some(AssignmentFailure::Interrupted);
+        rec.reason = Some(reason);
+        rec.pending = None;
+        rec.retry_after = Some(1);
+        // What the hub holds is not known.
+        rec.hub_write = None;
+        let doc = crate::repo::Repo::registration_doc(&mut rec, self.new_etag());
+        let after = doc.body.clone();
+        let writes = vec![
+            dps_core::store::Write::Put {
+                c: dps_core::store::Collection::Registration,
+                scope: instance.to_string(),
+                doc,
+                expect: dps_core::store::Expect::Etag(etag),
+            },
+            dps_core::store::Write::Audit(dps_core::store::AuditEntry {
+                seq: 0,
+                timestamp: azure_timestamp(self.clock.now()),
+                instance: instance.to_string(),
+                actor: "system".to_string(),
+                action: "registration.recovered".to_string(),
+                target_kind: "registration".to_string(),
+                target_id: rec.state.registration_id.clone(),
+                before: None,
+                after: Some(after),
+            }),
+        ];
+        match self.repo.store.write_all(writes).await {
+            Ok(()) => {
+                metrics::counter!("dps_registrations_recovered_total").increment(1);
+                Ok(true)
+            }
+            Err(dps_core::store::StoreError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 }

@@ -18,12 +18,15 @@ mod attest;
 mod cleanup;
 pub mod custom_allocation;
 mod lifecycle;
+mod nodes;
 pub mod refusals;
 #[cfg(test)]
 mod tests;
+mod tpm;
 
 pub use cleanup::{CleanupPass, CleanupSettings};
 pub use custom_allocation::{CustomAllocator, WebhookAllocator};
+pub use nodes::NodeSettings;
 
 use crate::audit::Audit;
 use crate::catalog::Catalog;
@@ -68,6 +71,8 @@ pub struct EngineSettings {
     pub refused_max_sources: usize,
     /// The clean-up of old identities (retries, backoff, claims).
     pub cleanup: CleanupSettings,
+    /// This node's name and heartbeat lease.
+    pub node: NodeSettings,
 }
 
 impl Default for EngineSettings {
@@ -83,6 +88,7 @@ impl Default for EngineSettings {
             refused_per_source_per_second: 1,
             refused_max_sources: 10_000,
             cleanup: CleanupSettings::default(),
+            node: NodeSettings::default(),
         }
     }
 }
@@ -139,6 +145,8 @@ pub struct Engine {
     faults: Arc<crate::faults::Faults>,
     /// The credential policies' issuing CAs (certificate issuance).
     issuer: Arc<crate::issuer::Issuer>,
+    /// When this run started (Unix ms), for the heartbeat row.
+    started_ms: i64,
     me: std::sync::Weak<Engine>,
 }
 
@@ -171,7 +179,9 @@ impl Engine {
             clock.clone(),
             random.clone(),
         ));
+        let started_ms = nodes::unix_ms(clock.now());
         Arc::new_cyclic(|me| Engine {
+            started_ms,
             me: me.clone(),
             issuer,
             audit: Audit::with_clock(repo.store.clone(), clock.clone()),
@@ -298,7 +308,7 @@ impl Engine {
         rid: &RegistrationId,
         failure: &AuthFailure,
         transport: Transport,
-        credential: &DeviceCredential,
+        attestation: &'static str,
         peer: Option<std::net::IpAddr>,
     ) {
         tracing::info!(registration_id = %rid, id_scope = %inst.id_scope, transport = transport.as_str(), reason = %failure, "registration refused");
@@ -321,7 +331,7 @@ impl Engine {
                     .increment(1);
             }
         }
-        metrics::counter!("AttestationAttempts", "instance" => inst.name.clone(), "protocol" => transport.as_str(), "attestation" => cred_kind(credential), "result" => "failure").increment(1);
+        metrics::counter!("AttestationAttempts", "instance" => inst.name.clone(), "protocol" => transport.as_str(), "attestation" => attestation, "result" => "failure").increment(1);
     }
 
     /// The credential policies' issuing CAs (for the issuance use case: CA export, CRLs).
@@ -517,11 +527,31 @@ impl Engine {
                 * self.settings.busy_retry_after;
             return Err(Error::Throttled { retry_after });
         }
-        let adm = match self.attest(&inst, &rid, &req.credential).await {
+        let mqtt = matches!(req.transport, Transport::Mqtt | Transport::MqttWs);
+        let attested = if mqtt && req.body.tpm.is_some() {
+            // Azure supports TPM over HTTPS and AMQP only.
+            Err(AuthFailure::TpmOverMqtt.into())
+        } else {
+            self.attest_device(&inst, &rid, &req.credential, req.body.tpm.as_ref())
+                .await
+                .and_then(|a| {
+                    if mqtt && a.attestation == AttestationType::Tpm {
+                        Err(AuthFailure::TpmOverMqtt.into())
+                    } else {
+                        Ok(a)
+                    }
+                })
+        };
+        let adm = match attested {
             Ok(a) => a,
             Err(e) => {
                 if let Error::Unauthorized(f) = &e {
-                    self.refused(&inst, &rid, f, req.transport, &req.credential, req.peer)
+                    let kind = if req.body.tpm.is_some() {
+                        "tpm"
+                    } else {
+                        cred_kind(&req.credential)
+                    };
+                    self.refused(&inst, &rid, f, req.transport, kind, req.peer)
                         .await;
                 }
                 return Err(e);
@@ -748,8 +778,34 @@ impl DeviceService for Engine {
             .map_err(|e| logged(e, "registration status", &rid))
     }
 
+    async fn tpm_challenge(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+        tpm: &TpmAttestation,
+        transport: Transport,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Vec<u8>> {
+        let req_scope = id_scope.to_string();
+        let inst = self
+            .instances
+            .by_scope(&req_scope)
+            .ok_or_else(|| AuthFailure::UnknownInstance(req_scope.clone()))?;
+        let rid = RegistrationId::parse(registration_id)?;
+        let r = if matches!(transport, Transport::Mqtt | Transport::MqttWs) {
+            Err(AuthFailure::TpmOverMqtt.into())
+        } else {
+            self.issue_tpm_activation(&inst, &rid, tpm).await
+        };
+        if let Err(Error::Unauthorized(f)) = &r {
+            self.refused(&inst, &rid, f, transport, "tpm", peer).await;
+        }
+        r.map_err(|e| logged(e, "TPM challenge", registration_id))
+    }
+
     async fn authorize_connect(
         &self,
+        transport: Transport,
         id_scope: &str,
         registration_id: &str,
         credential: &DeviceCredential,
@@ -764,17 +820,23 @@ impl DeviceService for Engine {
         match credential {
             DeviceCredential::Certificates(c) if !c.is_empty() => Ok(()),
             DeviceCredential::Sas(_) | DeviceCredential::None => {
-                match self.attest(&inst, &rid, credential).await {
+                let attested = self.attest(&inst, &rid, credential).await.and_then(|a| {
+                    if a.attestation == AttestationType::Tpm {
+                        // Azure supports TPM over HTTPS and AMQP only.
+                        Err(AuthFailure::TpmOverMqtt.into())
+                    } else {
+                        Ok(a)
+                    }
+                });
+                match attested {
                     Ok(_) => Ok(()),
                     Err(Error::Unauthorized(f)) => {
-                        // The transport is not known here: MQTT over TLS and over WebSocket both
-                        // check at CONNECT; both are MQTT.
-                        self.refused(&inst, &rid, &f, Transport::Mqtt, credential, peer)
+                        self.refused(&inst, &rid, &f, transport, cred_kind(credential), peer)
                             .await;
                         Err(ConnectRefusal::NotAuthorized)
                     }
                     Err(e) => {
-                        tracing::error!(registration_id, error = %e, "MQTT connect check failed");
+                        tracing::error!(registration_id, error = %e, "connect check failed");
                         Err(ConnectRefusal::ServerUnavailable)
                     }
                 }

@@ -53,6 +53,7 @@ struct Fixture {
     _dir: tempfile::TempDir,
     engine: Arc<Engine>,
     instance: Arc<Instance>,
+    instances: Arc<Instances>,
     repo: Repo,
     webhook: Arc<FakeWebhook>,
 }
@@ -106,6 +107,7 @@ async fn fixture_clocked(
     Fixture {
         _dir: dir,
         instance: instances.by_name("t").unwrap(),
+        instances,
         engine,
         repo,
         webhook,
@@ -1088,4 +1090,436 @@ async fn a_removal_interrupted_by_a_crash_is_taken_over_once_its_claim_runs_out(
     assert_eq!((pass.claimed, pass.deleted), (1, 1), "{pass:?}");
     assert!(a.device("orphan").is_none());
     assert!(f.cleanup_tasks().await.is_empty());
+}
+
+/// The EK of the Azure SDK samples (a standard RSA-2048 EK); it serves as the SRK too here.
+const SAMPLE_EK: &str = "AToAAQALAAMAsgAgg3GXZ0SEs/gakMyNRqXXJP1S124GUgtk8qHaGzMUaaoABgCAAEMAEAgAAAAAAAEAopqgkUBwtpr1sCgVJcEZxsJtpmtOAt9K7SjGFe4hsp6DJ/dd2E5UFzBC+Jp8Fzqf5ukRBkqrAgIuAvHRsruIedk1uarJSLhbDpFLHxFd7iDNcYfrvdgVNT2T9zrvkh2y04WuRQg2D5qf0tZF82jeTjR/YJK7uWhaRwWOwZ3b1XD9l6wFOrwK/Ic0PEsjneFXQzL0n9uKyuHmHNz+wHppmOiMAabvnXXEin9ou7/iowY/+YhFm3j7atsVvxMI5HEM3Mq+W4imUuzPxVX7fZH+oWPKP5ofpWBTf+MdttGby1AjGnv8JE69JriOYoZG2/4qbsfv9M7a7NFrBlaW7Rt36w==";
+
+fn sample_tpm() -> TpmAttestation {
+    TpmAttestation {
+        endorsement_key: SAMPLE_EK.into(),
+        storage_root_key: Some(SAMPLE_EK.into()),
+    }
+}
+
+#[tokio::test]
+async fn tpm_is_refused_over_mqtt_and_challenged_over_other_transports() {
+    let f = fixture(vec![hub("h1")]).await;
+    f.enroll(
+        "tpm-1",
+        true,
+        serde_json::json!({"attestation": {"type": "tpm", "tpm": {"endorsementKey": SAMPLE_EK}}}),
+    )
+    .await;
+    // A register publish with `tpm` over MQTT: refused with a 400, as TPM is HTTPS/AMQP only.
+    let mut req = register_request("tpm-1");
+    req.credential = DeviceCredential::None;
+    req.body.tpm = Some(sample_tpm());
+    req.transport = Transport::Mqtt;
+    let e = f.engine.register(req.clone()).await.unwrap_err();
+    assert!(
+        matches!(e, Error::Unauthorized(AuthFailure::TpmOverMqtt)),
+        "{e:?}"
+    );
+    let w = dps_core::wire::WireError::from(&e);
+    assert_eq!((w.status, w.error_code), (400, 400_004));
+    assert!(
+        w.message.contains("not supported over MQTT"),
+        "{}",
+        w.message
+    );
+    // Over HTTPS the same request is the challenge.
+    req.transport = Transport::Https;
+    let e = f.engine.register(req).await.unwrap_err();
+    let Error::TpmChallenge { authentication_key } = &e else {
+        panic!("{e:?}")
+    };
+    let (status, body) = dps_core::wire::tpm_challenge(&e).unwrap();
+    assert_eq!(status, 401);
+    assert_eq!(body["keyName"], "registration");
+    let blob = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        authentication_key,
+    )
+    .unwrap();
+    dps_core::tpm::ActivationParts::parse(&blob).unwrap();
+    // The transport-independent entry point (the AMQP SASL TPM mechanism's): a blob over
+    // AMQP, a refusal over MQTT, and the activation it issued replaces the previous one.
+    let raw = f
+        .engine
+        .tpm_challenge(SCOPE, "tpm-1", &sample_tpm(), Transport::Amqp, None)
+        .await
+        .unwrap();
+    dps_core::tpm::ActivationParts::parse(&raw).unwrap();
+    assert_ne!(raw, blob);
+    assert!(matches!(
+        f.engine
+            .tpm_challenge(SCOPE, "tpm-1", &sample_tpm(), Transport::MqttWs, None)
+            .await,
+        Err(Error::Unauthorized(AuthFailure::TpmOverMqtt))
+    ));
+    assert!(matches!(
+        f.engine
+            .tpm_challenge(SCOPE, "nobody", &sample_tpm(), Transport::Amqp, None)
+            .await,
+        Err(Error::Unauthorized(AuthFailure::TpmNotEnrolled(_)))
+    ));
+    // A SAS CONNECT for a TPM enrollment is refused (TPM devices have no MQTT path).
+    let connect = f
+        .engine
+        .authorize_connect(Transport::Mqtt, SCOPE, "tpm-1", &token("tpm-1", KEY), None)
+        .await;
+    assert_eq!(connect, Err(ConnectRefusal::NotAuthorized));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Several nodes on one store: leases and the per-device compare-and-set
+
+/// A clock the test moves.
+struct MovableClock(StdMutex<time::OffsetDateTime>);
+impl Clock for MovableClock {
+    fn now(&self) -> time::OffsetDateTime {
+        *self.0.lock().unwrap()
+    }
+}
+impl MovableClock {
+    fn advance(&self, d: Duration) {
+        *self.0.lock().unwrap() += d;
+    }
+}
+
+impl Fixture {
+    /// Another node (its own engine, hub set and id) on the same store and instances, with the
+    /// given fake hub installed for `host`.
+    fn other_node(
+        &self,
+        settings: EngineSettings,
+        clock: Arc<dyn Clock>,
+        seed: u64,
+        host: &str,
+        fake: Arc<FakeHub>,
+    ) -> Arc<Engine> {
+        let mut settings = settings;
+        settings.node.id = format!("node-{seed}");
+        let store = self.repo.store.clone();
+        let hubs = Arc::new(HubSet::new(store, crate::outbound::Outbound::permissive()));
+        hubs.install(self.instance.hub(host).unwrap(), fake);
+        Engine::new(
+            EnginePorts {
+                repo: self.repo.clone(),
+                instances: self.instances.clone(),
+                hubs,
+                catalog: Catalog::new(self.repo.clone()),
+                clock,
+                random: Arc::new(SeededRandom::new(seed)),
+                custom_allocator: self.webhook.clone(),
+            },
+            settings,
+        )
+    }
+}
+
+async fn wait_for_record(
+    f: &Fixture,
+    rid: &str,
+    what: &str,
+    ok: impl Fn(&RegistrationRecord) -> bool,
+) -> RegistrationRecord {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((rec, _)) = f.repo.registration("t", rid).await.unwrap() {
+            if ok(&rec) {
+                return rec;
+            }
+        }
+        assert!(Instant::now() < deadline, "{rid}: never {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// An intent belongs to the node that wrote it: another node never takes it over while the
+/// owner's heartbeat holds, however old the intent; once the heartbeat lapses it is ended at
+/// once, and the old owner's late write is refused by the record's compare-and-set (its
+/// attempt starts again and ends with one consistent record).
+#[tokio::test]
+async fn intents_follow_their_nodes_heartbeat_not_their_age() {
+    let clock = Arc::new(MovableClock(StdMutex::new(
+        time::macros::datetime!(2026-06-01 12:00 UTC),
+    )));
+    let settings = EngineSettings {
+        inline_wait: Duration::from_millis(20),
+        ..EngineSettings::default()
+    };
+    let lease = settings.node.lease;
+    let f = fixture_clocked(vec![hub("fake-hub")], settings.clone(), clock.clone()).await;
+    f.group("g", serde_json::json!({})).await;
+    let fake = Arc::new(FakeHub::new("fake-hub").with_timeout(Duration::from_secs(2)));
+    f.engine
+        .hubs
+        .install(f.instance.hub("fake-hub").unwrap(), fake.clone());
+    let a = f.engine.clone();
+    let b = f.other_node(settings, clock.clone(), 2, "fake-hub", fake.clone());
+    assert_ne!(a.node_id(), b.node_id());
+    a.heartbeat().await.unwrap();
+    b.heartbeat().await.unwrap();
+
+    // Node A's hub write hangs (2 s): its intent is in the store, owned by A.
+    fake.hang_next(1);
+    let r = a.register(register_request("slow-1")).await.unwrap();
+    assert_eq!(r.status, 202);
+    let op = r.body.operation_id;
+    let owner = a.node_id().to_string();
+    wait_for_record(&f, "slow-1", "an intent of node A", |r| {
+        r.state.status == Some(RegistrationStatus::Assigning)
+            && r.pending.as_ref().and_then(|p| p.owner.as_deref()) == Some(owner.as_str())
+    })
+    .await;
+
+    // An hour later, with A alive (heartbeat fresh), B's recovery leaves it alone.
+    clock.advance(Duration::from_secs(3600));
+    a.heartbeat().await.unwrap();
+    b.heartbeat().await.unwrap();
+    assert_eq!(b.recover(Duration::from_secs(60)).await.unwrap(), 0);
+    let (rec, _) = f.repo.registration("t", "slow-1").await.unwrap().unwrap();
+    assert_eq!(rec.state.status, Some(RegistrationStatus::Assigning));
+    // A's own sweep leaves it too: its assignment is running.
+    assert_eq!(a.recover(Duration::from_secs(60)).await.unwrap(), 0);
+
+    // A stops beating: once its lease has passed, B ends the intent at once.
+    clock.advance(lease + Duration::from_millis(1));
+    b.heartbeat().await.unwrap();
+    assert_eq!(b.recover(Duration::from_secs(60)).await.unwrap(), 1);
+    let (rec, _) = f.repo.registration("t", "slow-1").await.unwrap().unwrap();
+    assert_eq!(rec.state.status, Some(RegistrationStatus::Failed));
+    assert_eq!(rec.failure, Some(AssignmentFailure::Interrupted));
+    assert!(rec.pending.is_none());
+    assert!(
+        rec.reason.as_deref().unwrap().contains(&owner),
+        "{:?}",
+        rec.reason
+    );
+
+    // A's hub write times out; its failure write is refused (the record changed), so its
+    // attempt starts again from the recovered record and assigns the device.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = a
+            .operation_status(register_request("slow-1"), &op)
+            .await
+            .unwrap();
+        if r.status == 200 {
+            assert_eq!(r.body.status, RegistrationStatus::Assigned);
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {:?}", r.body.status);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (rec, _) = f.repo.registration("t", "slow-1").await.unwrap().unwrap();
+    assert_eq!(rec.state.status, Some(RegistrationStatus::Assigned));
+    assert_eq!(rec.state.assigned_hub.as_deref(), Some("fake-hub"));
+    assert_eq!(fake.devices().len(), 1);
+}
+
+/// A node's own intent that no running assignment holds (a store failure ended the attempt
+/// half-way) is ended by that node's own sweep; an intent without an owner (written before
+/// nodes had ids) only once older than `unowned_after`.
+#[tokio::test]
+async fn own_abandoned_and_unowned_intents_are_recovered() {
+    let clock = Arc::new(MovableClock(StdMutex::new(
+        time::macros::datetime!(2026-06-01 12:00 UTC),
+    )));
+    let f = fixture_clocked(
+        vec![hub("fake-hub")],
+        EngineSettings::default(),
+        clock.clone(),
+    )
+    .await;
+    f.engine.heartbeat().await.unwrap();
+    let intent = |rid: &str, owner: Option<String>| RegistrationRecord {
+        state: DeviceRegistrationState {
+            registration_id: rid.into(),
+            status: Some(RegistrationStatus::Assigning),
+            last_updated_date_time_utc: Some(ts(clock.as_ref())),
+            ..Default::default()
+        },
+        operation_id: Some("op".into()),
+        recent_operations: vec![],
+        retry_after: None,
+        enrollment_group_id: None,
+        attestation: None,
+        hub_history: vec!["fake-hub".into()],
+        failure: None,
+        reason: None,
+        pending: Some(PendingAssignment {
+            hub: "fake-hub".into(),
+            device_id: rid.into(),
+            started: ts(clock.as_ref()),
+            owner,
+        }),
+        transport: None,
+        hub_write: None,
+        issued: None,
+    };
+    let mut mine = intent("mine", Some(f.engine.node_id().to_string()));
+    f.repo
+        .put_registration("t", &mut mine, "e1".into(), Expect::Any)
+        .await
+        .unwrap();
+    let mut old = intent("old", None);
+    f.repo
+        .put_registration("t", &mut old, "e2".into(), Expect::Any)
+        .await
+        .unwrap();
+    assert_eq!(f.engine.recover(Duration::from_secs(60)).await.unwrap(), 1);
+    let status = |rid: &'static str| {
+        let repo = f.repo.clone();
+        async move {
+            repo.registration("t", rid)
+                .await
+                .unwrap()
+                .unwrap()
+                .0
+                .state
+                .status
+        }
+    };
+    assert_eq!(status("mine").await, Some(RegistrationStatus::Failed));
+    assert_eq!(status("old").await, Some(RegistrationStatus::Assigning));
+    clock.advance(Duration::from_secs(61));
+    f.engine.heartbeat().await.unwrap();
+    assert_eq!(f.engine.recover(Duration::from_secs(60)).await.unwrap(), 1);
+    assert_eq!(status("old").await, Some(RegistrationStatus::Failed));
+}
+
+/// Two registrations of one device arriving at two nodes at once end with one record, one
+/// identity on one hub, and the same answer to both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_registering_one_device_at_once_agree() {
+    let settings = EngineSettings::default();
+    let f = fixture_with(vec![hub("hub-a"), hub("hub-b")], settings.clone()).await;
+    f.group("g", serde_json::json!({})).await;
+    let fa = Arc::new(FakeHub::new("hub-a"));
+    let fb = Arc::new(FakeHub::new("hub-b"));
+    f.engine
+        .hubs
+        .install(f.instance.hub("hub-a").unwrap(), fa.clone());
+    f.engine
+        .hubs
+        .install(f.instance.hub("hub-b").unwrap(), fb.clone());
+    let clock: Arc<dyn Clock> = Arc::new(FixedClock(time::macros::datetime!(2026-06-01 12:00 UTC)));
+    let other = f.other_node(settings, clock, 7, "hub-a", fa.clone());
+    other
+        .hubs
+        .install(f.instance.hub("hub-b").unwrap(), fb.clone());
+    f.engine.heartbeat().await.unwrap();
+    other.heartbeat().await.unwrap();
+    for i in 0..20 {
+        let rid = format!("twin-{i}");
+        let mut tasks = Vec::new();
+        for node in [
+            f.engine.clone(),
+            other.clone(),
+            f.engine.clone(),
+            other.clone(),
+        ] {
+            let req = register_request(&rid);
+            tasks.push(tokio::spawn(async move { node.register(req).await }));
+        }
+        let mut answers = Vec::new();
+        for t in tasks {
+            let r = t.await.unwrap().unwrap_or_else(|e| panic!("{rid}: {e}"));
+            assert_eq!(r.status, 200, "{rid}");
+            assert_eq!(r.body.status, RegistrationStatus::Assigned, "{rid}");
+            let st = r.body.registration_state.unwrap();
+            answers.push((st.assigned_hub, st.device_id));
+        }
+        answers.dedup();
+        assert_eq!(answers.len(), 1, "{rid}: {answers:?}");
+        let (rec, _) = f.repo.registration("t", &rid).await.unwrap().unwrap();
+        assert_eq!(
+            (rec.state.assigned_hub.clone(), rec.state.device_id.clone()),
+            answers[0]
+        );
+        let on_a = fa.device(&rid).is_some();
+        let on_b = fb.device(&rid).is_some();
+        assert!(
+            on_a ^ on_b,
+            "{rid}: one identity on one hub (a: {on_a}, b: {on_b})"
+        );
+    }
+}
+
+/// `max_devices` is counted in the store with a reservation: two nodes registering 16 devices
+/// at once on a hub with room for 5 assign exactly 5; the others are told no hub is available.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_never_overshoot_a_hubs_max_devices() {
+    let mut capped = hub("cap-hub");
+    capped.max_devices = Some(5);
+    let settings = EngineSettings::default();
+    let f = fixture_with(vec![capped], settings.clone()).await;
+    f.group("g", serde_json::json!({})).await;
+    let fake = Arc::new(FakeHub::new("cap-hub"));
+    f.engine
+        .hubs
+        .install(f.instance.hub("cap-hub").unwrap(), fake.clone());
+    let clock: Arc<dyn Clock> = Arc::new(FixedClock(time::macros::datetime!(2026-06-01 12:00 UTC)));
+    let other = f.other_node(settings, clock, 9, "cap-hub", fake.clone());
+    f.engine.heartbeat().await.unwrap();
+    other.heartbeat().await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let node = if i % 2 == 0 {
+            f.engine.clone()
+        } else {
+            other.clone()
+        };
+        let req = register_request(&format!("cap-{i}"));
+        tasks.push(tokio::spawn(async move { node.register(req).await }));
+    }
+    let mut assigned = 0;
+    for t in tasks {
+        let r = t.await.unwrap().unwrap();
+        assert_eq!(r.status, 200);
+        match r.body.status {
+            RegistrationStatus::Assigned => assigned += 1,
+            RegistrationStatus::Failed => {
+                let st = r.body.registration_state.unwrap();
+                assert_eq!(
+                    st.error_code,
+                    Some(dps_core::wire::assignment_failure(&AssignmentFailure::NoHub).error_code)
+                );
+            }
+            s => panic!("unexpected {s:?}"),
+        }
+    }
+    assert_eq!(assigned, 5);
+    assert_eq!(fake.devices().len(), 5);
+}
+
+/// A write that timed out may have reached the hub: the identity a new device may have there is
+/// queued for removal, and the queued removal is dropped once the device is assigned to that
+/// hub after all.
+#[tokio::test]
+async fn a_timed_out_write_to_a_new_hub_queues_the_removal_of_what_it_may_have_left() {
+    let settings = EngineSettings {
+        inline_wait: Duration::from_secs(20),
+        ..EngineSettings::default()
+    };
+    let f = fixture_with(vec![hub("fake-hub")], settings).await;
+    f.group("g", serde_json::json!({})).await;
+    let fake = Arc::new(FakeHub::new("fake-hub").with_timeout(Duration::from_millis(100)));
+    f.engine
+        .hubs
+        .install(f.instance.hub("fake-hub").unwrap(), fake.clone());
+    fake.hang_next(1);
+    let r = f.engine.register(register_request("tmo-1")).await;
+    assert!(r.is_err(), "the device is told to retry: {r:?}");
+    let q = f.engine.cleanup_queue(None, 100).await.unwrap();
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert_eq!(q[0].key.hub, "fake-hub");
+    assert_eq!(q[0].key.device_id, "tmo-1");
+    let r = f.engine.register(register_request("tmo-1")).await.unwrap();
+    assert_eq!(r.body.status, RegistrationStatus::Assigned);
+    assert!(f.engine.cleanup_queue(None, 100).await.unwrap().is_empty());
+    assert!(fake.device("tmo-1").is_some());
 }

@@ -15,7 +15,6 @@ use crate::catalog::Catalog;
 use crate::engine::Engine;
 use crate::outbound::{Outbound, Target};
 use crate::repo::settings_index;
-use base64::Engine as _;
 use dps_core::ids::{DeviceId, EnrollmentGroupId, RegistrationId};
 use dps_core::instance::Instance;
 use dps_core::model::{
@@ -220,14 +219,23 @@ pub fn normalize_settings(
             let t = att.tpm.as_ref().ok_or_else(|| {
                 Error::invalid("attestation.type is tpm but attestation.tpm is missing")
             })?;
-            if base64::engine::general_purpose::STANDARD
-                .decode(&t.endorsement_key)
-                .map(|k| k.is_empty())
-                .unwrap_or(true)
-            {
-                return Err(Error::invalid(
-                    "attestation.tpm.endorsementKey must be base64",
-                ));
+            // The keys must be TPM2B_PUBLIC areas dps can make an activation for (RSA 2048 to
+            // 4096 bits, SHA-256 names, AES-CFB), or no device could ever register.
+            dps_core::tpm::PublicArea::from_base64(&t.endorsement_key, "endorsement key")
+                .and_then(|k| k.check_activation_key("endorsement key"))
+                .map_err(|e| {
+                    Error::invalid(format!(
+                        "attestation.tpm.endorsementKey must be a base64 TPM2B_PUBLIC: {e}"
+                    ))
+                })?;
+            if let Some(srk) = t.storage_root_key.as_deref().filter(|s| !s.is_empty()) {
+                dps_core::tpm::PublicArea::from_base64(srk, "storage root key")
+                    .and_then(|k| k.check_activation_key("storage root key"))
+                    .map_err(|e| {
+                        Error::invalid(format!(
+                            "attestation.tpm.storageRootKey must be a base64 TPM2B_PUBLIC: {e}"
+                        ))
+                    })?;
             }
             att.symmetric_key = None;
             att.x509 = None;

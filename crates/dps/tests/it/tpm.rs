@@ -1,0 +1,353 @@
+//! TPM attestation over HTTPS (protocol digest §6.5) end to end, with a real TPM: `swtpm`
+//! driven by `tpm2-tools` (`dps_device::tpm`). The device presents its EK and SRK, gets the
+//! 401 challenge, opens the blob in its TPM (ActivateCredential, Import), signs SAS tokens
+//! inside the TPM, is assigned, and imports the blob of its registration state; refusals
+//! (unknown registration, unknown EK, wrong SRK, bad signature, replayed activation) are told
+//! apart in the audit log.
+//!
+//! Skipped when swtpm or tpm2-tools are missing, except under `CI=true`, where that fails.
+
+use crate::support::*;
+use base64::Engine as _;
+use dps_device::tpm::{tools_available, Swtpm, Tpm2Tools, TpmPublicKeys};
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+fn tools_or_skip() -> bool {
+    if tools_available() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "swtpm and tpm2-tools are required under CI=true"
+    );
+    eprintln!("skipped: swtpm or tpm2-tools not installed");
+    false
+}
+
+/// A device with a software TPM.
+struct Device {
+    _tpm: Swtpm,
+    tools: Arc<Tpm2Tools>,
+    keys: TpmPublicKeys,
+}
+
+impl Device {
+    async fn start(dir: &std::path::Path, name: &str) -> Device {
+        let (tpm, tools, keys) = {
+            let dir = dir.to_path_buf();
+            let name = name.to_string();
+            tokio::task::spawn_blocking(move || {
+                let tpm = Swtpm::start(dir.join(format!("{name}-state"))).unwrap();
+                let tools = Tpm2Tools::new(Some(tpm.tcti()), dir.join(format!("{name}-work")));
+                let keys = tools.provision().unwrap();
+                (tpm, tools, keys)
+            })
+            .await
+            .unwrap()
+        };
+        Device {
+            _tpm: tpm,
+            tools: Arc::new(tools),
+            keys,
+        }
+    }
+
+    fn ek(&self) -> String {
+        B64.encode(&self.keys.endorsement_key)
+    }
+
+    fn srk(&self) -> String {
+        B64.encode(&self.keys.storage_root_key)
+    }
+
+    fn tpm_body(&self, rid: &str) -> Value {
+        json!({"registrationId": rid, "tpm": {"endorsementKey": self.ek(), "storageRootKey": self.srk()}})
+    }
+
+    async fn import(&self, blob_b64: &str) {
+        let blob = B64.decode(blob_b64).expect("authenticationKey is base64");
+        let tools = self.tools.clone();
+        tokio::task::spawn_blocking(move || tools.import_activation(&blob))
+            .await
+            .unwrap()
+            .expect("the TPM opens dps's activation blob");
+    }
+
+    /// A device SAS token signed inside the TPM with the imported key (§6.1 format).
+    async fn token(&self, rid: &str) -> String {
+        let sr = percent_encoding::utf8_percent_encode(
+            &format!("{SCOPE}/registrations/{rid}"),
+            percent_encoding::NON_ALPHANUMERIC,
+        )
+        .to_string();
+        let se = now() + 3600;
+        let tools = self.tools.clone();
+        let data = format!("{sr}\n{se}").into_bytes();
+        let mac = tokio::task::spawn_blocking(move || tools.hmac(&data))
+            .await
+            .unwrap()
+            .unwrap();
+        let sig = percent_encoding::utf8_percent_encode(
+            &B64.encode(mac),
+            percent_encoding::NON_ALPHANUMERIC,
+        )
+        .to_string();
+        format!("SharedAccessSignature sr={sr}&sig={sig}&se={se}&skn=registration")
+    }
+}
+
+fn register_path(rid: &str) -> String {
+    format!("/{SCOPE}/registrations/{rid}/register?api-version=2021-06-01")
+}
+
+async fn enroll_tpm(s: &TestServer, rid: &str, tpm: Value) -> Resp {
+    s.call(
+        Method::PUT,
+        &format!("/enrollments/{rid}"),
+        Some(&s.owner()),
+        Some(json!({"registrationId": rid, "attestation": {"type": "tpm", "tpm": tpm}})),
+        &[],
+    )
+    .await
+}
+
+/// The challenge: 401 with `authenticationKey` and `keyName`, no `status` or `errorCode`.
+async fn challenge(s: &TestServer, rid: &str, body: Value) -> String {
+    let r = s
+        .call(Method::PUT, &register_path(rid), None, Some(body), &[])
+        .await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert_eq!(r.body["keyName"], "registration", "{}", r.body);
+    assert!(r.body.get("status").is_none(), "{}", r.body);
+    assert!(r.body.get("errorCode").is_none(), "{}", r.body);
+    r.body["authenticationKey"]
+        .as_str()
+        .expect("authenticationKey")
+        .to_string()
+}
+
+/// Register with a token and poll to the final answer.
+async fn register_with(s: &TestServer, rid: &str, tok: &str, body: Value) -> Resp {
+    let r = s
+        .call(Method::PUT, &register_path(rid), Some(tok), Some(body), &[])
+        .await;
+    if r.status != 202 {
+        return r;
+    }
+    let op = r.body["operationId"].as_str().unwrap().to_string();
+    let path = format!("/{SCOPE}/registrations/{rid}/operations/{op}?api-version=2021-06-01");
+    eventually(Duration::from_secs(10), || {
+        let path = path.clone();
+        async move {
+            let r = s.call(Method::GET, &path, Some(tok), None, &[]).await;
+            if r.status == 202 {
+                Err(format!("still assigning: {}", r.body))
+            } else {
+                Ok(r)
+            }
+        }
+    })
+    .await
+}
+
+fn refusal_reasons(audit: &[Value]) -> String {
+    audit
+        .iter()
+        .filter(|e| e["action"] == "registration.refused")
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tpm_device_registers_over_https_and_gets_its_hub_key() {
+    if !tools_or_skip() {
+        return;
+    }
+    let s = TestServer::spawn().await;
+    let dev = Device::start(s.dir.path(), "tpm-a").await;
+    let rid = "tpm-dev-1";
+    let r = enroll_tpm(&s, rid, json!({"endorsementKey": dev.ek()})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["attestation"]["type"], "tpm");
+
+    // Step 1: the challenge, opened inside the TPM.
+    let blob = challenge(&s, rid, dev.tpm_body(rid)).await;
+    dev.import(&blob).await;
+    let tok = dev.token(rid).await;
+
+    // Step 2: the SAS token signed in the TPM registers the device.
+    let r = register_with(&s, rid, &tok, dev.tpm_body(rid)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["status"], "assigned", "{}", r.body);
+    let st = &r.body["registrationState"];
+    assert_eq!(st["deviceId"], rid);
+    let hub = st["assignedHub"].as_str().unwrap().to_string();
+    // The registration state carries a blob for the hub key; it opens in the same TPM and
+    // the key inside is the one the device registered with.
+    let hub_blob = st["tpm"]["authenticationKey"]
+        .as_str()
+        .expect("registrationState.tpm.authenticationKey")
+        .to_string();
+    assert_ne!(hub_blob, blob, "fresh randomness, same key");
+    dev.import(&hub_blob).await;
+    let tok2 = dev.token(rid).await;
+    let r = s
+        .call(
+            Method::POST,
+            &format!("/{SCOPE}/registrations/{rid}?api-version=2021-06-01"),
+            Some(&tok2),
+            Some(json!({})),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        r.status, 200,
+        "the imported hub key signs valid tokens: {}",
+        r.body
+    );
+
+    // The hub identity exists with SAS authentication; the registration record says TPM.
+    let d = s.hub_device(&hub, rid).await;
+    assert_eq!(d.status, 200, "{}", d.body);
+    assert_eq!(d.body["authentication"]["type"], "sas", "{}", d.body);
+    let rec = s.registration_record(rid).await;
+    assert_eq!(rec.status, 200, "{}", rec.body);
+    assert!(
+        rec.body["tpm"]["authenticationKey"].is_string(),
+        "{}",
+        rec.body
+    );
+    let m = scrape(&s).await;
+    assert!(
+        sample(
+            &m,
+            "AttestationAttempts",
+            &[("attestation", "tpm"), ("result", "success")]
+        ) >= 1.0,
+        "{m}"
+    );
+    // No key in the audit log or the record.
+    let audit = s.audit_for(rid).await;
+    let all = format!("{audit:?}{}", rec.body);
+    assert!(!all.contains("\"key\""), "{all}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_refusals_are_told_apart() {
+    if !tools_or_skip() {
+        return;
+    }
+    let s = TestServer::spawn().await;
+    let a = Device::start(s.dir.path(), "tpm-a").await;
+    let b = Device::start(s.dir.path(), "tpm-b").await;
+    let rid = "tpm-dev-2";
+    let r = enroll_tpm(
+        &s,
+        rid,
+        json!({"endorsementKey": a.ek(), "storageRootKey": a.srk()}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // No TPM enrollment: 404201, as Azure answers.
+    let r = s
+        .call(
+            Method::PUT,
+            &register_path("tpm-nobody"),
+            None,
+            Some(a.tpm_body("tpm-nobody")),
+            &[],
+        )
+        .await;
+    assert_error(&r, 404, Some(404201));
+
+    // Another TPM's EK: refused, nothing issued.
+    let r = s
+        .call(
+            Method::PUT,
+            &register_path(rid),
+            None,
+            Some(b.tpm_body(rid)),
+            &[],
+        )
+        .await;
+    assert_error(&r, 401, Some(401002));
+    // The right EK with another SRK than the enrollment names.
+    let body = json!({"registrationId": rid, "tpm": {"endorsementKey": a.ek(), "storageRootKey": b.srk()}});
+    let r = s
+        .call(Method::PUT, &register_path(rid), None, Some(body), &[])
+        .await;
+    assert_error(&r, 401, Some(401002));
+    // A malformed EK is a bad request.
+    let body = json!({"registrationId": rid, "tpm": {"endorsementKey": "AAEC", "storageRootKey": a.srk()}});
+    let r = s
+        .call(Method::PUT, &register_path(rid), None, Some(body), &[])
+        .await;
+    assert_error(&r, 400, Some(400004));
+
+    // A token signed with a key dps never issued.
+    let first = challenge(&s, rid, a.tpm_body(rid)).await;
+    let forged = device_token(SCOPE, rid, &dps_core::sas::generate_key());
+    let r = s
+        .call(
+            Method::PUT,
+            &register_path(rid),
+            Some(&forged),
+            Some(a.tpm_body(rid)),
+            &[],
+        )
+        .await;
+    assert_error(&r, 401, Some(401002));
+
+    // Replay: the device opened the first activation; a second one is issued since; a token
+    // signed with the first key is refused as a replay.
+    a.import(&first).await;
+    let old = a.token(rid).await;
+    let second = challenge(&s, rid, a.tpm_body(rid)).await;
+    let r = s
+        .call(
+            Method::PUT,
+            &register_path(rid),
+            Some(&old),
+            Some(a.tpm_body(rid)),
+            &[],
+        )
+        .await;
+    assert_error(&r, 401, Some(401002));
+    // With the current activation it works.
+    a.import(&second).await;
+    let tok = a.token(rid).await;
+    let r = register_with(&s, rid, &tok, a.tpm_body(rid)).await;
+    assert_eq!(r.body["status"], "assigned", "{}", r.body);
+
+    let audit = s.audit_for(rid).await;
+    let reasons = refusal_reasons(&audit);
+    for expected in [
+        "unknown endorsement key",
+        "wrong storage root key",
+        "bad signature",
+        "replayed activation",
+    ] {
+        assert!(reasons.contains(expected), "{expected} in:\n{reasons}");
+    }
+    let nobody = refusal_reasons(&s.audit_for("tpm-nobody").await);
+    assert!(nobody.contains("no individual enrollment"), "{nobody}");
+}
+
+#[tokio::test]
+async fn tpm_enrollments_need_a_usable_endorsement_key() {
+    let s = TestServer::spawn().await;
+    let r = enroll_tpm(&s, "tpm-bad", json!({"endorsementKey": "AAEC"})).await;
+    assert_error(&r, 400, Some(400004));
+    assert!(
+        r.body["message"].as_str().unwrap().contains("TPM2B_PUBLIC"),
+        "{}",
+        r.body
+    );
+}
