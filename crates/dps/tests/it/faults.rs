@@ -92,10 +92,8 @@ async fn throttle_answers_429_with_the_chosen_retry_after_on_the_first_request()
     assert!(!l.body.to_string().contains(&id), "{}", l.body);
     // Visible: metric and audit (marked injected).
     let m = scrape(&s).await;
-    assert_eq!(
-        sample(&m, "dps_faults_injected_total", &[("action", "throttle")]),
-        1.0
-    );
+    // (The registry is shared by the tests of this process: at least this one.)
+    assert!(sample(&m, "dps_faults_injected_total", &[("action", "throttle")]) >= 1.0);
     let a = s.audit_for("thr-1").await;
     let e = a
         .iter()
