@@ -41,6 +41,7 @@ pub use commands::enrollment_common::{
     AttestationArg, EnrollmentFields, KindCommand, ListFilters, ReprovisionArg, StatusArg,
 };
 pub use commands::enrollment_group::{GroupCommand, RootCaArg};
+pub use commands::fault::FaultCommand;
 pub use commands::hub::{HubCleanupCommand, HubCommand, HubDeviceCommand};
 pub use commands::instance::InstanceCommand;
 pub use commands::linked_hub::LinkedHubCommand;
@@ -141,6 +142,9 @@ pub enum Command {
     /// CA certificates of an instance (admin API).
     #[command(subcommand)]
     Certificate(CertificateCommand),
+    /// Fault injection rules of an instance (admin API; test instances only).
+    #[command(subcommand)]
+    Fault(FaultCommand),
     /// Write the man pages (`dps.1` and one per subcommand) into a folder.
     #[command(hide = true)]
     Man(ManArgs),

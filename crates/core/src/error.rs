@@ -216,6 +216,16 @@ pub enum Error {
         /// Seconds.
         retry_after: u32,
     },
+    /// An error answer asked for by a fault injection rule (`docs/testing-with-dps.md`).
+    #[error("injected fault (rule {rule}): {error_code} {message}")]
+    Injected {
+        /// The rule.
+        rule: String,
+        /// The six-digit code the device is sent.
+        error_code: u32,
+        /// The message the device is sent.
+        message: String,
+    },
     /// The store failed.
     #[error("store: {0}")]
     Store(#[from] StoreError),

@@ -12,6 +12,7 @@ pub mod allocation;
 pub mod clock;
 pub mod device;
 pub mod error;
+pub mod fault;
 pub mod hub;
 pub mod ids;
 pub mod instance;

@@ -127,6 +127,11 @@ impl From<&Error> for WireError {
                 WireError::new(codes::PRECONDITION_FAILED, e.to_string())
             }
             Error::Conflict { .. } => WireError::new(codes::CONFLICT, e.to_string()),
+            Error::Injected {
+                error_code,
+                message,
+                ..
+            } => WireError::new(*error_code, message.clone()),
             Error::Throttled { retry_after } => WireError {
                 retry_after: Some(*retry_after),
                 ..WireError::new(codes::THROTTLED, "Operation was throttled")

@@ -273,6 +273,8 @@ fn main() {
             linked_hub: vec![dps_core::instance::LinkedHub::registry("hub-1.bench"), dps_core::instance::LinkedHub::registry("hub-2.bench")],
             allocation_policy: Default::default(),
             register_response: dps_core::instance::RegisterResponse::Immediate,
+            allow_fault_injection: false,
+            fault: vec![],
             credential_policy: Vec::new(),
         }];
         let server = dps_server::server::start(cfg).await.expect("server");

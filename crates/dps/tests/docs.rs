@@ -163,6 +163,14 @@ fn every_configuration_key_is_documented() {
         linked_hub: vec![hub],
         allocation_policy: Default::default(),
         register_response: Default::default(),
+        allow_fault_injection: true,
+        fault: vec![serde_json::from_value(serde_json::json!({
+            "id": "f", "action": "throttle", "registrationId": "x*", "enrollmentGroup": "g",
+            "transport": "https", "attestation": "x509", "count": 1,
+            "expires": "2030-01-01T00:00:00Z", "retryAfter": 1, "delayPolls": 1, "delayMs": 1,
+            "errorCode": 500001, "message": "m", "hub": "h"
+        }))
+        .expect("fault rule")],
         credential_policy: vec![{
             let mut p = dps_core::issuance::CredentialPolicy::new("devices");
             p.san_device_id = false;

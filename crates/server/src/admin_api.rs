@@ -177,6 +177,27 @@ pub async fn handle(
                 .collect();
             ok(&serde_json::json!({ "items": items }))
         }
+        Op::FaultList => {
+            let inst = target(app, caller, &segs[2])?;
+            ok(&serde_json::json!({
+                "allowed": app.engine.faults().allowed(&inst.name),
+                "items": app.engine.faults().list(Some(&inst.name)),
+            }))
+        }
+        Op::FaultAdd => {
+            let inst = target(app, caller, &segs[2])?;
+            let rule: dps_core::fault::FaultRule = serde_json::from_slice(body)
+                .map_err(|e| Error::invalid(format!("invalid fault rule: {e}")))?;
+            let rule = app.engine.add_fault(&inst, &caller.policy, rule).await?;
+            Ok(json_response(StatusCode::CREATED, &rule))
+        }
+        Op::FaultDelete => {
+            let inst = target(app, caller, &segs[2])?;
+            app.engine
+                .remove_fault(&inst, &caller.policy, &segs[4])
+                .await?;
+            Ok(no_content())
+        }
         Op::AuditLog => {
             let instance = match param(params, "instance") {
                 Some(i) => {

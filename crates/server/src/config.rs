@@ -566,6 +566,13 @@ pub struct InstanceConfig {
     /// `accepted` (202, Azure's behaviour) or `immediate` (200 when done).
     #[serde(default)]
     pub register_response: RegisterResponse,
+    /// Whether this instance accepts fault injection rules (here and through the admin API).
+    /// Only settable in this file: never set it on a production instance.
+    #[serde(default)]
+    pub allow_fault_injection: bool,
+    /// Fault injection rules (`docs/testing-with-dps.md`); need `allow_fault_injection`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fault: Vec<dps_core::fault::FaultRule>,
     /// Credential policies (certificate issuance: the CAs that sign devices' CSRs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub credential_policy: Vec<dps_core::issuance::CredentialPolicy>,
@@ -1002,6 +1009,22 @@ impl InstanceConfig {
             }
             policy.check_linked_hub(h).map_err(at)?;
         }
+        if !self.fault.is_empty() && !self.allow_fault_injection {
+            return Err(at(
+                "fault: fault injection rules need allow_fault_injection = true on the instance"
+                    .into(),
+            ));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for (n, r) in self.fault.iter().enumerate() {
+            let r = r
+                .clone()
+                .validated()
+                .map_err(|e| at(format!("fault[{n}]: {e}")))?;
+            if !r.id.is_empty() && !ids.insert(r.id.clone()) {
+                return Err(at(format!("fault[{n}]: duplicate id '{}'", r.id)));
+            }
+        }
         Ok(())
     }
 }
@@ -1067,8 +1090,11 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/dps.example.toml");
         let text = std::fs::read_to_string(&path).expect("example config exists");
         let cfg: Config = toml_parse(&text);
-        assert_eq!(cfg.instances.len(), 2);
+        assert_eq!(cfg.instances.len(), 3);
         assert_eq!(cfg.instances[0].linked_hub.len(), 2);
+        assert!(!cfg.instances[0].allow_fault_injection);
+        assert!(cfg.instances[2].allow_fault_injection);
+        assert_eq!(cfg.instances[2].fault.len(), 4);
         assert_eq!(cfg.listen.https, "[::]:443");
         assert_eq!(cfg.auth.max_token_lifetime_secs, 0);
         assert_eq!(cfg.outbound.max_response_bytes, 1_048_576);
@@ -1256,6 +1282,8 @@ mod tests {
                 linked_hub: vec![],
                 allocation_policy: AllocationPolicy::Hashed,
                 register_response: RegisterResponse::Accepted,
+                allow_fault_injection: false,
+                fault: vec![],
                 credential_policy: Vec::new(),
             }],
             ..Config::default()
@@ -1288,6 +1316,8 @@ mod tests {
                 linked_hub: vec![],
                 allocation_policy: AllocationPolicy::Hashed,
                 register_response: RegisterResponse::Accepted,
+                allow_fault_injection: false,
+                fault: vec![],
                 credential_policy: Vec::new(),
             };
             f(&mut i);

@@ -114,6 +114,9 @@ pub enum Op {
     HubDeviceList,
     HubDeviceGet,
     HubCleanupList,
+    FaultList,
+    FaultAdd,
+    FaultDelete,
     AuditLog,
     CertificateList,
     CertificateGet,
@@ -196,7 +199,7 @@ use Right::{
     RegistrationStatusWrite as RW, ServiceConfig as SC,
 };
 
-static ROUTES: [Route; 73] = [
+static ROUTES: [Route; 76] = [
     // Device API (§3).
     r!(PUT "/{idScope}/registrations/{registrationId}/register", Device, Access::Device, Op::DeviceRegister),
     r!(GET "/{idScope}/registrations/{registrationId}/operations/{operationId}", Device, Access::Device, Op::DeviceOperationStatus),
@@ -234,6 +237,9 @@ static ROUTES: [Route; 73] = [
     r!(GET "/admin/instances/{instance}/hubs/{hub}/devices", Admin, R(SC), Op::HubDeviceList),
     r!(GET "/admin/instances/{instance}/hubs/{hub}/devices/{deviceId}", Admin, R(SC), Op::HubDeviceGet),
     r!(GET "/admin/instances/{instance}/hubCleanup", Admin, R(SC), Op::HubCleanupList),
+    r!(GET "/admin/instances/{instance}/faults", Admin, R(SC), Op::FaultList),
+    r!(POST "/admin/instances/{instance}/faults", Admin, R(SC), Op::FaultAdd),
+    r!(DELETE "/admin/instances/{instance}/faults/{fault}", Admin, R(SC), Op::FaultDelete),
     r!(GET "/admin/audit", Admin, R(SC), Op::AuditLog),
     // Admin API: CA certificates (proof of possession) and the deny list.
     r!(GET "/admin/instances/{instance}/certificates", Certificates, R(SC), Op::CertificateList),

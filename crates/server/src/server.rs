@@ -145,6 +145,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             linked_hub: vec![dps_core::instance::LinkedHub::registry("hub.localhost")],
             allocation_policy: Default::default(),
             register_response: Default::default(),
+            allow_fault_injection: false,
+            fault: vec![],
             credential_policy: Vec::new(),
         }]
     } else {
@@ -227,6 +229,22 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         },
         settings,
     );
+    engine
+        .faults()
+        .configure(
+            declared
+                .iter()
+                .filter(|i| i.allow_fault_injection)
+                .map(|i| i.name.clone()),
+            declared
+                .iter()
+                .flat_map(|i| i.fault.iter().map(|r| (i.name.clone(), r.clone())))
+                .collect(),
+        )
+        .map_err(|e| anyhow!("fault injection: {e}"))?;
+    for i in declared.iter().filter(|i| i.allow_fault_injection) {
+        tracing::warn!(instance = %i.name, rules = i.fault.len(), "fault injection is allowed on this instance: devices may get injected errors, delays and outages (never on production)");
+    }
     // This node's heartbeat row exists before it writes any intent, so that no other node
     // takes its work for a dead node's.
     engine

@@ -9,6 +9,7 @@ pub(crate) mod device;
 pub(crate) mod enrollment;
 pub(crate) mod enrollment_common;
 pub(crate) mod enrollment_group;
+pub(crate) mod fault;
 pub(crate) mod hub;
 pub(crate) mod instance;
 pub(crate) mod linked_hub;
@@ -35,6 +36,7 @@ pub(crate) async fn dispatch(g: &Globals, cmd: Command) -> Result<ExitCode> {
         Command::Audit(c) => audit::run(g, &svc, c).await,
         Command::Certificate(c) => certificate::run(g, &svc, c).await,
         Command::AccessPolicy(c) => access_policy::run(g, &svc, c).await,
+        Command::Fault(c) => fault::run(g, &svc, c).await,
         _ => bail!("unsupported command"),
     }?;
     Ok(ExitCode::SUCCESS)

@@ -48,6 +48,7 @@ async fn spawn_matrix_server() -> TestServer {
         hub.options
             .insert("auth_secret".into(), BROKER_SECRET.into());
         cfg.instances[0].linked_hub.push(hub);
+        cfg.instances[0].allow_fault_injection = true;
         let mut issuing = dps_core::issuance::CredentialPolicy::new("matrix");
         issuing.min_renewal_interval_secs = 0;
         cfg.instances[0].credential_policy = vec![issuing];
@@ -399,6 +400,29 @@ async fn row(s: &TestServer, gkey: &str, route: &Route, n: usize) -> Option<Case
         }
         "GET /admin/instances/{instance}/hubCleanup" => {
             case("/admin/instances/default/hubCleanup", None, 200)
+        }
+        "GET /admin/instances/{instance}/faults" => {
+            case("/admin/instances/default/faults", None, 200)
+        }
+        "POST /admin/instances/{instance}/faults" => case(
+            "/admin/instances/default/faults",
+            Some(json!({"action": "throttle", "registrationId": format!("mx-never-{n}")})),
+            201,
+        ),
+        "DELETE /admin/instances/{instance}/faults/{fault}" => {
+            let body = json!({"action": "throttle", "id": format!("mx-f-{n}"), "registrationId": "mx-never"});
+            owner_call(
+                s,
+                Method::POST,
+                "/admin/instances/default/faults",
+                Some(body),
+            )
+            .await;
+            case(
+                format!("/admin/instances/default/faults/mx-f-{n}"),
+                None,
+                204,
+            )
         }
         "GET /admin/audit" => case("/admin/audit", None, 200),
         // Admin API: certificates and the deny list.

@@ -8,6 +8,7 @@ mod certificates_issuance;
 mod cli;
 mod connections;
 mod device_client;
+mod faults;
 mod hub_cleanup;
 mod hub_contract;
 mod hubs_azure;

@@ -72,6 +72,8 @@ pub fn instance(name: &str, scope: &str, host: &str, hubs: Vec<LinkedHub>) -> In
         linked_hub: hubs,
         allocation_policy: Default::default(),
         register_response: RegisterResponse::Accepted,
+        allow_fault_injection: false,
+        fault: vec![],
         credential_policy: Vec::new(),
     }
 }

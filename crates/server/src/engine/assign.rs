@@ -257,6 +257,15 @@ impl Engine {
         }
 
         // The hub side.
+        if let Some(rule) = self.faults.take_hub_down(op, &hub.host) {
+            let e = HubError::Unreachable {
+                hub: hub.host.clone(),
+                message: format!("injected fault (rule {rule}): the hub is down"),
+            };
+            return self
+                .hub_failed(&inst, &mut rec, existing.as_ref(), &hub, e, labels)
+                .await;
+        }
         let adapter = match self.hubs.adapter(&hub) {
             Ok(a) => a,
             Err(e) => {

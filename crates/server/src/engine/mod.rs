@@ -141,6 +141,8 @@ pub struct Engine {
     catalog: Arc<Catalog>,
     /// Which refused attempts are audited (per source, per node).
     refusals: refusals::RefusalSampler,
+    /// Fault injection rules in force on this node.
+    faults: Arc<crate::faults::Faults>,
     /// The credential policies' issuing CAs (certificate issuance).
     issuer: Arc<crate::issuer::Issuer>,
     /// When this run started (Unix ms), for the heartbeat row.
@@ -195,7 +197,104 @@ impl Engine {
             running: Mutex::new(HashSet::new()),
             catalog,
             refusals,
+            faults: Arc::default(),
         })
+    }
+
+    /// The fault injection rules of this node (configured at start, managed by the admin API).
+    pub fn faults(&self) -> &Arc<crate::faults::Faults> {
+        &self.faults
+    }
+
+    /// Adds a fault injection rule to an instance (admin API), audited as `fault.add`.
+    pub async fn add_fault(
+        &self,
+        inst: &Instance,
+        actor: &str,
+        rule: dps_core::fault::FaultRule,
+    ) -> Result<dps_core::fault::FaultRule> {
+        use crate::faults::FaultRuleError;
+        let rule = self.faults.add(&inst.name, rule).map_err(|e| match e {
+            FaultRuleError::Exists(id) => Error::Conflict {
+                kind: "fault rule",
+                id,
+            },
+            other => Error::invalid(other.to_string()),
+        })?;
+        tracing::warn!(instance = %inst.name, rule = %rule.id, action = rule.action.as_str(), "fault injection rule added");
+        self.audit
+            .record(
+                &inst.name,
+                actor,
+                "fault.add",
+                "fault",
+                &rule.id,
+                None::<&()>,
+                Some(&rule),
+            )
+            .await;
+        Ok(rule)
+    }
+
+    /// Removes a fault injection rule (admin API), audited as `fault.remove`.
+    pub async fn remove_fault(&self, inst: &Instance, actor: &str, id: &str) -> Result<()> {
+        if !self.faults.remove(&inst.name, id) {
+            return Err(Error::not_found("fault rule", id));
+        }
+        self.audit
+            .record(
+                &inst.name,
+                actor,
+                "fault.remove",
+                "fault",
+                id,
+                None::<&()>,
+                None::<&()>,
+            )
+            .await;
+        Ok(())
+    }
+
+    /// The fault injection rule that fires for this admitted attempt, if any: counted in
+    /// `dps_faults_injected_total{action}`, logged, and audited as `fault.injected` (sampled
+    /// like refusals).
+    async fn injected_fault(
+        &self,
+        adm: &attest::Admitted,
+        transport: Transport,
+        peer: Option<std::net::IpAddr>,
+    ) -> Option<dps_core::fault::FaultRule> {
+        let group = adm.group_id();
+        let attempt = dps_core::fault::FaultAttempt {
+            registration_id: adm.registration_id.as_str(),
+            enrollment_group: group.as_deref(),
+            transport: transport.as_str(),
+            attestation: adm.attestation.as_str(),
+        };
+        let mut b = [0u8; 4];
+        self.random.fill(&mut b);
+        let draw = f64::from(u32::from_le_bytes(b)) / (f64::from(u32::MAX) + 1.0);
+        let rule =
+            self.faults
+                .pick(&adm.instance.name, &attempt, &ts(self.clock.as_ref()), draw)?;
+        tracing::info!(registration_id = %adm.registration_id, rule = %rule.id, action = rule.action.as_str(), "fault injected");
+        if self.refusals.admit(peer, Instant::now()).is_ok() {
+            self.audit
+                .record(
+                    &adm.instance.name,
+                    "fault",
+                    "fault.injected",
+                    "registration",
+                    adm.registration_id.as_str(),
+                    None::<&()>,
+                    Some(&serde_json::json!({
+                        "injected": true, "rule": rule.id, "action": rule.action.as_str(),
+                        "transport": transport.as_str(),
+                    })),
+                )
+                .await;
+        }
+        Some(rule)
     }
 
     /// A device attempt was refused (attestation failed): log it, count it in
@@ -459,11 +558,44 @@ impl Engine {
             }
         };
         metrics::counter!("AttestationAttempts", "instance" => inst.name.clone(), "protocol" => req.transport.as_str(), "attestation" => adm.attestation.as_str(), "result" => "success").increment(1);
+        let fault = self.injected_fault(&adm, req.transport, req.peer).await;
+        let mut delay = Duration::ZERO;
+        if let Some(f) = &fault {
+            use dps_core::fault::FaultAction;
+            match f.action {
+                FaultAction::Throttle => {
+                    return Err(Error::Throttled {
+                        retry_after: f.retry_after.unwrap_or(5),
+                    })
+                }
+                FaultAction::Fail => {
+                    return Err(Error::Injected {
+                        rule: f.id.clone(),
+                        error_code: f.error_code.unwrap_or(500_000),
+                        message: f
+                            .message
+                            .clone()
+                            .unwrap_or_else(|| format!("Injected fault (rule {})", f.id)),
+                    })
+                }
+                FaultAction::Delay => delay = Duration::from_millis(f.delay_ms.unwrap_or(0)),
+                FaultAction::HubDown => {}
+            }
+        }
         let csr = match req.body.csr.as_deref() {
             Some(field) => Some(self.certificate_request(&adm, field).await?),
             None => None,
         };
         let op = dps_core::random::operation_id(self.random.as_ref()).to_string();
+        if let Some(f) = &fault {
+            match f.action {
+                dps_core::fault::FaultAction::HubDown => self.faults.arm_hub_down(&op, f),
+                dps_core::fault::FaultAction::Delay if f.delay_polls.unwrap_or(0) > 0 => {
+                    self.faults.hold_polls(&op, f.delay_polls.unwrap_or(0))
+                }
+                _ => {}
+            }
+        }
         let reg_key = rid.key();
         let key = (inst.name.to_ascii_lowercase(), reg_key.clone(), op.clone());
         self.running
@@ -477,6 +609,10 @@ impl Engine {
             let force = req.force_registration;
             let me = self.self_arc();
             async move {
+                if !delay.is_zero() {
+                    // An injected delay: the registration stays `assigning` meanwhile.
+                    tokio::time::sleep(delay).await;
+                }
                 let r = me.assign(adm, &op, payload, transport, force, csr).await;
                 me.running.lock().expect("running lock").remove(&key);
                 r
@@ -489,6 +625,18 @@ impl Engine {
             Ok(joined) => {
                 let rec = joined
                     .map_err(|e| Error::Internal(format!("assignment task failed: {e}")))??;
+                if self.faults.polls_held(&op) {
+                    // An injected delay holds the result back for some polls.
+                    return Ok((
+                        self.assigning_response(
+                            &op,
+                            rid.as_str(),
+                            self.settings.ready_retry_after,
+                            false,
+                        ),
+                        "assigning",
+                    ));
+                }
                 let outcome = rec.state.status.map(|s| s.as_str()).unwrap_or("unassigned");
                 let resp = Self::final_response(&rec, &op)?;
                 if mode == RegisterResponse::Immediate
@@ -521,6 +669,14 @@ impl Engine {
     async fn operation_status_inner(&self, req: DeviceRequest, op: &str) -> Result<DeviceResponse> {
         let (inst, rid) = self.addressee(&req)?;
         self.attest(&inst, &rid, &req.credential).await?;
+        if self.faults.poll_held(op) {
+            return Ok(self.assigning_response(
+                op,
+                rid.as_str(),
+                self.settings.ready_retry_after,
+                true,
+            ));
+        }
         if self.running.lock().expect("running lock").contains(&(
             inst.name.to_ascii_lowercase(),
             rid.key(),
