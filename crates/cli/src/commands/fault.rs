@@ -35,6 +35,8 @@ impl FaultActionArg {
 }
 
 /// `dps fault …`
+// Parsed once per process: the size of `Add` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum FaultCommand {
     /// List the rules in force on the node that answers (with their injection counts).
