@@ -97,6 +97,7 @@ data_dir = "$WORK/dps-data"
 [listen]
 https = "127.0.0.1:0"
 mqtt = "127.0.0.1:0"
+amqp = "127.0.0.1:0"
 admin = "127.0.0.1:0"
 [log]
 level = "warn"

@@ -313,6 +313,7 @@ store = "{store}"
 [listen]
 https = "127.0.0.1:0"
 mqtt = ""
+amqp = ""
 admin = "127.0.0.1:0"
 
 [outbound]
