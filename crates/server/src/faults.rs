@@ -96,7 +96,7 @@ impl Faults {
     }
 
     /// Whether any rule is in force (the registration path checks nothing else when none is).
-    fn any(&self) -> bool {
+    pub fn any(&self) -> bool {
         !self.rules.read().expect("faults lock").is_empty()
     }
 

@@ -264,6 +264,11 @@ impl Engine {
         transport: Transport,
         peer: Option<std::net::IpAddr>,
     ) -> Option<dps_core::fault::FaultRule> {
+        if !self.faults.any() {
+            // No rules: nothing is drawn from the random source (its sequence stays the one
+            // the other ids come from).
+            return None;
+        }
         let group = adm.group_id();
         let attempt = dps_core::fault::FaultAttempt {
             registration_id: adm.registration_id.as_str(),
