@@ -25,6 +25,7 @@ fn instance() -> &'static Instance {
             linked_hub: vec![LinkedHub::registry("hub-1.example.net")],
             allocation_policy: Default::default(),
             register_response: Default::default(),
+            credential_policy: Vec::new(),
         }
     })
 }
