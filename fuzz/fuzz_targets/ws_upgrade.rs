@@ -91,6 +91,7 @@ fn world() -> &'static World {
             },
             ws: WsSettings {
                 slots: Slots::new(1000),
+                amqp_slots: Slots::new(1000),
                 max_message_bytes: 131072,
             },
             device_auth,
