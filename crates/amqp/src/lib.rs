@@ -20,8 +20,8 @@
 //! * [`address`]: link addresses in the SDKs' three forms, SASL PLAIN.
 //! * [`sasl`]: the mechanisms (and the extension point for `TPM`).
 //! * [`message`]: request parsing and response / rejection building.
-//! * [`serve_connection`]: the async driver; [`serve_ws_messages`]: the same over WebSocket
-//!   binary messages (subprotocol `AMQPWSB10`).
+//! * [`serve_connection`]: the async driver, over TLS or over WebSocket binary messages
+//!   (subprotocol `AMQPWSB10`; the server turns the messages into one byte stream).
 //!
 //! # Behaviour
 //! * Header `AMQP 3 1 0 0`: SASL with `PLAIN` (SAS token, checked before the outcome: `auth`
@@ -54,11 +54,9 @@ mod conn;
 pub mod frame;
 pub mod message;
 pub mod sasl;
-mod ws;
 
 pub use conn::{retry_after_for, serve_connection, PRE_OPEN_MAX_FRAME};
 pub use dps_core::device::Transport;
-pub use ws::serve_ws_messages;
 
 use std::time::Duration;
 

@@ -4,9 +4,8 @@
 
 use crate::app::App;
 use crate::connections::{Slot, Slots};
-use axum::extract::ws::{Message, WebSocket};
+use axum::extract::ws::WebSocket;
 use dps_core::device::{DeviceService, Transport};
-use futures::{SinkExt, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -67,21 +66,9 @@ pub async fn serve_ws(
     slot: Option<Slot>,
 ) {
     let _slot = slot;
-    let (sink, stream) = socket.split();
-    let stream = stream
-        .take_while(|m| futures::future::ready(!matches!(m, Ok(Message::Close(_)))))
-        .filter_map(|m| async move {
-            match m {
-                Ok(Message::Binary(b)) => Some(Ok(b)),
-                Ok(_) => None,
-                Err(e) => Some(Err(e)),
-            }
-        });
-    let sink = sink.with(|b: bytes::Bytes| async move { Ok::<_, axum::Error>(Message::Binary(b)) });
     let svc: Arc<dyn DeviceService> = app.engine.clone();
-    if let Err(e) = dps_amqp::serve_ws_messages(
-        Box::pin(stream),
-        Box::pin(sink),
+    if let Err(e) = dps_amqp::serve_connection(
+        crate::connections::websocket_bytes(socket),
         peer,
         certs,
         Transport::AmqpWs,
