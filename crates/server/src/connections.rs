@@ -574,6 +574,35 @@ pub struct WsSettings {
     pub max_message_bytes: usize,
 }
 
+/// An upgraded WebSocket as one byte stream, for the MQTT and AMQP device endpoints: packets
+/// and frames may be split across binary messages or share one, so the binary payloads are
+/// read and written as a stream. Ping/pong is answered by the library, text messages are
+/// skipped, and the stream ends at a close message; each write goes out as a binary message.
+pub(crate) fn websocket_bytes(
+    socket: axum::extract::ws::WebSocket,
+) -> impl AsyncRead + AsyncWrite + Unpin + Send {
+    use axum::extract::ws::Message;
+    use futures::{SinkExt, StreamExt};
+    use tokio_util::io::{CopyToBytes, SinkWriter, StreamReader};
+    let (sink, stream) = socket.split();
+    let stream = stream
+        .take_while(|m| futures::future::ready(!matches!(m, Ok(Message::Close(_)))))
+        .filter_map(|m| async move {
+            match m {
+                Ok(Message::Binary(b)) => Some(Ok(b)),
+                Ok(_) => None,
+                Err(e) => Some(Err(std::io::Error::other(e))),
+            }
+        });
+    let sink = sink
+        .with(|b: Bytes| async move { Ok::<_, axum::Error>(Message::Binary(b)) })
+        .sink_map_err(std::io::Error::other);
+    tokio::io::join(
+        StreamReader::new(Box::pin(stream)),
+        SinkWriter::new(CopyToBytes::new(Box::pin(sink))),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -625,33 +654,4 @@ mod tests {
         drop(req);
         assert_eq!(st.deadline(&l).unwrap().1, CloseReason::IdleTimeout);
     }
-}
-
-/// An upgraded WebSocket as one byte stream, for the MQTT and AMQP device endpoints: packets
-/// and frames may be split across binary messages or share one, so the binary payloads are
-/// read and written as a stream. Ping/pong is answered by the library, text messages are
-/// skipped, and the stream ends at a close message; each write goes out as a binary message.
-pub(crate) fn websocket_bytes(
-    socket: axum::extract::ws::WebSocket,
-) -> impl AsyncRead + AsyncWrite + Unpin + Send {
-    use axum::extract::ws::Message;
-    use futures::{SinkExt, StreamExt};
-    use tokio_util::io::{CopyToBytes, SinkWriter, StreamReader};
-    let (sink, stream) = socket.split();
-    let stream = stream
-        .take_while(|m| futures::future::ready(!matches!(m, Ok(Message::Close(_)))))
-        .filter_map(|m| async move {
-            match m {
-                Ok(Message::Binary(b)) => Some(Ok(b)),
-                Ok(_) => None,
-                Err(e) => Some(Err(std::io::Error::other(e))),
-            }
-        });
-    let sink = sink
-        .with(|b: Bytes| async move { Ok::<_, axum::Error>(Message::Binary(b)) })
-        .sink_map_err(std::io::Error::other);
-    tokio::io::join(
-        StreamReader::new(Box::pin(stream)),
-        SinkWriter::new(CopyToBytes::new(Box::pin(sink))),
-    )
 }
