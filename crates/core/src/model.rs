@@ -800,6 +800,24 @@ pub struct RegistrationRecord {
     /// lookups nor in the service API's registration records).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issued: Option<IssuedCertificateRef>,
+    /// An identity of this device that the clean-up worker is removing from a hub right now
+    /// (a fence): a registration that would write that identity waits until the removal is
+    /// done or the fence has expired, so that a removal never lands after the identity was
+    /// written again, whichever nodes the two run on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removing: Option<Removing>,
+}
+
+/// The fence of an identity removal in progress (see [`RegistrationRecord::removing`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Removing {
+    /// The hub.
+    pub hub: String,
+    /// The device id.
+    pub device_id: String,
+    /// The fence holds until then (Unix ms).
+    pub until_ms: i64,
 }
 
 /// A certificate dps issued to a device, as kept with its registration record.

@@ -44,6 +44,9 @@ impl Default for PostgresOptions {
 /// ([`pg_tls`]).
 pub struct PostgresStore {
     pool: Pool,
+    /// One connection of its own for the node's heartbeat rows (`heartbeat`, `remove_nodes`): a node whose registrations keep every pooled connection busy must still
+    /// renew its lease, or the other nodes take its in-flight work over while it is alive.
+    beat: Pool,
     url: String,
     /// The connection settings and TLS connector, for the dedicated `LISTEN` connection.
     listen: (tokio_postgres::Config, MakeRustlsConnect),
@@ -236,25 +239,30 @@ impl PostgresStore {
         listen_cfg.keepalives(true);
         listen_cfg.keepalives_idle(Duration::from_secs(10));
         let listen = (listen_cfg, connector.clone());
-        let mgr = Manager::from_config(
-            cfg,
-            connector,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(mgr)
-            .max_size(opts.pool_size.max(1))
-            .runtime(Runtime::Tokio1)
-            .create_timeout(Some(Duration::from_secs(10)))
-            .wait_timeout(Some(Duration::from_secs(30)))
-            .build()
-            .map_err(|e| OpenError::PostgresPool {
-                url: redacted.clone(),
-                reason: e.to_string(),
-            })?;
+        let build = |cfg: tokio_postgres::Config, size: usize, wait: Duration| {
+            let mgr = Manager::from_config(
+                cfg,
+                connector.clone(),
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            Pool::builder(mgr)
+                .max_size(size)
+                .runtime(Runtime::Tokio1)
+                .create_timeout(Some(Duration::from_secs(10)))
+                .wait_timeout(Some(wait))
+                .build()
+                .map_err(|e| OpenError::PostgresPool {
+                    url: redacted.clone(),
+                    reason: e.to_string(),
+                })
+        };
+        let pool = build(cfg.clone(), opts.pool_size.max(1), Duration::from_secs(30))?;
+        let beat = build(cfg, 1, Duration::from_secs(10))?;
         let store = PostgresStore {
             pool,
+            beat,
             url: redacted,
             listen,
         };
@@ -1042,7 +1050,7 @@ impl Store for PostgresStore {
     }
 
     async fn heartbeat(&self, node: &NodeBeat) -> Result<(), StoreError> {
-        let client = self.client().await?;
+        let client = self.beat.get().await.map_err(pool_err)?;
         let stmt = client
             .prepare_cached(&sql::pg(sql::NODE_BEAT))
             .await
@@ -1090,7 +1098,7 @@ impl Store for PostgresStore {
         id: Option<&str>,
         expired_before_ms: i64,
     ) -> Result<u64, StoreError> {
-        let client = self.client().await?;
+        let client = self.beat.get().await.map_err(pool_err)?;
         let stmt = client
             .prepare_cached(&sql::pg(sql::NODE_REMOVE))
             .await

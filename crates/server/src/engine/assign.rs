@@ -48,6 +48,25 @@ impl Engine {
         let mut conflicts = 0;
         loop {
             let existing = self.repo.registration(&inst.name, rid.as_str()).await?;
+            if let Some((rec, _)) = &existing {
+                // The clean-up worker (of any node) is removing this device's identity from a
+                // hub: writing it again now could be undone by that removal.
+                if let Some(r) = rec
+                    .removing
+                    .as_ref()
+                    .filter(|r| r.device_id == adm.device_id() && r.until_ms > self.now_ms())
+                {
+                    if Instant::now() >= wait_until {
+                        tracing::warn!(registration_id = %rid, hub = %r.hub, "the removal of this device's old identity is still running; the device is told to retry");
+                        return Err(dps_core::Error::Throttled {
+                            retry_after: self.settings.busy_retry_after,
+                        });
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_millis(250));
+                    continue;
+                }
+            }
             if let Some((rec, etag)) = &existing {
                 if let Some(owner) = self.foreign_intent(rec) {
                     if self.node_is_live(owner).await? {
@@ -134,7 +153,15 @@ impl Engine {
             transport: None,
             hub_write: None,
             issued: None,
+            removing: None,
         });
+        if rec
+            .removing
+            .as_ref()
+            .is_some_and(|r| r.until_ms <= self.now_ms())
+        {
+            rec.removing = None;
+        }
         if let Some(prev) = rec.operation_id.replace(op.to_string()) {
             rec.recent_operations.push(prev);
             let excess = rec.recent_operations.len().saturating_sub(16);
@@ -381,6 +408,17 @@ impl Engine {
         if unchanged {
             metrics::counter!("dps_hub_writes_skipped_total", "kind" => kind).increment(1);
         } else if staged.is_none() {
+            if !self.lease_holds() {
+                // This node's heartbeat has lapsed: another node may be ending its intents and
+                // assigning the same device now. No intent, no hub write; the device retries.
+                metrics::counter!("dps_node_fenced_total").increment(1);
+                tracing::warn!(registration_id = %rid, "this node's lease has lapsed (its heartbeat could not be written): no hub write until it holds again");
+                return Err(dps_core::Error::Store(
+                    dps_core::store::StoreError::Unavailable(
+                        "this node's lease has lapsed; try again".into(),
+                    ),
+                ));
+            }
             // Until the write is confirmed, dps does not know what the hub holds.
             rec.hub_write = None;
             let expect = Self::expect_of(&rec);

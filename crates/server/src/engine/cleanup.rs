@@ -12,12 +12,17 @@
 //!   pass, and an unhealthy hub gets one trial call per pass.
 //! - Before every delete the device's registration is read under its per-device lock: a device
 //!   that is assigned (or being assigned) to that hub with that device id again keeps its
-//!   identity and the task is dropped (or postponed).
+//!   identity and the task is dropped (or postponed). Then the record is fenced
+//!   ([`RegistrationRecord::removing`], a compare-and-set against the version read) for the time
+//!   of the delete: a registration of the device on any node that would write that identity
+//!   waits for the fence to go (or expire), and one that wrote its intent first makes the
+//!   fence's compare-and-set fail, so the delete is put off. The first attempt right after a
+//!   registration's own commit is not fenced (the device has just left that identity).
 
 use super::Engine;
 use dps_core::hub::HubAdapter;
 use dps_core::instance::Instance;
-use dps_core::model::{RegistrationRecord, RegistrationStatus};
+use dps_core::model::{RegistrationRecord, RegistrationStatus, Removing};
 use dps_core::store::{CleanupAction, CleanupKey, CleanupTask, Write};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -100,6 +105,16 @@ fn in_use(rec: &RegistrationRecord, key: &CleanupKey) -> Option<bool> {
         return Some(false);
     }
     None
+}
+
+/// What [`Engine::fence_removal`] did.
+enum Fence {
+    /// The record carries the fence.
+    Set,
+    /// The registration has no record (deleted): nothing to fence.
+    NoRecord,
+    /// The record changed since it was read, or the identity is in use again: no delete now.
+    Lost,
 }
 
 fn result_metric(result: &'static str) {
@@ -303,6 +318,88 @@ impl Engine {
         Ok(found)
     }
 
+    /// How long a removal fence holds: longer than any hub call, short enough that a worker
+    /// that died with its fence set holds a registration up only briefly.
+    fn fence_ttl(&self) -> Duration {
+        (self.settings.cleanup.lease / 4).max(Duration::from_secs(10))
+    }
+
+    /// Set the fence on the record of the task's registration (compare-and-set against the
+    /// version just read; an identity in use again is never fenced).
+    async fn fence_removal(&self, task: &CleanupTask) -> dps_core::Result<Fence> {
+        let key = &task.key;
+        let Some((mut rec, etag)) = self
+            .repo
+            .registration(&key.instance, &task.registration_id)
+            .await?
+        else {
+            return Ok(Fence::NoRecord);
+        };
+        if in_use(&rec, key).is_some() {
+            return Ok(Fence::Lost);
+        }
+        rec.removing = Some(Removing {
+            hub: key.hub.clone(),
+            device_id: key.device_id.clone(),
+            until_ms: self.now_ms().saturating_add(Self::ms(self.fence_ttl())),
+        });
+        match self
+            .repo
+            .put_registration(
+                &key.instance,
+                &mut rec,
+                self.new_etag(),
+                dps_core::store::Expect::Etag(etag),
+            )
+            .await
+        {
+            Ok(()) => Ok(Fence::Set),
+            Err(dps_core::Error::Store(dps_core::store::StoreError::Conflict { .. })) => {
+                Ok(Fence::Lost)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Take the fence down (it expires by itself when this fails).
+    async fn unfence_removal(&self, task: &CleanupTask) {
+        let key = &task.key;
+        for _ in 0..4 {
+            let read = self
+                .repo
+                .registration(&key.instance, &task.registration_id)
+                .await;
+            let Ok(Some((mut rec, etag))) = read else {
+                return;
+            };
+            if !rec.removing.as_ref().is_some_and(|r| {
+                r.hub.eq_ignore_ascii_case(&key.hub) && r.device_id == key.device_id
+            }) {
+                return;
+            }
+            rec.removing = None;
+            match self
+                .repo
+                .put_registration(
+                    &key.instance,
+                    &mut rec,
+                    self.new_etag(),
+                    dps_core::store::Expect::Etag(etag),
+                )
+                .await
+            {
+                Err(dps_core::Error::Store(dps_core::store::StoreError::Conflict { .. })) => {
+                    continue
+                }
+                Err(e) => {
+                    tracing::warn!(instance = %key.instance, error = %e, "could not take down the fence of a hub clean-up; it expires by itself");
+                    return;
+                }
+                Ok(()) => return,
+            }
+        }
+    }
+
     /// Queue the removal of the identity of a deleted registration (the linked hub's
     /// `delete_identity_on_deregister`) and try it at once.
     pub(super) async fn cleanup_deregistered(
@@ -459,11 +556,33 @@ impl Engine {
                     continue;
                 }
             }
+            // Fence the device's record for the time of the delete, so that a registration of
+            // the device on another node does not write this identity while it is removed.
+            let fenced = match self.fence_removal(&task).await {
+                Ok(Fence::Set) => true,
+                Ok(Fence::NoRecord) => false,
+                Ok(Fence::Lost) => {
+                    // The record changed since it was read (the device registers right now).
+                    self.defer(&task, &claim, s.initial_backoff).await;
+                    pass.deferred += 1;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(instance = %key.instance, error = %e, "could not fence the registration of a hub clean-up task");
+                    self.defer(&task, &claim, s.initial_backoff).await;
+                    pass.deferred += 1;
+                    continue;
+                }
+            };
             let task = CleanupTask {
                 claim: Some(claim.clone()),
                 ..task
             };
-            if self.attempt(task, adapter).await {
+            let done = self.attempt(task.clone(), adapter).await;
+            if fenced {
+                self.unfence_removal(&task).await;
+            }
+            if done {
                 pass.deleted += 1;
                 if turn == HubTurn::Trial {
                     turns.insert(hub_key, HubTurn::Open);

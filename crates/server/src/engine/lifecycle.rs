@@ -186,6 +186,27 @@ impl Engine {
         mut rec: RegistrationRecord,
         etag: String,
     ) -> Result<bool> {
+        // The identity the intent was writing may be on its hub now. Unless it is the one the
+        // device is assigned to anyway, it is queued for removal in the same transaction, so that
+        // it is not left behind when the device registers again and ends up elsewhere (the queue
+        // drops the task when the device is assigned to that hub with that id after all).
+        let orphan = rec.pending.as_ref().filter(|p| {
+            !(rec
+                .state
+                .assigned_hub
+                .as_deref()
+                .is_some_and(|h| h.eq_ignore_ascii_case(&p.hub))
+                && rec.state.device_id.as_deref() == Some(p.device_id.as_str()))
+        });
+        let cleanup = orphan.map(|p| {
+            self.new_cleanup(
+                instance,
+                &p.hub,
+                &p.device_id,
+                &rec.state.registration_id,
+                false,
+            )
+        });
         let reason = match &rec.pending {
             Some(p) => format!(
                 "interrupted while writing identity '{}' on hub '{}'{}; the device must register again",
@@ -211,7 +232,7 @@ impl Engine {
         rec.hub_write = None;
         let doc = crate::repo::Repo::registration_doc(&mut rec, self.new_etag());
         let after = doc.body.clone();
-        let writes = vec![
+        let mut writes = vec![
             dps_core::store::Write::Put {
                 c: dps_core::store::Collection::Registration,
                 scope: instance.to_string(),
@@ -230,6 +251,7 @@ impl Engine {
                 after: Some(after),
             }),
         ];
+        writes.extend(cleanup.map(dps_core::store::Write::EnqueueCleanup));
         match self.repo.store.write_all(writes).await {
             Ok(()) => {
                 metrics::counter!("dps_registrations_recovered_total").increment(1);

@@ -147,6 +147,10 @@ pub struct Engine {
     issuer: Arc<crate::issuer::Issuer>,
     /// When this run started (Unix ms), for the heartbeat row.
     started_ms: i64,
+    /// Until when (Unix ms) this node's last written heartbeat holds; `i64::MAX` until the
+    /// first heartbeat (an engine that never writes one is not fenced). See
+    /// [`Engine::lease_holds`](nodes).
+    lease_until_ms: std::sync::atomic::AtomicI64,
     me: std::sync::Weak<Engine>,
 }
 
@@ -182,6 +186,7 @@ impl Engine {
         let started_ms = nodes::unix_ms(clock.now());
         Arc::new_cyclic(|me| Engine {
             started_ms,
+            lease_until_ms: std::sync::atomic::AtomicI64::new(i64::MAX),
             me: me.clone(),
             issuer,
             audit: Audit::with_clock(repo.store.clone(), clock.clone()),

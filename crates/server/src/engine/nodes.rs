@@ -14,6 +14,7 @@ use super::Engine;
 use dps_core::model::{PendingAssignment, RegistrationRecord, RegistrationStatus};
 use dps_core::store::NodeBeat;
 use dps_core::Result;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// Heartbeat rows expired longer than this are removed.
@@ -56,22 +57,47 @@ impl Engine {
     pub async fn heartbeat(&self) -> Result<()> {
         let now = self.now_ms();
         let lease = i64::try_from(self.settings.node.lease.as_millis()).unwrap_or(i64::MAX);
-        self.repo
+        let expires_ms = now.saturating_add(lease);
+        let written = self
+            .repo
             .store
             .heartbeat(&NodeBeat {
                 id: self.settings.node.id.clone(),
                 name: self.settings.node.name.clone(),
                 started_ms: self.started_ms,
                 heartbeat_ms: now,
-                expires_ms: now.saturating_add(lease),
+                expires_ms,
             })
-            .await?;
+            .await;
+        match written {
+            // The row holds until `expires_ms`, counted from before the write was sent.
+            Ok(()) => self.lease_until_ms.store(expires_ms, Ordering::Relaxed),
+            Err(e) => {
+                // A failed first heartbeat still ends the grace of "no heartbeat yet".
+                let _ = self.lease_until_ms.compare_exchange(
+                    i64::MAX,
+                    now,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+                return Err(e.into());
+            }
+        }
         let forget = i64::try_from(FORGET_AFTER.as_millis()).unwrap_or(i64::MAX);
         self.repo
             .store
             .remove_nodes(None, now.saturating_sub(forget))
             .await?;
         Ok(())
+    }
+
+    /// Does this node's own lease hold now? Checked before the node writes an intent and an
+    /// identity on a hub outside the store: once its heartbeat has lapsed (its database
+    /// connection stalled or failed for a whole lease) the other nodes may end its intents and
+    /// assign the same devices, so it starts no new hub writes until a heartbeat holds again
+    /// (self-fencing; the record's compare-and-set refuses its late record writes in any case).
+    pub(super) fn lease_holds(&self) -> bool {
+        self.now_ms() < self.lease_until_ms.load(Ordering::Relaxed)
     }
 
     /// Remove this node's heartbeat row (a clean stop): its intents, if any are left, are taken

@@ -940,6 +940,178 @@ async fn an_identity_left_on_a_hub_that_is_down_is_removed_once_it_is_back() {
     assert_eq!(f.engine.cleanup_pass().await.unwrap().claimed, 0);
 }
 
+/// The clean-up worker of one node removes an old identity while the device registers back to
+/// that hub through another node: the registration waits for the removal's fence on the record,
+/// so the removal never lands after the identity was written again (a slow delete here; before
+/// the fence, the device ended `assigned` to hub-a with no identity there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removal_on_one_node_never_undoes_the_identity_written_again_on_another() {
+    let (f, clock, a, b) = two_fake_hubs().await;
+    f.move_to("hub-a").await;
+    a.fail_next(down("hub-a"));
+    f.move_to("hub-b").await;
+    assert_eq!(
+        f.cleanup_tasks().await.len(),
+        1,
+        "the removal from hub-a is queued"
+    );
+    clock.advance(Duration::from_secs(1));
+    let other = f.other_node(
+        EngineSettings::default(),
+        clock.clone() as Arc<dyn Clock>,
+        7,
+        "hub-a",
+        a.clone(),
+    );
+    other
+        .hubs
+        .install(f.instance.hub("hub-b").unwrap(), b.clone());
+    f.engine.heartbeat().await.unwrap();
+    other.heartbeat().await.unwrap();
+
+    // This node's worker deletes d-1 from hub-a, slowly.
+    a.delay_next(1, Duration::from_millis(400));
+    let worker = {
+        let e = f.engine.clone();
+        tokio::spawn(async move { e.cleanup_pass().await.unwrap() })
+    };
+    let fenced = wait_for_record(&f, "d-1", "the removal's fence", |r| r.removing.is_some()).await;
+    let fence = fenced.removing.unwrap();
+    assert_eq!(
+        (fence.hub.as_str(), fence.device_id.as_str()),
+        ("hub-a", "d-1")
+    );
+
+    // Meanwhile the device is sent back to hub-a, and registers through the other node.
+    f.enroll(
+        "d-1",
+        true,
+        serde_json::json!({"allocationPolicy": "static", "iotHubs": ["hub-a"],
+            "reprovisionPolicy": {"updateHubAssignment": true, "migrateDeviceData": false}}),
+    )
+    .await;
+    let mut req = register_request("d-1");
+    req.credential = token("d-1", KEY);
+    let r = other.register(req).await.unwrap();
+    assert_eq!(r.body.status, RegistrationStatus::Assigned);
+    let pass = worker.await.unwrap();
+    assert_eq!(pass.deleted, 1, "{pass:?}");
+
+    let (rec, _) = f.repo.registration("t", "d-1").await.unwrap().unwrap();
+    assert_eq!(rec.state.assigned_hub.as_deref(), Some("hub-a"));
+    assert!(rec.removing.is_none(), "the fence is down: {rec:?}");
+    assert!(
+        a.device("d-1").is_some(),
+        "the identity written again is still on hub-a: {:?}",
+        a.calls()
+    );
+    let calls = a.calls();
+    let delete = calls
+        .iter()
+        .rposition(|c| matches!(c, crate::hubs::fake::Call::Delete { .. }))
+        .unwrap();
+    assert!(
+        calls[delete..]
+            .iter()
+            .any(|c| !matches!(c, crate::hubs::fake::Call::Delete { .. })),
+        "the identity was written after the delete: {calls:?}"
+    );
+}
+
+/// A node whose own heartbeat has lapsed (its database stalled for a whole lease) starts no hub
+/// write: the other nodes may be ending its intents; the device is told to retry.
+#[tokio::test]
+async fn a_node_whose_lease_lapsed_writes_no_identity() {
+    let (f, clock, a, _b) = two_fake_hubs().await;
+    f.engine.heartbeat().await.unwrap();
+    f.enroll(
+        "d-1",
+        true,
+        serde_json::json!({"allocationPolicy": "static", "iotHubs": ["hub-a"]}),
+    )
+    .await;
+    clock.advance(Duration::from_secs(6));
+    let req = || {
+        let mut req = register_request("d-1");
+        req.credential = token("d-1", KEY);
+        req
+    };
+    let r = f.engine.register(req()).await;
+    assert!(
+        matches!(
+            r,
+            Err(dps_core::Error::Store(
+                dps_core::store::StoreError::Unavailable(_)
+            ))
+        ),
+        "{r:?}"
+    );
+    assert!(a.calls().is_empty(), "{:?}", a.calls());
+    f.engine.heartbeat().await.unwrap();
+    let r = f.engine.register(req()).await.unwrap();
+    assert_eq!(r.body.status, RegistrationStatus::Assigned);
+    assert!(a.device("d-1").is_some());
+}
+
+/// An intent ended because its node died may have left the identity on its hub: the identity is
+/// queued for removal with the ending (unless it is the identity the device is assigned to).
+#[tokio::test]
+async fn an_interrupted_intent_queues_the_removal_of_its_identity() {
+    let (f, clock, a, _b) = two_fake_hubs().await;
+    let dead = f.other_node(
+        EngineSettings::default(),
+        clock.clone() as Arc<dyn Clock>,
+        9,
+        "hub-a",
+        a.clone(),
+    );
+    dead.heartbeat().await.unwrap();
+    f.engine.heartbeat().await.unwrap();
+    let mut rec = RegistrationRecord {
+        state: DeviceRegistrationState {
+            registration_id: "d-9".into(),
+            status: Some(RegistrationStatus::Assigning),
+            ..Default::default()
+        },
+        operation_id: Some("op".into()),
+        recent_operations: vec![],
+        retry_after: None,
+        enrollment_group_id: None,
+        attestation: None,
+        hub_history: vec!["hub-a".into()],
+        failure: None,
+        reason: None,
+        pending: Some(PendingAssignment {
+            hub: "hub-a".into(),
+            device_id: "d-9".into(),
+            started: ts(clock.as_ref()),
+            owner: Some(dead.node_id().to_string()),
+        }),
+        transport: None,
+        hub_write: None,
+        issued: None,
+        removing: None,
+    };
+    f.repo
+        .put_registration("t", &mut rec, "e1".into(), Expect::Any)
+        .await
+        .unwrap();
+    assert_eq!(
+        f.engine.recover(Duration::from_secs(60)).await.unwrap(),
+        0,
+        "its node is alive"
+    );
+    clock.advance(Duration::from_secs(6));
+    f.engine.heartbeat().await.unwrap();
+    assert_eq!(f.engine.recover(Duration::from_secs(60)).await.unwrap(), 1);
+    let tasks = f.cleanup_tasks().await;
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    assert_eq!(
+        (tasks[0].key.hub.as_str(), tasks[0].key.device_id.as_str()),
+        ("hub-a", "d-9")
+    );
+}
+
 #[tokio::test]
 async fn a_queued_removal_never_deletes_a_device_that_came_back_to_that_hub() {
     let (f, clock, a, b) = two_fake_hubs().await;
@@ -1299,8 +1471,11 @@ async fn intents_follow_their_nodes_heartbeat_not_their_age() {
         rec.reason
     );
 
-    // A's hub write times out; its failure write is refused (the record changed), so its
-    // attempt starts again from the recovered record and assigns the device.
+    // A's stall ends (its heartbeat holds again). Its hub write times out; its failure write
+    // is refused (the record changed), so its attempt starts again from the recovered record
+    // and assigns the device. (While its lease had lapsed it would start no hub write: see
+    // `a_node_whose_lease_lapsed_writes_no_identity`.)
+    a.heartbeat().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let r = a
@@ -1359,6 +1534,7 @@ async fn own_abandoned_and_unowned_intents_are_recovered() {
         transport: None,
         hub_write: None,
         issued: None,
+        removing: None,
     };
     let mut mine = intent("mine", Some(f.engine.node_id().to_string()));
     f.repo

@@ -84,6 +84,7 @@ impl Call {
 enum Fault {
     Fail(HubError),
     Hang,
+    Delay(Duration),
 }
 
 #[derive(Default)]
@@ -147,6 +148,13 @@ impl FakeHub {
         let mut st = self.state();
         st.faults
             .extend(std::iter::repeat_with(|| Fault::Hang).take(n));
+    }
+
+    /// The next `n` calls take `by` longer and then succeed (a slow hub).
+    pub fn delay_next(&self, n: usize, by: Duration) {
+        let mut st = self.state();
+        st.faults
+            .extend(std::iter::repeat_with(|| Fault::Delay(by)).take(n));
     }
 
     /// While on, every call hangs as with [`hang_next`](Self::hang_next) (the hub is down but
@@ -213,6 +221,10 @@ impl FakeHub {
         match fault {
             None => Ok(()),
             Some(Fault::Fail(e)) => Err(e),
+            Some(Fault::Delay(by)) => {
+                tokio::time::sleep(by).await;
+                Ok(())
+            }
             Some(Fault::Hang) => {
                 tokio::time::sleep(self.timeout).await;
                 Err(HubError::Unreachable {
