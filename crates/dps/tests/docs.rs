@@ -15,6 +15,50 @@ fn read(rel: &str) -> String {
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
 }
 
+/// Every route the server answers has its operation in `docs/openapi.json` (path parameters
+/// compared by position, paths case-insensitively, as the router matches them).
+#[test]
+fn openapi_json_documents_every_route() {
+    fn shape(p: &str) -> String {
+        let mut out = String::new();
+        let mut in_param = false;
+        for c in p.chars() {
+            match c {
+                '{' => {
+                    in_param = true;
+                    out.push('{');
+                }
+                '}' => {
+                    in_param = false;
+                    out.push('}');
+                }
+                _ if in_param => {}
+                _ => out.push(c.to_ascii_lowercase()),
+            }
+        }
+        out
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&read("docs/openapi.json")).expect("docs/openapi.json is JSON");
+    let documented: BTreeSet<(String, String)> = v["paths"]
+        .as_object()
+        .expect("paths object")
+        .iter()
+        .flat_map(|(path, ops)| {
+            ops.as_object()
+                .into_iter()
+                .flat_map(|o| o.keys())
+                .map(move |m| (m.to_ascii_uppercase(), shape(path)))
+        })
+        .collect();
+    let missing: Vec<String> = dps_server::routes::routes()
+        .iter()
+        .filter(|r| !documented.contains(&(r.method.as_str().to_string(), shape(r.pattern))))
+        .map(|r| format!("{} {}", r.method, r.pattern))
+        .collect();
+    assert!(missing.is_empty(), "docs/openapi.json lacks: {missing:#?}");
+}
+
 #[test]
 fn openapi_json_is_valid_and_has_the_main_paths() {
     let text = read("docs/openapi.json");
