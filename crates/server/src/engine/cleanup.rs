@@ -343,20 +343,28 @@ impl Engine {
             device_id: key.device_id.clone(),
             until_ms: self.now_ms().saturating_add(Self::ms(self.fence_ttl())),
         });
+        Ok(if self.put_if_unchanged(&key.instance, rec, etag).await? {
+            Fence::Set
+        } else {
+            Fence::Lost
+        })
+    }
+
+    /// Write `rec` if its stored version is still `etag`; `false` when it changed meanwhile.
+    async fn put_if_unchanged(
+        &self,
+        instance: &str,
+        mut rec: RegistrationRecord,
+        etag: String,
+    ) -> dps_core::Result<bool> {
+        let expect = dps_core::store::Expect::Etag(etag);
         match self
             .repo
-            .put_registration(
-                &key.instance,
-                &mut rec,
-                self.new_etag(),
-                dps_core::store::Expect::Etag(etag),
-            )
+            .put_registration(instance, &mut rec, self.new_etag(), expect)
             .await
         {
-            Ok(()) => Ok(Fence::Set),
-            Err(dps_core::Error::Store(dps_core::store::StoreError::Conflict { .. })) => {
-                Ok(Fence::Lost)
-            }
+            Ok(()) => Ok(true),
+            Err(dps_core::Error::Store(dps_core::store::StoreError::Conflict { .. })) => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -378,24 +386,13 @@ impl Engine {
                 return;
             }
             rec.removing = None;
-            match self
-                .repo
-                .put_registration(
-                    &key.instance,
-                    &mut rec,
-                    self.new_etag(),
-                    dps_core::store::Expect::Etag(etag),
-                )
-                .await
-            {
-                Err(dps_core::Error::Store(dps_core::store::StoreError::Conflict { .. })) => {
-                    continue
-                }
+            match self.put_if_unchanged(&key.instance, rec, etag).await {
+                Ok(false) => continue,
+                Ok(true) => return,
                 Err(e) => {
                     tracing::warn!(instance = %key.instance, error = %e, "could not take down the fence of a hub clean-up; it expires by itself");
                     return;
                 }
-                Ok(()) => return,
             }
         }
     }
