@@ -714,3 +714,77 @@ async fn slow_tls_holds_the_handshake_for_the_delay() {
     .await;
     assert!(a.iter().any(|e| e["after"]["transport"] == "mqtt"));
 }
+
+/// What our Rust client does with `drop` (each stage, once) and `slowTls`, over HTTPS and MQTT
+/// (rows of `docs/testing-with-dps.md`).
+#[tokio::test]
+async fn the_rust_client_meets_dropped_connections_and_a_slow_handshake() {
+    use dps_device::{Auth, ProvisioningClient, Transport, Trust};
+    use std::time::{Duration, Instant};
+    let s = lab().await;
+    let client = |rid: &str, key: &str, t: Transport| {
+        let port = if matches!(t, Transport::Https) {
+            s.server.https.port()
+        } else {
+            s.server.mqtt.expect("mqtt").port()
+        };
+        ProvisioningClient::builder()
+            .global_endpoint("localhost")
+            .port(port)
+            .id_scope(SCOPE)
+            .registration_id(rid)
+            .auth(Auth::SymmetricKey(key.to_string()))
+            .transport(t)
+            .trust(Trust::Pem(s.ca_pem.clone().into_bytes()))
+            .poll_interval_override(Duration::from_millis(50))
+            .timeout(Duration::from_secs(20))
+            .build()
+            .expect("client")
+    };
+    for (t, name) in [(Transport::Https, "h"), (Transport::Mqtt, "m")] {
+        let stages: &[&str] = if matches!(t, Transport::Mqtt) {
+            &["connect", "subscribe", "register", "response"]
+        } else {
+            &["register", "response"]
+        };
+        // Observed: a dropped connection ends the attempt at once with a transport error; the
+        // client does not retry it (the caller decides).
+        for stage in stages {
+            let rid = format!("rc-drop-{stage}-{name}");
+            let key = s.enroll(&rid, json!({})).await;
+            add_rule(
+                &s,
+                json!({"action": "drop", "stage": stage, "registrationId": rid, "count": 1}),
+            )
+            .await;
+            let e = client(&rid, &key, t)
+                .register()
+                .await
+                .expect_err("a dropped connection is an error");
+            assert!(
+                e.to_string().contains("transport error"),
+                "{name} {stage}: {e}"
+            );
+            // Once: the caller's next attempt is assigned.
+            let r = client(&rid, &key, t).register().await.expect("assigned");
+            assert!(r.assigned_hub().is_some(), "{name} {stage}");
+        }
+        // slowTls: the handshake waits, the registration succeeds on the first attempt.
+        let rid = format!("rc-slow-{name}");
+        let key = s.enroll(&rid, json!({})).await;
+        let transport = if matches!(t, Transport::Https) {
+            "https"
+        } else {
+            "mqtt"
+        };
+        add_rule(
+            &s,
+            json!({"action": "slowTls", "delayMs": 700, "transport": transport, "count": 1}),
+        )
+        .await;
+        let t0 = Instant::now();
+        let r = client(&rid, &key, t).register().await.expect("assigned");
+        assert_eq!(r.timing.attempts, 1, "{name}: {:?}", r.timing);
+        assert!(t0.elapsed() >= Duration::from_millis(700), "{name}: held");
+    }
+}
