@@ -809,7 +809,6 @@ async fn the_rust_client_meets_dropped_connections_and_a_slow_handshake() {
                 assert!(r.assigned_hub().is_some(), "{name} {stage}");
                 continue;
             }
-            let t0 = Instant::now();
             let e = client(&rid, &key, t)
                 .register()
                 .await
