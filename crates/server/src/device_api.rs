@@ -56,10 +56,16 @@ fn render(resp: DeviceResponse) -> Response<Body> {
 /// (with the full `content-length`) and the first half of the body are sent, then the
 /// connection closes.
 async fn dropped(kill: ConnKill, response: Option<Response<Body>>) -> Response<Body> {
+    // Bounds a request task the closed connection does not cancel (HTTP/2 streams run on
+    // their own tasks): never answered in practice, the connection goes first.
+    const LINGER: std::time::Duration = std::time::Duration::from_secs(30);
     let Some(resp) = response else {
         kill.kill();
-        // Never answered: the connection goes first.
-        return std::future::pending().await;
+        tokio::time::sleep(LINGER).await;
+        return err(&Error::Dropped {
+            rule: String::new(),
+            response: None,
+        });
     };
     let (mut parts, body) = resp.into_parts();
     let bytes = match axum::body::to_bytes(body, usize::MAX).await {
@@ -75,7 +81,8 @@ async fn dropped(kill: ConnKill, response: Option<Response<Body>>) -> Response<B
         futures::stream::once(async move {
             // The first part is written and flushed before this runs; then the connection goes.
             kill.kill();
-            std::future::pending::<Result<bytes::Bytes, std::io::Error>>().await
+            tokio::time::sleep(LINGER).await;
+            Err::<bytes::Bytes, _>(std::io::Error::other("connection dropped"))
         }),
     );
     Response::from_parts(parts, Body::from_stream(stream))
