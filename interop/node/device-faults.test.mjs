@@ -7,6 +7,7 @@
 //   NODE_EXTRA_CA_CERTS=<ca.pem> node --test interop/node/device-faults.test.mjs
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import https from 'node:https';
 import {
   HOST, ID_SCOPE, TRANSPORTS, ProvisioningDeviceClient, SymmetricKeySecurityClient,
   admin, adminCall, checkEnvironment, createSymEnrollment, quietly, randomKey, service, uid,
@@ -17,6 +18,9 @@ const DEADLINE = Number(process.env.DPS_INTEROP_FAULT_DEADLINE_MS || 6000);
 
 /** Cases: name -> rule (registrationId is added), and the transports it applies to. */
 const CASES = {
+  // First: over HTTPS the SDK keeps connections alive between requests, so a later case could
+  // reuse one and never shake hands.
+  'slow-tls': { rule: { action: 'slowTls', delayMs: 1500, count: 1 }, slowTls: true },
   'throttle-first': { rule: { action: 'throttle', retryAfter: 1, count: 1 } },
   'delay-polls': { rule: { action: 'delay', delayPolls: 2 } },
   'fail-500': { rule: { action: 'fail', errorCode: 500001, count: 1 } },
@@ -26,7 +30,6 @@ const CASES = {
   'drop-register': { rule: { action: 'drop', stage: 'register', count: 1 } },
   'drop-response': { rule: { action: 'drop', stage: 'response', count: 1 } },
   'hub-down': { rule: { action: 'hubDown', count: 1 } },
-  'slow-tls': { rule: { action: 'slowTls', delayMs: 1500, count: 1 }, slowTls: true },
 };
 
 /**
@@ -35,11 +38,38 @@ const CASES = {
  * the fault), `minMs` = the least time the register took (retry-after or delay honoured).
  */
 const EXPECTED = JSON.parse(process.env.DPS_INTEROP_FAULT_EXPECTED || 'null') ?? {
+  // HTTPS (azure-iot-provisioning-device-http)
+  'http/throttle-first': { outcome: 'error', injected: 1, error: 'ThrottlingError' }, // a 429 on the first request is fatal
+  'http/delay-polls': { outcome: 'assigned', injected: 1, minMs: 2000 },
+  'http/fail-500': { outcome: 'error', injected: 1, error: 'InternalServerError' }, // not retried
+  'http/fail-400': { outcome: 'error', injected: 1, error: 'ArgumentError' },
+  'http/drop-register': { outcome: 'error', injected: 1, error: 'socket hang up' },
+  'http/drop-response': { outcome: 'error', injected: 1, error: 'aborted' },
+  'http/hub-down': { outcome: 'error', injected: 1, error: 'ServiceUnavailableError' }, // not retried
+  'http/slow-tls': { outcome: 'assigned', injected: 1, minMs: 1500 },
+  // MQTT (azure-iot-provisioning-device-mqtt)
+  'mqtt/throttle-first': { outcome: 'assigned', injected: 1, minMs: 1000 },
+  'mqtt/delay-polls': { outcome: 'assigned', injected: 1, minMs: 2000 },
+  'mqtt/fail-500': { outcome: 'assigned', injected: 1 }, // retried
+  'mqtt/fail-400': { outcome: 'error', injected: 1, error: 'ArgumentError' },
+  'mqtt/drop-connect': { outcome: 'error', injected: 1, error: 'NotConnectedError' },
+  'mqtt/drop-subscribe': { outcome: 'hang', injected: 1 },
+  'mqtt/drop-register': { outcome: 'error', injected: 1, error: 'OperationCancelledError' },
+  'mqtt/drop-response': { outcome: 'error', injected: 1, error: 'OperationCancelledError' },
+  'mqtt/hub-down': { outcome: 'hang', injected: 1 },
+  'mqtt/slow-tls': { outcome: 'assigned', injected: 1, minMs: 1500 },
 };
 
 async function register(transport, registrationId, key) {
   const security = new SymmetricKeySecurityClient(registrationId, key);
-  const client = ProvisioningDeviceClient.create(HOST, ID_SCOPE, TRANSPORTS[transport](), security);
+  const t = TRANSPORTS[transport]();
+  // Observed: after a dropped MQTT connection the SDK also emits an `error` event
+  // (NotConnectedError) on its MQTT base; without a listener it is an uncaught exception.
+  const events = [];
+  for (const emitter of [t, t._mqttBase]) {
+    if (emitter && typeof emitter.on === 'function') emitter.on('error', (e) => events.push(e?.name ?? String(e)));
+  }
+  const client = ProvisioningDeviceClient.create(HOST, ID_SCOPE, t, security);
   const started = Date.now();
   let timer;
   const deadline = new Promise((resolve) => {
@@ -51,7 +81,7 @@ async function register(transport, registrationId, key) {
   );
   try {
     const r = await Promise.race([run, deadline]);
-    return { ...r, ms: Date.now() - started };
+    return { ...r, ms: Date.now() - started, ...(events.length ? { events } : {}) };
   } finally {
     clearTimeout(timer);
   }
@@ -73,6 +103,9 @@ for (const transport of ['http', 'mqtt']) {
       if (c.slowTls) rule.transport = transport === 'http' ? 'https' : 'mqtt';
       else rule.registrationId = registrationId;
       await quietly(() => adminCall('DELETE', `/faults/${id}`));
+      // Observed: the SDKs share Node's keep-alive agent, so the device would reuse the
+      // service client's connection and never shake hands; close the pooled ones first.
+      if (c.slowTls) https.globalAgent.destroy();
       await admin('POST', '/faults', rule);
       let seen;
       try {
