@@ -154,7 +154,7 @@ run_node() {
 
 run_python() {
   # Test files: the default set unless the arguments name one (e.g. test_x509.py or a ::node id).
-  local -a files=(test_provisioning.py test_x509.py test_mosquitto.py)
+  local -a files=(test_provisioning.py test_x509.py test_mosquitto.py test_faults.py)
   local a
   for a in "$@"; do
     if [[ $a == *.py || $a == *.py::* ]]; then files=(); break; fi

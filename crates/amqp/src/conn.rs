@@ -113,6 +113,8 @@ struct CallDone {
     operation_type: &'static str,
     address: RegistrationAddress,
     result: Result<DeviceResponse, WireError>,
+    /// A fault injection rule (`drop`) closes the connection instead of answering.
+    dropped: bool,
 }
 
 #[derive(Debug)]
@@ -459,6 +461,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
                         self.flush().await?;
                         return Ok(());
                     }
+                    // Injected `drop`: closed without a word (no CLOSE frame).
+                    Err((_, AmqpError::InjectedFault)) => return Err(AmqpError::InjectedFault),
                     Err((e, reason)) => return Err(self.close_with(e, reason).await),
                 }
             }
@@ -478,6 +482,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
             tokio::select! {
                 biased;
                 Some(done) = self.inflight.next(), if !self.inflight.is_empty() => {
+                    if done.dropped {
+                        // Injected `drop`: the connection closes without answering.
+                        return Err(AmqpError::InjectedFault);
+                    }
                     last_request = Instant::now();
                     if let Err((e, reason)) = self.finish(done) {
                         return Err(self.close_with(e, reason).await);
@@ -717,6 +725,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
         self.span
             .record("registration_id", addr.registration_id.as_str());
         self.span.record("id_scope", addr.id_scope.as_str());
+        if self.service.connection_fault(
+            dps_core::fault::FaultPoint::Connect,
+            self.transport,
+            &addr.id_scope,
+            &addr.registration_id,
+            self.peer,
+        ) {
+            return Err((
+                err(
+                    ErrorCondition::AmqpError(Cond::InternalError),
+                    "injected fault",
+                ),
+                AmqpError::InjectedFault,
+            ));
+        }
         let api_version = properties.and_then(|p| {
             p.get(&Symbol::from(API_VERSION_KEY)).and_then(|v| match v {
                 Value::String(s) => Some(s.clone()),
@@ -944,6 +967,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
             operation_type: message::OP_REGISTER,
             address: address.clone(),
             result: Err(WireError::from(&Error::invalid("unreadable message"))),
+            dropped: false,
         };
         let req = match message::parse_request(&p.buf) {
             Ok(r) => r,
@@ -982,10 +1006,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
         match req.operation {
             Operation::Register => {
                 self.inflight.push(Box::pin(async move {
-                    done.result = service
-                        .register(request)
-                        .await
-                        .map_err(|e| WireError::from(&e));
+                    let r = service.register(request).await;
+                    done.dropped = matches!(r, Err(Error::Dropped { .. }));
+                    done.result = r.map_err(|e| WireError::from(&e));
                     done
                 }));
             }

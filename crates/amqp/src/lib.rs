@@ -135,4 +135,7 @@ pub enum AmqpError {
     /// The client did not read in time.
     #[error("write timeout")]
     WriteTimeout,
+    /// A fault injection rule (`drop`) closed the connection.
+    #[error("closed by an injected fault")]
+    InjectedFault,
 }

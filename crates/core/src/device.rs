@@ -149,4 +149,22 @@ pub trait DeviceService: Send + Sync + 'static {
         credential: &DeviceCredential,
         peer: Option<std::net::IpAddr>,
     ) -> Result<(), ConnectRefusal>;
+    /// Whether a fault injection rule (`drop` at `connect` or `subscribe`) closes this
+    /// connection now, at `point` ([`FaultPoint::Connect`]: MQTT after an accepted CONNECT, AMQP
+    /// at ATTACH; [`FaultPoint::Subscribe`]: MQTT SUBSCRIBE). The transport then closes the
+    /// connection without answering. No fault by default.
+    ///
+    /// [`FaultPoint::Connect`]: crate::fault::FaultPoint::Connect
+    /// [`FaultPoint::Subscribe`]: crate::fault::FaultPoint::Subscribe
+    fn connection_fault(
+        &self,
+        point: crate::fault::FaultPoint,
+        transport: Transport,
+        id_scope: &str,
+        registration_id: &str,
+        peer: Option<std::net::IpAddr>,
+    ) -> bool {
+        let _ = (point, transport, id_scope, registration_id, peer);
+        false
+    }
 }

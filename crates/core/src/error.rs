@@ -226,6 +226,17 @@ pub enum Error {
         /// The message the device is sent.
         message: String,
     },
+    /// A `drop` fault injection rule closes the device's connection: the transport closes it
+    /// instead of answering. `response` is the answer that would have been sent (stage
+    /// `response`: the request was processed; HTTPS sends part of it), none when the request
+    /// was not processed (stage `register`).
+    #[error("injected fault (rule {rule}): connection dropped")]
+    Dropped {
+        /// The rule.
+        rule: String,
+        /// The answer the device does not get.
+        response: Option<Box<crate::device::DeviceResponse>>,
+    },
     /// The store failed.
     #[error("store: {0}")]
     Store(#[from] StoreError),

@@ -5,9 +5,11 @@
 //!
 //! A rule matches a registration attempt of one instance on its registration id (a glob with
 //! `*` and `?`, case-insensitive), enrollment group, transport and attestation (each optional),
-//! with a probability, at most `count` times and until `expires`. Rules apply to register
+//! with a probability, at most `count` times and until `expires`. Most rules apply to register
 //! requests, after the device is authenticated: a device that fails attestation is refused as
-//! always.
+//! always. Connection-level rules act earlier, where less is known (see [`FaultPoint`]):
+//! `drop` at `connect` or `subscribe` (registration id and transport only) and `slowTls`
+//! (transport and instance only: the TLS handshake comes before any registration id).
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +28,57 @@ pub enum FaultAction {
     /// The linked hub (`hub`, or whichever hub the registration is assigned to) answers as
     /// unreachable: the registration ends retryable, as with a real outage.
     HubDown,
+    /// The connection is closed at `stage`: after MQTT CONNECT or AMQP ATTACH (`connect`),
+    /// after MQTT SUBSCRIBE (`subscribe`), when the register request arrives, before it is
+    /// processed (`register`), or after it was processed, instead of (MQTT, AMQP) or in the
+    /// middle of (HTTPS) the answer (`response`).
+    Drop,
+    /// The TLS handshake is held `delayMs` milliseconds before it completes.
+    SlowTls,
+}
+
+/// Where a `drop` rule closes the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum FaultStage {
+    /// MQTT: after CONNECT (no CONNACK is sent). AMQP: at the first ATTACH (after OPEN and
+    /// SASL). Not HTTPS.
+    Connect,
+    /// MQTT: after SUBSCRIBE (no SUBACK is sent). MQTT only.
+    Subscribe,
+    /// When the register request arrives (MQTT after its PUBACK), before it is processed:
+    /// the device gets no answer and nothing is registered. HTTPS: closed before any response.
+    #[serde(alias = "publish")]
+    Register,
+    /// After the register request was processed (the registration goes on): MQTT and AMQP
+    /// close instead of answering; HTTPS sends the status line, the headers and part of the
+    /// body, then closes.
+    Response,
+}
+
+impl FaultStage {
+    /// The name used in the API, the audit log and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultStage::Connect => "connect",
+            FaultStage::Subscribe => "subscribe",
+            FaultStage::Register => "register",
+            FaultStage::Response => "response",
+        }
+    }
+}
+
+/// Where in a device's exchange a rule is matched (what is known there differs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// The TLS handshake: transport and the instance named by SNI (`slowTls`).
+    TlsHandshake,
+    /// MQTT CONNECT / AMQP ATTACH: registration id and transport (`drop` at `connect`).
+    Connect,
+    /// MQTT SUBSCRIBE: registration id and transport (`drop` at `subscribe`).
+    Subscribe,
+    /// A register request of an authenticated device: everything (all other rules).
+    Register,
 }
 
 impl FaultAction {
@@ -36,6 +89,8 @@ impl FaultAction {
             FaultAction::Delay => "delay",
             FaultAction::Fail => "fail",
             FaultAction::HubDown => "hubDown",
+            FaultAction::Drop => "drop",
+            FaultAction::SlowTls => "slowTls",
         }
     }
 }
@@ -98,9 +153,13 @@ pub struct FaultRule {
         skip_serializing_if = "Option::is_none"
     )]
     pub delay_polls: Option<u32>,
-    /// delay: milliseconds before the assignment starts.
+    /// delay: milliseconds before the assignment starts; slowTls: milliseconds the TLS
+    /// handshake is held.
     #[serde(default, alias = "delay_ms", skip_serializing_if = "Option::is_none")]
     pub delay_ms: Option<u64>,
+    /// drop: where the connection is closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<FaultStage>,
     /// fail: the six-digit error code.
     #[serde(default, alias = "error_code", skip_serializing_if = "Option::is_none")]
     pub error_code: Option<u32>,
@@ -116,6 +175,8 @@ pub struct FaultRule {
 pub const MAX_DELAY_MS: u64 = 3_600_000;
 /// Most polls a delay may hold a registration for.
 pub const MAX_DELAY_POLLS: u32 = 1000;
+/// Longest TLS handshake hold a slowTls rule may ask for (one minute).
+pub const MAX_SLOW_TLS_MS: u64 = 60_000;
 
 impl FaultRule {
     /// Checks the rule; the error says which field is wrong and why. Returns the rule with its
@@ -194,16 +255,55 @@ impl FaultRule {
                 }
             }
             FaultAction::HubDown => {}
+            FaultAction::Drop => {
+                let stage = self.stage.ok_or(
+                    "a drop rule needs stage: connect, subscribe, register (or publish) or response",
+                )?;
+                let t = self.transport.as_deref();
+                match stage {
+                    FaultStage::Connect if t == Some("https") => {
+                        return Err("stage connect applies to mqtt and amqp, not https (use register: closed before any response)".into());
+                    }
+                    FaultStage::Subscribe if t.is_some_and(|t| t != "mqtt") => {
+                        return Err("stage subscribe applies to mqtt only".into());
+                    }
+                    _ => {}
+                }
+                if matches!(stage, FaultStage::Connect | FaultStage::Subscribe)
+                    && (self.enrollment_group.is_some() || self.attestation.is_some())
+                {
+                    return Err(format!(
+                        "at stage {} only registrationId and transport are known: enrollmentGroup and attestation cannot be matched there",
+                        stage.as_str()
+                    ));
+                }
+            }
+            FaultAction::SlowTls => {
+                let ms = self.delay_ms.ok_or("a slowTls rule needs delayMs")?;
+                if ms == 0 || ms > MAX_SLOW_TLS_MS {
+                    return Err(format!(
+                        "delayMs of a slowTls rule must be 1 to {MAX_SLOW_TLS_MS}, not {ms}"
+                    ));
+                }
+                if self.registration_id.is_some()
+                    || self.enrollment_group.is_some()
+                    || self.attestation.is_some()
+                {
+                    return Err("a slowTls rule matches on transport only (and its instance, by the TLS server name): registrationId, enrollmentGroup and attestation are unknown during the TLS handshake".into());
+                }
+            }
+        }
+        if self.action != FaultAction::Drop {
+            only("stage", self.stage.is_some(), a)?;
         }
         if self.action != FaultAction::Throttle {
             only("retryAfter", self.retry_after.is_some(), a)?;
         }
         if self.action != FaultAction::Delay {
-            only(
-                "delayPolls/delayMs",
-                self.delay_polls.is_some() || self.delay_ms.is_some(),
-                a,
-            )?;
+            only("delayPolls", self.delay_polls.is_some(), a)?;
+            if self.action != FaultAction::SlowTls {
+                only("delayMs", self.delay_ms.is_some(), a)?;
+            }
         }
         if self.action != FaultAction::Fail {
             only(
@@ -218,11 +318,23 @@ impl FaultRule {
         Ok(self)
     }
 
+    /// Where the rule is matched.
+    pub fn point(&self) -> FaultPoint {
+        match (self.action, self.stage) {
+            (FaultAction::SlowTls, _) => FaultPoint::TlsHandshake,
+            (FaultAction::Drop, Some(FaultStage::Connect)) => FaultPoint::Connect,
+            (FaultAction::Drop, Some(FaultStage::Subscribe)) => FaultPoint::Subscribe,
+            _ => FaultPoint::Register,
+        }
+    }
+
     /// Whether the rule matches an attempt (probability, count and expiry aside).
     pub fn matches(&self, attempt: &FaultAttempt<'_>) -> bool {
-        self.registration_id
-            .as_deref()
-            .is_none_or(|g| glob_match(g, attempt.registration_id))
+        self.point() == attempt.point
+            && self
+                .registration_id
+                .as_deref()
+                .is_none_or(|g| glob_match(g, attempt.registration_id))
             && self
                 .enrollment_group
                 .as_deref()
@@ -246,7 +358,9 @@ impl FaultRule {
 /// What a rule is matched against.
 #[derive(Debug, Clone, Copy)]
 pub struct FaultAttempt<'a> {
-    /// The registration id.
+    /// Where (only rules of this point match).
+    pub point: FaultPoint,
+    /// The registration id (empty during the TLS handshake).
     pub registration_id: &'a str,
     /// The enrollment group the device was admitted by, if any.
     pub enrollment_group: Option<&'a str>,
@@ -354,6 +468,7 @@ mod tests {
         }))
         .unwrap();
         let a = FaultAttempt {
+            point: FaultPoint::Register,
             registration_id: "meter-1",
             enrollment_group: Some("g1"),
             transport: "mqtt",
@@ -381,5 +496,66 @@ mod tests {
             enrollment_group: None,
             ..a
         }));
+        assert!(!any.matches(&FaultAttempt {
+            point: FaultPoint::Connect,
+            ..a
+        }));
+    }
+
+    #[test]
+    fn drop_and_slow_tls_rules() {
+        let r = rule(serde_json::json!({"action": "drop", "stage": "publish"})).unwrap();
+        assert_eq!(r.stage, Some(FaultStage::Register));
+        assert_eq!(r.point(), FaultPoint::Register);
+        let r = rule(
+            serde_json::json!({"action": "drop", "stage": "subscribe", "registrationId": "s-*"}),
+        )
+        .unwrap();
+        assert_eq!(r.point(), FaultPoint::Subscribe);
+        let at = |point, id| FaultAttempt {
+            point,
+            registration_id: id,
+            enrollment_group: None,
+            transport: "mqtt",
+            attestation: "",
+        };
+        assert!(r.matches(&at(FaultPoint::Subscribe, "s-1")));
+        assert!(!r.matches(&at(FaultPoint::Subscribe, "t-1")));
+        assert!(!r.matches(&at(FaultPoint::Register, "s-1")));
+        let e = rule(serde_json::json!({"action": "drop"})).unwrap_err();
+        assert!(e.contains("stage"), "{e}");
+        let e = rule(serde_json::json!({"action": "drop", "stage": "later"})).unwrap_err();
+        assert!(e.contains("unknown variant"), "{e}");
+        let e =
+            rule(serde_json::json!({"action": "drop", "stage": "subscribe", "transport": "amqp"}))
+                .unwrap_err();
+        assert!(e.contains("mqtt only"), "{e}");
+        let e =
+            rule(serde_json::json!({"action": "drop", "stage": "connect", "transport": "https"}))
+                .unwrap_err();
+        assert!(e.contains("not https"), "{e}");
+        let e =
+            rule(serde_json::json!({"action": "drop", "stage": "connect", "enrollmentGroup": "g"}))
+                .unwrap_err();
+        assert!(e.contains("enrollmentGroup"), "{e}");
+        let e = rule(serde_json::json!({"action": "throttle", "stage": "connect"})).unwrap_err();
+        assert!(e.contains("stage"), "{e}");
+        let r = rule(serde_json::json!({"action": "slowTls", "delayMs": 500, "transport": "mqtt"}))
+            .unwrap();
+        assert_eq!(r.point(), FaultPoint::TlsHandshake);
+        assert!(r.matches(&at(FaultPoint::TlsHandshake, "")));
+        let e = rule(serde_json::json!({"action": "slowTls"})).unwrap_err();
+        assert!(e.contains("delayMs"), "{e}");
+        let e = rule(serde_json::json!({"action": "slowTls", "delayMs": 60001})).unwrap_err();
+        assert!(e.contains("delayMs"), "{e}");
+        let e =
+            rule(serde_json::json!({"action": "slowTls", "delayMs": 10, "registrationId": "x"}))
+                .unwrap_err();
+        assert!(e.contains("unknown during the TLS handshake"), "{e}");
+        let e = rule(serde_json::json!({"action": "slowTls", "delayMs": 10, "delayPolls": 1}))
+            .unwrap_err();
+        assert!(e.contains("delayPolls"), "{e}");
+        let e = rule(serde_json::json!({"action": "hubDown", "delayMs": 10})).unwrap_err();
+        assert!(e.contains("delayMs"), "{e}");
     }
 }

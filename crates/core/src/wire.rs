@@ -132,6 +132,9 @@ impl From<&Error> for WireError {
                 message,
                 ..
             } => WireError::new(*error_code, message.clone()),
+            // The transports close the connection instead; this is only rendered by one that
+            // cannot (then the device sees an internal error).
+            Error::Dropped { .. } => WireError::new(codes::INTERNAL, "Connection dropped"),
             Error::Throttled { retry_after } => WireError {
                 retry_after: Some(*retry_after),
                 ..WireError::new(codes::THROTTLED, "Operation was throttled")

@@ -6,8 +6,9 @@ use crate::session::{Action, CallOutcome, CloseReason, Session};
 use crate::{MqttError, MqttLimits};
 use bytes::BytesMut;
 use dps_core::device::{ConnectRefusal, DeviceService, Transport};
+use dps_core::fault::FaultPoint;
 use futures::stream::{FuturesUnordered, StreamExt};
-use rumqttc::mqttbytes::v4::Packet;
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -177,7 +178,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
         let mut queue: VecDeque<Action> = actions.into();
         while let Some(action) = queue.pop_front() {
             match action {
-                Action::Send(p) => codec::encode(&p, &mut self.wbuf)?,
+                Action::Send(p) => {
+                    let point = match &p {
+                        Packet::ConnAck(c) if c.code == ConnectReturnCode::Success => {
+                            Some(FaultPoint::Connect)
+                        }
+                        Packet::SubAck(_) => Some(FaultPoint::Subscribe),
+                        _ => None,
+                    };
+                    if let (Some(point), Some((scope, rid))) = (point, self.session.identity()) {
+                        // Injected `drop`: closed instead of the CONNACK / SUBACK.
+                        if self.service.connection_fault(
+                            point,
+                            self.session.transport(),
+                            scope,
+                            rid,
+                            self.session.peer(),
+                        ) {
+                            return Ok(Some(Err(MqttError::InjectedFault)));
+                        }
+                    }
+                    codec::encode(&p, &mut self.wbuf)?
+                }
                 Action::Authorize(auth) => {
                     self.span
                         .record("registration_id", auth.registration_id.as_str());
@@ -208,6 +230,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
                         CloseReason::ClientDisconnect => Ok(()),
                         CloseReason::Refused(code) => Err(MqttError::Refused(code)),
                         CloseReason::ProtocolViolation(why) => Err(MqttError::Protocol(why)),
+                        CloseReason::InjectedFault => Err(MqttError::InjectedFault),
                     }));
                 }
             }

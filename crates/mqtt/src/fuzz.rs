@@ -79,7 +79,11 @@ fn run_actions(session: &mut Session, actions: Vec<Action>, ctl: u8) -> bool {
                         retry_after: None,
                     })
                 };
-                queue.extend(session.call_result(CallOutcome { rid: c.rid, result }));
+                queue.extend(session.call_result(CallOutcome {
+                    rid: c.rid,
+                    result,
+                    dropped: false,
+                }));
             }
             Action::Close(_) => return false,
         }

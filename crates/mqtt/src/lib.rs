@@ -128,4 +128,7 @@ pub enum MqttError {
     /// The client did not read our packets in time.
     #[error("write timeout")]
     WriteTimeout,
+    /// A fault injection rule (`drop`) closed the connection.
+    #[error("closed by an injected fault")]
+    InjectedFault,
 }

@@ -47,6 +47,8 @@ pub enum CloseReason {
     Refused(ConnectReturnCode),
     /// The client broke the protocol.
     ProtocolViolation(&'static str),
+    /// A fault injection rule (`drop`) closes the connection without answering.
+    InjectedFault,
 }
 
 /// A credential check to run at CONNECT.
@@ -97,6 +99,8 @@ pub struct CallOutcome {
     pub rid: String,
     /// What the service said.
     pub result: Result<DeviceResponse, WireError>,
+    /// A fault injection rule (`drop`) closes the connection instead of answering.
+    pub dropped: bool,
 }
 
 impl ServiceCall {
@@ -108,12 +112,13 @@ impl ServiceCall {
             RequestKind::OperationStatus { operation_id } => {
                 service.operation_status(self.request, operation_id).await
             }
-        }
-        // The one mapping from domain errors to wire errors.
-        .map_err(|e| WireError::from(&e));
+        };
+        let dropped = matches!(result, Err(Error::Dropped { .. }));
         CallOutcome {
             rid: self.rid,
-            result,
+            // The one mapping from domain errors to wire errors.
+            result: result.map_err(|e| WireError::from(&e)),
+            dropped,
         }
     }
 }
@@ -205,6 +210,16 @@ impl Session {
             }
             _ => None,
         }
+    }
+
+    /// The transport of this connection.
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// The network peer's address, when known.
+    pub fn peer(&self) -> Option<std::net::IpAddr> {
+        self.peer
     }
 
     /// Granted QoS of the response subscription, if any.
@@ -418,6 +433,10 @@ impl Session {
     pub fn call_result(&mut self, outcome: CallOutcome) -> Vec<Action> {
         if matches!(self.state, State::Closed) {
             return Vec::new();
+        }
+        if outcome.dropped {
+            self.state = State::Closed;
+            return vec![Action::Close(CloseReason::InjectedFault)];
         }
         let packet = match outcome.result {
             Ok(resp) => {

@@ -27,6 +27,7 @@ pub async fn serve_amqp(
         name: "amqp",
         handshake_timeout,
         max_pending_handshakes,
+        faults: Some(app.engine.clone()),
     };
     let admit = move |peer| {
         let g = slots.try_acquire(crate::connections::listener::AMQP);

@@ -1094,7 +1094,16 @@ mod tests {
         assert_eq!(cfg.instances[0].linked_hub.len(), 2);
         assert!(!cfg.instances[0].allow_fault_injection);
         assert!(cfg.instances[2].allow_fault_injection);
-        assert_eq!(cfg.instances[2].fault.len(), 4);
+        assert_eq!(cfg.instances[2].fault.len(), 6);
+        for r in &cfg.instances[2].fault {
+            r.clone()
+                .validated()
+                .expect("the example's rules are valid");
+        }
+        assert_eq!(
+            cfg.instances[2].fault[4].stage,
+            Some(dps_core::fault::FaultStage::Subscribe)
+        );
         assert_eq!(cfg.listen.https, "[::]:443");
         assert_eq!(cfg.auth.max_token_lifetime_secs, 0);
         assert_eq!(cfg.outbound.max_response_bytes, 1_048_576);

@@ -60,6 +60,8 @@ pub enum CloseReason {
     BodyTimeout,
     /// A response write made no progress for `http_body_timeout_ms`.
     WriteTimeout,
+    /// A fault injection rule (`drop`) closed it.
+    InjectedFault,
 }
 
 impl CloseReason {
@@ -73,6 +75,7 @@ impl CloseReason {
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::BodyTimeout => "body_timeout",
             CloseReason::WriteTimeout => "write_timeout",
+            CloseReason::InjectedFault => "injected_fault",
         }
     }
 }
@@ -230,6 +233,8 @@ struct StateInner {
     write_blocked: Option<Instant>,
     /// A request body timed out: the connection is closed after its answer.
     body_timed_out: bool,
+    /// A fault injection rule closes the connection now.
+    killed: bool,
 }
 
 impl ConnState {
@@ -242,6 +247,7 @@ impl ConnState {
                 first_byte: None,
                 write_blocked: None,
                 body_timed_out: false,
+                killed: false,
             }),
             changed: Notify::new(),
             h2,
@@ -445,6 +451,25 @@ impl http_body::Body for TimedBody {
     }
 }
 
+/// Closes the HTTPS connection a request came on, at once (fault injection `drop`): handed to
+/// the handler as a request extension.
+#[derive(Clone)]
+pub struct ConnKill(Arc<ConnState>);
+
+impl ConnKill {
+    /// Close the connection (whatever was flushed so far is all the client gets).
+    pub fn kill(&self) {
+        self.0.lock().killed = true;
+        self.0.changed.notify_one();
+    }
+}
+
+impl std::fmt::Debug for ConnKill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConnKill")
+    }
+}
+
 /// Serve one HTTPS connection (after the TLS handshake) until it ends or a deadline passes.
 /// `h2` selects HTTP/2 (ALPN `h2`), otherwise HTTP/1.1 with upgrades (WebSocket). `handler`
 /// answers each request; a request whose body timed out is answered `400` (errorCode 400004)
@@ -476,7 +501,8 @@ where
             let handler = handler.clone();
             async move {
                 let timed_out = Arc::new(AtomicBool::new(false));
-                let req = req.map(|inner| {
+                let kill = ConnKill(state.clone());
+                let mut req = req.map(|inner| {
                     Body::new(TimedBody {
                         inner,
                         deadline: Box::pin(tokio::time::sleep(body_timeout)),
@@ -485,6 +511,7 @@ where
                         done: false,
                     })
                 });
+                req.extensions_mut().insert(kill);
                 let mut resp = handler(req).await;
                 if timed_out.load(Ordering::SeqCst) {
                     resp = crate::http::err(&dps_core::Error::invalid(format!(
@@ -550,7 +577,11 @@ async fn watch(
                     }
                 };
             }
-            () = state.changed.notified() => {}
+            () = state.changed.notified() => {
+                if state.lock().killed {
+                    return CloseReason::InjectedFault;
+                }
+            }
             () = expired => {
                 if let Some((at, why)) = state.deadline(limits) {
                     if at <= Instant::now() {

@@ -2,6 +2,7 @@
 //! registration status lookup, translated to [`DeviceService`] calls.
 
 use crate::app::App;
+use crate::connections::ConnKill;
 use crate::http::{err, json_response, param, read_request, PeerAddr, PeerCerts};
 use crate::routes::Op;
 use axum::body::Body;
@@ -9,6 +10,7 @@ use axum::http::{header, HeaderValue, Request, Response, StatusCode};
 use dps_core::device::{DeviceCredential, DeviceRequest, DeviceResponse, DeviceService, Transport};
 use dps_core::model::DeviceRegistration;
 use dps_core::Error;
+use futures::StreamExt;
 use std::sync::Arc;
 
 fn api_version_ok(v: &str) -> bool {
@@ -47,6 +49,43 @@ fn render(resp: DeviceResponse) -> Response<Body> {
         );
     }
     r
+}
+
+/// An injected `drop` (`docs/testing-with-dps.md`). Without `response` (stage `register`) the
+/// connection closes before any answer. With it (stage `response`) the status line, the headers
+/// (with the full `content-length`) and the first half of the body are sent, then the
+/// connection closes.
+async fn dropped(kill: ConnKill, response: Option<Response<Body>>) -> Response<Body> {
+    // Bounds a request task the closed connection does not cancel (HTTP/2 streams run on
+    // their own tasks): never answered in practice, the connection goes first.
+    const LINGER: std::time::Duration = std::time::Duration::from_secs(30);
+    let Some(resp) = response else {
+        kill.kill();
+        tokio::time::sleep(LINGER).await;
+        return err(&Error::Dropped {
+            rule: String::new(),
+            response: None,
+        });
+    };
+    let (mut parts, body) = resp.into_parts();
+    let bytes = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(b) => b,
+        Err(_) => bytes::Bytes::new(),
+    };
+    parts.headers.insert(
+        header::CONTENT_LENGTH,
+        HeaderValue::from_str(&bytes.len().to_string()).expect("digits"),
+    );
+    let first = bytes.slice(..bytes.len() / 2);
+    let stream = futures::stream::iter([Ok::<_, std::io::Error>(first)]).chain(
+        futures::stream::once(async move {
+            // The first part is written and flushed before this runs; then the connection goes.
+            kill.kill();
+            tokio::time::sleep(LINGER).await;
+            Err::<bytes::Bytes, _>(std::io::Error::other("connection dropped"))
+        }),
+    );
+    Response::from_parts(parts, Body::from_stream(stream))
 }
 
 /// Handle `/{idScope}/registrations/...` (the route found in [`crate::routes`]; the device's
@@ -103,6 +142,12 @@ pub async fn handle(app: &Arc<App>, req: Request<Body>, segs: &[String], op: Op)
             };
             match app.engine.register(mk(reg)).await {
                 Ok(resp) => render(resp),
+                Err(Error::Dropped { response, .. }) => {
+                    let Some(kill) = req.extensions.get::<ConnKill>().cloned() else {
+                        return err(&Error::Internal("no connection to drop".into()));
+                    };
+                    dropped(kill, response.map(|r| render(*r))).await
+                }
                 Err(e) => err(&e),
             }
         }

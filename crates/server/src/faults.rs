@@ -298,6 +298,7 @@ mod tests {
     const NOW: &str = "2026-01-01T00:00:00.0000000Z";
     fn attempt(id: &str) -> FaultAttempt<'_> {
         FaultAttempt {
+            point: dps_core::fault::FaultPoint::Register,
             registration_id: id,
             enrollment_group: None,
             transport: "https",

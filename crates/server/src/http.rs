@@ -44,6 +44,7 @@ pub async fn serve_https(
         name: "https",
         handshake_timeout,
         max_pending_handshakes,
+        faults: Some(app.engine.clone()),
     };
     let HttpsConnections { slots, http, ws } = conn;
     let http = Arc::new(http);

@@ -26,6 +26,7 @@ pub async fn serve_mqtt(
         name: "mqtt",
         handshake_timeout,
         max_pending_handshakes,
+        faults: Some(app.engine.clone()),
     };
     let admit = move |peer| {
         let g = slots.try_acquire(crate::connections::listener::MQTT);

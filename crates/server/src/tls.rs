@@ -286,6 +286,21 @@ pub fn server_config(pki: &ServerPki, alpn: &[&[u8]]) -> Result<Arc<ServerConfig
     Ok(Arc::new(cfg))
 }
 
+/// Fault injection at the TLS handshake (`slowTls`, `docs/testing-with-dps.md`).
+pub trait HandshakeFaults: Send + Sync {
+    /// Whether any rule is in force (else the handshake runs as always, without a look at
+    /// the ClientHello).
+    fn active(&self) -> bool;
+    /// How long to hold this handshake: `listener` is `https`, `mqtt` or `amqp`, `sni` the
+    /// server name the client asked for (none for an IP address).
+    fn handshake_delay(
+        &self,
+        listener: &'static str,
+        sni: Option<&str>,
+        peer: std::net::SocketAddr,
+    ) -> Option<std::time::Duration>;
+}
+
 /// A TLS listener: the one accept loop shared by HTTPS and MQTT. Each accepted connection is
 /// admitted (or closed at once), handshaken with a timeout and served on its own task.
 pub struct TlsListener {
@@ -299,6 +314,8 @@ pub struct TlsListener {
     pub handshake_timeout: std::time::Duration,
     /// At most this many handshakes in progress (see [`accept_each`]).
     pub max_pending_handshakes: usize,
+    /// Fault injection rules acting on the handshake (none: never).
+    pub faults: Option<Arc<dyn HandshakeFaults>>,
 }
 
 impl TlsListener {
@@ -326,6 +343,7 @@ impl TlsListener {
             name,
             handshake_timeout,
             max_pending_handshakes,
+            faults,
         } = self;
         let serve = Arc::new(serve);
         accept_each(
@@ -336,12 +354,21 @@ impl TlsListener {
                 let admitted = admit(peer);
                 let acceptor = acceptor.clone();
                 let serve = serve.clone();
+                let faults = faults.clone();
                 async move {
                     let Some(_admitted) = admitted else {
                         return;
                     };
-                    let Some((tls, certs)) =
-                        handshake(&acceptor, tcp, peer, handshake_timeout, name, permit).await
+                    let Some((tls, certs)) = handshake_with_faults(
+                        &acceptor,
+                        tcp,
+                        peer,
+                        handshake_timeout,
+                        name,
+                        permit,
+                        faults.as_deref(),
+                    )
+                    .await
                     else {
                         return;
                     };
@@ -408,7 +435,40 @@ pub async fn handshake(
     tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     Vec<Vec<u8>>,
 )> {
-    let accepted = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;
+    handshake_with_faults(acceptor, tcp, peer, timeout, listener, permit, None).await
+}
+
+/// [`handshake`], held by a `slowTls` fault injection rule when one fires: the ClientHello is
+/// read (for its server name), the delay passes, then the handshake completes. The delay
+/// counts against `timeout`.
+pub async fn handshake_with_faults(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    timeout: std::time::Duration,
+    listener: &'static str,
+    permit: HandshakePermit,
+    faults: Option<&dyn HandshakeFaults>,
+) -> Option<(
+    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    Vec<Vec<u8>>,
+)> {
+    let run = async {
+        match faults.filter(|f| f.active()) {
+            None => acceptor.accept(tcp).await,
+            Some(f) => {
+                let start =
+                    tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+                        .await?;
+                let delay = f.handshake_delay(listener, start.client_hello().server_name(), peer);
+                if let Some(d) = delay {
+                    tokio::time::sleep(d).await;
+                }
+                start.into_stream(acceptor.config().clone()).await
+            }
+        }
+    };
+    let accepted = tokio::time::timeout(timeout, run).await;
     drop(permit);
     let tls = match accepted {
         Ok(Ok(s)) => s,

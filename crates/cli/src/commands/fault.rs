@@ -21,6 +21,12 @@ pub enum FaultActionArg {
     Fail,
     /// The linked hub (--hub, or any) answers as unreachable: the registration ends retryable.
     HubDown,
+    /// Close the connection at --stage: connect (MQTT CONNECT, AMQP ATTACH), subscribe (MQTT),
+    /// register (the request arrives; not processed) or response (processed; the answer is
+    /// lost, HTTPS gets part of it).
+    Drop,
+    /// Hold the TLS handshake --delay-ms milliseconds (matches transport and instance only).
+    SlowTls,
 }
 
 impl FaultActionArg {
@@ -30,6 +36,8 @@ impl FaultActionArg {
             FaultActionArg::Delay => "delay",
             FaultActionArg::Fail => "fail",
             FaultActionArg::HubDown => "hubDown",
+            FaultActionArg::Drop => "drop",
+            FaultActionArg::SlowTls => "slowTls",
         }
     }
 }
@@ -80,9 +88,14 @@ pub enum FaultCommand {
         /// delay: polls answered `assigning` before the result.
         #[arg(long)]
         polls: Option<u32>,
-        /// delay: milliseconds before the assignment starts.
+        /// delay: milliseconds before the assignment starts; slow-tls: milliseconds the TLS
+        /// handshake is held.
         #[arg(long)]
         delay_ms: Option<u64>,
+        /// drop: where the connection closes: connect, subscribe, register (or publish),
+        /// response.
+        #[arg(long)]
+        stage: Option<String>,
         /// fail: the six-digit error code (e.g. 500001, 429001, 401002).
         #[arg(long)]
         error_code: Option<u32>,
@@ -124,6 +137,7 @@ pub(crate) async fn run(g: &Globals, svc: &Service, c: FaultCommand) -> Result<(
                     "REGISTRATION ID",
                     "GROUP",
                     "TRANSPORT",
+                    "STAGE",
                     "PROBABILITY",
                     "COUNT",
                     "INJECTED",
@@ -136,6 +150,7 @@ pub(crate) async fn run(g: &Globals, svc: &Service, c: FaultCommand) -> Result<(
                     &["/registrationId"],
                     &["/enrollmentGroup"],
                     &["/transport"],
+                    &["/stage"],
                     &["/probability"],
                     &["/count"],
                     &["/injected"],
@@ -157,6 +172,7 @@ pub(crate) async fn run(g: &Globals, svc: &Service, c: FaultCommand) -> Result<(
             retry_after,
             polls,
             delay_ms,
+            stage,
             error_code,
             message,
             hub,
@@ -181,6 +197,7 @@ pub(crate) async fn run(g: &Globals, svc: &Service, c: FaultCommand) -> Result<(
             set("retryAfter", retry_after.map(Value::from));
             set("delayPolls", polls.map(Value::from));
             set("delayMs", delay_ms.map(Value::from));
+            set("stage", stage.map(Value::from));
             set("errorCode", error_code.map(Value::from));
             set("message", message.map(Value::from));
             set("hub", hub.map(Value::from));

@@ -154,6 +154,15 @@ pub struct Engine {
     me: std::sync::Weak<Engine>,
 }
 
+/// The transport name fault rules match: WebSocket variants count as their protocol.
+fn fault_transport(t: Transport) -> &'static str {
+    match t {
+        Transport::Https => "https",
+        Transport::Mqtt | Transport::MqttWs => "mqtt",
+        Transport::Amqp | Transport::AmqpWs => "amqp",
+    }
+}
+
 fn ts(clock: &dyn Clock) -> String {
     azure_timestamp(clock.now())
 }
@@ -276,9 +285,10 @@ impl Engine {
         }
         let group = adm.group_id();
         let attempt = dps_core::fault::FaultAttempt {
+            point: dps_core::fault::FaultPoint::Register,
             registration_id: adm.registration_id.as_str(),
             enrollment_group: group.as_deref(),
-            transport: transport.as_str(),
+            transport: fault_transport(transport),
             attestation: adm.attestation.as_str(),
         };
         let mut b = [0u8; 4];
@@ -300,9 +310,71 @@ impl Engine {
                     Some(&serde_json::json!({
                         "injected": true, "rule": rule.id, "action": rule.action.as_str(),
                         "transport": transport.as_str(),
+                        "stage": rule.stage.map(|s| s.as_str()),
                     })),
                 )
                 .await;
+        }
+        Some(rule)
+    }
+
+    /// A connection-level fault (`drop` at `connect`/`subscribe`, `slowTls`) that fires now:
+    /// counted, logged, and audited as `fault.injected` (written in the background: the
+    /// transports ask synchronously). `registration_id` is empty for `slowTls`.
+    pub fn connection_fault_rule(
+        &self,
+        instance: &str,
+        point: dps_core::fault::FaultPoint,
+        transport: &str,
+        registration_id: &str,
+        peer: Option<std::net::IpAddr>,
+    ) -> Option<dps_core::fault::FaultRule> {
+        if !self.faults.any() {
+            return None;
+        }
+        let attempt = dps_core::fault::FaultAttempt {
+            point,
+            registration_id,
+            enrollment_group: None,
+            transport,
+            attestation: "",
+        };
+        let mut b = [0u8; 4];
+        self.random.fill(&mut b);
+        let draw = f64::from(u32::from_le_bytes(b)) / (f64::from(u32::MAX) + 1.0);
+        let rule = self
+            .faults
+            .pick(instance, &attempt, &ts(self.clock.as_ref()), draw)?;
+        tracing::info!(registration_id, instance, transport, rule = %rule.id, action = rule.action.as_str(), stage = rule.stage.map(|s| s.as_str()), "fault injected");
+        if self.refusals.admit(peer, Instant::now()).is_ok() {
+            let me = self.self_arc();
+            let instance = instance.to_string();
+            let target = if registration_id.is_empty() {
+                "-".to_string()
+            } else {
+                registration_id.to_string()
+            };
+            let after = serde_json::json!({
+                "injected": true, "rule": rule.id, "action": rule.action.as_str(),
+                "transport": transport, "stage": rule.stage.map(|s| s.as_str()),
+            });
+            tokio::spawn(async move {
+                me.audit
+                    .record(
+                        &instance,
+                        "fault",
+                        "fault.injected",
+                        if target == "-" {
+                            "connection"
+                        } else {
+                            "registration"
+                        },
+                        &target,
+                        None::<&()>,
+                        Some(&after),
+                    )
+                    .await;
+            });
         }
         Some(rule)
     }
@@ -589,86 +661,115 @@ impl Engine {
                     })
                 }
                 FaultAction::Delay => delay = Duration::from_millis(f.delay_ms.unwrap_or(0)),
-                FaultAction::HubDown => {}
+                FaultAction::Drop if f.stage == Some(dps_core::fault::FaultStage::Register) => {
+                    return Err(Error::Dropped {
+                        rule: f.id.clone(),
+                        response: None,
+                    })
+                }
+                FaultAction::HubDown | FaultAction::Drop | FaultAction::SlowTls => {}
             }
         }
-        let csr = match req.body.csr.as_deref() {
-            Some(field) => Some(self.certificate_request(&adm, field).await?),
-            None => None,
-        };
-        let op = dps_core::random::operation_id(self.random.as_ref()).to_string();
-        if let Some(f) = &fault {
-            match f.action {
-                dps_core::fault::FaultAction::HubDown => self.faults.arm_hub_down(&op, f),
-                dps_core::fault::FaultAction::Delay if f.delay_polls.unwrap_or(0) > 0 => {
-                    self.faults.hold_polls(&op, f.delay_polls.unwrap_or(0))
+        // Stage `response`: processed as always, then the answer is dropped.
+        let drop_response = fault
+            .as_ref()
+            .filter(|f| {
+                f.action == dps_core::fault::FaultAction::Drop
+                    && f.stage == Some(dps_core::fault::FaultStage::Response)
+            })
+            .map(|f| f.id.clone());
+        let out: Result<(DeviceResponse, &'static str)> = async {
+            let csr = match req.body.csr.as_deref() {
+                Some(field) => Some(self.certificate_request(&adm, field).await?),
+                None => None,
+            };
+            let op = dps_core::random::operation_id(self.random.as_ref()).to_string();
+            if let Some(f) = &fault {
+                match f.action {
+                    dps_core::fault::FaultAction::HubDown => self.faults.arm_hub_down(&op, f),
+                    dps_core::fault::FaultAction::Delay if f.delay_polls.unwrap_or(0) > 0 => {
+                        self.faults.hold_polls(&op, f.delay_polls.unwrap_or(0))
+                    }
+                    _ => {}
                 }
-                _ => {}
+            }
+            let reg_key = rid.key();
+            let key = (inst.name.to_ascii_lowercase(), reg_key.clone(), op.clone());
+            self.running
+                .lock()
+                .expect("running lock")
+                .insert(key.clone());
+            let work = {
+                let op = op.clone();
+                let payload = req.body.payload.clone();
+                let transport = req.transport;
+                let force = req.force_registration;
+                let me = self.self_arc();
+                async move {
+                    if !delay.is_zero() {
+                        // An injected delay: the registration stays `assigning` meanwhile.
+                        tokio::time::sleep(delay).await;
+                    }
+                    let r = me.assign(adm, &op, payload, transport, force, csr).await;
+                    me.running.lock().expect("running lock").remove(&key);
+                    r
+                }
+            };
+            // Boxed: the assignment's future is large, and moving it into the task would copy it.
+            let handle = tokio::spawn(Box::pin(work));
+            let mode = inst.register_response;
+            match tokio::time::timeout(self.settings.inline_wait, handle).await {
+                Ok(joined) => {
+                    let rec = joined
+                        .map_err(|e| Error::Internal(format!("assignment task failed: {e}")))??;
+                    if self.faults.polls_held(&op) {
+                        // An injected delay holds the result back for some polls.
+                        return Ok((
+                            self.assigning_response(
+                                &op,
+                                rid.as_str(),
+                                self.settings.ready_retry_after,
+                                false,
+                            ),
+                            "assigning",
+                        ));
+                    }
+                    let outcome = rec.state.status.map(|s| s.as_str()).unwrap_or("unassigned");
+                    let resp = Self::final_response(&rec, &op)?;
+                    if mode == RegisterResponse::Immediate
+                        || resp.body.status == RegistrationStatus::Disabled
+                    {
+                        Ok((resp, outcome))
+                    } else {
+                        Ok((
+                            self.assigning_response(
+                                &op,
+                                rid.as_str(),
+                                self.settings.ready_retry_after,
+                                false,
+                            ),
+                            outcome,
+                        ))
+                    }
+                }
+                Err(_) => Ok((
+                    self.assigning_response(
+                        &op,
+                        rid.as_str(),
+                        self.settings.busy_retry_after,
+                        false,
+                    ),
+                    "assigning",
+                )),
             }
         }
-        let reg_key = rid.key();
-        let key = (inst.name.to_ascii_lowercase(), reg_key.clone(), op.clone());
-        self.running
-            .lock()
-            .expect("running lock")
-            .insert(key.clone());
-        let work = {
-            let op = op.clone();
-            let payload = req.body.payload.clone();
-            let transport = req.transport;
-            let force = req.force_registration;
-            let me = self.self_arc();
-            async move {
-                if !delay.is_zero() {
-                    // An injected delay: the registration stays `assigning` meanwhile.
-                    tokio::time::sleep(delay).await;
-                }
-                let r = me.assign(adm, &op, payload, transport, force, csr).await;
-                me.running.lock().expect("running lock").remove(&key);
-                r
-            }
-        };
-        // Boxed: the assignment's future is large, and moving it into the task would copy it.
-        let handle = tokio::spawn(Box::pin(work));
-        let mode = inst.register_response;
-        match tokio::time::timeout(self.settings.inline_wait, handle).await {
-            Ok(joined) => {
-                let rec = joined
-                    .map_err(|e| Error::Internal(format!("assignment task failed: {e}")))??;
-                if self.faults.polls_held(&op) {
-                    // An injected delay holds the result back for some polls.
-                    return Ok((
-                        self.assigning_response(
-                            &op,
-                            rid.as_str(),
-                            self.settings.ready_retry_after,
-                            false,
-                        ),
-                        "assigning",
-                    ));
-                }
-                let outcome = rec.state.status.map(|s| s.as_str()).unwrap_or("unassigned");
-                let resp = Self::final_response(&rec, &op)?;
-                if mode == RegisterResponse::Immediate
-                    || resp.body.status == RegistrationStatus::Disabled
-                {
-                    Ok((resp, outcome))
-                } else {
-                    Ok((
-                        self.assigning_response(
-                            &op,
-                            rid.as_str(),
-                            self.settings.ready_retry_after,
-                            false,
-                        ),
-                        outcome,
-                    ))
-                }
-            }
-            Err(_) => Ok((
-                self.assigning_response(&op, rid.as_str(), self.settings.busy_retry_after, false),
-                "assigning",
-            )),
+        .await;
+        match (out, drop_response) {
+            (Ok((resp, _)), Some(rule)) => Err(Error::Dropped {
+                rule,
+                response: Some(Box::new(resp)),
+            }),
+            (out, _) => out,
         }
     }
 
@@ -750,8 +851,63 @@ fn logged(e: Error, what: &str, rid: &str) -> Error {
     e
 }
 
+impl crate::tls::HandshakeFaults for Engine {
+    fn active(&self) -> bool {
+        self.faults.any()
+    }
+
+    /// The instance is the one named by SNI; without SNI (an IP address) or with an unknown
+    /// name, the rules of every instance are tried.
+    fn handshake_delay(
+        &self,
+        listener: &'static str,
+        sni: Option<&str>,
+        peer: std::net::SocketAddr,
+    ) -> Option<Duration> {
+        let instances = match sni.and_then(|h| self.instances.by_host(h)) {
+            Some(i) => vec![i],
+            None => self.instances.list(),
+        };
+        instances.iter().find_map(|inst| {
+            self.connection_fault_rule(
+                &inst.name,
+                dps_core::fault::FaultPoint::TlsHandshake,
+                listener,
+                "",
+                Some(peer.ip()),
+            )
+            .and_then(|r| r.delay_ms)
+            .map(Duration::from_millis)
+        })
+    }
+}
+
 #[async_trait::async_trait]
 impl DeviceService for Engine {
+    fn connection_fault(
+        &self,
+        point: dps_core::fault::FaultPoint,
+        transport: Transport,
+        id_scope: &str,
+        registration_id: &str,
+        peer: Option<std::net::IpAddr>,
+    ) -> bool {
+        if !self.faults.any() {
+            return false;
+        }
+        let Some(inst) = self.instances.by_scope(id_scope) else {
+            return false;
+        };
+        self.connection_fault_rule(
+            &inst.name,
+            point,
+            fault_transport(transport),
+            registration_id,
+            peer,
+        )
+        .is_some()
+    }
+
     async fn register(&self, req: DeviceRequest) -> Result<DeviceResponse> {
         let span = tracing::info_span!("register", registration_id = %req.registration_id, id_scope = %req.id_scope, transport = req.transport.as_str(), operation_id = tracing::field::Empty);
         let started = Instant::now();
