@@ -5,6 +5,12 @@
 //! (unknown registration, unknown EK, wrong SRK, bad signature, replayed activation) are told
 //! apart in the audit log.
 //!
+//! Over AMQP the same exchange runs inside the SASL `TPM` mechanism (§6.5.6): the EK in
+//! `sasl-init`, the SRK in the first response, the blob in 400-byte segment challenges, the
+//! TPM-signed SAS token in the last response, checked before the SASL outcome; then the
+//! register request on the links ([`dps_device::amqp::sasl_tpm`] as the device side, and the
+//! Rust client's `Transport::Amqp`).
+//!
 //! Skipped when swtpm or tpm2-tools are missing, except under `CI=true`, where that fails.
 
 use crate::support::*;
@@ -349,5 +355,286 @@ async fn tpm_enrollments_need_a_usable_endorsement_key() {
         r.body["message"].as_str().unwrap().contains("TPM2B_PUBLIC"),
         "{}",
         r.body
+    );
+}
+
+// ----- AMQP: the SASL `TPM` mechanism ----------------------------------------------------
+
+type AmqpTls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+async fn amqp_tls(s: &TestServer) -> AmqpTls {
+    let mut roots = rustls::RootCertStore::empty();
+    let der = rustls_pki_types::pem::PemObject::from_pem_slice(s.ca_pem.as_bytes()).expect("ca");
+    roots.add(der).expect("root");
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let port = s.server.amqp.expect("amqp listener").port();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("tcp");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("tls")
+}
+
+/// What the device's SASL `TPM` exchange did: the outcome code, and the blob it was sent.
+struct SaslRun {
+    code: u8,
+    blob: Option<Vec<u8>>,
+    io: AmqpTls,
+}
+
+/// SASL `TPM` as device `dev` presenting `ek`/`srk` for `rid`; the blob is opened in `dev`'s
+/// TPM and the token signed there, unless `forge` gives a token signed with another key.
+async fn sasl_tpm(
+    s: &TestServer,
+    dev: &Device,
+    rid: &str,
+    ek: &[u8],
+    srk: &[u8],
+    forge: Option<String>,
+) -> SaslRun {
+    let mut io = amqp_tls(s).await;
+    let seen = std::sync::Mutex::new(None);
+    let seen_ref = &seen;
+    let code = dps_device::amqp::sasl_tpm(&mut io, SCOPE, rid, ek, srk, |blob| async move {
+        *seen_ref.lock().unwrap() = Some(blob.clone());
+        match forge {
+            Some(t) => Ok(t),
+            None => {
+                dev.import(&B64.encode(&blob)).await;
+                Ok(dev.token(rid).await)
+            }
+        }
+    })
+    .await
+    .expect("the SASL exchange runs to an outcome");
+    SaslRun {
+        code: code.0,
+        blob: seen.into_inner().unwrap(),
+        io,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tpm_device_registers_over_amqp_with_sasl_tpm() {
+    if !tools_or_skip() {
+        return;
+    }
+    let s = TestServer::spawn().await;
+    let dev = Device::start(s.dir.path(), "tpm-amqp").await;
+    let rid = "tpm-amqp-1";
+    let r = enroll_tpm(&s, rid, json!({"endorsementKey": dev.ek()})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    let run = sasl_tpm(
+        &s,
+        &dev,
+        rid,
+        &dev.keys.endorsement_key,
+        &dev.keys.storage_root_key,
+        None,
+    )
+    .await;
+    assert_eq!(run.code, 0, "SASL outcome ok");
+    // The blob came in more than one segment (a 2048-bit EK and SRK: ~ 870 bytes).
+    let blob = run.blob.expect("activation blob");
+    assert!(blob.len() > 400, "{}", blob.len());
+
+    // The links, on the connection the TPM authenticated: register with the keys in the body.
+    let address = format!("{SCOPE}/registrations/{rid}");
+    let mut conn = dps_device::amqp::AmqpDeviceConnection::open_on(
+        run.io,
+        "localhost",
+        "2019-03-31",
+        &address,
+        None,
+    )
+    .await
+    .expect("AMQP open after SASL TPM");
+    let body = serde_json::to_vec(&dev.tpm_body(rid)).unwrap();
+    let mut answer = conn
+        .request(dps_device::amqp::OP_REGISTER, None, false, &body)
+        .await
+        .expect("register");
+    // Poll to the final answer (no sleeps: the server's retry-after is not waited for; the
+    // deadline bounds the loop).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let final_body = loop {
+        let (status, body, _) = answer.as_http();
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        match (status, v["operationId"].as_str()) {
+            (200, _) => break v,
+            (202, Some(op)) if std::time::Instant::now() < deadline => {
+                answer = conn
+                    .request(dps_device::amqp::OP_STATUS, Some(op), false, b"")
+                    .await
+                    .expect("poll");
+            }
+            _ => panic!("unexpected answer {status}: {v}"),
+        }
+    };
+    conn.close().await;
+    assert_eq!(final_body["status"], "assigned", "{final_body}");
+    let st = &final_body["registrationState"];
+    assert_eq!(st["deviceId"], rid);
+    let hub_blob = st["tpm"]["authenticationKey"]
+        .as_str()
+        .expect("registrationState.tpm.authenticationKey");
+    dev.import(hub_blob).await;
+    let tok = dev.token(rid).await;
+    let r = s
+        .call(
+            Method::POST,
+            &format!("/{SCOPE}/registrations/{rid}?api-version=2021-06-01"),
+            Some(&tok),
+            Some(json!({})),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200, "the imported hub key signs: {}", r.body);
+    let m = scrape(&s).await;
+    assert!(
+        sample(
+            &m,
+            "AttestationAttempts",
+            &[
+                ("protocol", "amqp"),
+                ("attestation", "tpm"),
+                ("result", "success")
+            ]
+        ) >= 1.0,
+        "{m}"
+    );
+
+    // The Rust client does the same with `--transport amqp` (a second device).
+    let dev2 = Device::start(s.dir.path(), "tpm-amqp-2").await;
+    let rid2 = "tpm-amqp-2";
+    let r = enroll_tpm(&s, rid2, json!({"endorsementKey": dev2.ek()})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let client = dps_device::ProvisioningClient::builder()
+        .global_endpoint("localhost")
+        .port(s.server.amqp.expect("amqp listener").port())
+        .id_scope(SCOPE)
+        .registration_id(rid2)
+        .auth(dps_device::Auth::Tpm((*dev2.tools).clone()))
+        .transport(dps_device::Transport::Amqp)
+        .trust(dps_device::Trust::Pem(s.ca_pem.clone().into_bytes()))
+        .poll_interval_override(Duration::from_millis(50))
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let r = client.register().await.expect("TPM over AMQP");
+    assert_eq!(r.device_id(), Some(rid2));
+    assert!(r.state.tpm.is_some(), "hub key blob in the state");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_tpm_refusals_are_auth_outcomes_with_their_reasons() {
+    if !tools_or_skip() {
+        return;
+    }
+    let s = TestServer::spawn().await;
+    let a = Device::start(s.dir.path(), "tpm-a").await;
+    let b = Device::start(s.dir.path(), "tpm-b").await;
+    let rid = "tpm-amqp-3";
+    let r = enroll_tpm(
+        &s,
+        rid,
+        json!({"endorsementKey": a.ek(), "storageRootKey": a.srk()}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // Unknown EK: `auth` right after the SRK; no blob is sent.
+    let run = sasl_tpm(
+        &s,
+        &b,
+        rid,
+        &b.keys.endorsement_key,
+        &b.keys.storage_root_key,
+        None,
+    )
+    .await;
+    assert_eq!((run.code, run.blob.is_some()), (1, false));
+    // The enrolled EK with another SRK than the enrollment names.
+    let run = sasl_tpm(
+        &s,
+        &a,
+        rid,
+        &a.keys.endorsement_key,
+        &b.keys.storage_root_key,
+        None,
+    )
+    .await;
+    assert_eq!((run.code, run.blob.is_some()), (1, false));
+    // No enrollment at all.
+    let run = sasl_tpm(
+        &s,
+        &a,
+        "tpm-amqp-nobody",
+        &a.keys.endorsement_key,
+        &a.keys.storage_root_key,
+        None,
+    )
+    .await;
+    assert_eq!(run.code, 1);
+    // A token signed with a key dps never issued: the blob was sent, the token is refused.
+    let forged = device_token(SCOPE, rid, &dps_core::sas::generate_key());
+    let run = sasl_tpm(
+        &s,
+        &a,
+        rid,
+        &a.keys.endorsement_key,
+        &a.keys.storage_root_key,
+        Some(forged),
+    )
+    .await;
+    assert_eq!((run.code, run.blob.is_some()), (1, true));
+    // A malformed EK: `auth`, not a dropped connection.
+    let run = sasl_tpm(&s, &a, rid, &[0, 4, 1, 2], &a.keys.storage_root_key, None).await;
+    assert_eq!(run.code, 1);
+    // And the right TPM gets in.
+    let run = sasl_tpm(
+        &s,
+        &a,
+        rid,
+        &a.keys.endorsement_key,
+        &a.keys.storage_root_key,
+        None,
+    )
+    .await;
+    assert_eq!(run.code, 0);
+
+    let reasons = refusal_reasons(&s.audit_for(rid).await);
+    for expected in [
+        "unknown endorsement key",
+        "wrong storage root key",
+        "bad signature",
+    ] {
+        assert!(reasons.contains(expected), "{expected} in:\n{reasons}");
+    }
+    assert!(reasons.contains("\"transport\":\"amqp\""), "{reasons}");
+    let nobody = refusal_reasons(&s.audit_for("tpm-amqp-nobody").await);
+    assert!(nobody.contains("no individual enrollment"), "{nobody}");
+    let m = scrape(&s).await;
+    assert!(
+        sample(
+            &m,
+            "AttestationAttempts",
+            &[
+                ("protocol", "amqp"),
+                ("attestation", "tpm"),
+                ("result", "failure")
+            ]
+        ) >= 4.0,
+        "{m}"
     );
 }
