@@ -527,7 +527,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
 
     async fn sasl_challenge(&mut self, payload: &[u8]) -> Result<(), AmqpError> {
         let c = SaslChallenge {
-            challenge: serde_bytes::ByteBuf::from(payload.to_vec()).into(),
+            challenge: serde_bytes::ByteBuf::from(payload.to_vec()),
         };
         frame::encode(&mut self.wbuf, TYPE_SASL, 0, &c, b"")?;
         self.flush().await

@@ -638,3 +638,153 @@ async fn sasl_tpm_refusals_are_auth_outcomes_with_their_reasons() {
         "{m}"
     );
 }
+
+// ----- SASL `TPM` at the frame level: malformed device payloads (no TPM needed) ------------
+
+/// The SDK samples' EK (an RSA-2048 EK public area); used as EK and SRK.
+const SAMPLE_EK: &str = "AToAAQALAAMAsgAgg3GXZ0SEs/gakMyNRqXXJP1S124GUgtk8qHaGzMUaaoABgCAAEMAEAgAAAAAAAEAopqgkUBwtpr1sCgVJcEZxsJtpmtOAt9K7SjGFe4hsp6DJ/dd2E5UFzBC+Jp8Fzqf5ukRBkqrAgIuAvHRsruIedk1uarJSLhbDpFLHxFd7iDNcYfrvdgVNT2T9zrvkh2y04WuRQg2D5qf0tZF82jeTjR/YJK7uWhaRwWOwZ3b1XD9l6wFOrwK/Ic0PEsjneFXQzL0n9uKyuHmHNz+wHppmOiMAabvnXXEin9ou7/iowY/+YhFm3j7atsVvxMI5HEM3Mq+W4imUuzPxVX7fZH+oWPKP5ofpWBTf+MdttGby1AjGnv8JE69JriOYoZG2/4qbsfv9M7a7NFrBlaW7Rt36w==";
+
+async fn write_sasl<T: serde::Serialize>(io: &mut AmqpTls, body: &T) {
+    use tokio::io::AsyncWriteExt;
+    let body = serde_amqp::to_vec(body).unwrap();
+    let mut f = ((8 + body.len()) as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(&[2, 1, 0, 0]);
+    f.extend_from_slice(&body);
+    io.write_all(&f).await.unwrap();
+}
+
+/// The next SASL frame's body; `None` when the server closed the connection.
+async fn read_sasl(io: &mut AmqpTls) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut h = [0u8; 8];
+    io.read_exact(&mut h).await.ok()?;
+    let size = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    assert_eq!(h[5], 1, "a SASL frame");
+    let mut rest = vec![0u8; size - 8];
+    io.read_exact(&mut rest).await.ok()?;
+    Some(rest.split_off(h[4] as usize * 4 - 8))
+}
+
+/// SASL header, `sasl-mechanisms` (returned), `sasl-init TPM` with `initial`.
+async fn raw_tpm_init(s: &TestServer, initial: Vec<u8>) -> (AmqpTls, Vec<String>) {
+    use fe2o3_amqp_types::sasl::{SaslInit, SaslMechanisms};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut io = amqp_tls(s).await;
+    io.write_all(b"AMQP\x03\x01\x00\x00").await.unwrap();
+    let mut h = [0u8; 8];
+    io.read_exact(&mut h).await.unwrap();
+    assert_eq!(&h, b"AMQP\x03\x01\x00\x00");
+    let m: SaslMechanisms = serde_amqp::from_slice(&read_sasl(&mut io).await.unwrap()).unwrap();
+    let mechs = m
+        .sasl_server_mechanisms
+        .0
+        .iter()
+        .map(|s| s.0.clone())
+        .collect();
+    write_sasl(
+        &mut io,
+        &SaslInit {
+            mechanism: "TPM".into(),
+            initial_response: Some(initial.into()),
+            hostname: None,
+        },
+    )
+    .await;
+    (io, mechs)
+}
+
+/// Read frames until the outcome; answer each challenge with `answer(challenge)`.
+async fn raw_outcome(io: &mut AmqpTls, mut answer: impl FnMut(&[u8]) -> Vec<u8>) -> u8 {
+    use fe2o3_amqp_types::sasl::{SaslChallenge, SaslOutcome, SaslResponse};
+    for _ in 0..32 {
+        let body = read_sasl(io).await.expect("an outcome before the close");
+        if let Ok(o) = serde_amqp::from_slice::<SaslOutcome>(&body) {
+            return o.code as u8;
+        }
+        let c: SaslChallenge = serde_amqp::from_slice(&body).expect("sasl-challenge");
+        let response = answer(&c.challenge);
+        write_sasl(
+            io,
+            &SaslResponse {
+                response: response.into(),
+            },
+        )
+        .await;
+    }
+    panic!("no outcome after 32 frames");
+}
+
+#[tokio::test]
+async fn sasl_tpm_is_advertised_and_malformed_payloads_get_auth() {
+    use dps_amqp::sasl::tpm;
+    let s = TestServer::spawn().await;
+    let rid = "tpm-raw-1";
+    let r = enroll_tpm(&s, rid, json!({"endorsementKey": SAMPLE_EK})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let ek = B64.decode(SAMPLE_EK).unwrap();
+
+    // Advertised, beside PLAIN (Java and C# pick from the list).
+    let (mut io, mechs) = raw_tpm_init(&s, tpm::init_response(SCOPE, rid, &ek)).await;
+    assert!(mechs.contains(&"TPM".to_string()), "{mechs:?}");
+    assert!(mechs.contains(&"PLAIN".to_string()), "{mechs:?}");
+    // A well-formed exchange up to the blob, then a bad acknowledgement of segment 0.
+    let mut challenges = Vec::new();
+    let code = raw_outcome(&mut io, |c| {
+        challenges.push(c.to_vec());
+        if c == tpm::EMPTY {
+            tpm::srk_response(&ek)
+        } else {
+            vec![0, 1, 2]
+        }
+    })
+    .await;
+    assert_eq!(code, 1, "auth");
+    assert_eq!(challenges[0], tpm::EMPTY.to_vec(), "first: send the SRK");
+    assert_eq!(challenges[1][0], 0x80, "first segment, not last, seq 0");
+    assert_eq!(challenges[1].len(), 1 + tpm::SEGMENT_SIZE);
+    assert_eq!(challenges.len(), 2, "stops at the bad acknowledgement");
+
+    // The whole blob acknowledged, then an empty token.
+    let (mut io, _) = raw_tpm_init(&s, tpm::init_response(SCOPE, rid, &ek)).await;
+    let mut r = tpm::Reassembler::new();
+    let mut blob = None;
+    let code = raw_outcome(&mut io, |c| {
+        if c == tpm::EMPTY {
+            return tpm::srk_response(&ek);
+        }
+        match r.push(c).expect("well-formed segments") {
+            None => tpm::EMPTY.to_vec(),
+            Some(b) => {
+                blob = Some(b);
+                vec![0]
+            }
+        }
+    })
+    .await;
+    assert_eq!(code, 1);
+    let blob = blob.expect("the whole blob came");
+    dps_core::tpm::ActivationParts::parse(&blob).expect("an activation blob");
+
+    // A segmented init (not supported), an empty one, one without an EK, a segmented SRK.
+    for initial in [
+        {
+            let mut p = tpm::init_response(SCOPE, rid, &ek);
+            p[0] = 0xc0;
+            p
+        },
+        Vec::new(),
+        tpm::init_response(SCOPE, rid, &[]),
+    ] {
+        let (mut io, _) = raw_tpm_init(&s, initial).await;
+        assert_eq!(raw_outcome(&mut io, |_| vec![0]).await, 1);
+    }
+    let (mut io, _) = raw_tpm_init(&s, tpm::init_response(SCOPE, rid, &ek)).await;
+    let code = raw_outcome(&mut io, |c| {
+        assert_eq!(c, tpm::EMPTY, "no blob for a segmented SRK");
+        let mut p = tpm::srk_response(&ek);
+        p[0] = 0x80;
+        p
+    })
+    .await;
+    assert_eq!(code, 1);
+}
