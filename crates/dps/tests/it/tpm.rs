@@ -384,6 +384,65 @@ async fn amqp_tls(s: &TestServer) -> AmqpTls {
         .expect("tls")
 }
 
+/// The CONNACK code of an MQTT CONNECT (over TLS) with `token` as the password.
+async fn mqtt_connect_code(
+    s: &TestServer,
+    rid: &str,
+    token: &str,
+) -> rumqttc::mqttbytes::v4::ConnectReturnCode {
+    use rumqttc::mqttbytes::v4::{Connect, Packet};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    let der = rustls_pki_types::pem::PemObject::from_pem_slice(s.ca_pem.as_bytes()).expect("ca");
+    roots.add(der).expect("root");
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let port = s.server.mqtt.expect("mqtt listener").port();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("tcp");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let mut io = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("tls");
+    let mut c = Connect::new(rid);
+    c.keep_alive = 60;
+    c.set_login(
+        format!("{SCOPE}/registrations/{rid}/api-version=2019-03-31"),
+        token,
+    );
+    let mut b = bytes::BytesMut::new();
+    Packet::Connect(c)
+        .write(&mut b, usize::MAX)
+        .expect("encode");
+    io.write_all(&b).await.expect("send");
+    let mut buf = bytes::BytesMut::new();
+    let read = async {
+        loop {
+            if let Ok(p) = Packet::read(&mut buf, usize::MAX) {
+                return p;
+            }
+            let mut chunk = [0u8; 64];
+            let n = io.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed before CONNACK");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("CONNACK in time")
+    {
+        Packet::ConnAck(a) => a.code,
+        p => panic!("expected CONNACK, got {p:?}"),
+    }
+}
+
 /// What the device's SASL `TPM` exchange did: the outcome code, and the blob it was sent.
 struct SaslRun {
     code: u8,
@@ -512,6 +571,12 @@ async fn a_tpm_device_registers_over_amqp_with_sasl_tpm() {
             ]
         ) >= 1.0,
         "{m}"
+    );
+
+    // The same TPM-signed token is refused on an MQTT CONNECT (TPM is HTTPS and AMQP only).
+    assert_eq!(
+        mqtt_connect_code(&s, rid, &tok).await,
+        rumqttc::mqttbytes::v4::ConnectReturnCode::NotAuthorized
     );
 
     // The Rust client does the same with `--transport amqp` (a second device).
