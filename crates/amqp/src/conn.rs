@@ -26,7 +26,9 @@ use fe2o3_amqp_types::performatives::{
     Attach, Begin, Close, Detach, Disposition, End, Flow, Open, Performative, Transfer,
 };
 use fe2o3_amqp_types::primitives::{Symbol, Value};
-use fe2o3_amqp_types::sasl::{SaslCode, SaslInit, SaslMechanisms, SaslOutcome};
+use fe2o3_amqp_types::sasl::{
+    SaslChallenge, SaslCode, SaslInit, SaslMechanisms, SaslOutcome, SaslResponse,
+};
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde_amqp::primitives::Array;
 use std::collections::{HashMap, VecDeque};
@@ -346,12 +348,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
         };
         let code = match Mechanism::parse(&init.mechanism.0) {
             Some(Mechanism::Plain) => self.sasl_plain(init, deadline).await,
+            Some(Mechanism::Tpm) => self.sasl_tpm(init, deadline).await?,
             Some(Mechanism::External | Mechanism::Anonymous) if !self.peer_certs.is_empty() => {
                 self.credential = DeviceCredential::Certificates(self.peer_certs.clone());
                 SaslCode::Ok
             }
-            // No certificate for EXTERNAL/ANONYMOUS, or a mechanism we do not implement
-            // (TPM goes here: see `crate::sasl`).
+            // No certificate for EXTERNAL/ANONYMOUS, or a mechanism we do not implement.
             _ => SaslCode::Auth,
         };
         let outcome = SaslOutcome {
@@ -403,6 +405,143 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
                 SaslCode::SysTemp
             }
         }
+    }
+
+    /// SASL `TPM` (protocol digest §6.5.6, [`crate::sasl::tpm`]): EK in the init, SRK in the
+    /// first response, the activation blob in segment challenges, the SAS token signed in the
+    /// TPM in the answer to the last one, checked like a SASL PLAIN token. Malformed payloads
+    /// and refusals give `auth`; a store that cannot answer `sys-temp`. All of it runs within
+    /// the open deadline.
+    async fn sasl_tpm(&mut self, init: SaslInit, deadline: Instant) -> Result<SaslCode, AmqpError> {
+        use crate::sasl::tpm;
+        let parsed = tpm::parse_init(
+            init.initial_response
+                .as_ref()
+                .map(|r| r.as_slice())
+                .unwrap_or(&[]),
+            init.hostname.as_deref(),
+        );
+        let first = match parsed {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::info!(reason = %e, "SASL TPM refused");
+                return Ok(SaslCode::Auth);
+            }
+        };
+        self.span
+            .record("registration_id", first.registration_id.as_str());
+        self.span.record("id_scope", first.id_scope.as_str());
+        // "Send the SRK".
+        self.sasl_challenge(&tpm::EMPTY).await?;
+        let srk = match tpm::parse_srk(&self.sasl_response().await?) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::info!(reason = %e, "SASL TPM refused");
+                return Ok(SaslCode::Auth);
+            }
+        };
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let keys = dps_core::model::TpmAttestation {
+            endorsement_key: b64.encode(&first.endorsement_key),
+            storage_root_key: Some(b64.encode(&srk)),
+        };
+        let issue = self.service.tpm_challenge(
+            &first.id_scope,
+            &first.registration_id,
+            &keys,
+            self.transport,
+            self.peer,
+        );
+        let blob = match timeout(deadline.saturating_duration_since(Instant::now()), issue).await {
+            Ok(Ok(blob)) => blob,
+            Ok(Err(e)) => {
+                // The engine logged and audited the refusal.
+                let status = WireError::from(&e).status;
+                return Ok(if status == 429 || status >= 500 {
+                    SaslCode::SysTemp
+                } else {
+                    SaslCode::Auth
+                });
+            }
+            Err(_) => {
+                tracing::warn!("tpm_challenge timed out");
+                return Ok(SaslCode::SysTemp);
+            }
+        };
+        let segments = match tpm::segments(&blob) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "activation blob cannot be sent");
+                return Ok(SaslCode::Sys);
+            }
+        };
+        let n = segments.len();
+        let mut token = None;
+        for (i, seg) in segments.into_iter().enumerate() {
+            self.sasl_challenge(&seg).await?;
+            let answer = self.sasl_response().await?;
+            let r = if i + 1 < n {
+                tpm::parse_ack(&answer).map(|()| None)
+            } else {
+                tpm::parse_token(&answer).map(Some)
+            };
+            match r {
+                Ok(t) => token = t,
+                Err(e) => {
+                    tracing::info!(reason = %e, "SASL TPM refused");
+                    return Ok(SaslCode::Auth);
+                }
+            }
+        }
+        let Some(token) = token else {
+            return Ok(SaslCode::Auth);
+        };
+        let credential = DeviceCredential::Sas(token);
+        let check = self.service.authorize_connect(
+            self.transport,
+            &first.id_scope,
+            &first.registration_id,
+            &credential,
+            self.peer,
+        );
+        Ok(
+            match timeout(deadline.saturating_duration_since(Instant::now()), check).await {
+                Ok(Ok(())) => {
+                    self.credential = credential;
+                    self.sasl_identity = Some(RegistrationAddress {
+                        id_scope: first.id_scope,
+                        registration_id: first.registration_id,
+                    });
+                    SaslCode::Ok
+                }
+                Ok(Err(ConnectRefusal::NotAuthorized | ConnectRefusal::BadUsernameOrPassword)) => {
+                    SaslCode::Auth
+                }
+                Ok(Err(ConnectRefusal::ServerUnavailable)) => SaslCode::SysTemp,
+                Err(_) => {
+                    tracing::warn!("authorize_connect timed out");
+                    SaslCode::SysTemp
+                }
+            },
+        )
+    }
+
+    async fn sasl_challenge(&mut self, payload: &[u8]) -> Result<(), AmqpError> {
+        let c = SaslChallenge {
+            challenge: serde_bytes::ByteBuf::from(payload.to_vec()),
+        };
+        frame::encode(&mut self.wbuf, TYPE_SASL, 0, &c, b"")?;
+        self.flush().await
+    }
+
+    async fn sasl_response(&mut self) -> Result<Vec<u8>, AmqpError> {
+        let f = self.read_frame(PRE_OPEN_MAX_FRAME).await?;
+        if f.frame_type != TYPE_SASL {
+            return Err(AmqpError::Protocol("expected sasl-response"));
+        }
+        let r: SaslResponse = serde_amqp::from_slice(&f.body)?;
+        Ok(r.response.into_vec())
     }
 
     // ----- After OPEN --------------------------------------------------------------------

@@ -18,14 +18,16 @@
 //! # Layers
 //! * [`frame`]: protocol headers and the frame header, size-checked before buffering.
 //! * [`address`]: link addresses in the SDKs' three forms, SASL PLAIN.
-//! * [`sasl`]: the mechanisms (and the extension point for `TPM`).
+//! * [`sasl`]: the mechanisms, and [`sasl::tpm`], the payloads of the `TPM` mechanism.
 //! * [`message`]: request parsing and response / rejection building.
 //! * [`serve_connection`]: the async driver, over TLS or over WebSocket binary messages
 //!   (subprotocol `AMQPWSB10`; the server turns the messages into one byte stream).
 //!
 //! # Behaviour
 //! * Header `AMQP 3 1 0 0`: SASL with `PLAIN` (SAS token, checked before the outcome: `auth`
-//!   when refused, `sys-temp` when the store is unavailable), `EXTERNAL` / `ANONYMOUS` (the TLS
+//!   when refused, `sys-temp` when the store is unavailable), `TPM` (the EK, the SRK, the
+//!   activation blob in 400-byte segment challenges, the SAS token signed in the TPM, checked
+//!   like PLAIN's: protocol digest §6.5.6), `EXTERNAL` / `ANONYMOUS` (the TLS
 //!   client certificate; `auth` without one). Header `AMQP 0 1 0 0`: accepted with a client
 //!   certificate (X.509 without SASL); without one we answer `AMQP 3 1 0 0` and close.
 //! * Sessions up to [`AmqpLimits::max_sessions`], links up to [`AmqpLimits::max_links`] each.

@@ -71,6 +71,22 @@ pub enum AuthFailure {
     TpmOverMqtt,
 }
 
+impl AuthFailure {
+    /// One of the TPM attestation refusals (the metrics' attestation label `tpm`).
+    pub fn is_tpm(&self) -> bool {
+        matches!(
+            self,
+            AuthFailure::TpmNotEnrolled(_)
+                | AuthFailure::TpmUnknownEndorsementKey(_)
+                | AuthFailure::TpmWrongStorageRootKey(_)
+                | AuthFailure::TpmBadSignature(_)
+                | AuthFailure::TpmReplayedActivation
+                | AuthFailure::TpmNoActivation
+                | AuthFailure::TpmOverMqtt
+        )
+    }
+}
+
 /// Why an assignment ended a registration as `failed` (or told the device to retry). Stored in
 /// the registration record as this enum, never as a wire code: [`crate::wire`] decides the
 /// `errorCode` and message the device and the service API see.

@@ -408,6 +408,213 @@ pub(crate) async fn register(
     r
 }
 
+/// How the SASL `TPM` exchange ended: the `sasl-outcome` code (0 ok, 1 auth, 2 sys, 3
+/// sys-perm, 4 sys-temp).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaslOutcomeCode(pub u8);
+
+impl SaslOutcomeCode {
+    /// `ok`.
+    pub fn is_ok(self) -> bool {
+        self.0 == 0
+    }
+}
+
+async fn write_sasl<Io, T>(io: &mut Io, body: &T) -> Result<(), Error>
+where
+    Io: tokio::io::AsyncWrite + Unpin,
+    T: serde::Serialize,
+{
+    use tokio::io::AsyncWriteExt;
+    let body =
+        serde_amqp::to_vec(body).map_err(|e| Error::Protocol(format!("SASL encode: {e}")))?;
+    let mut f = Vec::with_capacity(8 + body.len());
+    f.extend_from_slice(&((8 + body.len()) as u32).to_be_bytes());
+    f.extend_from_slice(&[2, 1, 0, 0]); // doff 2, type SASL, channel 0
+    f.extend_from_slice(&body);
+    io.write_all(&f).await.map_err(transport)?;
+    io.flush().await.map_err(transport)
+}
+
+/// One SASL frame's body (at most 64 KiB).
+async fn read_sasl<Io>(io: &mut Io) -> Result<Vec<u8>, Error>
+where
+    Io: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut h = [0u8; 8];
+    io.read_exact(&mut h).await.map_err(transport)?;
+    let size = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    let doff = h[4] as usize * 4;
+    if h[5] != 1 || doff < 8 || size < doff || size > 64 * 1024 {
+        return Err(Error::Protocol("not a SASL frame".into()));
+    }
+    let mut rest = vec![0u8; size - 8];
+    io.read_exact(&mut rest).await.map_err(transport)?;
+    Ok(rest.split_off(doff - 8))
+}
+
+fn transport(e: std::io::Error) -> Error {
+    Error::Transport(e.to_string())
+}
+
+/// The device side of the SASL `TPM` mechanism (protocol digest §6.5.6,
+/// [`dps_amqp::sasl::tpm`]) on an established stream (TLS or WebSocket bytes): the SASL
+/// header, `sasl-init` with the ID scope, registration id and raw EK, the raw SRK when asked,
+/// the activation blob collected from its segments and given to `activate`, whose answer (the
+/// SAS token signed in the TPM) goes back in the last response. Returns the outcome code;
+/// after `ok` the stream is ready for the plain AMQP header
+/// ([`AmqpDeviceConnection::open_on`] without a token).
+pub async fn sasl_tpm<Io, F, Fut>(
+    io: &mut Io,
+    id_scope: &str,
+    registration_id: &str,
+    endorsement_key: &[u8],
+    storage_root_key: &[u8],
+    activate: F,
+) -> Result<SaslOutcomeCode, Error>
+where
+    Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    F: FnOnce(Vec<u8>) -> Fut,
+    Fut: std::future::Future<Output = Result<String, Error>>,
+{
+    use dps_amqp::sasl::tpm;
+    use fe2o3_amqp_types::sasl::{SaslChallenge, SaslInit, SaslOutcome, SaslResponse};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    io.write_all(b"AMQP\x03\x01\x00\x00")
+        .await
+        .map_err(transport)?;
+    let mut h = [0u8; 8];
+    io.read_exact(&mut h).await.map_err(transport)?;
+    if &h != b"AMQP\x03\x01\x00\x00" {
+        return Err(Error::Protocol(
+            "the service did not answer the SASL header".into(),
+        ));
+    }
+    let _mechanisms = read_sasl(io).await?;
+    let address = format!("{id_scope}/registrations/{registration_id}");
+    write_sasl(
+        io,
+        &SaslInit {
+            mechanism: Symbol::from("TPM"),
+            initial_response: Some(Binary::from(tpm::init_response(
+                id_scope,
+                registration_id,
+                endorsement_key,
+            ))),
+            hostname: Some(address),
+        },
+    )
+    .await?;
+    let mut reassembler = tpm::Reassembler::new();
+    let mut activate = Some(activate);
+    loop {
+        let body = read_sasl(io).await?;
+        if let Ok(o) = serde_amqp::from_slice::<SaslOutcome>(&body) {
+            return Ok(SaslOutcomeCode(o.code as u8));
+        }
+        let c: SaslChallenge = serde_amqp::from_slice(&body)
+            .map_err(|e| Error::Protocol(format!("expected sasl-challenge: {e}")))?;
+        let response = if c.challenge.as_slice() == tpm::EMPTY {
+            tpm::srk_response(storage_root_key)
+        } else {
+            match reassembler
+                .push(&c.challenge)
+                .map_err(|e| Error::Protocol(format!("SASL TPM: {e}")))?
+            {
+                None => tpm::EMPTY.to_vec(),
+                Some(blob) => {
+                    let f = activate
+                        .take()
+                        .ok_or_else(|| Error::Protocol("a second activation blob".into()))?;
+                    tpm::token_response(&f(blob).await?)
+                }
+            }
+        };
+        write_sasl(
+            io,
+            &SaslResponse {
+                response: Binary::from(response),
+            },
+        )
+        .await?;
+    }
+}
+
+/// Register a TPM device over AMQP: SASL `TPM` (the activation blob opened and the SAS token
+/// signed in the TPM), then the register request with the EK and SRK in its body on the
+/// authenticated connection, polls, and the hub key of the assigned state imported into the TPM.
+pub(crate) async fn register_tpm(
+    ep: &Endpoint,
+    tls: Arc<ClientConfig>,
+    registration_id: &str,
+    tpm: &crate::tpm::Tpm2Tools,
+    payload: Option<&Json>,
+) -> Result<RegistrationResult, Error> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let started = Instant::now();
+    let tools = tpm.clone();
+    let keys = crate::https::blocking(move || tools.provision()).await?;
+    let address = format!("{}/registrations/{}", ep.id_scope, registration_id);
+    let body = serde_json::to_vec(&DeviceRegistration {
+        registration_id: Some(registration_id.to_string()),
+        tpm: Some(dps_core::model::TpmAttestation {
+            endorsement_key: b64.encode(&keys.endorsement_key),
+            storage_root_key: Some(b64.encode(&keys.storage_root_key)),
+        }),
+        payload: payload.cloned(),
+        ..Default::default()
+    })
+    .map_err(|e| Error::Config(format!("cannot encode the request: {e}")))?;
+    let connect = async {
+        let mut io = crate::tls::connect_tls(ep, &tls).await?;
+        let code = sasl_tpm(
+            &mut io,
+            &ep.id_scope,
+            registration_id,
+            &keys.endorsement_key,
+            &keys.storage_root_key,
+            |blob| {
+                crate::https::tpm_activate_and_sign(
+                    tpm,
+                    blob,
+                    &ep.id_scope,
+                    registration_id,
+                    ep.sas_ttl,
+                )
+            },
+        )
+        .await?;
+        if !code.is_ok() {
+            return Err(if code.0 == 1 {
+                Error::Unauthorized {
+                    error_code: None,
+                    message: "the service refused the TPM (SASL outcome auth)".into(),
+                    tracking_id: None,
+                }
+            } else {
+                Error::Service {
+                    status: 503,
+                    error_code: None,
+                    message: format!("SASL outcome {}", code.0),
+                    tracking_id: None,
+                }
+            });
+        }
+        AmqpDeviceConnection::open_on(io, &ep.host, &ep.api_version, &address, None).await
+    };
+    // The TPM steps (ActivateCredential, Import, HMAC) run inside the connect budget.
+    let mut conn = tokio::time::timeout(ep.connect_timeout + ep.request_timeout, connect)
+        .await
+        .map_err(|_| Error::Timeout)??;
+    let r = exchange(&mut conn, ep, &body, started).await;
+    conn.close().await;
+    let result = r?;
+    crate::https::tpm_import_hub_key(tpm, &result).await?;
+    Ok(result)
+}
+
 async fn exchange(
     conn: &mut AmqpDeviceConnection,
     ep: &Endpoint,

@@ -29,7 +29,8 @@ pub enum Auth {
         /// The leaf's private key, PEM (PKCS#8, PKCS#1 or SEC1).
         key_pem: Vec<u8>,
     },
-    /// A TPM 2.0 reached through tpm2-tools (HTTPS only): the EK and SRK are sent, dps's
+    /// A TPM 2.0 reached through tpm2-tools (HTTPS, or AMQP with SASL `TPM`; Azure refuses TPM
+    /// over MQTT): the EK and SRK are sent, dps's
     /// activation blob is opened in the TPM and SAS tokens are signed inside it.
     Tpm(crate::tpm::Tpm2Tools),
 }
@@ -307,8 +308,19 @@ impl ProvisioningClient {
                     r
                 }
                 Transport::Mqtt if self.tpm.is_some() => Err(Error::Config(
-                    "TPM attestation is not supported over MQTT (as in Azure); use HTTPS".into(),
+                    "TPM attestation is not supported over MQTT (as in Azure); use HTTPS or AMQP"
+                        .into(),
                 )),
+                Transport::Amqp if self.tpm.is_some() => {
+                    crate::amqp::register_tpm(
+                        &self.ep,
+                        self.tls.mqtt.clone(),
+                        &self.registration_id,
+                        self.tpm.as_ref().expect("checked"),
+                        self.payload.as_ref(),
+                    )
+                    .await
+                }
                 Transport::Https => {
                     let mut s = self.https_session();
                     let r = s

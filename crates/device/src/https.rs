@@ -255,41 +255,20 @@ impl HttpsSession {
         let blob = b64
             .decode(blob)
             .map_err(|_| Error::Protocol("authenticationKey is not base64".into()))?;
-        let tools = tpm.clone();
-        blocking(move || tools.import_activation(&blob)).await?;
-        let sr = percent_encoding::utf8_percent_encode(
-            &format!("{}/registrations/{registration_id}", self.ep.id_scope),
-            percent_encoding::NON_ALPHANUMERIC,
+        let sas = tpm_activate_and_sign(
+            tpm,
+            blob,
+            &self.ep.id_scope,
+            registration_id,
+            self.ep.sas_ttl,
         )
-        .to_string();
-        let se = crate::wire::now_secs() + self.ep.sas_ttl.as_secs() as i64;
-        let tools = tpm.clone();
-        let to_sign = format!("{sr}\n{se}").into_bytes();
-        let mac = blocking(move || tools.hmac(&to_sign)).await?;
-        let sig = percent_encoding::utf8_percent_encode(
-            &b64.encode(mac),
-            percent_encoding::NON_ALPHANUMERIC,
-        )
-        .to_string();
-        let sas = format!("SharedAccessSignature sr={sr}&sig={sig}&se={se}&skn=registration");
+        .await?;
         let auth =
             HeaderValue::try_from(sas).map_err(|e| Error::Config(format!("bad SAS token: {e}")))?;
         let result = self
             .exchange(registration_id, Some(auth), body, started, timing)
             .await?;
-        // The hub key: the SDKs import it before connecting to the hub; so does this client.
-        if let Some(k) = result
-            .state
-            .tpm
-            .as_ref()
-            .and_then(|t| t["authenticationKey"].as_str())
-        {
-            let blob = b64
-                .decode(k)
-                .map_err(|_| Error::Protocol("tpm.authenticationKey is not base64".into()))?;
-            let tools = tpm.clone();
-            blocking(move || tools.import_activation(&blob)).await?;
-        }
+        tpm_import_hub_key(tpm, &result).await?;
         Ok(result)
     }
 
@@ -363,8 +342,60 @@ impl HttpsSession {
     }
 }
 
+/// Open an activation blob in the TPM (ActivateCredential, Import) and sign the registration
+/// SAS token (`skn=registration`, valid for `ttl`) with the imported key inside the TPM.
+pub(crate) async fn tpm_activate_and_sign(
+    tpm: &crate::tpm::Tpm2Tools,
+    blob: Vec<u8>,
+    id_scope: &str,
+    registration_id: &str,
+    ttl: std::time::Duration,
+) -> Result<String, Error> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let tools = tpm.clone();
+    blocking(move || tools.import_activation(&blob)).await?;
+    let sr = percent_encoding::utf8_percent_encode(
+        &format!("{id_scope}/registrations/{registration_id}"),
+        percent_encoding::NON_ALPHANUMERIC,
+    )
+    .to_string();
+    let se = crate::wire::now_secs() + ttl.as_secs() as i64;
+    let tools = tpm.clone();
+    let to_sign = format!("{sr}\n{se}").into_bytes();
+    let mac = blocking(move || tools.hmac(&to_sign)).await?;
+    let sig =
+        percent_encoding::utf8_percent_encode(&b64.encode(mac), percent_encoding::NON_ALPHANUMERIC)
+            .to_string();
+    Ok(format!(
+        "SharedAccessSignature sr={sr}&sig={sig}&se={se}&skn=registration"
+    ))
+}
+
+/// The hub key: the SDKs import the assigned state's `tpm.authenticationKey` into the TPM
+/// before connecting to the hub; so does this client.
+pub(crate) async fn tpm_import_hub_key(
+    tpm: &crate::tpm::Tpm2Tools,
+    result: &RegistrationResult,
+) -> Result<(), Error> {
+    use base64::Engine as _;
+    if let Some(k) = result
+        .state
+        .tpm
+        .as_ref()
+        .and_then(|t| t["authenticationKey"].as_str())
+    {
+        let blob = base64::engine::general_purpose::STANDARD
+            .decode(k)
+            .map_err(|_| Error::Protocol("tpm.authenticationKey is not base64".into()))?;
+        let tools = tpm.clone();
+        blocking(move || tools.import_activation(&blob)).await?;
+    }
+    Ok(())
+}
+
 /// Run a TPM step on the blocking pool.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, crate::tpm::TpmError> + Send + 'static,
 ) -> Result<T, Error> {
     tokio::task::spawn_blocking(f)

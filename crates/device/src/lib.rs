@@ -1,7 +1,7 @@
 //! dps-device: a Rust device client for Azure-compatible Device Provisioning Services.
 //!
 //! Azure ships no supported Rust provisioning client; this is ours. It speaks the DPS device API
-//! over **HTTPS** and **MQTT 3.1.1** (both over TLS, rustls with the aws-lc-rs provider), and
+//! over **HTTPS**, **MQTT 3.1.1** and **AMQP 1.0** (all over TLS, rustls with the aws-lc-rs provider), and
 //! authenticates with an individual **symmetric key**, a **group key** (the device key is derived
 //! from it as Azure does), or an **X.509** certificate chain. It polls with the service's
 //! `retry-after`, retries throttling (429) and 5xx answers a bounded number of times, and

@@ -126,7 +126,8 @@ pub struct Limits {
     /// this says.
     pub amqp_max_frame_bytes: usize,
     /// Time allowed from an AMQP connection's TLS handshake (or WebSocket upgrade) to the end
-    /// of OPEN: protocol header, SASL with the credential check, OPEN (ms).
+    /// of OPEN: protocol header, SASL with the credential check (SASL `TPM`: the whole
+    /// challenge, the device's TPM work included), OPEN (ms).
     pub amqp_open_timeout_ms: u64,
     /// Concurrent connections on the HTTPS listener (beyond: closed before the TLS handshake).
     pub max_https_connections: usize,

@@ -70,7 +70,8 @@ pub struct RegisterArgs {
     /// The device certificate's private key, PEM.
     #[arg(long, requires = "cert")]
     pub key_file: Option<PathBuf>,
-    /// `tpm`: attest with a TPM 2.0 through tpm2-tools (HTTPS only). The EK and SRK are
+    /// `tpm`: attest with a TPM 2.0 through tpm2-tools (HTTPS, or AMQP: the SASL `TPM`
+    /// mechanism; MQTT is refused, as by Azure). The EK and SRK are
     /// created at 0x81010001 and 0x81000001 if missing; the activated key is imported there.
     #[arg(long, value_enum, conflicts_with_all = ["key", "group_key", "cert"])]
     pub attestation: Option<DeviceAttestationArg>,

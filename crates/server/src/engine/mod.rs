@@ -986,9 +986,10 @@ impl DeviceService for Engine {
         match credential {
             DeviceCredential::Certificates(c) if !c.is_empty() => Ok(()),
             DeviceCredential::Sas(_) | DeviceCredential::None => {
+                let mqtt = matches!(transport, Transport::Mqtt | Transport::MqttWs);
                 let attested = self.attest(&inst, &rid, credential).await.and_then(|a| {
-                    if a.attestation == AttestationType::Tpm {
-                        // Azure supports TPM over HTTPS and AMQP only.
+                    if mqtt && a.attestation == AttestationType::Tpm {
+                        // Azure supports TPM over HTTPS and AMQP (SASL `TPM`) only.
                         Err(AuthFailure::TpmOverMqtt.into())
                     } else {
                         Ok(a)
@@ -997,8 +998,12 @@ impl DeviceService for Engine {
                 match attested {
                     Ok(_) => Ok(()),
                     Err(Error::Unauthorized(f)) => {
-                        self.refused(&inst, &rid, &f, transport, cred_kind(credential), peer)
-                            .await;
+                        let kind = if f.is_tpm() {
+                            "tpm"
+                        } else {
+                            cred_kind(credential)
+                        };
+                        self.refused(&inst, &rid, &f, transport, kind, peer).await;
                         Err(ConnectRefusal::NotAuthorized)
                     }
                     Err(e) => {
