@@ -204,9 +204,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
         Ok(())
     }
 
-    /// Read until `rbuf` holds `n` bytes; `Ok(false)` at a clean end of stream.
+    /// Read until `rbuf` holds `n` bytes; `Ok(false)` at a clean end of stream. What is
+    /// queued in `wbuf` is written first when a read has to wait, so that the handshake answers
+    /// a client that pipelines (header, `sasl-init`, header, OPEN, ... in one flight) in one
+    /// write, and one that waits for each frame as soon as it has to.
     async fn fill(&mut self, n: usize) -> Result<bool, AmqpError> {
         while self.rbuf.len() < n {
+            self.flush().await?;
             self.rbuf
                 .reserve(n.max(READ_CHUNK) - self.rbuf.len().min(n));
             if self.stream.read_buf(&mut self.rbuf).await? == 0 {
@@ -289,7 +293,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
             }
         }
         self.wbuf.extend_from_slice(&frame::HEADER_AMQP);
-        self.flush().await?;
         let f = self.read_frame(PRE_OPEN_MAX_FRAME).await?;
         let open = match (f.frame_type, frame::performative(&f.body)) {
             (TYPE_AMQP, Ok((Performative::Open(o), _))) => o,
@@ -320,8 +323,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
             desired_capabilities: None,
             properties: None,
         };
+        // Written with the answers to what the client pipelined after its OPEN (`serve`
+        // flushes before it waits).
         self.put(0, Performative::Open(ours), b"")?;
-        self.flush().await?;
         let _ = deadline;
         Ok(())
     }
@@ -336,7 +340,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
             ),
         };
         frame::encode(&mut self.wbuf, TYPE_SASL, 0, &mechs, b"")?;
-        self.flush().await?;
+        // Written by `fill` when the sasl-init is not here yet.
         let f = self.read_frame(PRE_OPEN_MAX_FRAME).await?;
         let init: SaslInit = match f.frame_type {
             TYPE_SASL => serde_amqp::from_slice(&f.body)?,
@@ -357,8 +361,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
             additional_data: None,
         };
         frame::encode(&mut self.wbuf, TYPE_SASL, 0, &outcome, b"")?;
-        self.flush().await?;
         if code != SaslCode::Ok {
+            self.flush().await?;
             return Err(AmqpError::Refused(code as u8));
         }
         Ok(())
