@@ -1,7 +1,7 @@
 //! The device API over AMQP 1.0 + TLS (protocol digest §5): one connection per registration,
 //! as the Azure SDKs do.
 //!
-//! [`AmqpDeviceConnection`] is a client that awaits each frame, like the Azure SDKs; the tests
+//! [`AmqpDeviceConnection`] is `fe2o3-amqp`'s client, which awaits each frame; the tests
 //! and the `amqp_idle` bench use it as a client independent of dps's own AMQP code, and
 //! [`crate::ProvisioningClient`] uses it with
 //! [`crate::ProvisioningClientBuilder::await_each_frame`]. By default the client registers with
@@ -382,7 +382,7 @@ pub(crate) fn uuid_like() -> String {
 }
 
 /// Register (and poll) over one AMQP connection until the registration is assigned or fails,
-/// awaiting every frame of the setup and of the goodbye like the Azure SDKs
+/// awaiting every frame of the setup and of the goodbye (`fe2o3-amqp`)
 /// ([`crate::ProvisioningClientBuilder::await_each_frame`]; the default is
 /// `crate::amqp_flight::register`).
 pub(crate) async fn register(

@@ -18,7 +18,9 @@
 //! the session and link frames (spec §2.4.1 "pipelined open"); sending `sasl-init` before the
 //! `sasl-mechanisms` arrive is the optimistic SASL exchange that dps's server accepts (it reads
 //! ahead) — a server that does not offer PLAIN answers `auth`, which is reported as
-//! [`Error::Unauthorized`]. The Azure SDKs (rhea, Proton-J, uAMQP) wait for each frame.
+//! [`Error::Unauthorized`]. The Node SDK (rhea) waits for the SASL mechanisms and the outcome,
+//! then pipelines the header, OPEN, BEGIN and the receiver ATTACH, and attaches its sender link
+//! once the receiver link is up (the captures in `../shared/vectors/device-node-amqp-*.json`).
 
 use crate::amqp::{AmqpAnswer, OP_REGISTER, OP_STATUS};
 use crate::client::{interpret, Endpoint, RegistrationResult, Step, Timing};

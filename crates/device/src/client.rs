@@ -228,7 +228,7 @@ pub(crate) struct Endpoint {
     pub request_timeout: Duration,
     pub policy: PollPolicy,
     pub sas_ttl: Duration,
-    /// AMQP: await every frame of the connection setup (like the Azure SDKs) instead of
+    /// AMQP: await every frame of the connection setup (`fe2o3-amqp`'s client) instead of
     /// sending it in one flight.
     pub await_each_frame: bool,
 }
@@ -477,8 +477,8 @@ impl ProvisioningClientBuilder {
         self
     }
     /// AMQP only: await each frame of the connection setup (SASL mechanisms, outcome, header,
-    /// OPEN, BEGIN, each ATTACH) and of the goodbye, as the Azure SDKs do, instead of the
-    /// default one flight (the whole setup in one write, then the request as soon as the
+    /// OPEN, BEGIN, each ATTACH) and of the goodbye (`fe2o3-amqp`'s client; the Azure SDKs wait
+    /// at least for the SASL exchange and the receiver link) instead of the default one flight (the whole setup in one write, then the request as soon as the
     /// service grants credit). For measuring what SDK-like devices cost the service.
     pub fn await_each_frame(mut self, yes: bool) -> Self {
         self.await_each_frame = yes;

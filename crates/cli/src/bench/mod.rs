@@ -100,8 +100,8 @@ pub struct BenchArgs {
     /// Reboot storm: every device registers at once and honours Retry-After.
     #[arg(long)]
     pub storm: bool,
-    /// AMQP: await every frame of the connection setup like the Azure SDKs (about ten round
-    /// trips) instead of sending the setup in one flight (two round trips).
+    /// AMQP: await every frame of the connection setup and goodbye (`fe2o3-amqp`'s client,
+    /// about ten round trips) instead of the one-flight setup (two round trips).
     #[arg(long)]
     pub await_each_frame: bool,
     /// Print the report as JSON.
