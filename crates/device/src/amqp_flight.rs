@@ -121,6 +121,12 @@ struct Conn<Io> {
     partial: Option<(Option<u32>, Vec<u8>)>,
     /// Answers received and not yet settled (settled with the next write).
     to_settle: Vec<u32>,
+    /// Session: the id of the service's next transfer frame (from its BEGIN), and of ours.
+    next_incoming_id: u32,
+    next_outgoing_id: u32,
+    /// Receiver link: deliveries received, and the credit left of what we granted.
+    rx_count: u32,
+    rx_credit: u32,
 }
 
 impl<Io: AsyncRead + AsyncWrite + Unpin> Conn<Io> {
@@ -341,7 +347,8 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Conn<Io> {
             Performative::Open(o) => {
                 self.peer_max_frame = o.max_frame_size.0.max(frame::MIN_MAX_FRAME_SIZE) as usize;
             }
-            Performative::Begin(_) | Performative::Attach(_) => {}
+            Performative::Begin(b) => self.next_incoming_id = b.next_outgoing_id,
+            Performative::Attach(_) => {}
             Performative::Flow(fl) => {
                 if fl.handle.as_ref().map(|h| h.0) == Some(TX) {
                     let count = fl.delivery_count.unwrap_or(self.delivery_count);
@@ -361,6 +368,11 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Conn<Io> {
             Performative::Transfer(t) => {
                 if t.handle.0 != RX {
                     return Err(protocol("TRANSFER on a link that is not ours"));
+                }
+                self.next_incoming_id = self.next_incoming_id.wrapping_add(1);
+                if self.partial.is_none() {
+                    self.rx_count = self.rx_count.wrapping_add(1);
+                    self.rx_credit = self.rx_credit.saturating_sub(1);
                 }
                 let (id, mut buf) = self.partial.take().unwrap_or((t.delivery_id, Vec::new()));
                 if buf.len() + payload.len() > MAX_MESSAGE {
@@ -417,6 +429,26 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Conn<Io> {
         self.credit -= 1;
         self.delivery_count = self.delivery_count.wrapping_add(1);
         self.queue_settlements()?;
+        if self.rx_credit < CREDIT / 2 {
+            // Renew the service's credit and our session window for the answers.
+            self.rx_credit = CREDIT;
+            self.put(
+                Performative::Flow(Flow {
+                    next_incoming_id: Some(self.next_incoming_id),
+                    incoming_window: CREDIT,
+                    next_outgoing_id: self.next_outgoing_id,
+                    outgoing_window: CREDIT,
+                    handle: Some(Handle(RX)),
+                    delivery_count: Some(self.rx_count),
+                    link_credit: Some(CREDIT),
+                    available: None,
+                    drain: false,
+                    echo: false,
+                    properties: None,
+                }),
+                b"",
+            )?;
+        }
         let mut rest: &[u8] = &msg;
         let mut first = true;
         loop {
@@ -439,6 +471,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Conn<Io> {
             let (chunk, tail) = rest.split_at(rest.len().min(room));
             t.more = !tail.is_empty();
             self.put(Performative::Transfer(t), chunk)?;
+            self.next_outgoing_id = self.next_outgoing_id.wrapping_add(1);
             rest = tail;
             first = false;
             if rest.is_empty() {
@@ -592,6 +625,10 @@ pub(crate) async fn register(
         next_delivery_id: 0,
         partial: None,
         to_settle: Vec::new(),
+        next_incoming_id: 0,
+        next_outgoing_id: 0,
+        rx_count: 0,
+        rx_credit: CREDIT,
     };
     let setup = async {
         conn.queue_setup(&ep.host, &ep.api_version, &address, token.as_deref())?;
