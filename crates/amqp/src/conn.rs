@@ -177,7 +177,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
     async fn run(mut self) -> Result<(), AmqpError> {
         let open_deadline = Instant::now() + self.limits.open_timeout;
         match timeout(self.limits.open_timeout, self.handshake(open_deadline)).await {
-            Ok(r) => r?,
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                // What the handshake queued before it failed (e.g. the SASL header and
+                // mechanisms before an oversized frame that was already read): best effort.
+                let _ = self.flush().await;
+                return Err(e);
+            }
             Err(_) => return Err(AmqpError::OpenTimeout),
         }
         self.serve().await
