@@ -84,9 +84,7 @@ fn decoders(ctl: u8, data: &[u8]) {
     let mut buf = BytesMut::from(data);
     while let Ok(Decoded::Frame(f)) = frame::decode(&mut buf, max) {
         if f.frame_type == frame::TYPE_SASL {
-            if let Ok(init) =
-                serde_amqp::from_slice::<fe2o3_amqp_types::sasl::SaslInit>(&f.body)
-            {
+            if let Ok(init) = serde_amqp::from_slice::<fe2o3_amqp_types::sasl::SaslInit>(&f.body) {
                 if let Some(c) = init
                     .initial_response
                     .as_ref()
