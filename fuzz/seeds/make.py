@@ -120,3 +120,76 @@ with open(os.path.join(HERE, "..", "..", "config", "dps.example.toml"), "rb") as
     put("config", "example", f.read())
 put("config", "minimal", '[listen]\nhttps = "127.0.0.1:0"\n[[instance]]\nname = "default"\n'
     '[[instance.linked_hub]]\nhost = "hub-1.example.net"\n')
+
+
+# amqp_conn: AMQP 1.0 as the SDKs and dps-device send it (hand-encoded; see the target's modes).
+def a_str(s):
+    b = s.encode()
+    return (b"\xa1" + bytes([len(b)]) if len(b) < 256 else b"\xb1" + struct.pack(">I", len(b))) + b
+
+
+def a_sym(s):
+    return b"\xa3" + bytes([len(s)]) + s.encode()
+
+
+def a_bin(b):
+    return (b"\xa0" + bytes([len(b)]) if len(b) < 256 else b"\xb0" + struct.pack(">I", len(b))) + b
+
+
+def a_uint(n):
+    return b"\x43" if n == 0 else b"\x70" + struct.pack(">I", n)
+
+
+def a_list(items):
+    body = b"".join(items)
+    return b"\xd0" + struct.pack(">II", len(body) + 4, len(items)) + body
+
+
+def a_map(pairs):
+    body = b"".join(k + v for k, v in pairs)
+    return b"\xd1" + struct.pack(">II", len(body) + 4, 2 * len(pairs)) + body
+
+
+def described(code, value):
+    return b"\x00\x53" + bytes([code]) + value
+
+
+def a_frame(body, ftype=0, channel=0):
+    return struct.pack(">IBBH", 8 + len(body), 2, ftype, channel) + body
+
+
+ADDR = SCOPE + "/registrations/sym-node-amqp"
+NULL, TRUE, FALSE = b"\x40", b"\x41", b"\x42"
+SASL_HDR, AMQP_HDR = b"AMQP\x03\x01\x00\x00", b"AMQP\x00\x01\x00\x00"
+SASL_INIT = a_frame(described(0x41, a_list([a_sym("PLAIN"), a_bin(b"\0" + ADDR.encode() + b"\0" + TOKEN.encode()), a_str("localhost")])), 1)
+OPEN = a_frame(described(0x10, a_list([a_str("fuzz-container"), a_str("localhost")])))
+BEGIN = a_frame(described(0x11, a_list([NULL, a_uint(0), a_uint(2048), a_uint(2048)])))
+ATTACH_RX = a_frame(described(0x12, a_list([a_str("receiver-1"), a_uint(0), TRUE, NULL, NULL,
+                                            described(0x28, a_list([a_str(ADDR)])), described(0x29, a_list([]))])))
+ATTACH_TX = a_frame(described(0x12, a_list([a_str("sender-1"), a_uint(1), FALSE, NULL, NULL,
+                                            described(0x28, a_list([])), described(0x29, a_list([a_str(ADDR)])), NULL, FALSE, a_uint(0)])))
+FLOW = a_frame(described(0x13, a_list([NULL, a_uint(2048), a_uint(0), a_uint(2048), a_uint(0), NULL, a_uint(64)])))
+
+
+def request(op, op_id=None, body=b""):
+    app = [(a_str("iotdps-operation-type"), a_str(op))]
+    if op_id:
+        app.append((a_str("iotdps-operation-id"), a_str(op_id)))
+    if op == "iotdps-register":
+        app.append((a_str("iotdps-forceRegistration"), FALSE))
+    msg = (described(0x73, a_list([NULL, NULL, NULL, NULL, NULL, a_str("corr-1")]))
+           + described(0x74, a_map(app)) + described(0x75, a_bin(body)))
+    return a_frame(described(0x14, a_list([a_uint(1), a_uint(0), a_bin(b"\0\0\0\0"), a_uint(0), FALSE])) + msg)
+
+
+CLOSE = a_frame(described(0x18, a_list([])))
+SETUP = OPEN + BEGIN + ATTACH_RX + ATTACH_TX + FLOW
+AMQP_REG = request("iotdps-register", body=b'{"registrationId":"sym-node-amqp"}')
+AMQP_POLL = request("iotdps-get-operationstatus", "4.0123456789abcdef.op")
+put("amqp_conn", "decode-sasl", b"\x00" + SASL_INIT + SETUP + AMQP_REG + CLOSE)
+put("amqp_conn", "decode-preopen", b"\x02" + SASL_INIT + OPEN)
+put("amqp_conn", "sasl-pipelined", b"\x01" + SASL_HDR + SASL_INIT + AMQP_HDR + SETUP + AMQP_REG + AMQP_POLL + CLOSE)
+put("amqp_conn", "sasl-refused", b"\x05" + SASL_HDR + SASL_INIT + AMQP_HDR + SETUP + AMQP_REG)
+put("amqp_conn", "throttled-chunked", b"\x69" + SASL_HDR + SASL_INIT + AMQP_HDR + SETUP + AMQP_REG + CLOSE)
+put("amqp_conn", "x509-no-sasl", b"\x11" + AMQP_HDR + SETUP + AMQP_REG + CLOSE)
+put("amqp_conn", "no-credential", b"\x01" + AMQP_HDR + OPEN)

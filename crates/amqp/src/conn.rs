@@ -181,7 +181,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
     async fn run(mut self) -> Result<(), AmqpError> {
         let open_deadline = Instant::now() + self.limits.open_timeout;
         match timeout(self.limits.open_timeout, self.handshake(open_deadline)).await {
-            Ok(r) => r?,
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                // What the handshake queued before it failed (e.g. the SASL header and
+                // mechanisms before an oversized frame that was already read): best effort.
+                let _ = self.flush().await;
+                return Err(e);
+            }
             Err(_) => return Err(AmqpError::OpenTimeout),
         }
         self.serve().await
@@ -208,9 +214,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
         Ok(())
     }
 
-    /// Read until `rbuf` holds `n` bytes; `Ok(false)` at a clean end of stream.
+    /// Read until `rbuf` holds `n` bytes; `Ok(false)` at a clean end of stream. What is
+    /// queued in `wbuf` is written first when a read has to wait, so that the handshake answers
+    /// a client that pipelines (header, `sasl-init`, header, OPEN, ... in one flight) in one
+    /// write, and one that waits for each frame as soon as it has to.
     async fn fill(&mut self, n: usize) -> Result<bool, AmqpError> {
         while self.rbuf.len() < n {
+            self.flush().await?;
             self.rbuf
                 .reserve(n.max(READ_CHUNK) - self.rbuf.len().min(n));
             if self.stream.read_buf(&mut self.rbuf).await? == 0 {
@@ -293,7 +303,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
             }
         }
         self.wbuf.extend_from_slice(&frame::HEADER_AMQP);
-        self.flush().await?;
         let f = self.read_frame(PRE_OPEN_MAX_FRAME).await?;
         let open = match (f.frame_type, frame::performative(&f.body)) {
             (TYPE_AMQP, Ok((Performative::Open(o), _))) => o,
@@ -324,8 +333,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
             desired_capabilities: None,
             properties: None,
         };
+        // Written with the answers to what the client pipelined after its OPEN (`serve`
+        // flushes before it waits).
         self.put(0, Performative::Open(ours), b"")?;
-        self.flush().await?;
         let _ = deadline;
         Ok(())
     }
@@ -340,7 +350,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
             ),
         };
         frame::encode(&mut self.wbuf, TYPE_SASL, 0, &mechs, b"")?;
-        self.flush().await?;
+        // Written by `fill` when the sasl-init is not here yet.
         let f = self.read_frame(PRE_OPEN_MAX_FRAME).await?;
         let init: SaslInit = match f.frame_type {
             TYPE_SASL => serde_amqp::from_slice(&f.body)?,
@@ -361,8 +371,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
             additional_data: None,
         };
         frame::encode(&mut self.wbuf, TYPE_SASL, 0, &outcome, b"")?;
-        self.flush().await?;
         if code != SaslCode::Ok {
+            self.flush().await?;
             return Err(AmqpError::Refused(code as u8));
         }
         Ok(())

@@ -1,6 +1,13 @@
 //! The device API over AMQP 1.0 + TLS (protocol digest §5): one connection per registration,
 //! as the Azure SDKs do.
 //!
+//! [`AmqpDeviceConnection`] is `fe2o3-amqp`'s client, which awaits each frame; the tests
+//! and the `amqp_idle` bench use it as a client independent of dps's own AMQP code, and
+//! [`crate::ProvisioningClient`] uses it with
+//! [`crate::ProvisioningClientBuilder::await_each_frame`]. By default the client registers with
+//! `crate::amqp_flight` instead: the same exchange with the connection setup in one flight, on
+//! `dps-amqp`'s framing.
+//!
 //! The AMQP connection, session and links are `fe2o3-amqp`'s (a maintained client); TLS is
 //! ours ([`crate::tls::connect_tls`]: pinned addresses, local address, shared configuration).
 //! Symmetric keys authenticate with SASL `PLAIN` (authcid `{idScope}/registrations/{id}`,
@@ -122,7 +129,32 @@ fn text(v: &Value) -> String {
     }
 }
 
-fn simple_text(v: &SimpleValue) -> String {
+/// The answer of a request the service settled `rejected`.
+pub(crate) fn rejected_answer(r: fe2o3_amqp_types::messaging::Rejected) -> AmqpAnswer {
+    let (condition, description, info) = match r.error {
+        Some(e) => (
+            match &e.condition {
+                fe2o3_amqp_types::definitions::ErrorCondition::Custom(s) => s.0.clone(),
+                other => match serde_amqp::to_value(other).ok() {
+                    Some(Value::Symbol(s)) => s.0,
+                    _ => format!("{other:?}"),
+                },
+            },
+            e.description,
+            e.info
+                .map(|m| m.iter().map(|(k, v)| (k.0.clone(), text(v))).collect())
+                .unwrap_or_default(),
+        ),
+        None => ("amqp:internal-error".into(), None, Vec::new()),
+    };
+    AmqpAnswer::Rejected {
+        condition,
+        description,
+        info,
+    }
+}
+
+pub(crate) fn simple_text(v: &SimpleValue) -> String {
     match v {
         SimpleValue::String(s) => s.clone(),
         SimpleValue::Symbol(s) => s.0.clone(),
@@ -279,32 +311,7 @@ impl AmqpDeviceConnection {
             .map_err(|e| amqp_error("send", e))?;
         match outcome {
             Outcome::Accepted(_) => {}
-            Outcome::Rejected(r) => {
-                let (condition, description, info) = match r.error {
-                    Some(e) => (
-                        match &e.condition {
-                            fe2o3_amqp_types::definitions::ErrorCondition::Custom(s) => s.0.clone(),
-                            other => {
-                                let v = serde_amqp::to_value(other).ok();
-                                match v {
-                                    Some(Value::Symbol(s)) => s.0,
-                                    _ => format!("{other:?}"),
-                                }
-                            }
-                        },
-                        e.description,
-                        e.info
-                            .map(|m| m.iter().map(|(k, v)| (k.0.clone(), text(v))).collect())
-                            .unwrap_or_default(),
-                    ),
-                    None => ("amqp:internal-error".into(), None, Vec::new()),
-                };
-                return Ok(AmqpAnswer::Rejected {
-                    condition,
-                    description,
-                    info,
-                });
-            }
+            Outcome::Rejected(r) => return Ok(rejected_answer(r)),
             other => {
                 return Err(Error::Protocol(format!(
                     "unexpected AMQP outcome {other:?}"
@@ -364,7 +371,7 @@ impl AmqpDeviceConnection {
     }
 }
 
-fn uuid_like() -> String {
+pub(crate) fn uuid_like() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     let t = std::time::SystemTime::now()
@@ -374,7 +381,10 @@ fn uuid_like() -> String {
     format!("{t:x}-{:x}", N.fetch_add(1, Ordering::Relaxed))
 }
 
-/// Register (and poll) over one AMQP connection until the registration is assigned or fails.
+/// Register (and poll) over one AMQP connection until the registration is assigned or fails,
+/// awaiting every frame of the setup and of the goodbye (`fe2o3-amqp`)
+/// ([`crate::ProvisioningClientBuilder::await_each_frame`]; the default is
+/// `crate::amqp_flight::register`).
 pub(crate) async fn register(
     ep: &Endpoint,
     tls: Arc<ClientConfig>,

@@ -229,6 +229,9 @@ pub(crate) struct Endpoint {
     pub request_timeout: Duration,
     pub policy: PollPolicy,
     pub sas_ttl: Duration,
+    /// AMQP: await every frame of the connection setup (`fe2o3-amqp`'s client) instead of
+    /// sending it in one flight.
+    pub await_each_frame: bool,
 }
 
 /// The HTTP `Host` header for `host` and `port` (IPv6 literals in brackets, port 443 omitted).
@@ -345,8 +348,18 @@ impl ProvisioningClient {
                     )
                     .await
                 }
-                Transport::Amqp => {
+                Transport::Amqp if self.ep.await_each_frame => {
                     crate::amqp::register(
+                        &self.ep,
+                        self.tls.mqtt.clone(),
+                        &self.registration_id,
+                        self.key.as_deref(),
+                        self.payload.as_ref(),
+                    )
+                    .await
+                }
+                Transport::Amqp => {
+                    crate::amqp_flight::register(
                         &self.ep,
                         self.tls.mqtt.clone(),
                         &self.registration_id,
@@ -414,6 +427,7 @@ pub struct ProvisioningClientBuilder {
     total_timeout: Option<Duration>,
     policy: PollPolicy,
     sas_ttl: Option<Duration>,
+    await_each_frame: bool,
 }
 
 impl ProvisioningClientBuilder {
@@ -472,6 +486,14 @@ impl ProvisioningClientBuilder {
     /// ephemeral port range (about 28,000 ports) towards one server address.
     pub fn local_address(mut self, addr: IpAddr) -> Self {
         self.local_addr = Some(addr);
+        self
+    }
+    /// AMQP only: await each frame of the connection setup (SASL mechanisms, outcome, header,
+    /// OPEN, BEGIN, each ATTACH) and of the goodbye (`fe2o3-amqp`'s client; the Azure SDKs wait
+    /// at least for the SASL exchange and the receiver link) instead of the default one flight (the whole setup in one write, then the request as soon as the
+    /// service grants credit). For measuring what SDK-like devices cost the service.
+    pub fn await_each_frame(mut self, yes: bool) -> Self {
+        self.await_each_frame = yes;
         self
     }
     /// A certificate signing request (DER PKCS#10, subject CN = the registration id) sent with
@@ -597,6 +619,7 @@ impl ProvisioningClientBuilder {
                 request_timeout: self.request_timeout.unwrap_or(Duration::from_secs(30)),
                 policy: self.policy,
                 sas_ttl: self.sas_ttl.unwrap_or(Duration::from_secs(3600)),
+                await_each_frame: self.await_each_frame,
             }),
             transport: self.transport,
             registration_id,

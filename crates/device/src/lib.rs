@@ -54,6 +54,7 @@
 //! final answer, and how many register attempts and polls it took.
 
 pub mod amqp;
+mod amqp_flight;
 mod client;
 mod error;
 mod https;

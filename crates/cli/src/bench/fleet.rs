@@ -25,6 +25,8 @@ pub(super) struct Fleet {
     /// [`socket_budget`](super::storm::socket_budget)); a device waits for a place (first come,
     /// first served) before it connects.
     pub(super) sockets: Option<Arc<tokio::sync::Semaphore>>,
+    /// AMQP: await each frame of the setup, like the Azure SDKs.
+    pub(super) await_each_frame: bool,
 }
 
 impl Fleet {
@@ -47,7 +49,8 @@ impl Fleet {
             .transport(self.transport.into())
             .tls(self.tls.clone())
             .poll_policy(self.policy.clone())
-            .timeout(self.timeout);
+            .timeout(self.timeout)
+            .await_each_frame(self.await_each_frame);
         if let Some(addrs) = &self.connect_addrs {
             b = b.connect_addrs(addrs.clone());
             let ip = addrs[0].ip();

@@ -100,6 +100,10 @@ pub struct BenchArgs {
     /// Reboot storm: every device registers at once and honours Retry-After.
     #[arg(long)]
     pub storm: bool,
+    /// AMQP: await every frame of the connection setup and goodbye (`fe2o3-amqp`'s client,
+    /// about ten round trips) instead of the one-flight setup (two round trips).
+    #[arg(long)]
+    pub await_each_frame: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -181,6 +185,9 @@ pub(crate) async fn run(g: &Globals, a: BenchArgs) -> Result<ExitCode> {
     }
     if a.keep_alive && a.transport != TransportArg::Https {
         bail!("--keep-alive applies to HTTPS only (an MQTT or AMQP connection carries one device)");
+    }
+    if a.await_each_frame && a.transport != TransportArg::Amqp {
+        bail!("--await-each-frame applies to AMQP only");
     }
     if a.keep_alive && a.attestation == AttestationArg::X509 {
         bail!("--keep-alive cannot be used with x509 (the TLS connection is the device identity)");
@@ -268,6 +275,7 @@ pub(crate) async fn run(g: &Globals, a: BenchArgs) -> Result<ExitCode> {
         sockets: a
             .storm
             .then(|| Arc::new(tokio::sync::Semaphore::new(socket_budget()))),
+        await_each_frame: a.await_each_frame,
     };
     fleet.pin_addresses().await;
     let fleet = Arc::new(fleet);
@@ -373,6 +381,7 @@ pub(crate) async fn run(g: &Globals, a: BenchArgs) -> Result<ExitCode> {
         v["attestation"] = json!(a.attestation.as_str());
         v["keepAlive"] = json!(a.keep_alive);
         v["storm"] = json!(a.storm);
+        v["awaitEachFrame"] = json!(a.await_each_frame);
         v["concurrency"] = json!(workers);
         v["threads"] = json!(threads);
         v["setupSeconds"] = json!(setup_time.as_secs_f64());

@@ -72,6 +72,7 @@ mod tests {
             global_endpoint: None,
             keep_alive: false,
             storm: false,
+            await_each_frame: false,
             json: false,
             prefix: None,
             admin_url: None,

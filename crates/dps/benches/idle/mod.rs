@@ -76,8 +76,11 @@ where
     std::fs::write(
         &cfg,
         format!(
-            "data_dir = \"{}\"\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"\"\namqp = \"\"\n{listener} = \"127.0.0.1:0\"\nadmin = \"\"\n[log]\nlevel = \"warn\"\n[limits]\nmax_{listener}_connections = 1000000\n[[instance]]\nname = \"default\"\nid_scope = \"{SCOPE}\"\nhostnames = [\"localhost\"]\n[[instance.linked_hub]]\nhost = \"hub.idle\"\n",
-            dir.path().join("data").display()
+            "data_dir = \"{}\"\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"{mqtt}\"\namqp = \"{amqp}\"\nadmin = \"\"\n[log]\nlevel = \"warn\"\n[limits]\nmax_{listener}_connections = 1000000\n[[instance]]\nname = \"default\"\nid_scope = \"{SCOPE}\"\nhostnames = [\"localhost\"]\n[[instance.linked_hub]]\nhost = \"hub.idle\"\n",
+            dir.path().join("data").display(),
+            // Only the listener measured (a second `{listener} = ...` line would be a duplicate key).
+            mqtt = if listener == "mqtt" { "127.0.0.1:0" } else { "" },
+            amqp = if listener == "amqp" { "127.0.0.1:0" } else { "" },
         ),
     )
     .expect("config");
