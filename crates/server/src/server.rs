@@ -127,7 +127,29 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     let backend = dps_store::open_backend(&cfg.store, &cfg.data_dir)
         .await
         .context("opening the store")?;
-    let store = backend.store();
+    // Lifecycle events: with a sink configured, the store writes the event of every audit entry
+    // into the outbox in the same transaction (`events::EventsStore`); without one, nothing.
+    let events_wake = Arc::new(tokio::sync::Notify::new());
+    let dispatcher = if cfg.events.sink.is_empty() {
+        None
+    } else {
+        Some(
+            crate::events::dispatch::Dispatcher::new(
+                backend.store(),
+                &cfg.events,
+                events_wake.clone(),
+            )
+            .map_err(|e| anyhow!("events: {e}"))?,
+        )
+    };
+    let store: Arc<dyn dps_core::store::Store> = if dispatcher.is_some() {
+        Arc::new(crate::events::EventsStore::new(
+            backend.store(),
+            events_wake,
+        ))
+    } else {
+        backend.store()
+    };
     let repo = Repo::new(store.clone());
     let instances = Arc::new(
         Instances::load(repo.clone())
@@ -404,6 +426,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
                 }
             }
         }));
+    }
+    // Lifecycle events are delivered from the outbox to the sinks.
+    if let Some(d) = dispatcher {
+        tasks.push(tokio::spawn(d.run()));
     }
     // Identities left behind on hubs are removed through the durable queue, retried until done.
     tasks.push(tokio::spawn(crate::hub_cleanup::run(
