@@ -737,3 +737,137 @@ kind = "registry"
     assert_eq!(rx.state.bad_signatures.load(Ordering::SeqCst), 0);
     drop(node2);
 }
+
+// ------------------------------------------------------------------------------------------------
+// dps events tail
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_tail_shows_the_same_events_as_the_sinks_and_waits_for_new_ones() {
+    let rx = Receiver::start().await;
+    let s = TestServer::spawn_with(|c| {
+        fast(c);
+        c.events.sink = vec![rx.sink()];
+    })
+    .await;
+    let key = s.enroll("ev-tail-1", json!({})).await;
+    let r = s.register("ev-tail-1", &key, None).await;
+    assert_eq!(r.body["status"], "assigned", "{}", r.body);
+    let sent = rx
+        .wait_for("io.dps.registration.assigned", "ev-tail-1")
+        .await;
+    let tail = |q: String| {
+        let s = &s;
+        async move {
+            s.call(
+                reqwest::Method::GET,
+                &format!("/admin/events?{q}"),
+                Some(&s.owner()),
+                None,
+                &[],
+            )
+            .await
+        }
+    };
+    let r = tail("since=2000-01-01&type=io.dps.registration.&limit=1000".into()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let events = r.body["events"].as_array().unwrap();
+    assert!(events.iter().all(|e| e["type"]
+        .as_str()
+        .unwrap()
+        .starts_with("io.dps.registration.")));
+    let shown = events
+        .iter()
+        .find(|e| e["subject"] == "ev-tail-1" && e["type"] == "io.dps.registration.assigned")
+        .expect("the assignment in the tail");
+    assert_eq!(shown["id"], sent["id"], "one id for the tail and the sinks");
+    assert_eq!(shown, &sent);
+    let next = r.body["next"].as_i64().expect("a cursor");
+    // Nothing new: a long poll waits, then answers empty with the same cursor.
+    let t0 = Instant::now();
+    let r = tail(format!("after={next}&wait=1")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.body["events"].as_array().unwrap().is_empty(),
+        "{}",
+        r.body
+    );
+    assert!(t0.elapsed() >= Duration::from_millis(900));
+    // A long poll answers as soon as an event arrives.
+    let waiting = {
+        let q = format!("after={next}&wait=30");
+        let client = s.client.clone();
+        let url = format!("{}/admin/events?{q}", s.base);
+        let tok = s.owner();
+        tokio::spawn(async move {
+            let r = client
+                .get(url)
+                .header("authorization", tok)
+                .send()
+                .await
+                .unwrap();
+            r.json::<Value>().await.unwrap()
+        })
+    };
+    s.enroll("ev-tail-2", json!({})).await;
+    let got = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("answered before its wait ran out")
+        .unwrap();
+    assert_eq!(
+        got["events"][0]["type"], "io.dps.enrollment.created",
+        "{got}"
+    );
+    assert_eq!(got["events"][0]["subject"], "ev-tail-2", "{got}");
+    // Bad input is a clear 400.
+    let r = tail("wait=600".into()).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = tail("after=abc".into()).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    // A policy without ServiceConfig may not tail.
+    let reader = service_token("localhost", "reader", READER_KEY);
+    let r = s
+        .call(
+            reqwest::Method::GET,
+            "/admin/events",
+            Some(&reader),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    // The CLI prints them, one JSON event per line.
+    let cs = format!(
+        "HostName=localhost;SharedAccessKeyName=provisioningserviceowner;SharedAccessKey={OWNER_KEY}"
+    );
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dps"));
+    cmd.args([
+        "events",
+        "tail",
+        "--since",
+        "2000-01-01T00:00:00Z",
+        "--type",
+        "io.dps.enrollment.created",
+        "--count",
+        "2",
+    ])
+    .env("DPS_CONNECTION_STRING", cs)
+    .env("DPS_URL", &s.base)
+    .env("DPS_CA_FILE", s.dir.path().join("ca.pem"));
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run dps"))
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON event per line"))
+        .collect();
+    let subjects: Vec<&str> = lines
+        .iter()
+        .map(|e| e["subject"].as_str().unwrap())
+        .collect();
+    assert_eq!(subjects, ["ev-tail-1", "ev-tail-2"]);
+}
