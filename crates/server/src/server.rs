@@ -222,6 +222,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         .context("building the HTTP client")?,
     );
     let hubs = Arc::new(HubSet::new(store.clone(), outbound.clone()));
+    let health_store = store.clone();
     let settings = EngineSettings {
         node_location: cfg.location.clone(),
         inline_wait: Duration::from_millis(cfg.limits.register_wait_ms),
@@ -427,9 +428,43 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             }
         }));
     }
-    // Lifecycle events are delivered from the outbox to the sinks.
+    // Lifecycle events are delivered from the outbox to the sinks; hub health changes become
+    // `io.dps.hub.health` events of every instance that links the hub.
     if let Some(d) = dispatcher {
         tasks.push(tokio::spawn(d.run()));
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, bool)>(1024);
+        app.admin.hubs().on_health_change(tx);
+        let (store, instances, node) = (
+            health_store,
+            instances.clone(),
+            app.engine.node_id().to_string(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while let Some((hub, healthy)) = rx.recv().await {
+                let now = crate::events::now_ms();
+                let time = dps_core::clock::azure_timestamp(time::OffsetDateTime::now_utc());
+                let writes: Vec<dps_core::store::Write> = instances
+                    .list()
+                    .iter()
+                    .filter(|i| {
+                        i.linked_hub
+                            .iter()
+                            .any(|h| h.host.eq_ignore_ascii_case(&hub))
+                    })
+                    .map(|i| {
+                        let ev =
+                            crate::events::hub_health_event(&i.name, &hub, healthy, &time, &node);
+                        crate::events::outbox_write(&ev, now)
+                    })
+                    .collect();
+                if writes.is_empty() {
+                    continue;
+                }
+                if let Err(e) = store.write_all(writes).await {
+                    tracing::warn!(hub = %hub, error = %e, "writing a hub health event failed");
+                }
+            }
+        }));
     }
     // Identities left behind on hubs are removed through the durable queue, retried until done.
     tasks.push(tokio::spawn(crate::hub_cleanup::run(

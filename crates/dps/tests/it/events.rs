@@ -871,3 +871,31 @@ async fn the_tail_shows_the_same_events_as_the_sinks_and_waits_for_new_ones() {
         .collect();
     assert_eq!(subjects, ["ev-tail-1", "ev-tail-2"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hub_that_goes_down_is_a_hub_health_event_and_failures_are_events() {
+    let rx = Receiver::start().await;
+    let hook = crate::support_webhook::FakeWebhook::start().await;
+    hook.state.always.store(503, Ordering::SeqCst);
+    let hub = hook.linked_hub("hooked.example.net");
+    let sink = rx.sink();
+    let s = TestServer::spawn_with(move |c| {
+        fast(c);
+        c.events.sink = vec![sink];
+        c.instances[0].linked_hub = vec![hub];
+        c.instances[0].register_response = dps_core::instance::RegisterResponse::Immediate;
+    })
+    .await;
+    for i in 0..3 {
+        let rid = format!("ev-down-{i}");
+        let key = s.enroll(&rid, json!({})).await;
+        let r = s.register(&rid, &key, None).await;
+        assert_ne!(r.body["status"], "assigned", "{}", r.body);
+    }
+    let failed = rx.wait_for("io.dps.registration.failed", "ev-down-0").await;
+    check_cloud_event(&failed);
+    let health = rx.wait_for("io.dps.hub.health", "hooked.example.net").await;
+    check_cloud_event(&health);
+    assert_eq!(health["data"]["healthy"], false, "{health}");
+    assert_eq!(health["data"]["hub"], "hooked.example.net", "{health}");
+}
