@@ -41,6 +41,7 @@ pub use commands::enrollment_common::{
     AttestationArg, EnrollmentFields, KindCommand, ListFilters, ReprovisionArg, StatusArg,
 };
 pub use commands::enrollment_group::{GroupCommand, RootCaArg};
+pub use commands::events::EventsCommand;
 pub use commands::fault::FaultCommand;
 pub use commands::hub::{HubCleanupCommand, HubCommand, HubDeviceCommand};
 pub use commands::instance::InstanceCommand;
@@ -132,6 +133,9 @@ pub enum Command {
     /// The audit log (admin API).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Lifecycle events: `dps events tail` follows them live (admin API).
+    #[command(subcommand)]
+    Events(EventsCommand),
     /// Act as a device.
     #[command(subcommand)]
     Device(DeviceCommand),

@@ -231,6 +231,39 @@ pub enum Write {
         /// The id of the record being written (not counted).
         except: String,
     },
+    /// Append a lifecycle event to the outbox (see [`OutboxEvent`]); its `seq` is assigned by
+    /// the store.
+    Event(OutboxEvent),
+}
+
+/// A lifecycle event waiting in the outbox for delivery to the configured sinks. Written in the
+/// same transaction as the change it describes; claimed in batches with a lease (like
+/// [`CleanupTask`]), removed once delivered (or dead-lettered, or dropped by the outbox bounds).
+/// Times are Unix milliseconds, given by the caller.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OutboxEvent {
+    /// Sequence number assigned by the store (ignored on append); delivery order.
+    pub seq: i64,
+    /// The event's unique id (the CloudEvents `id`, the consumers' de-duplication key).
+    pub id: String,
+    /// Instance name.
+    pub instance: String,
+    /// The event type (CloudEvents `type`).
+    pub kind: String,
+    /// The whole event, CloudEvents JSON (secrets already redacted).
+    pub body: String,
+    /// Failed delivery attempts so far.
+    pub attempts: u32,
+    /// Not delivered before this time.
+    pub next_attempt_ms: i64,
+    /// When the event was written.
+    pub created_ms: i64,
+    /// The last failure (secrets scrubbed by the caller).
+    pub last_error: Option<String>,
+    /// The current claim's token.
+    pub claim: Option<String>,
+    /// The current claim holds until this time.
+    pub claimed_until_ms: Option<i64>,
 }
 
 /// What a clean-up task does to a hub identity.
@@ -409,6 +442,37 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<CleanupTask>, StoreError>;
     /// How many clean-up tasks are queued.
     async fn count_cleanup(&self) -> Result<u64, StoreError>;
+    /// Claim up to `limit` outbox events that are due and not claimed (or whose claim expired
+    /// before `now_ms`), lowest `seq` first: they get `claim` until `claimed_until_ms`. Two
+    /// callers never claim one event at once (PostgreSQL: `FOR UPDATE SKIP LOCKED`).
+    async fn claim_events(
+        &self,
+        now_ms: i64,
+        claim: &str,
+        claimed_until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxEvent>, StoreError>;
+    /// Remove delivered (or dead-lettered) events held under `claim`; how many were removed.
+    async fn complete_events(&self, seqs: &[i64], claim: &str) -> Result<u64, StoreError>;
+    /// Release a claimed event for a later attempt (attempts, next attempt and last error set,
+    /// claim cleared); `false` when it is gone or claimed by someone else.
+    async fn reschedule_event(
+        &self,
+        seq: i64,
+        claim: &str,
+        attempts: u32,
+        next_attempt_ms: i64,
+        last_error: Option<&str>,
+    ) -> Result<bool, StoreError>;
+    /// Bound the outbox: delete the events created before `older_than_ms`, then the oldest
+    /// beyond the newest `max_rows` (`None` skips a rule). Returns how many were dropped.
+    async fn prune_events(
+        &self,
+        older_than_ms: Option<i64>,
+        max_rows: Option<u64>,
+    ) -> Result<u64, StoreError>;
+    /// How many events wait in the outbox.
+    async fn count_events(&self) -> Result<u64, StoreError>;
     /// Create or refresh a node's heartbeat row (keyed by [`NodeBeat::id`]).
     async fn heartbeat(&self, node: &NodeBeat) -> Result<(), StoreError>;
     /// Every node's heartbeat row, live or lapsed, ordered by id.

@@ -247,6 +247,85 @@ pub async fn handle(
                 .collect();
             ok(&list)
         }
+        Op::EventsTail => {
+            // Lifecycle events as CloudEvents, read from the audit log (the same ids the sinks
+            // get): long-polls up to `wait` seconds for events after the cursor.
+            let instance = match param(params, "instance") {
+                Some(i) => {
+                    may_manage(app, caller, i)?;
+                    Some(i.to_string())
+                }
+                None if caller
+                    .instance
+                    .name
+                    .eq_ignore_ascii_case(&app.admin_instance) =>
+                {
+                    None
+                }
+                None => Some(caller.instance.name.clone()),
+            };
+            let after = match param(params, "after") {
+                None => None,
+                Some(v) => Some(v.parse::<i64>().map_err(|_| {
+                    Error::invalid(format!("'after' must be a sequence number, not '{v}'"))
+                })?),
+            };
+            let since = match param(params, "since") {
+                None => None,
+                Some(v) => Some(dps_core::clock::normalize_timestamp(v).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "'since' must be an RFC 3339 time (2026-12-03T10:42:13Z) or a date (2026-12-03), not '{v}'"
+                    ))
+                })?),
+            };
+            let wait = match param(params, "wait") {
+                None => 0,
+                Some(v) => v.parse::<u64>().ok().filter(|w| *w <= 60).ok_or_else(|| {
+                    Error::invalid(format!("'wait' must be 0 to 60 seconds, not '{v}'"))
+                })?,
+            };
+            let type_prefix = param(params, "type").map(str::to_string);
+            let limit = param(params, "limit")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(100usize)
+                .clamp(1, 1000);
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait);
+            let mut cursor = after;
+            loop {
+                let q = AuditQuery {
+                    instance: instance.clone(),
+                    since: if cursor.is_none() {
+                        since.clone()
+                    } else {
+                        None
+                    },
+                    target_id: None,
+                    action_prefix: None,
+                    after_seq: cursor,
+                    limit,
+                };
+                let entries = uc.audit_log(&q).await?;
+                if let Some(last) = entries.last() {
+                    cursor = Some(last.seq);
+                }
+                let events: Vec<serde_json::Value> = entries
+                    .iter()
+                    .filter_map(crate::events::event_of)
+                    .filter(|e| {
+                        type_prefix
+                            .as_deref()
+                            .is_none_or(|t| e["type"].as_str().is_some_and(|ty| ty.starts_with(t)))
+                    })
+                    .collect();
+                if !events.is_empty()
+                    || entries.len() == limit
+                    || tokio::time::Instant::now() >= deadline
+                {
+                    return ok(&serde_json::json!({"events": events, "next": cursor}));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        }
         other => Err(misrouted(other)),
     }
 }

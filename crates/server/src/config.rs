@@ -41,6 +41,8 @@ pub struct Config {
     pub hub_cleanup: HubCleanupConfig,
     /// This node among the nodes sharing a store: its name, heartbeat and lease.
     pub cluster: ClusterConfig,
+    /// Lifecycle events (CloudEvents) through the outbox to the sinks (`docs/events.md`).
+    pub events: EventsConfig,
     /// Provisioning instances declared here are created or updated at start.
     #[serde(rename = "instance")]
     pub instances: Vec<InstanceConfig>,
@@ -496,6 +498,200 @@ impl HubCleanupConfig {
     }
 }
 
+/// Lifecycle events: written to an outbox in the store in the same transaction as the change
+/// they describe, then delivered at least once to every sink. No sink: nothing is written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Most events kept in the outbox; beyond, the oldest are dropped (counted in
+    /// `dps_events_dropped_total{reason="size"}`).
+    pub max_outbox_events: u64,
+    /// Events older than this (seconds) are dropped undelivered
+    /// (`dps_events_dropped_total{reason="age"}`).
+    pub max_age_secs: u64,
+    /// How often the dispatcher looks for due events when idle (ms).
+    pub interval_ms: u64,
+    /// Events claimed and delivered per pass.
+    pub batch: usize,
+    /// How long a node holds the batch it delivers (ms); a batch of a node that died is taken
+    /// over after this.
+    pub lease_ms: u64,
+    /// Delay before the first retry of a failed delivery (ms); doubled after each failure.
+    pub initial_backoff_ms: u64,
+    /// Longest delay between two attempts (ms).
+    pub max_backoff_ms: u64,
+    /// After this many failed attempts an event is dead-lettered: removed from the outbox and
+    /// counted in `dps_events_dead_lettered_total{sink}`.
+    pub max_attempts: u32,
+    /// The sinks (`[[events.sink]]`).
+    pub sink: Vec<EventSinkConfig>,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            max_outbox_events: 100_000,
+            max_age_secs: 7 * 86_400,
+            interval_ms: 500,
+            batch: 64,
+            lease_ms: 30_000,
+            initial_backoff_ms: 1000,
+            max_backoff_ms: 300_000,
+            max_attempts: 20,
+            sink: Vec::new(),
+        }
+    }
+}
+
+/// The kind of an event sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventSinkKind {
+    /// An HTTPS webhook: one POST per event (`application/cloudevents+json`), signed.
+    Webhook,
+    /// An MQTT broker topic (QoS 1).
+    Mqtt,
+    /// A NATS subject.
+    Nats,
+}
+
+impl EventSinkKind {
+    /// The metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventSinkKind::Webhook => "webhook",
+            EventSinkKind::Mqtt => "mqtt",
+            EventSinkKind::Nats => "nats",
+        }
+    }
+}
+
+/// One event sink. `Debug` hides the secret and the password.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventSinkConfig {
+    /// `webhook`, `mqtt` or `nats`.
+    pub kind: EventSinkKind,
+    /// Webhook: the `https://` URL (`http://` only to a loopback address). MQTT:
+    /// `mqtt://host:port` (or `mqtts://`). NATS: `nats://host:port`.
+    pub url: String,
+    /// Webhook: the HMAC-SHA256 key of the `X-Dps-Signature` header (required).
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// Webhook and `mqtts://`: an extra trusted CA (PEM) for the endpoint.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// MQTT: the topic (events of every type).
+    #[serde(default)]
+    pub topic: Option<String>,
+    /// NATS: the subject.
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// MQTT / NATS user name.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// MQTT / NATS password.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Timeout of one delivery (ms).
+    #[serde(default = "default_sink_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_sink_timeout_ms() -> u64 {
+    5000
+}
+
+impl std::fmt::Debug for EventSinkConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hide = |o: &Option<String>| o.as_ref().map(|_| dps_core::redact::REDACTED);
+        f.debug_struct("EventSinkConfig")
+            .field("kind", &self.kind)
+            .field("url", &dps_core::redact::scrub(&self.url))
+            .field("secret", &hide(&self.secret))
+            .field("ca_file", &self.ca_file)
+            .field("topic", &self.topic)
+            .field("subject", &self.subject)
+            .field("username", &self.username)
+            .field("password", &hide(&self.password))
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
+}
+
+impl EventsConfig {
+    /// Check every value (named in the error).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ranges: [(&str, u64, u64, u64); 8] = [
+            (
+                "max_outbox_events",
+                self.max_outbox_events,
+                1,
+                1_000_000_000,
+            ),
+            ("max_age_secs", self.max_age_secs, 60, 365 * 86_400),
+            ("interval_ms", self.interval_ms, 10, 600_000),
+            ("batch", self.batch as u64, 1, 1000),
+            ("lease_ms", self.lease_ms, 1000, 3_600_000),
+            ("initial_backoff_ms", self.initial_backoff_ms, 10, 3_600_000),
+            ("max_backoff_ms", self.max_backoff_ms, 10, 86_400_000),
+            ("max_attempts", u64::from(self.max_attempts), 1, 1_000_000),
+        ];
+        for (key, v, min, max) in ranges {
+            if v < min || v > max {
+                return Err(invalid(format!(
+                    "events.{key} = {v} is out of range: it must be between {min} and {max}"
+                )));
+            }
+        }
+        for (i, s) in self.sink.iter().enumerate() {
+            let what = format!("events.sink[{i}] ({})", s.kind.as_str());
+            let need = |o: &Option<String>, key: &str| match o.as_deref() {
+                Some(v) if !v.is_empty() => Ok(()),
+                _ => Err(invalid(format!("{what}: '{key}' is required"))),
+            };
+            let scheme = s.url.split("://").next().unwrap_or("");
+            match s.kind {
+                EventSinkKind::Webhook => {
+                    need(&s.secret, "secret")?;
+                    let url = reqwest::Url::parse(&s.url)
+                        .map_err(|e| invalid(format!("{what}: url '{}': {e}", s.url)))?;
+                    let host = url.host_str().unwrap_or("");
+                    let loopback = host == "localhost"
+                        || host
+                            .trim_matches(['[', ']'])
+                            .parse::<std::net::IpAddr>()
+                            .is_ok_and(|a| a.is_loopback());
+                    if url.scheme() != "https" && !(url.scheme() == "http" && loopback) {
+                        return Err(invalid(format!(
+                            "{what}: url must be https:// (http:// only to a loopback address)"
+                        )));
+                    }
+                }
+                EventSinkKind::Mqtt => {
+                    need(&s.topic, "topic")?;
+                    if !matches!(scheme, "mqtt" | "mqtts") {
+                        return Err(invalid(format!("{what}: url must be mqtt:// or mqtts://")));
+                    }
+                }
+                EventSinkKind::Nats => {
+                    need(&s.subject, "subject")?;
+                    if scheme != "nats" {
+                        return Err(invalid(format!("{what}: url must be nats://")));
+                    }
+                }
+            }
+            if !(100..=120_000).contains(&s.timeout_ms) {
+                return Err(invalid(format!(
+                    "{what}: timeout_ms = {} must be between 100 and 120000",
+                    s.timeout_ms
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// An access policy in the config (keys generated when omitted, and kept). `Debug` hides the
 /// keys.
 #[derive(Clone, Serialize, Deserialize)]
@@ -538,6 +734,7 @@ impl std::fmt::Debug for Config {
             .field("audit", &self.audit)
             .field("hub_cleanup", &self.hub_cleanup)
             .field("cluster", &self.cluster)
+            .field("events", &self.events)
             .field("instances", &self.instances)
             .finish()
     }
@@ -595,6 +792,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             hub_cleanup: HubCleanupConfig::default(),
             cluster: ClusterConfig::default(),
+            events: EventsConfig::default(),
             instances: Vec::new(),
         }
     }
@@ -675,6 +873,7 @@ const ENV_KEYS: &[&str] = &[
     "audit",
     "hub_cleanup",
     "cluster",
+    "events",
 ];
 
 impl Config {
@@ -725,6 +924,11 @@ impl Config {
             if let Some(t) = &mut cfg.tls {
                 t.cert = resolve(&t.cert);
                 t.key = resolve(&t.key);
+            }
+            for sink in &mut cfg.events.sink {
+                if let Some(f) = &mut sink.ca_file {
+                    *f = resolve(f);
+                }
             }
             for i in &mut cfg.instances {
                 for p in &mut i.credential_policy {
@@ -788,6 +992,7 @@ impl Config {
         self.outbound.validate()?;
         self.hub_cleanup.validate()?;
         self.cluster.validate()?;
+        self.events.validate()?;
         let policy = crate::outbound::Policy::new(
             self.outbound.allow_private_addresses,
             &self.outbound.allowed_webhook_hosts,

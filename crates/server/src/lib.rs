@@ -16,6 +16,7 @@ pub mod config;
 pub mod connections;
 pub mod device_api;
 pub mod engine;
+pub mod events;
 pub mod faults;
 pub mod files;
 pub mod http;

@@ -118,6 +118,7 @@ pub enum Op {
     FaultAdd,
     FaultDelete,
     AuditLog,
+    EventsTail,
     CertificateList,
     CertificateGet,
     CertificatePut,
@@ -199,7 +200,7 @@ use Right::{
     RegistrationStatusWrite as RW, ServiceConfig as SC,
 };
 
-static ROUTES: [Route; 76] = [
+static ROUTES: [Route; 77] = [
     // Device API (§3).
     r!(PUT "/{idScope}/registrations/{registrationId}/register", Device, Access::Device, Op::DeviceRegister),
     r!(GET "/{idScope}/registrations/{registrationId}/operations/{operationId}", Device, Access::Device, Op::DeviceOperationStatus),
@@ -241,6 +242,7 @@ static ROUTES: [Route; 76] = [
     r!(POST "/admin/instances/{instance}/faults", Admin, R(SC), Op::FaultAdd),
     r!(DELETE "/admin/instances/{instance}/faults/{fault}", Admin, R(SC), Op::FaultDelete),
     r!(GET "/admin/audit", Admin, R(SC), Op::AuditLog),
+    r!(GET "/admin/events", Admin, R(SC), Op::EventsTail),
     // Admin API: CA certificates (proof of possession) and the deny list.
     r!(GET "/admin/instances/{instance}/certificates", Certificates, R(SC), Op::CertificateList),
     r!(GET "/admin/instances/{instance}/certificates/{ca}", Certificates, R(SC), Op::CertificateGet),

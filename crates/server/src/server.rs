@@ -127,7 +127,29 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     let backend = dps_store::open_backend(&cfg.store, &cfg.data_dir)
         .await
         .context("opening the store")?;
-    let store = backend.store();
+    // Lifecycle events: with a sink configured, the store writes the event of every audit entry
+    // into the outbox in the same transaction (`events::EventsStore`); without one, nothing.
+    let events_wake = Arc::new(tokio::sync::Notify::new());
+    let dispatcher = if cfg.events.sink.is_empty() {
+        None
+    } else {
+        Some(
+            crate::events::dispatch::Dispatcher::new(
+                backend.store(),
+                &cfg.events,
+                events_wake.clone(),
+            )
+            .map_err(|e| anyhow!("events: {e}"))?,
+        )
+    };
+    let store: Arc<dyn dps_core::store::Store> = if dispatcher.is_some() {
+        Arc::new(crate::events::EventsStore::new(
+            backend.store(),
+            events_wake,
+        ))
+    } else {
+        backend.store()
+    };
     let repo = Repo::new(store.clone());
     let instances = Arc::new(
         Instances::load(repo.clone())
@@ -200,6 +222,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         .context("building the HTTP client")?,
     );
     let hubs = Arc::new(HubSet::new(store.clone(), outbound.clone()));
+    let health_store = store.clone();
     let settings = EngineSettings {
         node_location: cfg.location.clone(),
         inline_wait: Duration::from_millis(cfg.limits.register_wait_ms),
@@ -401,6 +424,44 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
                     Err(e) => {
                         tracing::warn!(error = %e, "recovering interrupted registrations failed")
                     }
+                }
+            }
+        }));
+    }
+    // Lifecycle events are delivered from the outbox to the sinks; hub health changes become
+    // `io.dps.hub.health` events of every instance that links the hub.
+    if let Some(d) = dispatcher {
+        tasks.push(tokio::spawn(d.run()));
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, bool)>(1024);
+        app.admin.hubs().on_health_change(tx);
+        let (store, instances, node) = (
+            health_store,
+            instances.clone(),
+            app.engine.node_id().to_string(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while let Some((hub, healthy)) = rx.recv().await {
+                let now = crate::events::now_ms();
+                let time = dps_core::clock::azure_timestamp(time::OffsetDateTime::now_utc());
+                let writes: Vec<dps_core::store::Write> = instances
+                    .list()
+                    .iter()
+                    .filter(|i| {
+                        i.linked_hub
+                            .iter()
+                            .any(|h| h.host.eq_ignore_ascii_case(&hub))
+                    })
+                    .map(|i| {
+                        let ev =
+                            crate::events::hub_health_event(&i.name, &hub, healthy, &time, &node);
+                        crate::events::outbox_write(&ev, now)
+                    })
+                    .collect();
+                if writes.is_empty() {
+                    continue;
+                }
+                if let Err(e) = store.write_all(writes).await {
+                    tracing::warn!(hub = %hub, error = %e, "writing a hub health event failed");
                 }
             }
         }));

@@ -28,6 +28,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "nodes",
         sql: include_str!("../migrations/sqlite/0003_nodes.sql"),
     },
+    Migration {
+        version: 4,
+        name: "events",
+        sql: include_str!("../migrations/sqlite/0004_events.sql"),
+    },
 ];
 
 /// PostgreSQL migrations, in order.
@@ -47,10 +52,15 @@ pub(crate) const POSTGRES: &[Migration] = &[
         name: "nodes",
         sql: include_str!("../migrations/postgres/0003_nodes.sql"),
     },
+    Migration {
+        version: 4,
+        name: "events",
+        sql: include_str!("../migrations/postgres/0004_events.sql"),
+    },
 ];
 
 /// The schema version this binary migrates to.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 #[cfg(test)]
 mod tests {

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use dps_core::store::{
     AuditEntry, AuditQuery, CleanupAction, CleanupKey, CleanupTask, Collection, Doc, DocIndex,
-    Expect, Filter, NodeBeat, Page, Store, StoreError, Write,
+    Expect, Filter, NodeBeat, OutboxEvent, Page, Store, StoreError, Write,
 };
 use tokio_postgres::types::ToSql;
 
@@ -495,6 +495,17 @@ impl PostgresStore {
         } else {
             (None, None)
         };
+        // Likewise the outbox's insert: only when events are configured.
+        let event = if writes.iter().any(|w| matches!(w, Write::Event(_))) {
+            Some(
+                client
+                    .prepare_cached(&sql::pg(sql::EVENT_INSERT))
+                    .await
+                    .map_err(pg_err)?,
+            )
+        } else {
+            None
+        };
         let owned: Vec<(
             &tokio_postgres::Statement,
             Vec<Box<dyn ToSql + Sync + Send>>,
@@ -523,6 +534,7 @@ impl PostgresStore {
                 Write::CancelCleanup(k) => {
                     (cancel.as_ref().expect("prepared when used"), key_params(k))
                 }
+                Write::Event(e) => (event.as_ref().expect("prepared when used"), event_params(e)),
                 Write::HubCapacity { .. } => {
                     unreachable!("write_all sends capacity checks through a transaction")
                 }
@@ -697,6 +709,37 @@ fn enqueue_params(t: &CleanupTask) -> Vec<Box<dyn ToSql + Sync + Send>> {
     p.push(Box::new(t.claim.clone()));
     p.push(Box::new(t.claimed_until_ms));
     p
+}
+
+fn event_params(e: &OutboxEvent) -> Vec<Box<dyn ToSql + Sync + Send>> {
+    vec![
+        Box::new(e.id.clone()),
+        Box::new(e.instance.clone()),
+        Box::new(e.kind.clone()),
+        Box::new(e.body.clone()),
+        Box::new(i64::from(e.attempts)),
+        Box::new(e.next_attempt_ms),
+        Box::new(e.created_ms),
+        Box::new(e.last_error.clone()),
+    ]
+}
+
+fn row_to_event(r: &tokio_postgres::Row) -> Result<OutboxEvent, StoreError> {
+    let corrupt = |e: tokio_postgres::Error| StoreError::Corrupt(format!("postgres row: {e}"));
+    let attempts: i64 = r.try_get(5).map_err(corrupt)?;
+    Ok(OutboxEvent {
+        seq: r.try_get(0).map_err(corrupt)?,
+        id: r.try_get(1).map_err(corrupt)?,
+        instance: r.try_get(2).map_err(corrupt)?,
+        kind: r.try_get(3).map_err(corrupt)?,
+        body: r.try_get(4).map_err(corrupt)?,
+        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+        next_attempt_ms: r.try_get(6).map_err(corrupt)?,
+        created_ms: r.try_get(7).map_err(corrupt)?,
+        last_error: r.try_get(8).map_err(corrupt)?,
+        claim: r.try_get(9).map_err(corrupt)?,
+        claimed_until_ms: r.try_get(10).map_err(corrupt)?,
+    })
 }
 
 fn row_to_task(r: &tokio_postgres::Row) -> Result<CleanupTask, StoreError> {
@@ -914,6 +957,7 @@ impl Store for PostgresStore {
                 } | Write::Audit(_)
                     | Write::EnqueueCleanup(_)
                     | Write::CancelCleanup(_)
+                    | Write::Event(_)
             )
         });
         if unconditional {
@@ -935,6 +979,9 @@ impl Store for PostgresStore {
                 }
                 Write::CancelCleanup(k) => {
                     exec_on(&tx, sql::CLEANUP_CANCEL, &key_params(k)).await?;
+                }
+                Write::Event(e) => {
+                    exec_on(&tx, sql::EVENT_INSERT, &event_params(e)).await?;
                 }
                 Write::HubCapacity {
                     scope,
@@ -993,6 +1040,109 @@ impl Store for PostgresStore {
             .collect::<Result<Vec<_>, _>>()?;
         tasks.sort_by_key(|t| t.next_attempt_ms);
         Ok(tasks)
+    }
+
+    async fn claim_events(
+        &self,
+        now_ms: i64,
+        claim: &str,
+        claimed_until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&sql::event_claim_postgres())
+            .await
+            .map_err(pg_err)?;
+        let limit = i64::try_from(sql::page_limit(limit)).unwrap_or(i64::MAX);
+        let rows = client
+            .query(&stmt, &[&now_ms, &claim, &claimed_until_ms, &limit])
+            .await
+            .map_err(pg_err)?;
+        let mut events = rows
+            .iter()
+            .map(row_to_event)
+            .collect::<Result<Vec<_>, _>>()?;
+        events.sort_by_key(|e| e.seq);
+        Ok(events)
+    }
+
+    async fn complete_events(&self, seqs: &[i64], claim: &str) -> Result<u64, StoreError> {
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("DELETE FROM events_outbox WHERE seq = ANY($1) AND claim = $2")
+            .await
+            .map_err(pg_err)?;
+        client
+            .execute(&stmt, &[&seqs, &claim])
+            .await
+            .map_err(pg_err)
+    }
+
+    async fn reschedule_event(
+        &self,
+        seq: i64,
+        claim: &str,
+        attempts: u32,
+        next_attempt_ms: i64,
+        last_error: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let p: Vec<Box<dyn ToSql + Sync + Send>> = vec![
+            Box::new(seq),
+            Box::new(claim.to_owned()),
+            Box::new(i64::from(attempts)),
+            Box::new(next_attempt_ms),
+            Box::new(last_error.map(str::to_owned)),
+        ];
+        Ok(exec_on(&client, sql::EVENT_RESCHEDULE, &p).await? > 0)
+    }
+
+    async fn prune_events(
+        &self,
+        older_than_ms: Option<i64>,
+        max_rows: Option<u64>,
+    ) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let mut dropped = 0;
+        if let Some(ms) = older_than_ms {
+            let p: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(ms)];
+            dropped += exec_on(&client, sql::EVENT_PRUNE_OLDER, &p).await?;
+        }
+        if let Some(max) = max_rows {
+            let offset = i64::try_from(max).unwrap_or(i64::MAX);
+            let stmt = client
+                .prepare_cached(&sql::pg(sql::EVENT_PRUNE_CUT))
+                .await
+                .map_err(pg_err)?;
+            let cut = client
+                .query_opt(&stmt, &[&offset])
+                .await
+                .map_err(pg_err)?
+                .map(|r| r.try_get::<_, i64>(0))
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(format!("postgres row: {e}")))?;
+            if let Some(cut) = cut {
+                let p: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(cut)];
+                dropped += exec_on(&client, sql::EVENT_PRUNE_UP_TO, &p).await?;
+            }
+        }
+        Ok(dropped)
+    }
+
+    async fn count_events(&self) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(sql::EVENT_COUNT, &[])
+            .await
+            .map_err(pg_err)?;
+        let n: i64 = row
+            .try_get(0)
+            .map_err(|e| StoreError::Corrupt(format!("postgres row: {e}")))?;
+        u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("negative count {n}")))
     }
 
     async fn complete_cleanup(&self, key: &CleanupKey, claim: &str) -> Result<bool, StoreError> {

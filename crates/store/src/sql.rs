@@ -299,6 +299,65 @@ pub(crate) const HUB_CAPACITY_COUNT: &str = "SELECT count(*) FROM docs \
      AND status IN ('assigned', 'assigning') AND key <> ?3";
 
 // ---------------------------------------------------------------------------------------------
+// The events outbox (`?N` placeholders as above).
+
+/// Columns read for an outbox event, in the order the engines' row readers expect.
+pub(crate) const EVENT_COLUMNS: &str = "seq, id, instance, kind, body, attempts, next_attempt, \
+     created, last_error, claim, claimed_until";
+
+/// Append an event.
+pub(crate) const EVENT_INSERT: &str = "INSERT INTO events_outbox (id, instance, kind, body, \
+     attempts, next_attempt, created, last_error) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+
+/// Which events are due and free at `?1`.
+const EVENT_DUE: &str = "next_attempt <= ?1 AND (claimed_until IS NULL OR claimed_until <= ?1)";
+
+/// Claim due events (SQLite: the single writer makes the select-and-update atomic).
+pub(crate) fn event_claim_sqlite() -> String {
+    format!(
+        "UPDATE events_outbox SET claim = ?2, claimed_until = ?3 WHERE seq IN \
+         (SELECT seq FROM events_outbox WHERE {EVENT_DUE} ORDER BY seq LIMIT ?4) \
+         RETURNING {EVENT_COLUMNS}"
+    )
+}
+
+/// Claim due events (PostgreSQL: rows another claim holds locked are skipped).
+pub(crate) fn event_claim_postgres() -> String {
+    let cols = EVENT_COLUMNS
+        .split(", ")
+        .map(|c| format!("t.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    pg(&format!(
+        "UPDATE events_outbox t SET claim = ?2, claimed_until = ?3 FROM \
+         (SELECT seq FROM events_outbox WHERE {EVENT_DUE} \
+          ORDER BY seq LIMIT ?4 FOR UPDATE SKIP LOCKED) d \
+         WHERE t.seq = d.seq RETURNING {cols}"
+    ))
+}
+
+/// Remove one event under its claim (`?1` seq, `?2` claim).
+pub(crate) const EVENT_COMPLETE: &str = "DELETE FROM events_outbox WHERE seq = ?1 AND claim = ?2";
+
+/// Release an event under its claim for a later attempt.
+pub(crate) const EVENT_RESCHEDULE: &str = "UPDATE events_outbox SET attempts = ?3, \
+     next_attempt = ?4, last_error = ?5, claim = NULL, claimed_until = NULL \
+     WHERE seq = ?1 AND claim = ?2";
+
+/// Drop events created before `?1`.
+pub(crate) const EVENT_PRUNE_OLDER: &str = "DELETE FROM events_outbox WHERE created < ?1";
+
+/// The `seq` of the newest event beyond the newest `?1` (drop it and everything older).
+pub(crate) const EVENT_PRUNE_CUT: &str =
+    "SELECT seq FROM events_outbox ORDER BY seq DESC LIMIT 1 OFFSET ?1";
+
+/// Drop events up to `?1`.
+pub(crate) const EVENT_PRUNE_UP_TO: &str = "DELETE FROM events_outbox WHERE seq <= ?1";
+
+/// Count events.
+pub(crate) const EVENT_COUNT: &str = "SELECT count(*) FROM events_outbox";
+
+// ---------------------------------------------------------------------------------------------
 // Node heartbeats (`?N` placeholders as above).
 
 /// Create or refresh a heartbeat row.

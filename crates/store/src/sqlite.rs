@@ -17,7 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use dps_core::store::{
     AuditEntry, AuditQuery, CleanupAction, CleanupKey, CleanupTask, Collection, Doc, DocIndex,
-    Expect, Filter, NodeBeat, Page, Store, StoreError, Write,
+    Expect, Filter, NodeBeat, OutboxEvent, Page, Store, StoreError, Write,
 };
 use rusqlite::types::Value;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
@@ -392,6 +392,39 @@ fn enqueue_op(t: &CleanupTask) -> Op {
     }
 }
 
+fn event_op(e: &OutboxEvent) -> Op {
+    Op::Exec {
+        sql: sql::EVENT_INSERT,
+        params: vec![
+            Value::Text(e.id.clone()),
+            Value::Text(e.instance.clone()),
+            Value::Text(e.kind.clone()),
+            Value::Text(e.body.clone()),
+            Value::Integer(i64::from(e.attempts)),
+            Value::Integer(e.next_attempt_ms),
+            Value::Integer(e.created_ms),
+            e.last_error.clone().map_or(Value::Null, Value::Text),
+        ],
+    }
+}
+
+fn row_to_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxEvent> {
+    let attempts: i64 = r.get(5)?;
+    Ok(OutboxEvent {
+        seq: r.get(0)?,
+        id: r.get(1)?,
+        instance: r.get(2)?,
+        kind: r.get(3)?,
+        body: r.get(4)?,
+        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+        next_attempt_ms: r.get(6)?,
+        created_ms: r.get(7)?,
+        last_error: r.get(8)?,
+        claim: r.get(9)?,
+        claimed_until_ms: r.get(10)?,
+    })
+}
+
 fn row_to_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<CleanupTask> {
     let action: String = r.get(4)?;
     let attempts: i64 = r.get(5)?;
@@ -491,6 +524,18 @@ enum Op {
         claimed_until_ms: i64,
         limit: i64,
     },
+    /// Claim due outbox events.
+    ClaimEvents {
+        now_ms: i64,
+        claim: String,
+        claimed_until_ms: i64,
+        limit: i64,
+    },
+    /// Remove delivered events under a claim.
+    CompleteEvents {
+        seqs: Vec<i64>,
+        claim: String,
+    },
 }
 
 enum Reply {
@@ -498,6 +543,7 @@ enum Reply {
     Doc(oneshot::Sender<Result<Option<Doc>, StoreError>>),
     Count(oneshot::Sender<Result<u64, StoreError>>),
     Tasks(oneshot::Sender<Result<Vec<CleanupTask>, StoreError>>),
+    Events(oneshot::Sender<Result<Vec<OutboxEvent>, StoreError>>),
 }
 
 struct Cmd {
@@ -511,6 +557,7 @@ enum Answer {
     Doc(Option<Doc>),
     Count(u64),
     Tasks(Vec<CleanupTask>),
+    Events(Vec<OutboxEvent>),
 }
 
 impl Reply {
@@ -521,10 +568,12 @@ impl Reply {
             (Reply::Doc(tx), Ok(Answer::Doc(d))) => drop(tx.send(Ok(d))),
             (Reply::Count(tx), Ok(Answer::Count(n))) => drop(tx.send(Ok(n))),
             (Reply::Tasks(tx), Ok(Answer::Tasks(t))) => drop(tx.send(Ok(t))),
+            (Reply::Events(tx), Ok(Answer::Events(t))) => drop(tx.send(Ok(t))),
             (Reply::Unit(tx), Err(e)) => drop(tx.send(Err(e))),
             (Reply::Doc(tx), Err(e)) => drop(tx.send(Err(e))),
             (Reply::Count(tx), Err(e)) => drop(tx.send(Err(e))),
             (Reply::Tasks(tx), Err(e)) => drop(tx.send(Err(e))),
+            (Reply::Events(tx), Err(e)) => drop(tx.send(Err(e))),
             (reply, Ok(_)) => {
                 let e = StoreError::Corrupt("internal: mismatched writer answer".into());
                 reply.send(Err(e));
@@ -714,6 +763,29 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<Result<Answer, StoreErr
             let mut tasks = rows.collect::<rusqlite::Result<Vec<_>>>()?;
             tasks.sort_by_key(|t| t.next_attempt_ms);
             Ok(Ok(Answer::Tasks(tasks)))
+        }
+        Op::ClaimEvents {
+            now_ms,
+            claim,
+            claimed_until_ms,
+            limit,
+        } => {
+            let mut stmt = conn.prepare_cached(&sql::event_claim_sqlite())?;
+            let rows = stmt.query_map(
+                params![now_ms, claim, claimed_until_ms, limit],
+                row_to_event,
+            )?;
+            let mut events = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+            events.sort_by_key(|e| e.seq);
+            Ok(Ok(Answer::Events(events)))
+        }
+        Op::CompleteEvents { seqs, claim } => {
+            let mut stmt = conn.prepare_cached(sql::EVENT_COMPLETE)?;
+            let mut n = 0u64;
+            for seq in seqs {
+                n += stmt.execute(params![seq, claim])? as u64;
+            }
+            Ok(Ok(Answer::Count(n)))
         }
         Op::Audit(e) => {
             let ts = if e.timestamp.is_empty() {
@@ -950,9 +1022,101 @@ impl Store for SqliteStore {
                     max: i64::try_from(max).unwrap_or(i64::MAX),
                     except,
                 },
+                Write::Event(e) => event_op(&e),
             })
             .collect();
         self.write(Op::Many(ops), Reply::Unit).await
+    }
+
+    async fn claim_events(
+        &self,
+        now_ms: i64,
+        claim: &str,
+        claimed_until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        let op = Op::ClaimEvents {
+            now_ms,
+            claim: claim.to_owned(),
+            claimed_until_ms,
+            limit: i64::try_from(sql::page_limit(limit)).unwrap_or(i64::MAX),
+        };
+        self.write(op, Reply::Events).await
+    }
+
+    async fn complete_events(&self, seqs: &[i64], claim: &str) -> Result<u64, StoreError> {
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        let op = Op::CompleteEvents {
+            seqs: seqs.to_vec(),
+            claim: claim.to_owned(),
+        };
+        self.write(op, Reply::Count).await
+    }
+
+    async fn reschedule_event(
+        &self,
+        seq: i64,
+        claim: &str,
+        attempts: u32,
+        next_attempt_ms: i64,
+        last_error: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let op = Op::Exec {
+            sql: sql::EVENT_RESCHEDULE,
+            params: vec![
+                Value::Integer(seq),
+                Value::Text(claim.to_owned()),
+                Value::Integer(i64::from(attempts)),
+                Value::Integer(next_attempt_ms),
+                last_error.map_or(Value::Null, |e| Value::Text(e.to_owned())),
+            ],
+        };
+        Ok(self.write(op, Reply::Count).await? > 0)
+    }
+
+    async fn prune_events(
+        &self,
+        older_than_ms: Option<i64>,
+        max_rows: Option<u64>,
+    ) -> Result<u64, StoreError> {
+        let mut dropped = 0;
+        if let Some(ms) = older_than_ms {
+            let op = Op::Exec {
+                sql: sql::EVENT_PRUNE_OLDER,
+                params: vec![Value::Integer(ms)],
+            };
+            dropped += self.write(op, Reply::Count).await?;
+        }
+        if let Some(max) = max_rows {
+            let offset = i64::try_from(max).unwrap_or(i64::MAX);
+            let cut: Option<i64> = self
+                .read(move |conn| {
+                    conn.prepare_cached(sql::EVENT_PRUNE_CUT)?
+                        .query_row(params![offset], |r| r.get(0))
+                        .optional()
+                })
+                .await?;
+            if let Some(cut) = cut {
+                let op = Op::Exec {
+                    sql: sql::EVENT_PRUNE_UP_TO,
+                    params: vec![Value::Integer(cut)],
+                };
+                dropped += self.write(op, Reply::Count).await?;
+            }
+        }
+        Ok(dropped)
+    }
+
+    async fn count_events(&self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .read(|conn| {
+                conn.prepare_cached(sql::EVENT_COUNT)?
+                    .query_row([], |r| r.get(0))
+            })
+            .await?;
+        u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("negative count {n}")))
     }
 
     async fn claim_cleanup(

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use dps_core::store::{
     AuditEntry, AuditQuery, CleanupAction, CleanupKey, CleanupTask, Collection, Doc, DocIndex,
-    Expect, Filter, NodeBeat, Store, StoreError, Write,
+    Expect, Filter, NodeBeat, OutboxEvent, Store, StoreError, Write,
 };
 use dps_store::{Backend, PostgresOptions, PostgresStore, SqliteStore, SCHEMA_VERSION};
 
@@ -179,7 +179,177 @@ conformance!(
     write_all_conditional_first_write_fails_before_anything_is_written,
     concurrent_compare_and_set_writes_of_one_record_exactly_one_wins,
     hub_capacity_reservations_never_overshoot_under_concurrency,
+    events_are_written_with_the_record_and_not_when_it_fails,
+    events_claim_reschedule_complete_follow_the_claim,
+    events_concurrent_claims_never_share_an_event,
+    events_prune_by_age_then_by_count,
 );
+
+// ------------------------------------------------------------------------------------------------
+// The events outbox
+
+fn ev(id: &str, created: i64) -> OutboxEvent {
+    OutboxEvent {
+        id: id.into(),
+        instance: "a".into(),
+        kind: "io.dps.registration.assigned".into(),
+        body: format!(r#"{{"id":"{id}"}}"#),
+        next_attempt_ms: created,
+        created_ms: created,
+        ..Default::default()
+    }
+}
+
+async fn events_are_written_with_the_record_and_not_when_it_fails(ctx: &Ctx) {
+    let s = ctx.store();
+    // The pipelined path (unconditional writes) ...
+    s.write_all(vec![
+        put_w(
+            Collection::Registration,
+            "a",
+            doc("dev1", "r1"),
+            Expect::Any,
+        ),
+        assigned("dev1"),
+        Write::Event(ev("e1", 100)),
+    ])
+    .await
+    .unwrap();
+    // ... the compare-and-set path ...
+    s.write_all(vec![
+        put_w(
+            Collection::Registration,
+            "a",
+            doc("dev2", "r2"),
+            Expect::Absent,
+        ),
+        Write::Event(ev("e2", 101)),
+    ])
+    .await
+    .unwrap();
+    // ... and a failed condition: nothing written.
+    let e = s
+        .write_all(vec![
+            put_w(
+                Collection::Registration,
+                "a",
+                doc("dev1", "new"),
+                Expect::Etag("stale".into()),
+            ),
+            Write::Event(ev("e3", 102)),
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Conflict { .. }), "{e:?}");
+    assert_eq!(s.count_events().await.unwrap(), 2);
+    let got = s.claim_events(1000, "c", 2000, 10).await.unwrap();
+    let ids: Vec<_> = got.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, ["e1", "e2"]);
+    assert!(got[0].seq < got[1].seq);
+    let mut want = ev("e1", 100);
+    want.seq = got[0].seq;
+    want.claim = Some("c".into());
+    want.claimed_until_ms = Some(2000);
+    assert_eq!(got[0], want);
+}
+
+async fn events_claim_reschedule_complete_follow_the_claim(ctx: &Ctx) {
+    let s = ctx.store();
+    let w: Vec<Write> = (0..5)
+        .map(|i| Write::Event(ev(&format!("e{i}"), 100 + i)))
+        .collect();
+    s.write_all(w).await.unwrap();
+    // Not due yet.
+    assert!(s.claim_events(50, "c0", 1000, 10).await.unwrap().is_empty());
+    let first = s.claim_events(200, "c1", 1000, 3).await.unwrap();
+    assert_eq!(first.len(), 3);
+    // Claimed: another claimer gets the rest only.
+    let second = s.claim_events(200, "c2", 1000, 10).await.unwrap();
+    assert_eq!(second.len(), 2);
+    assert!(s
+        .claim_events(200, "c3", 1000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // Only the holder completes or reschedules.
+    let seqs: Vec<i64> = first.iter().map(|e| e.seq).collect();
+    assert_eq!(s.complete_events(&seqs, "c2").await.unwrap(), 0);
+    assert!(!s
+        .reschedule_event(seqs[0], "c2", 1, 5000, Some("x"))
+        .await
+        .unwrap());
+    assert_eq!(s.complete_events(&seqs[1..], "c1").await.unwrap(), 2);
+    assert!(s
+        .reschedule_event(seqs[0], "c1", 1, 5000, Some("down"))
+        .await
+        .unwrap());
+    assert_eq!(s.count_events().await.unwrap(), 3);
+    // The claim of c2 expires at 1000: taken over after it, with the rescheduled one when due.
+    assert!(s
+        .claim_events(999, "c4", 9000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let taken = s.claim_events(1000, "c4", 9000, 10).await.unwrap();
+    assert_eq!(taken.len(), 2);
+    let later = s.claim_events(5000, "c5", 9000, 10).await.unwrap();
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].seq, seqs[0]);
+    assert_eq!(later[0].attempts, 1);
+    assert_eq!(later[0].last_error.as_deref(), Some("down"));
+}
+
+async fn events_concurrent_claims_never_share_an_event(ctx: &Ctx) {
+    let s = ctx.store();
+    let w: Vec<Write> = (0..200)
+        .map(|i| Write::Event(ev(&format!("e{i}"), i)))
+        .collect();
+    s.write_all(w).await.unwrap();
+    let mut handles = Vec::new();
+    for n in 0..8 {
+        let s = s.clone();
+        handles.push(tokio::spawn(async move {
+            let claim = format!("c{n}");
+            let mut mine = Vec::new();
+            loop {
+                let got = s.claim_events(1000, &claim, 10_000, 7).await.unwrap();
+                if got.is_empty() {
+                    return mine;
+                }
+                mine.extend(got.into_iter().map(|e| e.id));
+            }
+        }));
+    }
+    let mut seen = HashSet::new();
+    for h in handles {
+        for id in h.await.unwrap() {
+            assert!(seen.insert(id.clone()), "{id} claimed twice");
+        }
+    }
+    assert_eq!(seen.len(), 200);
+}
+
+async fn events_prune_by_age_then_by_count(ctx: &Ctx) {
+    let s = ctx.store();
+    let w: Vec<Write> = (0..10)
+        .map(|i| Write::Event(ev(&format!("e{i}"), i * 10)))
+        .collect();
+    s.write_all(w).await.unwrap();
+    assert_eq!(s.prune_events(None, None).await.unwrap(), 0);
+    // Created before 30: e0, e1, e2.
+    assert_eq!(s.prune_events(Some(30), None).await.unwrap(), 3);
+    // Keep the newest 4.
+    assert_eq!(s.prune_events(None, Some(4)).await.unwrap(), 3);
+    assert_eq!(s.prune_events(None, Some(4)).await.unwrap(), 0);
+    let left: Vec<String> = s
+        .claim_events(1000, "c", 2000, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(left, ["e6", "e7", "e8", "e9"]);
+}
 
 // ------------------------------------------------------------------------------------------------
 // Node heartbeats and the compare-and-set of a registration record across nodes

@@ -9,6 +9,7 @@ pub(crate) mod device;
 pub(crate) mod enrollment;
 pub(crate) mod enrollment_common;
 pub(crate) mod enrollment_group;
+pub(crate) mod events;
 pub(crate) mod fault;
 pub(crate) mod hub;
 pub(crate) mod instance;
@@ -34,6 +35,7 @@ pub(crate) async fn dispatch(g: &Globals, cmd: Command) -> Result<ExitCode> {
         Command::Hub(HubCommand::Device(c)) => hub::run(g, &svc, c).await,
         Command::Hub(HubCommand::Cleanup(c)) => hub::run_cleanup(g, &svc, c).await,
         Command::Audit(c) => audit::run(g, &svc, c).await,
+        Command::Events(c) => events::run(g, &svc, c).await,
         Command::Certificate(c) => certificate::run(g, &svc, c).await,
         Command::AccessPolicy(c) => access_policy::run(g, &svc, c).await,
         Command::Fault(c) => fault::run(g, &svc, c).await,

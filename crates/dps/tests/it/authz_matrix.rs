@@ -425,6 +425,7 @@ async fn row(s: &TestServer, gkey: &str, route: &Route, n: usize) -> Option<Case
             )
         }
         "GET /admin/audit" => case("/admin/audit", None, 200),
+        "GET /admin/events" => case("/admin/events", None, 200),
         // Admin API: certificates and the deny list.
         "GET /admin/instances/{instance}/certificates" => {
             case("/admin/instances/default/certificates", None, 200)

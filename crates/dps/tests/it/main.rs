@@ -8,6 +8,7 @@ mod certificates_issuance;
 mod cli;
 mod connections;
 mod device_client;
+mod events;
 mod faults;
 mod hub_cleanup;
 mod hub_contract;

@@ -58,6 +58,8 @@ pub struct Health {
     pub latency_ms: f64,
     /// The hub refused our credentials (rotated keys): reported loudly.
     pub credentials_refused: bool,
+    /// The health last reported to the health listener (`false`: reported unhealthy).
+    reported_unhealthy: bool,
 }
 
 impl Health {
@@ -78,6 +80,9 @@ pub struct HubSet {
     /// The auth caches of broker-auth hubs, by lowercased host: shared by the hub's adapter
     /// (which invalidates) and the broker endpoints (which read), kept across adapter rebuilds.
     broker_caches: Mutex<HashMap<String, Arc<broker_auth::AuthCache>>>,
+    /// Told `(host, healthy)` when a hub turns unhealthy (`UNHEALTHY_AFTER` failures in a row)
+    /// or healthy again (its first success after): the lifecycle events' `io.dps.hub.health`.
+    health_listener: std::sync::OnceLock<tokio::sync::mpsc::Sender<(String, bool)>>,
 }
 
 impl HubSet {
@@ -90,7 +95,14 @@ impl HubSet {
             health: Mutex::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
             broker_caches: Mutex::new(HashMap::new()),
+            health_listener: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Report health changes to `tx` (once; later calls are ignored). A full channel drops the
+    /// report (logged).
+    pub fn on_health_change(&self, tx: tokio::sync::mpsc::Sender<(String, bool)>) {
+        let _ = self.health_listener.set(tx);
     }
 
     fn build(&self, hub: &LinkedHub) -> Arc<dyn HubAdapter> {
@@ -225,6 +237,18 @@ impl HubSet {
             .record(ms / 1000.0);
         metrics::gauge!("dps_hub_healthy", "hub" => host.to_ascii_lowercase())
             .set(if h.unhealthy() { 0.0 } else { 1.0 });
+        let down = h.consecutive_failures >= UNHEALTHY_AFTER;
+        if down != h.reported_unhealthy {
+            h.reported_unhealthy = down;
+            if let Some(tx) = self.health_listener.get() {
+                if tx.try_send((host.to_ascii_lowercase(), !down)).is_err() {
+                    tracing::warn!(
+                        hub = host,
+                        "hub health change not reported: the events queue is full"
+                    );
+                }
+            }
+        }
     }
 
     /// A snapshot of every hub's health.
