@@ -91,8 +91,35 @@ impl Audit {
         before: Option<&B>,
         after: Option<&A>,
     ) {
+        let entry = self.entry(
+            instance,
+            actor,
+            action,
+            target_kind,
+            target_id,
+            before,
+            after,
+        );
+        if let Err(e) = self.store.append_audit(entry).await {
+            tracing::error!(error = %e, action, target_id, "failed to write the audit log");
+        }
+    }
+
+    /// The entry [`record`](Self::record) would append, for a caller that writes it in one
+    /// transaction with the change it describes (`Write::Audit`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn entry<B: Serialize, A: Serialize>(
+        &self,
+        instance: &str,
+        actor: &str,
+        action: &str,
+        target_kind: &str,
+        target_id: &str,
+        before: Option<&B>,
+        after: Option<&A>,
+    ) -> AuditEntry {
         let enc = |v: serde_json::Value| serde_json::to_string(&redact(v)).expect("json");
-        let entry = AuditEntry {
+        AuditEntry {
             seq: 0,
             timestamp: azure_timestamp(self.clock.now()),
             instance: instance.to_string(),
@@ -102,9 +129,6 @@ impl Audit {
             target_id: target_id.to_string(),
             before: before.map(|b| enc(serde_json::to_value(b).expect("json"))),
             after: after.map(|a| enc(serde_json::to_value(a).expect("json"))),
-        };
-        if let Err(e) = self.store.append_audit(entry).await {
-            tracing::error!(error = %e, action, target_id, "failed to write the audit log");
         }
     }
 }

@@ -85,6 +85,16 @@ impl Repo {
     }
 
     /// Encode and put.
+    /// The stored document of `v`, for a batch (`Write::Put`).
+    pub fn doc<T: Serialize>(id: &str, etag: &str, v: &T, index: DocIndex) -> Doc {
+        Doc {
+            id: id.to_string(),
+            etag: etag.to_string(),
+            body: encode(v),
+            index,
+        }
+    }
+
     pub async fn put<T: Serialize>(
         &self,
         c: Collection,

@@ -14,7 +14,7 @@ use super::{map_store, Caller, Context};
 use crate::catalog::Catalog;
 use crate::engine::Engine;
 use crate::outbound::{Outbound, Target};
-use crate::repo::settings_index;
+use crate::repo::{settings_index, Repo};
 use dps_core::ids::{DeviceId, EnrollmentGroupId, RegistrationId};
 use dps_core::instance::Instance;
 use dps_core::model::{
@@ -22,7 +22,7 @@ use dps_core::model::{
     EnrollmentSettings, IndividualEnrollment,
 };
 use dps_core::random::{self, Random};
-use dps_core::store::{Collection, DocIndex, Expect, Filter};
+use dps_core::store::{Collection, DocIndex, Expect, Filter, Write};
 use dps_core::{Error, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -440,23 +440,41 @@ impl Enrollments {
         s.capabilities = Some(s.capabilities.clone().unwrap_or_default());
         let etag = self.cx.etag();
         s.etag = None;
+        let doc = Repo::doc(&id, &etag, &e, e.index());
+        e.settings_mut().etag = Some(etag);
+        let action = if existing.is_some() {
+            format!("{}.update", T::AUDIT)
+        } else {
+            format!("{}.create", T::AUDIT)
+        };
+        // The change and its audit entry (and so its lifecycle event, when sinks are
+        // configured) are one transaction.
+        let audit = self.cx.audit.entry(
+            &inst.name,
+            &caller.policy,
+            &action,
+            T::AUDIT,
+            &id,
+            existing.as_ref(),
+            Some(&e),
+        );
         self.cx
             .repo
-            .put(
-                T::COLLECTION,
-                &inst.name,
-                &id,
-                &etag,
-                &e,
-                e.index(),
-                expect.clone(),
-            )
+            .store
+            .write_all(vec![
+                Write::Put {
+                    c: T::COLLECTION,
+                    scope: inst.name.clone(),
+                    doc,
+                    expect: expect.clone(),
+                },
+                Write::Audit(audit),
+            ])
             .await
             .map_err(|s| map_store(s, T::KIND, &id, &expect))?;
         if T::IS_GROUP {
             self.catalog.groups_changed(&inst.name);
         }
-        e.settings_mut().etag = Some(etag);
         if let Some(old) = &existing {
             let enabled = e.settings().enabled();
             if old.settings().enabled() != enabled {
@@ -465,23 +483,6 @@ impl Enrollments {
                     .enrollment_status_changed(&inst.name, individual, group, enabled);
             }
         }
-        let action = if existing.is_some() {
-            format!("{}.update", T::AUDIT)
-        } else {
-            format!("{}.create", T::AUDIT)
-        };
-        self.cx
-            .audit
-            .record(
-                &inst.name,
-                &caller.policy,
-                &action,
-                T::AUDIT,
-                &id,
-                existing.as_ref(),
-                Some(&e),
-            )
-            .await;
         public_settings(e.settings_mut(), true);
         Ok(e)
     }
