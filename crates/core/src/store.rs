@@ -207,6 +207,18 @@ pub enum Write {
         /// Condition.
         expect: Expect,
     },
+    /// Delete a document under a condition (as [`Store::delete`]): the whole write fails with
+    /// a `Conflict` when the condition does not hold (`Present`: the document must exist).
+    Delete {
+        /// Collection.
+        c: Collection,
+        /// Scope.
+        scope: String,
+        /// Document id.
+        id: String,
+        /// Condition.
+        expect: Expect,
+    },
     /// Append an audit entry (as [`Store::append_audit`]).
     Audit(AuditEntry),
     /// Queue a hub identity clean-up (see [`CleanupTask`]). One task per [`CleanupKey`]: when

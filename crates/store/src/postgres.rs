@@ -535,8 +535,10 @@ impl PostgresStore {
                     (cancel.as_ref().expect("prepared when used"), key_params(k))
                 }
                 Write::Event(e) => (event.as_ref().expect("prepared when used"), event_params(e)),
-                Write::HubCapacity { .. } => {
-                    unreachable!("write_all sends capacity checks through a transaction")
+                Write::HubCapacity { .. } | Write::Delete { .. } => {
+                    unreachable!(
+                        "write_all sends capacity checks and deletes through a transaction"
+                    )
                 }
             })
             .collect();
@@ -620,6 +622,52 @@ const AUDIT_SQL: &str = "INSERT INTO audit (ts, instance, actor, action, target_
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 
 /// A conditional put on a client or inside a transaction.
+/// A conditional delete inside a transaction (`Write::Delete`): the row is locked first, so the
+/// condition holds until the commit.
+async fn delete_on<C: GenericClient>(
+    client: &C,
+    c: Collection,
+    scope: &str,
+    id: &str,
+    expect: &Expect,
+) -> Result<(), StoreError> {
+    let key = sql::key_of(id);
+    let stmt = client
+        .prepare_cached(
+            "SELECT etag FROM docs WHERE collection = $1 AND scope = $2 AND key = $3 FOR UPDATE",
+        )
+        .await
+        .map_err(pg_err)?;
+    let current: Option<String> = client
+        .query_opt(&stmt, &[&c.as_str(), &scope, &key])
+        .await
+        .map_err(pg_err)?
+        .map(|r| r.try_get(0))
+        .transpose()
+        .map_err(|e| StoreError::Corrupt(format!("postgres row: {e}")))?;
+    let holds = match (expect, &current) {
+        (Expect::Any, _) => true,
+        (Expect::Present, cur) => cur.is_some(),
+        (Expect::Absent, cur) => cur.is_none(),
+        (Expect::Etag(e), Some(cur)) => e == cur,
+        (Expect::Etag(_), None) => false,
+    };
+    if !holds {
+        return Err(StoreError::Conflict { current });
+    }
+    if current.is_some() {
+        let stmt = client
+            .prepare_cached("DELETE FROM docs WHERE collection = $1 AND scope = $2 AND key = $3")
+            .await
+            .map_err(pg_err)?;
+        client
+            .execute(&stmt, &[&c.as_str(), &scope, &key])
+            .await
+            .map_err(pg_err)?;
+    }
+    Ok(())
+}
+
 async fn put_on<C: GenericClient>(
     client: &C,
     c: Collection,
@@ -973,6 +1021,12 @@ impl Store for PostgresStore {
                     doc,
                     expect,
                 } => put_on(&tx, *c, scope, doc, expect).await?,
+                Write::Delete {
+                    c,
+                    scope,
+                    id,
+                    expect,
+                } => delete_on(&tx, *c, scope, id, expect).await?,
                 Write::Audit(e) => audit_on(&tx, e).await?,
                 Write::EnqueueCleanup(t) => {
                     exec_on(&tx, sql::CLEANUP_ENQUEUE, &enqueue_params(t)).await?;

@@ -1005,6 +1005,17 @@ impl Store for SqliteStore {
                     doc,
                     expect,
                 },
+                Write::Delete {
+                    c,
+                    scope,
+                    id,
+                    expect,
+                } => Op::Delete {
+                    c,
+                    scope,
+                    id,
+                    expect,
+                },
                 Write::Audit(e) => Op::Audit(e),
                 Write::EnqueueCleanup(t) => enqueue_op(&t),
                 Write::CancelCleanup(k) => Op::Exec {

@@ -164,6 +164,7 @@ conformance!(
     concurrent_etag_updates_never_lose_a_write,
     write_all_commits_every_write_together,
     write_all_with_a_failed_condition_writes_nothing,
+    write_all_deletes_under_a_condition_with_its_audit_entry,
     concurrent_write_alls_all_commit,
     write_all_refused_by_the_database_writes_nothing_and_the_store_keeps_working,
     hub_write_fingerprint_round_trips_with_the_registration_record,
@@ -1562,6 +1563,54 @@ async fn write_all_commits_every_write_together(ctx: &Ctx) {
     assert_eq!(audit[0].action, "registration.assigned");
     // An empty batch is a no-op.
     s.write_all(Vec::new()).await.unwrap();
+}
+
+/// A delete in a batch (a deleted enrollment and its audit entry): done with the rest of the
+/// batch when its condition holds, and nothing of the batch is written when it does not.
+async fn write_all_deletes_under_a_condition_with_its_audit_entry(ctx: &Ctx) {
+    let s = ctx.store();
+    s.put(Collection::Enrollment, "a", doc("gone", "cur"), Expect::Any)
+        .await
+        .unwrap();
+    let del = |expect: Expect| Write::Delete {
+        c: Collection::Enrollment,
+        scope: "a".into(),
+        id: "gone".into(),
+        expect,
+    };
+    let removed = || {
+        Write::Audit(entry(
+            "2026-01-01T00:00:00.0000000Z",
+            "a",
+            "enrollment.delete",
+            "gone",
+        ))
+    };
+    // A stale ETag: nothing happens, not even the audit entry.
+    let r = s
+        .write_all(vec![del(Expect::Etag("stale".into())), removed()])
+        .await;
+    assert_eq!(r, Err(conflict(Some("cur"))));
+    assert!(s
+        .get(Collection::Enrollment, "a", "gone")
+        .await
+        .unwrap()
+        .is_some());
+    assert!(audit_of(&s, "gone").await.is_empty());
+    // The current ETag: the document goes and the entry is written, together.
+    s.write_all(vec![del(Expect::Etag("cur".into())), removed()])
+        .await
+        .unwrap();
+    assert!(s
+        .get(Collection::Enrollment, "a", "gone")
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(audit_of(&s, "gone").await.len(), 1);
+    // Present on a missing document fails the whole batch.
+    let r = s.write_all(vec![del(Expect::Present), removed()]).await;
+    assert_eq!(r, Err(conflict(None)));
+    assert_eq!(audit_of(&s, "gone").await.len(), 1);
 }
 
 async fn write_all_with_a_failed_condition_writes_nothing(ctx: &Ctx) {

@@ -494,17 +494,13 @@ impl Enrollments {
         id: &str,
         expect: Expect,
     ) -> Result<()> {
-        let old = self
-            .cx
-            .remove(caller, T::COLLECTION, T::KIND, id, expect)
+        let action = format!("{}.delete", T::AUDIT);
+        self.cx
+            .remove_audited(caller, T::COLLECTION, T::KIND, id, expect, &action)
             .await?;
         if T::IS_GROUP {
             self.catalog.groups_changed(&caller.instance.name);
         }
-        let action = format!("{}.delete", T::AUDIT);
-        self.cx
-            .audit_removed(caller, &action, T::KIND, id, &old)
-            .await;
         Ok(())
     }
 

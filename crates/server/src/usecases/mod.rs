@@ -22,7 +22,7 @@ use crate::repo::Repo;
 use dps_core::clock::{azure_timestamp, Clock};
 use dps_core::instance::Instance;
 use dps_core::random::{self, Random};
-use dps_core::store::{Collection, Doc, Expect, Store, StoreError};
+use dps_core::store::{Collection, Doc, Expect, Store, StoreError, Write};
 use dps_core::{Error, Result};
 use std::sync::Arc;
 
@@ -83,43 +83,69 @@ impl Context {
         random::etag(&*self.random)
     }
 
-    /// Delete a document of the caller's instance (an unconditional delete still needs it to
-    /// exist); the deleted document.
-    async fn remove(
+    /// Delete a document (`Expect::Any`: it must exist) and audit its removal by the caller
+    /// as `action`, in one transaction (so the lifecycle event, when sinks are configured,
+    /// cannot be lost to a crash between the two). Returns the deleted document.
+    async fn remove_audited(
         &self,
         caller: &Caller,
         c: Collection,
         kind: &'static str,
         id: &str,
         expect: Expect,
+        action: &str,
     ) -> Result<Doc> {
-        let expect = if expect == Expect::Any {
-            Expect::Present
-        } else {
-            expect
-        };
-        self.repo
-            .store
-            .delete(c, &caller.instance.name, id, expect.clone())
-            .await
-            .map_err(|s| map_store(s, kind, id, &expect))?
-            .ok_or_else(|| Error::not_found(kind, id))
-    }
-
-    /// Audit the removal of a document by the caller.
-    async fn audit_removed(&self, caller: &Caller, action: &str, kind: &str, id: &str, old: &Doc) {
-        let before: serde_json::Value = serde_json::from_str(&old.body).unwrap_or_default();
-        self.audit
-            .record(
-                &caller.instance.name,
+        let scope = &caller.instance.name;
+        for _ in 0..8 {
+            let old = self
+                .repo
+                .store
+                .get(c, scope, id)
+                .await?
+                .ok_or_else(|| Error::not_found(kind, id))?;
+            let holds = match &expect {
+                Expect::Any | Expect::Present => true,
+                Expect::Absent => false,
+                Expect::Etag(e) => *e == old.etag,
+            };
+            if !holds {
+                let current = Some(old.etag.clone());
+                return Err(map_store(
+                    StoreError::Conflict { current },
+                    kind,
+                    id,
+                    &expect,
+                ));
+            }
+            let before: serde_json::Value = serde_json::from_str(&old.body).unwrap_or_default();
+            let entry = self.audit.entry(
+                scope,
                 &caller.policy,
                 action,
                 kind,
                 id,
                 Some(&before),
                 None::<&()>,
-            )
-            .await;
+            );
+            let writes = vec![
+                Write::Delete {
+                    c,
+                    scope: scope.clone(),
+                    id: id.to_string(),
+                    expect: Expect::Etag(old.etag.clone()),
+                },
+                Write::Audit(entry),
+            ];
+            match self.repo.store.write_all(writes).await {
+                Ok(()) => return Ok(old),
+                // Changed or deleted meanwhile: look again.
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(Error::Store(e)),
+            }
+        }
+        Err(Error::Store(StoreError::Unavailable(format!(
+            "{kind} '{id}' kept changing while it was deleted; try again"
+        ))))
     }
 }
 

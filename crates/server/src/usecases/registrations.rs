@@ -38,16 +38,20 @@ impl Registrations {
     pub async fn delete(&self, caller: &Caller, id: &str, expect: Expect) -> Result<()> {
         let old = self
             .cx
-            .remove(caller, Collection::Registration, "registration", id, expect)
+            .remove_audited(
+                caller,
+                Collection::Registration,
+                "registration",
+                id,
+                expect,
+                "registration.delete",
+            )
             .await?;
         if let Ok(rec) = serde_json::from_str::<RegistrationRecord>(&old.body) {
             self.engine
                 .registration_deleted(&caller.instance.name, &rec)
                 .await;
         }
-        self.cx
-            .audit_removed(caller, "registration.delete", "registration", id, &old)
-            .await;
         Ok(())
     }
 
