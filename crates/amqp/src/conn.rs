@@ -353,7 +353,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
         // Written by `fill` when the sasl-init is not here yet.
         let f = self.read_frame(PRE_OPEN_MAX_FRAME).await?;
         let init: SaslInit = match f.frame_type {
-            TYPE_SASL => serde_amqp::from_slice(&f.body)?,
+            TYPE_SASL => {
+                frame::check_encoding(&f.body)?;
+                serde_amqp::from_slice(&f.body)?
+            }
             _ => return Err(AmqpError::Protocol("expected sasl-init")),
         };
         let code = match Mechanism::parse(&init.mechanism.0) {
@@ -550,6 +553,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Driver<S> {
         if f.frame_type != TYPE_SASL {
             return Err(AmqpError::Protocol("expected sasl-response"));
         }
+        frame::check_encoding(&f.body)?;
         let r: SaslResponse = serde_amqp::from_slice(&f.body)?;
         Ok(r.response.into_vec())
     }

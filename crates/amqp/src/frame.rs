@@ -116,6 +116,9 @@ pub fn decode(buf: &mut BytesMut, max_frame: usize) -> Result<Decoded, FrameErro
 /// Decode an AMQP frame body into its performative and the payload that follows it
 /// (a transfer's message bytes; empty otherwise).
 pub fn performative(body: &Bytes) -> Result<(Performative, Bytes), serde_amqp::Error> {
+    // The performative's own encoding must hold together before the decoder sees it (its
+    // payload, a message that may go on in the next frame, is checked once it is whole).
+    value_len(body, 0).map_err(invalid)?;
     let mut cursor = std::io::Cursor::new(body.as_ref());
     let p: Performative = {
         let reader = serde_amqp::read::IoReader::new(&mut cursor);
@@ -124,6 +127,90 @@ pub fn performative(body: &Bytes) -> Result<(Performative, Bytes), serde_amqp::E
     };
     let used = cursor.position() as usize;
     Ok((p, body.slice(used.min(body.len())..)))
+}
+
+fn invalid(why: &'static str) -> serde_amqp::Error {
+    <serde_amqp::Error as serde::de::Error>::custom(format!("malformed AMQP encoding: {why}"))
+}
+
+/// Deepest nesting of compound values accepted.
+const MAX_DEPTH: usize = 32;
+
+/// Check that `bytes` is a sequence of whole, well-formed AMQP values (spec §1.6) before it is
+/// given to the decoder: every size fits in what is left, and no compound value claims more
+/// elements than it has bytes. The decoder trusts those counts (a peer's `list32` with a count of
+/// 2³² − 1 made it overflow), so untrusted bytes are checked first.
+pub fn check_encoding(bytes: &[u8]) -> Result<(), serde_amqp::Error> {
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let n = value_len(rest, 0).map_err(invalid)?;
+        rest = &rest[n..];
+    }
+    Ok(())
+}
+
+/// The length of the first encoded value of `b`.
+fn value_len(b: &[u8], depth: usize) -> Result<usize, &'static str> {
+    if depth > MAX_DEPTH {
+        return Err("nested too deeply");
+    }
+    let code = *b.first().ok_or("truncated value")?;
+    let fixed = |n: usize| {
+        if b.len() > n {
+            Ok(1 + n)
+        } else {
+            Err("truncated value")
+        }
+    };
+    let be = |at: usize, width: usize| -> Result<usize, &'static str> {
+        let f = b.get(at..at + width).ok_or("truncated size")?;
+        Ok(f.iter().fold(0usize, |acc, x| (acc << 8) | usize::from(*x)))
+    };
+    match code {
+        0x00 => {
+            let d = value_len(&b[1..], depth + 1)?;
+            let v = value_len(&b[1 + d..], depth + 1)?;
+            Ok(1 + d + v)
+        }
+        0x40..=0x45 => Ok(1),
+        0x50..=0x56 => fixed(1),
+        0x60 | 0x61 => fixed(2),
+        0x70..=0x74 => fixed(4),
+        0x80..=0x84 => fixed(8),
+        0x94 | 0x98 => fixed(16),
+        0xa0 | 0xa1 | 0xa3 => {
+            let n = be(1, 1)?;
+            fixed(1 + n)
+        }
+        0xb0 | 0xb1 | 0xb3 => {
+            let n = be(1, 4)?;
+            fixed(4 + n)
+        }
+        0xc0 | 0xc1 | 0xd0 | 0xd1 | 0xe0 | 0xf0 => {
+            let width = if matches!(code, 0xc0 | 0xc1 | 0xe0) {
+                1
+            } else {
+                4
+            };
+            let size = be(1, width)?;
+            let count = be(1 + width, width)?;
+            let body = b
+                .get(1 + width..1 + width + size)
+                .ok_or("size beyond the data")?;
+            if size < width || count > size {
+                return Err("count beyond the size");
+            }
+            if matches!(code, 0xc0 | 0xc1 | 0xd0 | 0xd1) {
+                let mut elems = &body[width..];
+                for _ in 0..count {
+                    let n = value_len(elems, depth + 1)?;
+                    elems = &elems[n..];
+                }
+            }
+            Ok(1 + width + size)
+        }
+        _ => Err("unknown constructor"),
+    }
 }
 
 /// Append one frame: header, then the serialized `body` value, then `payload`.
@@ -160,6 +247,41 @@ pub fn heartbeat(out: &mut BytesMut) {
 mod tests {
     use super::*;
     use fe2o3_amqp_types::performatives::{Close, Open};
+
+    /// Found by the `amqp_conn` fuzz target: a BEGIN whose `list32` claims 2³² − 1 fields made
+    /// the decoder overflow (a panic in debug builds). Refused before decoding now.
+    #[test]
+    fn a_compound_claiming_more_than_it_holds_is_refused_not_decoded() {
+        let begin: &[u8] = &[
+            0x00, 0x53, 0x11, 0xd0, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x47, 0x43,
+            0x70, 0x00, 0x00, 0x08, 0x00, 0x70, 0x00, 0x00, 0x08, 0x00,
+        ];
+        let e = performative(&Bytes::copy_from_slice(begin)).unwrap_err();
+        assert!(e.to_string().contains("malformed AMQP encoding"), "{e}");
+        // Every truncation and a count beyond the size are refused too; nothing panics.
+        for n in 0..begin.len() {
+            let _ = performative(&Bytes::copy_from_slice(&begin[..n]));
+        }
+        assert!(
+            check_encoding(&[0xc0, 0x02, 0x05, 0x40]).is_err(),
+            "count > size"
+        );
+        assert!(check_encoding(&[0xc0, 0x03, 0x02, 0x40, 0x40]).is_ok());
+        assert!(
+            check_encoding(&[0xa1, 0x03, b'a', b'b']).is_err(),
+            "short string"
+        );
+        let deep: Vec<u8> = std::iter::repeat_n(0x00, 100).collect();
+        assert!(check_encoding(&deep).is_err(), "depth");
+        // A real performative still decodes.
+        let mut out = BytesMut::new();
+        encode(&mut out, TYPE_AMQP, 0, &Close { error: None }, b"").unwrap();
+        let body = Bytes::copy_from_slice(&out[8..]);
+        assert!(matches!(
+            performative(&body),
+            Ok((Performative::Close(_), _))
+        ));
+    }
 
     #[test]
     fn headers_are_classified() {

@@ -57,6 +57,7 @@ pub struct Request {
 
 /// Decode a transfer's message bytes.
 pub fn parse_request(payload: &[u8]) -> Result<Request, serde_amqp::Error> {
+    crate::frame::check_encoding(payload)?;
     let reader = serde_amqp::read::SliceReader::new(payload);
     let msg = Body::<Value>::decode_message_from_reader(reader)?;
     let props = msg.application_properties.map(|a| a.0).unwrap_or_default();
