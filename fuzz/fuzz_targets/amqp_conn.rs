@@ -84,7 +84,8 @@ fn decoders(ctl: u8, data: &[u8]) {
     };
     let mut buf = BytesMut::from(data);
     while let Ok(Decoded::Frame(f)) = frame::decode(&mut buf, max) {
-        if f.frame_type == frame::TYPE_SASL {
+        // As the server does: the encoding is checked before serde_amqp decodes it.
+        if f.frame_type == frame::TYPE_SASL && frame::check_encoding(&f.body).is_ok() {
             if let Ok(init) = serde_amqp::from_slice::<fe2o3_amqp_types::sasl::SaslInit>(&f.body) {
                 if let Some(c) = init
                     .initial_response

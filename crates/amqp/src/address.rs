@@ -34,7 +34,12 @@ pub fn parse(address: &str) -> Result<RegistrationAddress, AddressError> {
     let bad = || AddressError::Shape(address.chars().take(200).collect());
     let mut rest = address.trim();
     for scheme in ["amqps://", "amqp://", "wss://", "ws://"] {
-        if rest.len() >= scheme.len() && rest[..scheme.len()].eq_ignore_ascii_case(scheme) {
+        // Compared as bytes: a byte index into text may fall inside a character.
+        if rest
+            .as_bytes()
+            .get(..scheme.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(scheme.as_bytes()))
+        {
             // Drop the scheme and the host.
             rest = &rest[scheme.len()..];
             rest = rest.split_once('/').map(|(_, p)| p).ok_or_else(bad)?;
@@ -97,6 +102,20 @@ mod tests {
         RegistrationAddress {
             id_scope: s.into(),
             registration_id: i.into(),
+        }
+    }
+
+    /// Found by the `amqp_conn` fuzz target: a multi-byte character where a scheme would end.
+    #[test]
+    fn text_with_wide_characters_is_parsed_without_panicking() {
+        let a = parse("0ne0\u{47c}APTURE/registrations/sym-node-amqp").unwrap();
+        assert_eq!(a.registration_id, "sym-node-amqp");
+        for s in [
+            "ws:\u{47c}",
+            "amqp\u{47c}//h/x",
+            "\u{47c}\u{47c}\u{47c}\u{47c}\u{47c}",
+        ] {
+            let _ = parse(s);
         }
     }
 
