@@ -271,6 +271,25 @@ impl PostgresStore {
         Ok(store)
     }
 
+    /// The rows a claim statement (`$1` now, `$2` claim, `$3` claimed until, `$4` limit) took:
+    /// the clean-up queue's and the events outbox's claims under a lease.
+    async fn claim_rows(
+        &self,
+        claim_sql: &str,
+        now_ms: i64,
+        claim: &str,
+        claimed_until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(claim_sql).await.map_err(pg_err)?;
+        let limit = i64::try_from(sql::page_limit(limit)).unwrap_or(i64::MAX);
+        client
+            .query(&stmt, &[&now_ms, &claim, &claimed_until_ms, &limit])
+            .await
+            .map_err(pg_err)
+    }
+
     /// The URL, password redacted.
     pub fn url(&self) -> &str {
         &self.url
@@ -1078,16 +1097,15 @@ impl Store for PostgresStore {
         claimed_until_ms: i64,
         limit: usize,
     ) -> Result<Vec<CleanupTask>, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&sql::cleanup_claim_postgres())
-            .await
-            .map_err(pg_err)?;
-        let limit = i64::try_from(sql::page_limit(limit)).unwrap_or(i64::MAX);
-        let rows = client
-            .query(&stmt, &[&now_ms, &claim, &claimed_until_ms, &limit])
-            .await
-            .map_err(pg_err)?;
+        let rows = self
+            .claim_rows(
+                &sql::cleanup_claim_postgres(),
+                now_ms,
+                claim,
+                claimed_until_ms,
+                limit,
+            )
+            .await?;
         let mut tasks = rows
             .iter()
             .map(row_to_task)
@@ -1103,16 +1121,15 @@ impl Store for PostgresStore {
         claimed_until_ms: i64,
         limit: usize,
     ) -> Result<Vec<OutboxEvent>, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&sql::event_claim_postgres())
-            .await
-            .map_err(pg_err)?;
-        let limit = i64::try_from(sql::page_limit(limit)).unwrap_or(i64::MAX);
-        let rows = client
-            .query(&stmt, &[&now_ms, &claim, &claimed_until_ms, &limit])
-            .await
-            .map_err(pg_err)?;
+        let rows = self
+            .claim_rows(
+                &sql::event_claim_postgres(),
+                now_ms,
+                claim,
+                claimed_until_ms,
+                limit,
+            )
+            .await?;
         let mut events = rows
             .iter()
             .map(row_to_event)
