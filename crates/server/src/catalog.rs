@@ -1,6 +1,7 @@
 //! What attestation reads on every registration and the use cases change: an instance's
-//! enrollment groups (per attestation kind) and its X.509 material (CA certificates and deny
-//! list). Each is read from the store at most once per [`TTL`] and dropped at once by a change
+//! enrollment groups (per attestation kind), its X.509 material (CA certificates and deny
+//! list), and whether it has any individual enrollment at all (a fleet enrolled through groups
+//! only then skips the per-device lookup of an individual enrollment). Each is read from the store at most once per [`TTL`] and dropped at once by a change
 //! made on this node; other nodes sharing a PostgreSQL store drop it when the database announces
 //! the change (`LISTEN/NOTIFY`, in `server.rs`), and within the TTL if notifications are down.
 //!
@@ -12,6 +13,7 @@ use dps_core::model::EnrollmentGroup;
 use dps_core::x509::verify::{CaCertificate, DenyList};
 use dps_core::Result;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -67,6 +69,11 @@ pub struct Catalog {
     repo: Repo,
     groups: InstanceCache<Vec<EnrollmentGroup>>,
     x509: InstanceCache<X509Material>,
+    /// Whether the instance has any individual enrollment.
+    individuals: InstanceCache<bool>,
+    /// Bumped by every change of individual enrollments: a read that started before it is not
+    /// cached (it may have missed the change).
+    individuals_generation: AtomicU64,
 }
 
 impl Catalog {
@@ -76,7 +83,32 @@ impl Catalog {
             repo,
             groups: InstanceCache::default(),
             x509: InstanceCache::default(),
+            individuals: InstanceCache::default(),
+            individuals_generation: AtomicU64::new(0),
         })
+    }
+
+    /// Whether the instance has any individual enrollment. When it has none, the device's
+    /// individual enrollment need not be looked up: attestation goes straight to the groups.
+    pub async fn has_individual_enrollments(&self, instance: &str) -> Result<bool> {
+        let key = (instance.to_ascii_lowercase(), String::new());
+        if let Some(v) = self.individuals.get(&key) {
+            return Ok(*v);
+        }
+        let generation = self.individuals_generation.load(Ordering::Acquire);
+        let any = self.repo.any_individual_enrollment(instance).await?;
+        // A change seen meanwhile: answer, but do not cache what may predate it.
+        if self.individuals_generation.load(Ordering::Acquire) == generation {
+            self.individuals.put(key, Arc::new(any));
+        }
+        Ok(any)
+    }
+
+    /// An individual enrollment of the instance was written or deleted (on this node, or
+    /// announced by the database).
+    pub fn individuals_changed(&self, instance: &str) {
+        self.individuals_generation.fetch_add(1, Ordering::AcqRel);
+        self.individuals.invalidate(instance);
     }
 
     /// The instance's enrollment groups of one attestation kind (`symmetricKey`, `x509`).
@@ -111,8 +143,10 @@ impl Catalog {
 
     /// Everything may have changed (the change notifications were interrupted).
     pub fn invalidate_all(&self) {
+        self.individuals_generation.fetch_add(1, Ordering::AcqRel);
         self.groups.clear();
         self.x509.clear();
+        self.individuals.clear();
     }
 
     /// A CA certificate or deny-list entry of the instance was written or deleted on this node.

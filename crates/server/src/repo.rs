@@ -173,6 +173,21 @@ impl Repo {
             }))
     }
 
+    /// Does the instance have any individual enrollment?
+    pub async fn any_individual_enrollment(&self, instance: &str) -> Result<bool> {
+        let page = self
+            .store
+            .query(
+                Collection::Enrollment,
+                instance,
+                &Filter::default(),
+                None,
+                1,
+            )
+            .await?;
+        Ok(!page.docs.is_empty())
+    }
+
     /// Groups of one attestation type.
     pub async fn groups_of_kind(&self, instance: &str, kind: &str) -> Result<Vec<EnrollmentGroup>> {
         let filter = Filter {

@@ -552,6 +552,8 @@ async fn apply_change(
                 reload("instance changed").await;
             } else if collection == Collection::Group.as_str() {
                 catalog.groups_changed(&scope);
+            } else if collection == Collection::Enrollment.as_str() {
+                catalog.individuals_changed(&scope);
             } else if collection == Collection::Certificate.as_str()
                 || collection == Collection::DenyList.as_str()
             {

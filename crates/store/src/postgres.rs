@@ -21,6 +21,8 @@ use crate::pg_tls::{self, MakeRustlsConnect};
 use crate::sql::{self, Dialect, Param};
 use crate::{error_chain, redact_url, OpenError};
 
+mod batch;
+
 /// PostgreSQL tuning.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PostgresOptions {
@@ -47,6 +49,8 @@ pub struct PostgresStore {
     /// One connection of its own for the node's heartbeat rows (`heartbeat`, `remove_nodes`): a node whose registrations keep every pooled connection busy must still
     /// renew its lease, or the other nodes take its in-flight work over while it is alive.
     beat: Pool,
+    /// Group commit of concurrent `write_all` calls ([`batch`]).
+    batcher: batch::Batcher,
     url: String,
     /// The connection settings and TLS connector, for the dedicated `LISTEN` connection.
     listen: (tokio_postgres::Config, MakeRustlsConnect),
@@ -261,6 +265,7 @@ impl PostgresStore {
         let pool = build(cfg.clone(), opts.pool_size.max(1), Duration::from_secs(30))?;
         let beat = build(cfg, 1, Duration::from_secs(10))?;
         let store = PostgresStore {
+            batcher: batch::Batcher::start(pool.clone()),
             pool,
             beat,
             url: redacted,
@@ -288,6 +293,12 @@ impl PostgresStore {
             .query(&stmt, &[&now_ms, &claim, &claimed_until_ms, &limit])
             .await
             .map_err(pg_err)
+    }
+
+    /// How many `write_all` calls were committed in a group commit with others so far (see
+    /// the module `batch`): for tests and benchmarks.
+    pub fn batched_writes(&self) -> u64 {
+        self.batcher.batched()
     }
 
     /// The URL, password redacted.
@@ -457,18 +468,25 @@ impl PostgresStore {
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool.get().await.map_err(pool_err)
     }
+}
 
-    /// Writes without a condition, except possibly the first (the registration path: the
-    /// record's compare-and-set, then the built-in hub identity, the clean-up queue's changes
-    /// and the audit entry), in one transaction sent as one pipeline: `BEGIN`, the statements
-    /// and `COMMIT` leave in a single flight instead of one round trip each. Every request is
-    /// sent at the first poll of the joined futures, so the transaction is always closed on the
-    /// connection. If a statement fails, PostgreSQL aborts the transaction and the `COMMIT` rolls
-    /// it back; a first write whose condition does not hold fails on purpose (a division by
-    /// zero when it changed no row, [`COND_ETAG_SQL`], [`COND_ABSENT_SQL`]), which is reported
-    /// as the `Conflict`.
-    async fn write_pipelined(&self, writes: &[Write]) -> Result<(), StoreError> {
-        let client = self.client().await?;
+/// Writes without a condition, except possibly the first (the registration path: the
+/// record's compare-and-set, then the built-in hub identity, the clean-up queue's changes
+/// and the audit entry), in one transaction sent as one pipeline: `BEGIN`, the statements
+/// and `COMMIT` leave in a single flight instead of one round trip each. Every request is
+/// sent at the first poll of the joined futures, so the transaction is always closed on the
+/// connection. If a statement fails, PostgreSQL aborts the transaction and the `COMMIT` rolls
+/// it back; a first write whose condition does not hold fails on purpose (a division by
+/// zero when it changed no row, [`COND_ETAG_SQL`], [`COND_ABSENT_SQL`]), which is reported
+/// as the `Conflict`.
+///
+/// Used by the group commit ([`batch`]) for a lone call, and for each call of a batch that failed
+/// as a whole.
+async fn write_pipelined_on(
+    client: &deadpool_postgres::Object,
+    writes: &[Write],
+) -> Result<(), StoreError> {
+    {
         let upsert = client.prepare_cached(UPSERT_SQL).await.map_err(pg_err)?;
         let first_condition = match writes.first() {
             Some(Write::Put {
@@ -563,7 +581,7 @@ impl PostgresStore {
             .collect();
         let params: Vec<(&tokio_postgres::Statement, Vec<&(dyn ToSql + Sync)>)> =
             owned.iter().map(|(st, v)| (*st, refs(v))).collect();
-        let pg: &tokio_postgres::Client = &client;
+        let pg: &tokio_postgres::Client = client;
         let (begin, results, commit) = tokio::join!(
             pg.batch_execute("BEGIN"),
             futures::future::join_all(params.iter().map(|(st, p)| pg.execute(*st, p))),
@@ -579,7 +597,7 @@ impl PostgresStore {
                     // Rolled back by the `COMMIT` of the aborted transaction.
                     commit.map_err(pg_err)?;
                     return Err(StoreError::Conflict {
-                        current: current_etag(&client, *c, scope, key).await?,
+                        current: current_etag(client, *c, scope, key).await?,
                     });
                 }
                 Some(r) => {
@@ -1006,29 +1024,14 @@ impl Store for PostgresStore {
     }
 
     async fn write_all(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        // A condition on the first write only (the registration path) is checked in the
-        // pipeline too; other conditions go through a transaction, one statement at a time.
-        let first_conditional = matches!(
-            writes.first(),
-            Some(Write::Put {
-                expect: Expect::Etag(_) | Expect::Absent,
-                ..
-            })
-        );
-        let unconditional = writes.iter().skip(usize::from(first_conditional)).all(|w| {
-            matches!(
-                w,
-                Write::Put {
-                    expect: Expect::Any,
-                    ..
-                } | Write::Audit(_)
-                    | Write::EnqueueCleanup(_)
-                    | Write::CancelCleanup(_)
-                    | Write::Event(_)
-            )
-        });
-        if unconditional {
-            return self.write_pipelined(&writes).await;
+        if writes.is_empty() {
+            return Ok(());
+        }
+        // A condition on the first write only (the registration path): in a batch with the
+        // concurrent calls of the same shape (group commit). Other conditions go through a
+        // transaction, one statement at a time.
+        if batch::batchable(&writes) {
+            return self.batcher.write(writes).await;
         }
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_err)?;

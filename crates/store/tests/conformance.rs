@@ -184,6 +184,8 @@ conformance!(
     events_claim_reschedule_complete_follow_the_claim,
     events_concurrent_claims_never_share_an_event,
     events_prune_by_age_then_by_count,
+    concurrent_registration_commits_each_hold_or_conflict_on_their_own,
+    concurrent_calls_on_one_key_apply_one_after_the_other,
 );
 
 // ------------------------------------------------------------------------------------------------
@@ -2162,4 +2164,176 @@ async fn cleanup_list_by_instance_oldest_first(ctx: &Ctx) {
         .collect();
     assert_eq!(all, ["early", "other", "late"]);
     assert_eq!(s.list_cleanup(None, 1).await.unwrap().len(), 1);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Group commit (PostgreSQL batches concurrent calls; SQLite's writer thread does the same)
+
+/// The writes of a registration commit: the record (a compare-and-set on `expect`), the built-in
+/// hub's identity, a clean-up cancel, maybe a clean-up task, two audit entries and an event.
+fn registration_commit(i: usize, expect: Expect) -> Vec<Write> {
+    let id = format!("dev{i}");
+    let mut w = vec![
+        put_w(
+            Collection::Registration,
+            "a",
+            doc(&id, &format!("new{i}")),
+            expect,
+        ),
+        put_w(Collection::HubDevice, "hub-1", doc(&id, "h"), Expect::Any),
+        Write::CancelCleanup(ckey("a", "hub-1", &id)),
+    ];
+    if i.is_multiple_of(5) {
+        w.push(Write::EnqueueCleanup(task("Hub-2", &id, i as i64)));
+    }
+    let mut first = entry(
+        "2026-01-01T00:00:00.0000000Z",
+        "a",
+        "registration.first",
+        &id,
+    );
+    first.after = Some(format!("first of {id}"));
+    w.push(Write::Audit(first));
+    w.push(Write::Audit(entry(
+        "2026-01-01T00:00:00.0000000Z",
+        "a",
+        "registration.second",
+        &id,
+    )));
+    w.push(Write::Event(ev(&format!("ev-{id}"), i as i64)));
+    w
+}
+
+async fn concurrent_registration_commits_each_hold_or_conflict_on_their_own(ctx: &Ctx) {
+    let s = ctx.store();
+    // dev0..dev299 exist at ETag "v1", each with a queued removal of its identity on hub-1.
+    for i in 0..300 {
+        let id = format!("dev{i}");
+        s.write_all(vec![
+            put_w(
+                Collection::Registration,
+                "a",
+                doc(&id, "v1"),
+                Expect::Absent,
+            ),
+            Write::EnqueueCleanup(task("hub-1", &id, 1)),
+        ])
+        .await
+        .unwrap();
+    }
+    // 400 concurrent commits: on the right ETag (holds), a wrong one (conflict), a create of a
+    // new record (holds) or of an existing one (conflict).
+    let expect_of = |i: usize| match (i, i % 4) {
+        (300.., _) => Expect::Absent,
+        (_, 0) => Expect::Etag("stale".into()),
+        (_, 1) => Expect::Absent,
+        _ => Expect::Etag("v1".into()),
+    };
+    let holds = |i: usize| i >= 300 || i % 4 >= 2;
+    let mut tasks = Vec::new();
+    for i in 0..400 {
+        let s = s.clone();
+        let w = registration_commit(i, expect_of(i));
+        tasks.push(tokio::spawn(async move { (i, s.write_all(w).await) }));
+    }
+    for t in tasks {
+        let (i, r) = t.await.unwrap();
+        if holds(i) {
+            assert_eq!(r, Ok(()), "dev{i}");
+        } else {
+            assert_eq!(r, Err(conflict(Some("v1"))), "dev{i}");
+        }
+    }
+    let tasks = all_tasks(&s).await;
+    for i in 0..400 {
+        let id = format!("dev{i}");
+        let rec = s.get(Collection::Registration, "a", &id).await.unwrap();
+        let audit = audit_of(&s, &id).await;
+        let queued: Vec<&CleanupTask> = tasks.iter().filter(|t| t.key.device_id == id).collect();
+        if holds(i) {
+            assert_eq!(rec.unwrap().etag, format!("new{i}"), "{id}");
+            assert!(hub_doc(&s, &id).await.is_some(), "{id}");
+            // In the order of the call, with their values.
+            let actions: Vec<&str> = audit.iter().map(|e| e.action.as_str()).collect();
+            assert_eq!(
+                actions,
+                ["registration.first", "registration.second"],
+                "{id}"
+            );
+            assert!(audit[0].seq < audit[1].seq, "{id}");
+            assert_eq!(
+                audit[0].after.as_deref(),
+                Some(format!("first of {id}").as_str())
+            );
+            // The removal on hub-1 was cancelled; one on Hub-2 queued for every fifth.
+            let hubs: Vec<&str> = queued.iter().map(|t| t.key.hub.as_str()).collect();
+            if i.is_multiple_of(5) {
+                assert_eq!(hubs, ["Hub-2"], "{id}");
+                assert_eq!(queued[0], &task("Hub-2", &id, i as i64), "{id}");
+            } else {
+                assert!(hubs.is_empty(), "{id}: {hubs:?}");
+            }
+        } else {
+            assert_eq!(rec.unwrap().etag, "v1", "{id}");
+            assert!(hub_doc(&s, &id).await.is_none(), "{id}");
+            assert!(audit.is_empty(), "{id}");
+            let hubs: Vec<&str> = queued.iter().map(|t| t.key.hub.as_str()).collect();
+            assert_eq!(hubs, ["hub-1"], "{id}");
+        }
+    }
+    let held = (0..400).filter(|i| holds(*i)).count() as u64;
+    assert_eq!(s.count_events().await.unwrap(), held);
+    if let Backend::Postgres(p) = &ctx.backend {
+        // The point of the test on PostgreSQL: most of these calls were grouped.
+        assert!(p.batched_writes() > 0, "no call was committed in a batch");
+    }
+}
+
+async fn concurrent_calls_on_one_key_apply_one_after_the_other(ctx: &Ctx) {
+    let s = ctx.store();
+    // 100 concurrent calls each write the same hub identity and their own record; 100 more write
+    // one key twice in one call (applied alone). Every call commits, and the identity is one
+    // of the written versions.
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = format!("dev{i}");
+            let mut w = vec![
+                put_w(Collection::Registration, "a", doc(&id, "r"), Expect::Absent),
+                put_w(
+                    Collection::HubDevice,
+                    "hub-1",
+                    doc("shared", &format!("h{i}")),
+                    Expect::Any,
+                ),
+                assigned(&id),
+            ];
+            if i >= 100 {
+                w.push(put_w(
+                    Collection::HubDevice,
+                    "hub-1",
+                    doc("shared", &format!("h{i}")),
+                    Expect::Any,
+                ));
+            }
+            s.write_all(w).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let shared = hub_doc(&s, "shared").await.unwrap();
+    assert!(shared.etag.starts_with('h'), "{shared:?}");
+    for i in 0..200 {
+        let id = format!("dev{i}");
+        assert!(
+            s.get(Collection::Registration, "a", &id)
+                .await
+                .unwrap()
+                .is_some(),
+            "{id}"
+        );
+        assert_eq!(audit_of(&s, &id).await.len(), 1, "{id}");
+    }
 }

@@ -80,6 +80,19 @@ impl Admitted {
 }
 
 impl Engine {
+    /// The device's individual enrollment. Not looked up when the instance has none at all
+    /// (a fleet enrolled through groups only): see [`crate::catalog::Catalog`].
+    pub(super) async fn individual_enrollment(
+        &self,
+        instance: &str,
+        registration_id: &str,
+    ) -> Result<Option<IndividualEnrollment>> {
+        if !self.catalog.has_individual_enrollments(instance).await? {
+            return Ok(None);
+        }
+        self.repo.enrollment(instance, registration_id).await
+    }
+
     pub(super) async fn attest(
         &self,
         inst: &Arc<Instance>,
@@ -129,7 +142,7 @@ impl Engine {
         let now = self.clock.now().unix_timestamp();
         tok.check_lifetime(now, self.settings.max_token_lifetime_secs)
             .map_err(AuthFailure::from)?;
-        let individual = self.repo.enrollment(&inst.name, rid.as_str()).await?;
+        let individual = self.individual_enrollment(&inst.name, rid.as_str()).await?;
         let mut individual_failure = None;
         if let Some(e) = &individual {
             if e.settings.attestation.kind == AttestationType::Tpm {
@@ -303,7 +316,7 @@ impl Engine {
         if let Some(entry) = self.catalog.x509(&inst.name).await?.deny.is_revoked(leaf) {
             return refuse(AuthFailure::Revoked(entry));
         }
-        let (source, group_id) = match self.repo.enrollment(&inst.name, rid.as_str()).await? {
+        let (source, group_id) = match self.individual_enrollment(&inst.name, rid.as_str()).await? {
             Some(e) => (Source::Individual(Box::new(e)), None),
             None => {
                 let gid = self
@@ -395,7 +408,9 @@ async fn x509_admission(
     rid: &RegistrationId,
     chain: &[Vec<u8>],
 ) -> Result<X509Admission> {
-    let individual = engine.repo.enrollment(&inst.name, rid.as_str()).await?;
+    let individual = engine
+        .individual_enrollment(&inst.name, rid.as_str())
+        .await?;
     let groups = engine.catalog.groups(&inst.name, "x509").await?;
     let material = engine.catalog.x509(&inst.name).await?;
     let candidates = X509Candidates {

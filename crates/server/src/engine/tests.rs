@@ -152,6 +152,8 @@ impl Fixture {
             )
             .await
             .unwrap();
+        // Written behind the use cases' back: tell the catalog, as they do.
+        self.engine.catalog.individuals_changed("t");
     }
 
     async fn group(&self, gid: &str, extra: serde_json::Value) {

@@ -92,7 +92,7 @@ impl Engine {
         inst: &Instance,
         rid: &RegistrationId,
     ) -> Result<IndividualEnrollment> {
-        match self.repo.enrollment(&inst.name, rid.as_str()).await? {
+        match self.individual_enrollment(&inst.name, rid.as_str()).await? {
             Some(e) if e.settings.attestation.kind == AttestationType::Tpm => Ok(e),
             Some(e) => Err(AuthFailure::AttestationMismatch(format!(
                 "enrollment '{}' uses {} attestation, the device presented a TPM",

@@ -474,6 +474,8 @@ impl Enrollments {
             .map_err(|s| map_store(s, T::KIND, &id, &expect))?;
         if T::IS_GROUP {
             self.catalog.groups_changed(&inst.name);
+        } else {
+            self.catalog.individuals_changed(&inst.name);
         }
         if let Some(old) = &existing {
             let enabled = e.settings().enabled();
@@ -500,6 +502,8 @@ impl Enrollments {
             .await?;
         if T::IS_GROUP {
             self.catalog.groups_changed(&caller.instance.name);
+        } else {
+            self.catalog.individuals_changed(&caller.instance.name);
         }
         Ok(())
     }
@@ -744,6 +748,27 @@ mod tests {
             .await
             .unwrap();
         assert!(cached().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn individual_writes_invalidate_the_catalog() {
+        // A group-only instance skips the lookup of individual enrollments; the first one
+        // created must be seen at once, and its deletion too.
+        let f = fixture(4).await;
+        let uc = enrollments(&f);
+        let any = || async {
+            f.catalog
+                .has_individual_enrollments("default")
+                .await
+                .unwrap()
+        };
+        assert!(!any().await);
+        put_dev1(&uc, &f).await;
+        assert!(any().await, "the create dropped the cached answer");
+        uc.delete::<IndividualEnrollment>(&f.caller, "dev1", Expect::Any)
+            .await
+            .unwrap();
+        assert!(!any().await, "the delete dropped the cached answer");
     }
 
     #[tokio::test]
