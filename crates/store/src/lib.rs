@@ -9,9 +9,11 @@
 //!   then answers the waiters. Reads use a small pool of read-only connections on
 //!   `spawn_blocking`. `synchronous=FULL` by default, so an acknowledged write survives a crash.
 //! - [`PostgresStore`]: tokio-postgres behind a deadpool pool; every conditional write is a single
-//!   statement (`INSERT .. ON CONFLICT`, `UPDATE .. WHERE etag = $n`). PostgreSQL group-commits
-//!   on its own. TLS with rustls and libpq's `sslmode`/`sslrootcert`/`sslcert`/`sslkey`
-//!   ([`pg_tls`]).
+//!   statement (`INSERT .. ON CONFLICT`, `UPDATE .. WHERE etag = $n`). Concurrent `write_all`
+//!   calls of the registration path's shape (a condition on the first write only) are
+//!   group-committed by the store: one transaction of a few multi-row statements per batch, each
+//!   call still holding or failing on its own condition. TLS with rustls and libpq's
+//!   `sslmode`/`sslrootcert`/`sslcert`/`sslkey` ([`pg_tls`]).
 //!
 //! [`open`] picks the engine from a URL. The crate depends only on `dps-core`; it knows nothing of
 //! HTTP, MQTT or configuration files.
