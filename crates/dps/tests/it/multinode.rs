@@ -503,7 +503,14 @@ pub async fn burst_with_chaos(nodes: usize, devices: usize, concurrency: usize, 
         ("hub-a.example.net", hub_a.url.as_str()),
         ("hub-b.example.net", hub_b.url.as_str()),
     ];
-    let root = tempfile::tempdir().unwrap();
+    // The nodes' directories (their logs) stay when the run fails; removed when it passes.
+    let mut root = tempfile::tempdir().unwrap();
+    root.disable_cleanup(true);
+    eprintln!(
+        "nodes' directories: {} (schema {})",
+        root.path().display(),
+        pg.schema
+    );
     let dirs: Vec<PathBuf> = (0..nodes)
         .map(|i| root.path().join(format!("node{i}")))
         .collect();
@@ -699,6 +706,7 @@ pub async fn burst_with_chaos(nodes: usize, devices: usize, concurrency: usize, 
         );
     }
     drop((n0, others, lb));
+    root.disable_cleanup(false);
     pg.drop_schema().await;
 }
 
