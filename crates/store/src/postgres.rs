@@ -26,6 +26,7 @@ use crate::sql::{self, Dialect, Param};
 use crate::{error_chain, redact_url, OpenError};
 
 mod batch;
+mod reads;
 
 /// PostgreSQL tuning.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +56,8 @@ pub struct PostgresStore {
     beat: Pool,
     /// Group commit of concurrent `write_all` calls ([`batch`]).
     batcher: batch::Batcher,
+    /// Grouped point reads ([`reads`]).
+    reader: reads::Reader,
     url: String,
     /// The connection settings and TLS connector, for the dedicated `LISTEN` connection.
     listen: (tokio_postgres::Config, MakeRustlsConnect),
@@ -270,6 +273,7 @@ impl PostgresStore {
         let beat = build(cfg, 1, Duration::from_secs(10))?;
         let store = PostgresStore {
             batcher: batch::Batcher::start(pool.clone()),
+            reader: reads::Reader::start(pool.clone()),
             pool,
             beat,
             url: redacted,
@@ -890,20 +894,8 @@ impl Store for PostgresStore {
     }
 
     async fn get(&self, c: Collection, scope: &str, id: &str) -> Result<Option<Doc>, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT id, etag, body, status, kind, grp, hub, key FROM docs
-                 WHERE collection = $1 AND scope = $2 AND key = $3",
-            )
-            .await
-            .map_err(pg_err)?;
-        let key = sql::key_of(id);
-        let row = client
-            .query_opt(&stmt, &[&c.as_str(), &scope, &key])
-            .await
-            .map_err(pg_err)?;
-        row.map(|r| row_to_doc(&r).map(|(d, _)| d)).transpose()
+        // Concurrent point reads share a statement ([`reads`]).
+        self.reader.get(c, scope, sql::key_of(id)).await
     }
 
     async fn put(

@@ -186,6 +186,7 @@ conformance!(
     events_prune_by_age_then_by_count,
     concurrent_registration_commits_each_hold_or_conflict_on_their_own,
     concurrent_calls_on_one_key_apply_one_after_the_other,
+    concurrent_gets_each_see_their_own_document,
 );
 
 // ------------------------------------------------------------------------------------------------
@@ -2335,5 +2336,57 @@ async fn concurrent_calls_on_one_key_apply_one_after_the_other(ctx: &Ctx) {
             "{id}"
         );
         assert_eq!(audit_of(&s, &id).await.len(), 1, "{id}");
+    }
+}
+
+async fn concurrent_gets_each_see_their_own_document(ctx: &Ctx) {
+    let s = ctx.store();
+    // The same ids in two collections and two scopes, with different ETags; half of the ids
+    // exist. PostgreSQL answers concurrent reads in one statement: each must get its own.
+    for i in (0..200).step_by(2) {
+        for (c, scope) in [(E, "a"), (E, "b"), (Collection::Registration, "a")] {
+            s.put(
+                c,
+                scope,
+                doc(&format!("Dev{i}"), &format!("{}-{scope}-{i}", c.as_str())),
+                Expect::Absent,
+            )
+            .await
+            .unwrap();
+        }
+    }
+    let mut tasks = Vec::new();
+    for round in 0..3 {
+        for i in 0..200 {
+            for (c, scope) in [
+                (E, "a"),
+                (E, "b"),
+                (Collection::Registration, "a"),
+                (Collection::Registration, "b"),
+            ] {
+                let s = s.clone();
+                // Ids are case-insensitive: ask in another case on odd rounds.
+                let id = if round % 2 == 1 {
+                    format!("DEV{i}")
+                } else {
+                    format!("dev{i}")
+                };
+                tasks.push(tokio::spawn(async move {
+                    (c, scope, i, s.get(c, scope, &id).await.unwrap())
+                }));
+            }
+        }
+    }
+    for t in tasks {
+        let (c, scope, i, got) = t.await.unwrap();
+        let exists = i % 2 == 0 && !(c == Collection::Registration && scope == "b");
+        match got {
+            Some(d) => {
+                assert!(exists, "{c:?} {scope} {i}: unexpected {d:?}");
+                assert_eq!(d.etag, format!("{}-{scope}-{i}", c.as_str()));
+                assert_eq!(d.id, format!("Dev{i}"));
+            }
+            None => assert!(!exists, "{c:?} {scope} {i}: missing"),
+        }
     }
 }
