@@ -4,7 +4,7 @@
 # $EXTRA_LIMITS) on SQLite or on the local PostgreSQL (database dps_bench, recreated).
 # Sets: bin, dir, pid, H (HTTPS endpoint), M (MQTT endpoint), A (AMQP endpoint), admin, common (dps bench flags);
 # exports the CLI's connection string, URL and CA file. The server stops when the script exits.
-bin=target/release/dps
+bin=${DPS_BENCH_BIN:-target/release/dps}
 start_server() {
   local engine=$1 store=""
   dir=$(mktemp -d)
