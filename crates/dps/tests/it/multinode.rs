@@ -108,9 +108,10 @@ impl PgSchema {
 // ------------------------------------------------------------------------------------------------
 // Change notifications: every node refuses a revoked credential within one second
 
-/// Two nodes (in-process) on one PostgreSQL: a group key rotated and an access policy removed
-/// through node A are refused by node B within one second (B had just used both, so its caches
-/// were fresh: without the notification they would be used for up to 2 s and 5 s).
+/// Two nodes (in-process) on one PostgreSQL: a group key rotated, an individual enrollment
+/// created for a group's device, and an access policy removed through node A are honoured by node
+/// B within one second (B had just used them, so its caches were fresh: without the notification
+/// they would be used for up to 2 s and 5 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_revoked_credential_is_refused_by_every_node_within_a_second() {
     let Some(pg) = PgSchema::create().await else {
@@ -163,6 +164,34 @@ async fn a_revoked_credential_is_refused_by_every_node_within_a_second() {
     );
     eprintln!("rotated group key refused by the other node after {took:?}");
     let _ = changed;
+
+    // An individual enrollment created on A for a device of the group overrides the group on B
+    // within a second (B, which had seen no individual enrollment in this instance, skipped
+    // their lookup until told).
+    let grouped = derive_key(new_key, "rot-dev-3");
+    let r = b.register("rot-dev-3", &grouped, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["status"], "assigned", "{}", r.body);
+    let own = "b3duLWtleS1vZi1kZXZpY2UtMy0wMTIzNDU2Nzg5YWJjZGVm";
+    let put = a
+        .call(
+            reqwest::Method::PUT,
+            "/enrollments/rot-dev-3",
+            Some(&a.owner()),
+            Some(serde_json::json!({
+                "registrationId": "rot-dev-3",
+                "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": own, "secondaryKey": own}},
+            })),
+            &[],
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let took = refused_within(&b, "rot-dev-3", &grouped).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "node B still admitted the device through its group {took:?} after its individual enrollment was created"
+    );
+    eprintln!("new individual enrollment honoured by the other node after {took:?}");
 
     // Remove the reader policy on A; B refuses its token within a second.
     let del = a

@@ -765,7 +765,7 @@ mod tests {
         assert!(!any().await);
         put_dev1(&uc, &f).await;
         assert!(any().await, "the create dropped the cached answer");
-        uc.delete::<IndividualEnrollment>(&f.caller, "dev1", Expect::Any)
+        uc.delete::<IndividualEnrollment>(&f.caller, "dev-1", Expect::Any)
             .await
             .unwrap();
         assert!(!any().await, "the delete dropped the cached answer");
