@@ -48,6 +48,14 @@ pub fn describe() {
         "dps_hub_writes_skipped_total",
         "Registrations whose hub write was skipped because it would write what the hub already holds (same fingerprint), by hub kind"
     );
+    describe_counter!(
+        "dps_store_group_commits_total",
+        "PostgreSQL: transactions that committed the writes of more than one registration (group commit)"
+    );
+    describe_counter!(
+        "dps_store_grouped_writes_total",
+        "PostgreSQL: registration writes committed in a group commit (divided by dps_store_group_commits_total: the mean batch)"
+    );
     describe_gauge!(
         "dps_hub_cleanup_pending",
         "Old hub identities queued for removal (the device moved, changed device id or was deregistered) and not yet confirmed gone"

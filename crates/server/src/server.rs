@@ -294,6 +294,20 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     let cleanup_store = store.clone();
     // Changes other nodes make (PostgreSQL `LISTEN/NOTIFY`); polling stays as the fallback.
     let changes = backend.watch_changes();
+    if let dps_store::Backend::Postgres(pg) = &backend {
+        // The group commit's counters, as metrics (the store crate keeps no metrics of its own).
+        let pg = Arc::downgrade(pg);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                let Some(pg) = pg.upgrade() else { break };
+                let (batches, calls) = pg.group_commits();
+                metrics::counter!("dps_store_group_commits_total").absolute(batches);
+                metrics::counter!("dps_store_grouped_writes_total").absolute(calls);
+            }
+        });
+    }
     let watched_catalog = catalog.clone();
     let cx = crate::usecases::Context::new(store, clock.clone(), random);
     let app = Arc::new(App {

@@ -309,6 +309,13 @@ impl PostgresStore {
         self.batcher.batched()
     }
 
+    /// Group commits so far: (transactions that committed more than one `write_all` call, the
+    /// calls they committed). Exported as `dps_store_group_commits_total` and
+    /// `dps_store_grouped_writes_total`.
+    pub fn group_commits(&self) -> (u64, u64) {
+        (self.batcher.batches(), self.batcher.batched())
+    }
+
     /// The URL, password redacted.
     pub fn url(&self) -> &str {
         &self.url

@@ -234,6 +234,56 @@ async fn a_revoked_credential_is_refused_by_every_node_within_a_second() {
     pg.drop_schema().await;
 }
 
+/// Concurrent registrations on a node on PostgreSQL share transactions (group commit), and the
+/// metrics say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_registrations_are_group_committed_and_counted() {
+    let Some(pg) = PgSchema::create().await else {
+        return;
+    };
+    let url = pg.url();
+    let s = Arc::new(TestServer::spawn_with(|c| c.store = url.clone()).await);
+    let key = s.enroll_group("gc", serde_json::json!({})).await;
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let s = s.clone();
+        let rid = format!("gc-dev-{i}");
+        let dev_key = derive_key(&key, &rid);
+        tasks.push(tokio::spawn(async move {
+            s.register(&rid, &dev_key, None).await
+        }));
+    }
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.body["status"], "assigned", "{}", r.body);
+    }
+    // Exported every 5 s.
+    let value = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0)
+    };
+    let start = Instant::now();
+    loop {
+        let text = scrape(&s).await;
+        let (batches, calls) = (
+            value(&text, "dps_store_group_commits_total "),
+            value(&text, "dps_store_grouped_writes_total "),
+        );
+        if batches > 0.0 && calls >= 2.0 * batches {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no group commit counted after 300 concurrent registrations: {batches} batches, {calls} calls"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(s);
+    pg.drop_schema().await;
+}
+
 /// How long until `s` refuses the device's registration (401); panics after 5 s.
 async fn refused_within(s: &TestServer, rid: &str, key: &str) -> Duration {
     let start = Instant::now();

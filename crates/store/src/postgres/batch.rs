@@ -109,6 +109,8 @@ pub(super) struct Batcher {
     tx: mpsc::Sender<Job>,
     /// Calls committed in a batch of more than one.
     batched: Arc<AtomicU64>,
+    /// Batches of more than one call committed.
+    batches: Arc<AtomicU64>,
 }
 
 impl Batcher {
@@ -117,15 +119,26 @@ impl Batcher {
         let (tx, rx) = mpsc::channel(QUEUE);
         let rx = Arc::new(Mutex::new(rx));
         let batched = Arc::new(AtomicU64::new(0));
+        let batches = Arc::new(AtomicU64::new(0));
         for _ in 0..COMMITTERS {
-            tokio::spawn(committer(pool.clone(), rx.clone(), batched.clone()));
+            let counters = (batched.clone(), batches.clone());
+            tokio::spawn(committer(pool.clone(), rx.clone(), counters));
         }
-        Batcher { tx, batched }
+        Batcher {
+            tx,
+            batched,
+            batches,
+        }
     }
 
-    /// Calls committed so far in a batch of more than one (for tests and benchmarks).
+    /// Calls committed so far in a batch of more than one.
     pub(super) fn batched(&self) -> u64 {
         self.batched.load(Ordering::Relaxed)
+    }
+
+    /// Batches of more than one call committed so far.
+    pub(super) fn batches(&self) -> u64 {
+        self.batches.load(Ordering::Relaxed)
     }
 
     /// Apply `writes` (which must be [`batchable`]) atomically, in a batch with other calls.
@@ -142,7 +155,11 @@ impl Batcher {
     }
 }
 
-async fn committer(pool: Pool, rx: Arc<Mutex<mpsc::Receiver<Job>>>, batched: Arc<AtomicU64>) {
+async fn committer(
+    pool: Pool,
+    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+    counters: (Arc<AtomicU64>, Arc<AtomicU64>),
+) {
     // A call that shared a key with the batch before: it starts the next one.
     let mut carry: Option<Job> = None;
     loop {
@@ -181,12 +198,12 @@ async fn committer(pool: Pool, rx: Arc<Mutex<mpsc::Receiver<Job>>>, batched: Arc
             }
         }
         drop(guard);
-        run(&pool, batch, &batched).await;
+        run(&pool, batch, &counters).await;
     }
 }
 
 /// Apply a batch and answer its callers.
-async fn run(pool: &Pool, batch: Vec<Job>, batched: &AtomicU64) {
+async fn run(pool: &Pool, batch: Vec<Job>, (batched, batches): &(Arc<AtomicU64>, Arc<AtomicU64>)) {
     let client = match pool.get().await {
         Ok(c) => c,
         Err(e) => {
@@ -206,6 +223,7 @@ async fn run(pool: &Pool, batch: Vec<Job>, batched: &AtomicU64) {
     match apply(&client, &batch).await {
         Ok(results) => {
             batched.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            batches.fetch_add(1, Ordering::Relaxed);
             for (job, r) in batch.into_iter().zip(results) {
                 let _ = job.done.send(r);
             }
