@@ -1,9 +1,10 @@
 //! What attestation reads on every registration and the use cases change: an instance's
 //! enrollment groups (per attestation kind), its X.509 material (CA certificates and deny
 //! list), and whether it has any individual enrollment at all (a fleet enrolled through groups
-//! only then skips the per-device lookup of an individual enrollment). Each is read from the store at most once per [`TTL`] and dropped at once by a change
-//! made on this node; other nodes sharing a PostgreSQL store drop it when the database announces
-//! the change (`LISTEN/NOTIFY`, in `server.rs`), and within the TTL if notifications are down.
+//! only then skips the per-device lookup of an individual enrollment). Each is read from the
+//! store at most once per [`TTL`] and dropped at once by a change made on this node; other
+//! nodes sharing a PostgreSQL store drop it when the database announces the change
+//! (`LISTEN/NOTIFY`, in `server.rs`), and within the TTL if notifications are down.
 //!
 //! The registration engine reads through the catalog; the enrollment and certificate use cases
 //! tell it what changed. Nothing else holds these caches.

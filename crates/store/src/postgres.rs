@@ -303,12 +303,6 @@ impl PostgresStore {
             .map_err(pg_err)
     }
 
-    /// How many `write_all` calls were committed in a group commit with others so far (see
-    /// the module `batch`): for tests and benchmarks.
-    pub fn batched_writes(&self) -> u64 {
-        self.batcher.batched()
-    }
-
     /// Group commits so far: (transactions that committed more than one `write_all` call, the
     /// calls they committed). Exported as `dps_store_group_commits_total` and
     /// `dps_store_grouped_writes_total`.
@@ -501,131 +495,127 @@ async fn write_pipelined_on(
     client: &deadpool_postgres::Object,
     writes: &[Write],
 ) -> Result<(), StoreError> {
-    {
-        let upsert = client.prepare_cached(UPSERT_SQL).await.map_err(pg_err)?;
-        let first_condition = match writes.first() {
-            Some(Write::Put {
-                expect: e @ (Expect::Etag(_) | Expect::Absent),
-                c,
-                scope,
-                doc,
-            }) => Some((e.clone(), *c, scope.clone(), sql::key_of(&doc.id))),
-            _ => None,
-        };
-        let cond = match &first_condition {
-            Some((Expect::Etag(_), ..)) => {
-                Some(client.prepare_cached(COND_ETAG_SQL).await.map_err(pg_err)?)
-            }
-            Some(_) => Some(
+    let upsert = client.prepare_cached(UPSERT_SQL).await.map_err(pg_err)?;
+    let first_condition = match writes.first() {
+        Some(Write::Put {
+            expect: e @ (Expect::Etag(_) | Expect::Absent),
+            c,
+            scope,
+            doc,
+        }) => Some((e.clone(), *c, scope.clone(), sql::key_of(&doc.id))),
+        _ => None,
+    };
+    let cond = match &first_condition {
+        Some((Expect::Etag(_), ..)) => {
+            Some(client.prepare_cached(COND_ETAG_SQL).await.map_err(pg_err)?)
+        }
+        Some(_) => Some(
+            client
+                .prepare_cached(COND_ABSENT_SQL)
+                .await
+                .map_err(pg_err)?,
+        ),
+        None => None,
+    };
+    let audit = client.prepare_cached(AUDIT_SQL).await.map_err(pg_err)?;
+    let has_cleanup = writes
+        .iter()
+        .any(|w| matches!(w, Write::EnqueueCleanup(_) | Write::CancelCleanup(_)));
+    // The clean-up statements are prepared only when used: the hot path stays as it was.
+    let (enqueue, cancel) = if has_cleanup {
+        (
+            Some(
                 client
-                    .prepare_cached(COND_ABSENT_SQL)
+                    .prepare_cached(&sql::pg(sql::CLEANUP_ENQUEUE))
                     .await
                     .map_err(pg_err)?,
             ),
-            None => None,
-        };
-        let audit = client.prepare_cached(AUDIT_SQL).await.map_err(pg_err)?;
-        let has_cleanup = writes
-            .iter()
-            .any(|w| matches!(w, Write::EnqueueCleanup(_) | Write::CancelCleanup(_)));
-        // The clean-up statements are prepared only when used: the hot path stays as it was.
-        let (enqueue, cancel) = if has_cleanup {
-            (
-                Some(
-                    client
-                        .prepare_cached(&sql::pg(sql::CLEANUP_ENQUEUE))
-                        .await
-                        .map_err(pg_err)?,
-                ),
-                Some(
-                    client
-                        .prepare_cached(&sql::pg(sql::CLEANUP_CANCEL))
-                        .await
-                        .map_err(pg_err)?,
-                ),
-            )
-        } else {
-            (None, None)
-        };
-        // Likewise the outbox's insert: only when events are configured.
-        let event = if writes.iter().any(|w| matches!(w, Write::Event(_))) {
             Some(
                 client
-                    .prepare_cached(&sql::pg(sql::EVENT_INSERT))
+                    .prepare_cached(&sql::pg(sql::CLEANUP_CANCEL))
                     .await
                     .map_err(pg_err)?,
-            )
-        } else {
-            None
-        };
-        let owned: Vec<(
-            &tokio_postgres::Statement,
-            Vec<Box<dyn ToSql + Sync + Send>>,
-        )> = writes
-            .iter()
-            .enumerate()
-            .map(|(i, w)| match w {
-                Write::Put {
-                    c,
-                    scope,
-                    doc,
-                    expect,
-                } if i == 0 && cond.is_some() => {
-                    let mut p = doc_params(*c, scope, doc);
-                    if let Expect::Etag(e) = expect {
-                        p.push(Box::new(e.clone()));
-                    }
-                    (cond.as_ref().expect("prepared above"), p)
+            ),
+        )
+    } else {
+        (None, None)
+    };
+    // Likewise the outbox's insert: only when events are configured.
+    let event = if writes.iter().any(|w| matches!(w, Write::Event(_))) {
+        Some(
+            client
+                .prepare_cached(&sql::pg(sql::EVENT_INSERT))
+                .await
+                .map_err(pg_err)?,
+        )
+    } else {
+        None
+    };
+    let owned: Vec<(
+        &tokio_postgres::Statement,
+        Vec<Box<dyn ToSql + Sync + Send>>,
+    )> = writes
+        .iter()
+        .enumerate()
+        .map(|(i, w)| match w {
+            Write::Put {
+                c,
+                scope,
+                doc,
+                expect,
+            } if i == 0 && cond.is_some() => {
+                let mut p = doc_params(*c, scope, doc);
+                if let Expect::Etag(e) = expect {
+                    p.push(Box::new(e.clone()));
                 }
-                Write::Put { c, scope, doc, .. } => (&upsert, doc_params(*c, scope, doc)),
-                Write::Audit(e) => (&audit, audit_params(e)),
-                Write::EnqueueCleanup(t) => (
-                    enqueue.as_ref().expect("prepared when used"),
-                    enqueue_params(t),
-                ),
-                Write::CancelCleanup(k) => {
-                    (cancel.as_ref().expect("prepared when used"), key_params(k))
-                }
-                Write::Event(e) => (event.as_ref().expect("prepared when used"), event_params(e)),
-                Write::HubCapacity { .. } | Write::Delete { .. } => {
-                    unreachable!(
-                        "write_all sends capacity checks and deletes through a transaction"
-                    )
-                }
-            })
-            .collect();
-        let params: Vec<(&tokio_postgres::Statement, Vec<&(dyn ToSql + Sync)>)> =
-            owned.iter().map(|(st, v)| (*st, refs(v))).collect();
-        let pg: &tokio_postgres::Client = client;
-        let (begin, results, commit) = tokio::join!(
-            pg.batch_execute("BEGIN"),
-            futures::future::join_all(params.iter().map(|(st, p)| pg.execute(*st, p))),
-            pg.batch_execute("COMMIT"),
-        );
-        begin.map_err(pg_err)?;
-        let mut results = results.into_iter();
-        if let Some((_, c, scope, key)) = &first_condition {
-            match results.next() {
-                Some(Err(e))
-                    if e.code() == Some(&tokio_postgres::error::SqlState::DIVISION_BY_ZERO) =>
-                {
-                    // Rolled back by the `COMMIT` of the aborted transaction.
-                    commit.map_err(pg_err)?;
-                    return Err(StoreError::Conflict {
-                        current: current_etag(client, *c, scope, key).await?,
-                    });
-                }
-                Some(r) => {
-                    r.map_err(pg_err)?;
-                }
-                None => {}
+                (cond.as_ref().expect("prepared above"), p)
             }
+            Write::Put { c, scope, doc, .. } => (&upsert, doc_params(*c, scope, doc)),
+            Write::Audit(e) => (&audit, audit_params(e)),
+            Write::EnqueueCleanup(t) => (
+                enqueue.as_ref().expect("prepared when used"),
+                enqueue_params(t),
+            ),
+            Write::CancelCleanup(k) => {
+                (cancel.as_ref().expect("prepared when used"), key_params(k))
+            }
+            Write::Event(e) => (event.as_ref().expect("prepared when used"), event_params(e)),
+            Write::HubCapacity { .. } | Write::Delete { .. } => {
+                unreachable!("write_all sends capacity checks and deletes through a transaction")
+            }
+        })
+        .collect();
+    let params: Vec<(&tokio_postgres::Statement, Vec<&(dyn ToSql + Sync)>)> =
+        owned.iter().map(|(st, v)| (*st, refs(v))).collect();
+    let pg: &tokio_postgres::Client = client;
+    let (begin, results, commit) = tokio::join!(
+        pg.batch_execute("BEGIN"),
+        futures::future::join_all(params.iter().map(|(st, p)| pg.execute(*st, p))),
+        pg.batch_execute("COMMIT"),
+    );
+    begin.map_err(pg_err)?;
+    let mut results = results.into_iter();
+    if let Some((_, c, scope, key)) = &first_condition {
+        match results.next() {
+            Some(Err(e))
+                if e.code() == Some(&tokio_postgres::error::SqlState::DIVISION_BY_ZERO) =>
+            {
+                // Rolled back by the `COMMIT` of the aborted transaction.
+                commit.map_err(pg_err)?;
+                return Err(StoreError::Conflict {
+                    current: current_etag(client, *c, scope, key).await?,
+                });
+            }
+            Some(r) => {
+                r.map_err(pg_err)?;
+            }
+            None => {}
         }
-        for r in results {
-            r.map_err(pg_err)?;
-        }
-        commit.map_err(pg_err)
     }
+    for r in results {
+        r.map_err(pg_err)?;
+    }
+    commit.map_err(pg_err)
 }
 
 async fn current_etag<C: GenericClient>(

@@ -243,7 +243,6 @@ async fn run(pool: &Pool, batch: Vec<Job>, (batched, batches): &(Arc<AtomicU64>,
 }
 
 /// Columns of a multi-row statement, one array per parameter.
-#[derive(Default)]
 struct Cols {
     text: Vec<Vec<Option<String>>>,
     int: Vec<Vec<Option<i64>>>,
