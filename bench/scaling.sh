@@ -75,6 +75,9 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 start_node() {
   local i=$1 d="$dir/node$1"
   mkdir -p "$d/data"
+  # The run.json of the previous round (another database, other instance keys) must not be
+  # taken for this start's.
+  rm -f "$d/data/run.json"
   if ((i > 1)); then
     cp "$dir/node1/data/"{ca.pem,ca.key,server.pem,server.key} "$d/data/"
   fi
