@@ -26,6 +26,7 @@ use crate::sql::{self, Dialect, Param};
 use crate::{error_chain, redact_url, OpenError};
 
 mod batch;
+mod gate;
 mod reads;
 
 /// PostgreSQL tuning.

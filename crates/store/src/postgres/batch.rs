@@ -21,8 +21,10 @@
 //! is applied again on its own: one bad call never fails the others. A lone call takes the one
 //! pipelined transaction of [`write_pipelined_on`], as before.
 //!
-//! [`COMMITTERS`] batches are in flight at most, each on a pooled connection; the rest of the
-//! pool serves reads.
+//! One batch is in flight at a time while the queue is short, so that calls arriving meanwhile
+//! join the next batch; a queue of [`MAX_BATCH`] calls or more starts more batches at once, up to
+//! [`COMMITTERS`], each on a pooled connection ([`super::gate`]). The rest of the pool serves
+//! reads.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,13 +35,14 @@ use dps_core::store::{Collection, Expect, StoreError, Write};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio_postgres::types::ToSql;
 
+use super::gate::Gate;
 use super::{pg_err, pool_err, write_pipelined_on};
 use crate::sql;
 
 /// Calls in one batch at most.
 pub(super) const MAX_BATCH: usize = 128;
 
-/// Batches in flight at once (each holds one pooled connection while it commits).
+/// Batches in flight at once at most (each holds one pooled connection while it commits).
 pub(super) const COMMITTERS: usize = 4;
 
 /// Calls waiting for a committer at most; a caller beyond that waits to enqueue.
@@ -120,9 +123,10 @@ impl Batcher {
         let rx = Arc::new(Mutex::new(rx));
         let batched = Arc::new(AtomicU64::new(0));
         let batches = Arc::new(AtomicU64::new(0));
+        let gate = Arc::new(Gate::new(MAX_BATCH));
         for _ in 0..COMMITTERS {
             let counters = (batched.clone(), batches.clone());
-            tokio::spawn(committer(pool.clone(), rx.clone(), counters));
+            tokio::spawn(committer(pool.clone(), rx.clone(), gate.clone(), counters));
         }
         Batcher {
             tx,
@@ -158,6 +162,7 @@ impl Batcher {
 async fn committer(
     pool: Pool,
     rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+    gate: Arc<Gate>,
     counters: (Arc<AtomicU64>, Arc<AtomicU64>),
 ) {
     // A call that shared a key with the batch before: it starts the next one.
@@ -177,6 +182,8 @@ async fn committer(
                 }
             }
         };
+        // While another batch is in flight, the calls arriving meanwhile join this one.
+        let in_flight = gate.enter(guard.as_deref()).await;
         let alone = first.keys.is_none();
         if let Some(k) = &first.keys {
             keys.extend(k.iter().cloned());
@@ -199,6 +206,7 @@ async fn committer(
         }
         drop(guard);
         run(&pool, batch, &counters).await;
+        drop(in_flight);
     }
 }
 

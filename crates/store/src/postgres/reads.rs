@@ -15,12 +15,14 @@ use deadpool_postgres::Pool;
 use dps_core::store::{Collection, Doc, StoreError};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
+use super::gate::Gate;
 use super::{pg_err, pool_err, row_to_doc};
 
 /// Reads in one statement at most.
 const MAX_READS: usize = 128;
 
-/// Statements in flight at once (each on a pooled connection).
+/// Statements in flight at once at most (each on a pooled connection); one while the queue is
+/// shorter than [`MAX_READS`] ([`super::gate`]).
 const READERS: usize = 4;
 
 /// Reads waiting for a reader at most; a caller beyond that waits to enqueue.
@@ -54,8 +56,9 @@ impl Reader {
     pub(super) fn start(pool: Pool) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         let rx = Arc::new(Mutex::new(rx));
+        let gate = Arc::new(Gate::new(MAX_READS));
         for _ in 0..READERS {
-            tokio::spawn(reader(pool.clone(), rx.clone()));
+            tokio::spawn(reader(pool.clone(), rx.clone(), gate.clone()));
         }
         Reader { tx }
     }
@@ -81,24 +84,28 @@ impl Reader {
     }
 }
 
-async fn reader(pool: Pool, rx: Arc<Mutex<mpsc::Receiver<Read>>>) {
+async fn reader(pool: Pool, rx: Arc<Mutex<mpsc::Receiver<Read>>>, gate: Arc<Gate>) {
     loop {
         let mut reads = Vec::new();
-        {
+        let in_flight = {
             let mut rx = rx.lock().await;
             match rx.recv().await {
                 Some(r) => reads.push(r),
                 None => return,
             }
+            // While another statement is in flight, the reads arriving meanwhile join this one.
+            let in_flight = gate.enter(Some(&*rx)).await;
             while reads.len() < MAX_READS {
                 let Ok(r) = rx.try_recv() else { break };
                 reads.push(r);
             }
-        }
+            in_flight
+        };
         let result = match pool.get().await {
             Ok(client) => read(&client, &reads).await,
             Err(e) => Err(pool_err(e)),
         };
+        drop(in_flight);
         match result {
             Ok(found) => {
                 for r in reads {
