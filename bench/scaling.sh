@@ -11,6 +11,7 @@
 #
 #   nice -n 10 bash bench/scaling.sh
 #   DEVICES=2000 RATE=300 bash bench/scaling.sh
+#   DEVICES=12000 RATE=600 ROUNDS=4 bash bench/scaling.sh
 #
 # DEVICES (20000) devices per run, RATE (600) devices started per second, CONCURRENCY (64).
 # CPU time (user + sys, /proc/PID/stat) is taken before and after each run: of every `dps serve`
@@ -19,12 +20,17 @@
 # load generator (`dps bench`, reported apart). The handshake baseline of `dps bench` is skipped
 # (--no-handshake-baseline): it would add handshakes to the nodes' CPU time. One line per run,
 # then the efficiency of 2 nodes relative to 1 (the goal: a loss below 15 %).
+#
+# ROUNDS (1) repeats 1 node then 2 nodes that many times, alternating, so that a host getting
+# faster or slower during the runs weighs on both alike; the loss is then given per round and
+# as the mean over the rounds (on the 2-core test host one round's loss spreads over ±10 points).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=target/release/dps
 DEVICES=${DEVICES:-20000}
 RATE=${RATE:-600}
 CONCURRENCY=${CONCURRENCY:-64}
+ROUNDS=${ROUNDS:-1}
 db=dps_scaling
 store="postgres://postgres@127.0.0.1:5432/$db"
 [[ -x $bin ]] || { echo "no $bin: run cargo build --release -p dps" >&2; exit 1; }
@@ -132,7 +138,8 @@ start_balancer() {
 }
 
 declare -A eff
-printf '%-5s %-10s %7s %8s %8s %8s %8s %9s %8s %9s %8s %9s\n' nodes mode offered achieved p50_ms p99_ms dps_cpu reg/dps_s pg_cpu reg/dps+pg lb_cpu bench_cpu
+printf '%-5s %-5s %-10s %7s %8s %8s %8s %8s %9s %8s %9s %8s %9s\n' round nodes mode offered achieved p50_ms p99_ms dps_cpu reg/dps_s pg_cpu reg/dps+pg lb_cpu bench_cpu
+for round in $(seq "$ROUNDS"); do
 for n in 1 2; do
   sql "drop database if exists $db"
   sql "create database $db"
@@ -151,9 +158,9 @@ for n in 1 2; do
       --admin-url "http://$admin" --poll-interval-ms 10 --global-endpoint "localhost:$lb_port" \
       --devices "$DEVICES" --rate "$RATE" --concurrency "$CONCURRENCY" "${extra[@]}" >"$out"
     d1=$(ticks "${pids[@]}"); p1=$(pg_ticks); l1=$(ticks "$lb_pid")
-    line=$(python3 - "$out" "$n" "$mode" "$RATE" $((d1 - d0)) $((p1 - p0)) $((l1 - l0)) "$tck" "$dir/bench.time" <<'PY'
+    line=$(python3 - "$out" "$round" "$n" "$mode" "$RATE" $((d1 - d0)) $((p1 - p0)) $((l1 - l0)) "$tck" "$dir/bench.time" <<'PY'
 import json, sys
-out, n, mode, rate, dps, pg, lb, tck, btime = sys.argv[1:]
+out, rnd, n, mode, rate, dps, pg, lb, tck, btime = sys.argv[1:]
 r = json.load(open(out))
 tck = float(tck)
 dps, pg, lb = int(dps) / tck, int(pg) / tck, int(lb) / tck
@@ -162,14 +169,14 @@ ok = r["successes"]
 per_dps = ok / dps if dps else 0.0
 per_all = ok / (dps + pg) if dps + pg else 0.0
 lat = r["latencyMs"]
-print(f'{n:<5} {mode:<10} {float(rate):7.0f} {r["throughputPerSecond"]:8.1f} {lat["p50"]:8.1f} {lat["p99"]:8.1f} '
+print(f'{rnd:<5} {n:<5} {mode:<10} {float(rate):7.0f} {r["throughputPerSecond"]:8.1f} {lat["p50"]:8.1f} {lat["p99"]:8.1f} '
       f'{dps:8.2f} {per_dps:9.1f} {pg:8.2f} {per_all:10.1f} {lb:8.2f} {bench:9.2f}'
       + (f'  ({r["failures"]} failed: {r["failuresByReason"]})' if r["failures"] else ''))
 print(f'{per_dps} {per_all}')
 PY
     )
     head -1 <<<"$line"
-    eff[$n-$mode]=$(tail -1 <<<"$line")
+    eff[$round-$n-$mode]=$(tail -1 <<<"$line")
   done
   # How the balancer spread the work: devices assigned by each node over both runs.
   split=""
@@ -182,17 +189,27 @@ print(int(sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startsw
 PY
 )"
   done
-  echo "      (devices assigned by each node, both runs:$split)"
+  echo "            (devices assigned by each node, both runs:$split)"
   stop_all
+done
 done
 
 echo
 for mode in fresh keepalive; do
-  python3 - "$mode" ${eff[1-$mode]} ${eff[2-$mode]} <<'PY'
+  args=()
+  for round in $(seq "$ROUNDS"); do args+=(${eff[$round-1-$mode]} ${eff[$round-2-$mode]}); done
+  python3 - "$mode" "${args[@]}" <<'PY'
 import sys
-mode, d1, a1, d2, a2 = sys.argv[1], *map(float, sys.argv[2:])
+mode, v = sys.argv[1], list(map(float, sys.argv[2:]))
 r = lambda two, one: two / one if one else float("nan")
-print(f'{mode:<10} 2 nodes vs 1: per dps CPU-second {r(d2, d1):.3f} (loss {100 * (1 - r(d2, d1)):.1f} %), '
-      f'per dps+PostgreSQL CPU-second {r(a2, a1):.3f} (loss {100 * (1 - r(a2, a1)):.1f} %)')
+rounds = [(r(v[i + 2], v[i]), r(v[i + 3], v[i + 1])) for i in range(0, len(v), 4)]
+for k, (d, a) in enumerate(rounds, 1):
+    print(f'{mode:<10} round {k}: 2 nodes vs 1: per dps CPU-second {d:.3f} (loss {100 * (1 - d):.1f} %), '
+          f'per dps+PostgreSQL CPU-second {a:.3f} (loss {100 * (1 - a):.1f} %)')
+if len(rounds) > 1:
+    d = sum(x for x, _ in rounds) / len(rounds)
+    a = sum(y for _, y in rounds) / len(rounds)
+    print(f'{mode:<10} mean of {len(rounds)} rounds: loss {100 * (1 - d):.1f} % per dps CPU-second, '
+          f'{100 * (1 - a):.1f} % per dps+PostgreSQL CPU-second')
 PY
 done
