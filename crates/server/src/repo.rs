@@ -45,7 +45,9 @@ pub fn settings_index(s: &EnrollmentSettings) -> DocIndex {
 pub fn registration_index(r: &RegistrationRecord) -> DocIndex {
     DocIndex {
         status: r.state.status.map(|s| s.as_str().to_string()),
-        kind: r.attestation.map(|a| a.as_str().to_string()),
+        // Not indexed: no query filters registrations by attestation type, and every index
+        // attribute is an index entry written by every registration.
+        kind: None,
         group: r
             .enrollment_group_id
             .as_ref()

@@ -114,10 +114,9 @@ impl RegistryHub {
             id: dev.device_id.clone(),
             etag: dps_core::store::new_etag(),
             body: serde_json::to_string(dev).expect("serializable"),
-            index: DocIndex {
-                status: Some(dev.status.clone()),
-                ..Default::default()
-            },
+            // No index attributes: identities are listed by key only, and each attribute
+            // would be one more index entry written by every registration.
+            index: DocIndex::default(),
         }
     }
 
