@@ -97,7 +97,8 @@ impl Catalog {
             return Ok(*v);
         }
         let generation = self.individuals_generation.load(Ordering::Acquire);
-        let any = self.repo.any_individual_enrollment(instance).await?;
+        // Cache misses are boxed: the hit (the hot path) keeps a small future.
+        let any = Box::pin(self.repo.any_individual_enrollment(instance)).await?;
         // A change seen meanwhile: answer, but do not cache what may predate it.
         if self.individuals_generation.load(Ordering::Acquire) == generation {
             self.individuals.put(key, Arc::new(any));
@@ -118,7 +119,7 @@ impl Catalog {
         if let Some(g) = self.groups.get(&key) {
             return Ok(g);
         }
-        let g = Arc::new(self.repo.groups_of_kind(instance, kind).await?);
+        let g = Arc::new(Box::pin(self.repo.groups_of_kind(instance, kind)).await?);
         self.groups.put(key, g.clone());
         Ok(g)
     }
@@ -130,8 +131,8 @@ impl Catalog {
             return Ok(m);
         }
         let m = Arc::new(X509Material {
-            cas: crate::certificates::load_cas(&self.repo, instance).await?,
-            deny: crate::certificates::load_deny_list(&self.repo, instance).await?,
+            cas: Box::pin(crate::certificates::load_cas(&self.repo, instance)).await?,
+            deny: Box::pin(crate::certificates::load_deny_list(&self.repo, instance)).await?,
         });
         self.x509.put(key, m.clone());
         Ok(m)

@@ -274,7 +274,7 @@ fn is_ws_upgrade(h: &HeaderMap) -> bool {
 pub async fn route(app: Arc<App>, req: Request<Body>) -> Response<Body> {
     let started = std::time::Instant::now();
     if is_ws_upgrade(req.headers()) {
-        return websocket(app, req).await;
+        return Box::pin(websocket(app, req)).await;
     }
     let path = req.uri().path().to_string();
     let segs: Vec<String> = path
@@ -348,13 +348,13 @@ async fn dispatch(
     match route.access {
         Access::Public => match route.op {
             Op::OpenApi => openapi(),
-            Op::Crl => crate::certificates::public_crl(app, path.segs).await,
+            Op::Crl => Box::pin(crate::certificates::public_crl(app, path.segs)).await,
             _ => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
         },
         Access::Device => crate::device_api::handle(app, req, path.segs, route.op).await,
         Access::Broker => match route.op {
             Op::BrokerAuth(check) => {
-                crate::broker_auth_api::handle(app, req, path.segs, check).await
+                Box::pin(crate::broker_auth_api::handle(app, req, path.segs, check)).await
             }
             _ => err(&dps_core::Error::NoRoute(route.name())),
         },
@@ -364,7 +364,9 @@ async fn dispatch(
                 Ok(c) => c,
                 Err(e) => return err(&e),
             };
-            api(app, req, path, route, caller).await
+            // Boxed (as the other families but the device API): the service and admin APIs'
+            // futures are large, and this one is moved on every request.
+            Box::pin(api(app, req, path, route, caller)).await
         }
     }
 }

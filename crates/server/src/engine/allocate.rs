@@ -136,9 +136,16 @@ impl Engine {
                     reason: "custom allocation policy without customAllocationDefinition".into(),
                 });
             };
-            return self
-                .custom_allocate(adm, &def, &candidates, current_hub, current_device, payload)
-                .await;
+            // Boxed: the webhook call's future is large (see `Engine::assign`).
+            return Box::pin(self.custom_allocate(
+                adm,
+                &def,
+                &candidates,
+                current_hub,
+                current_device,
+                payload,
+            ))
+            .await;
         }
         let hub = allocation::choose(
             policy,

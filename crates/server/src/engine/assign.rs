@@ -47,7 +47,12 @@ impl Engine {
         let mut pause = std::time::Duration::from_millis(20);
         let mut conflicts = 0;
         loop {
-            let existing = self.repo.registration(&inst.name, rid.as_str()).await?;
+            // Boxed: a record is large, and this future holds it across awaits.
+            let existing = self
+                .repo
+                .registration(&inst.name, rid.as_str())
+                .await?
+                .map(|(rec, etag)| (Box::new(rec), etag));
             if let Some((rec, _)) = &existing {
                 // The clean-up worker (of any node) is removing this device's identity from a
                 // hub: writing it again now could be undone by that removal.
@@ -82,7 +87,7 @@ impl Engine {
                     }
                     // Its node is dead: end its intent (unless something else changed the
                     // record meanwhile), then assign from the record as it is then.
-                    self.finish_interrupted(&inst.name, rec.clone(), etag.clone())
+                    Box::pin(self.finish_interrupted(&inst.name, (**rec).clone(), etag.clone()))
                         .await?;
                     continue;
                 }
@@ -92,18 +97,18 @@ impl Engine {
                 rec.state.etag = Some(etag);
                 rec
             });
-            match self
-                .assign_once(
-                    &adm,
-                    op,
-                    payload.clone(),
-                    transport,
-                    force,
-                    existing,
-                    started,
-                    csr.as_ref(),
-                )
-                .await
+            // Boxed: one attempt's future is large, and the loop's own stays small.
+            match Box::pin(self.assign_once(
+                &adm,
+                op,
+                payload.clone(),
+                transport,
+                force,
+                existing,
+                started,
+                csr.as_ref(),
+            ))
+            .await
             {
                 Err(dps_core::Error::Store(dps_core::store::StoreError::Conflict { .. }))
                     if conflicts < MAX_CONFLICTS =>
@@ -128,32 +133,34 @@ impl Engine {
         payload: Option<serde_json::Value>,
         transport: Transport,
         force: bool,
-        existing: Option<RegistrationRecord>,
+        existing: Option<Box<RegistrationRecord>>,
         started: Instant,
         csr: Option<&(CredentialPolicy, CheckedCsr)>,
     ) -> Result<RegistrationRecord> {
         let inst = adm.instance.clone();
         let rid = adm.registration_id.clone();
         let now = ts(self.clock.as_ref());
-        let mut rec = existing.clone().unwrap_or_else(|| RegistrationRecord {
-            state: DeviceRegistrationState {
-                registration_id: rid.to_string(),
-                created_date_time_utc: Some(now.clone()),
-                ..Default::default()
-            },
-            operation_id: None,
-            recent_operations: Vec::new(),
-            retry_after: None,
-            enrollment_group_id: None,
-            attestation: None,
-            hub_history: Vec::new(),
-            failure: None,
-            reason: None,
-            pending: None,
-            transport: None,
-            hub_write: None,
-            issued: None,
-            removing: None,
+        let mut rec = existing.clone().unwrap_or_else(|| {
+            Box::new(RegistrationRecord {
+                state: DeviceRegistrationState {
+                    registration_id: rid.to_string(),
+                    created_date_time_utc: Some(now.clone()),
+                    ..Default::default()
+                },
+                operation_id: None,
+                recent_operations: Vec::new(),
+                retry_after: None,
+                enrollment_group_id: None,
+                attestation: None,
+                hub_history: Vec::new(),
+                failure: None,
+                reason: None,
+                pending: None,
+                transport: None,
+                hub_write: None,
+                issued: None,
+                removing: None,
+            })
         });
         if rec
             .removing
@@ -200,14 +207,14 @@ impl Engine {
             self.commit(&inst.name, &mut rec, "registration.disabled", Vec::new())
                 .await?;
             metrics::counter!("RegistrationAttempts", "instance" => labels.0, "hub" => "none", "protocol" => labels.1, "attestation" => labels.2, "result" => "disabled").increment(1);
-            return Ok(rec);
+            return Ok(*rec);
         }
 
-        let settings = adm.settings().clone();
+        let settings = adm.settings();
         let current_hub = existing
             .as_ref()
             .and_then(|r| r.hub_history.last().cloned());
-        let previous_device = existing.as_ref().and_then(|r| r.state.device_id.clone());
+        let previous_device = existing.as_deref().and_then(|r| r.state.device_id.clone());
         let plan = reprovision::plan(current_hub.as_deref(), settings.reprovision());
         let device_id = adm.device_id();
         if let Err(e) = DeviceId::parse(&device_id) {
@@ -249,7 +256,7 @@ impl Engine {
             _ => match self
                 .allocate(
                     adm,
-                    &settings,
+                    settings,
                     current_hub.as_deref(),
                     previous_device.as_deref(),
                     payload.clone(),
@@ -290,14 +297,14 @@ impl Engine {
                 message: format!("injected fault (rule {rule}): the hub is down"),
             };
             return self
-                .hub_failed(&inst, &mut rec, existing.as_ref(), &hub, e, labels)
+                .hub_failed(&inst, &mut rec, existing.as_deref(), &hub, e, labels)
                 .await;
         }
         let adapter = match self.hubs.adapter(&hub) {
             Ok(a) => a,
             Err(e) => {
                 return self
-                    .hub_failed(&inst, &mut rec, existing.as_ref(), &hub, e, labels)
+                    .hub_failed(&inst, &mut rec, existing.as_deref(), &hub, e, labels)
                     .await
             }
         };
@@ -331,7 +338,7 @@ impl Engine {
                                 },
                             };
                             return self
-                                .hub_failed(&inst, &mut rec, existing.as_ref(), &hub, e, labels)
+                                .hub_failed(&inst, &mut rec, existing.as_deref(), &hub, e, labels)
                                 .await;
                         }
                     }
@@ -349,9 +356,11 @@ impl Engine {
         // the issued certificate. A failure to sign is ours (500) and writes nothing.
         let signed = match csr {
             Some((policy, checked)) => Some(
-                self.issuer
-                    .sign(&inst, policy, rid.as_str(), &device_id, checked, op)
-                    .await?,
+                Box::pin(
+                    self.issuer
+                        .sign(&inst, policy, rid.as_str(), &device_id, checked, op),
+                )
+                .await?,
             ),
             None => None,
         };
@@ -377,7 +386,7 @@ impl Engine {
             Err(e) => {
                 self.hubs.record(&hub.host, t0, &Err(e.clone()));
                 return self
-                    .hub_failed(&inst, &mut rec, existing.as_ref(), &hub, e, labels)
+                    .hub_failed(&inst, &mut rec, existing.as_deref(), &hub, e, labels)
                     .await;
             }
         };
@@ -393,7 +402,7 @@ impl Engine {
             twin.is_none()
                 && !force
                 && skip_unchanged(&hub)
-                && existing.as_ref().is_some_and(|r| {
+                && existing.as_deref().is_some_and(|r| {
                     r.state.status == Some(RegistrationStatus::Assigned)
                         && r.state.device_id.as_deref() == Some(device_id.as_str())
                         && r.state
@@ -422,7 +431,7 @@ impl Engine {
             // Until the write is confirmed, dps does not know what the hub holds.
             rec.hub_write = None;
             let expect = Self::expect_of(&rec);
-            match capacity_check(&inst.name, &hub, existing.as_ref(), rid.as_str()) {
+            match capacity_check(&inst.name, &hub, existing.as_deref(), rid.as_str()) {
                 None => {
                     self.repo
                         .put_registration(&inst.name, &mut rec, self.new_etag(), expect)
@@ -450,17 +459,16 @@ impl Engine {
             let r = adapter.upsert_device(&identity, twin.as_ref()).await;
             self.hubs.record(&hub.host, t0, &r);
             if let Err(e) = r {
-                return self
-                    .hub_failed_after_write(
-                        &inst,
-                        &mut rec,
-                        existing.as_ref(),
-                        &hub,
-                        e,
-                        labels,
-                        Some(&device_id),
-                    )
-                    .await;
+                return Box::pin(self.hub_failed_after_write(
+                    &inst,
+                    &mut rec,
+                    existing.as_deref(),
+                    &hub,
+                    e,
+                    labels,
+                    Some(&device_id),
+                ))
+                .await;
             }
             metrics::counter!("dps_hub_writes_total", "kind" => kind).increment(1);
             rec.hub_write = fingerprint.map(|sha256| HubWrite {
@@ -514,7 +522,7 @@ impl Engine {
             writes.extend(capacity_check(
                 &inst.name,
                 &hub,
-                existing.as_ref(),
+                existing.as_deref(),
                 rid.as_str(),
             ));
         }
@@ -526,7 +534,7 @@ impl Engine {
             writes.push(Write::EnqueueCleanup(task.clone()));
         }
         let issued_kind = signed.as_ref().map(|s| {
-            let renewed = existing.as_ref().is_some_and(|r| r.issued.is_some());
+            let renewed = existing.as_deref().is_some_and(|r| r.issued.is_some());
             writes.push(self.issuer.record_write(&inst.name, &s.record));
             writes.push(Write::Audit(dps_core::store::AuditEntry {
                 seq: 0,
@@ -562,7 +570,7 @@ impl Engine {
         // Clean up the old identity: another hub, or another device id on the same hub.
         if let Some((old_hub, task)) = cleanup {
             match self.hubs.adapter(&old_hub) {
-                Ok(a) => self.cleanup_first_attempt(task, a).await,
+                Ok(a) => Box::pin(self.cleanup_first_attempt(task, a)).await,
                 Err(e) => {
                     tracing::warn!(registration_id = %rid, hub = %old_hub.host, error = %e, "no adapter for the previous hub; the removal stays queued")
                 }
@@ -573,7 +581,7 @@ impl Engine {
         metrics::counter!("DeviceAssignments", "instance" => labels.0, "hub" => hub.host.to_ascii_lowercase(), "protocol" => labels.1, "attestation" => labels.2).increment(1);
         metrics::histogram!("dps_assignment_duration_seconds")
             .record(started.elapsed().as_secs_f64());
-        Ok(rec)
+        Ok(*rec)
     }
 
     /// Write the registration record and its audit entry (and `extra`: for a hub kept in our own
@@ -644,7 +652,7 @@ impl Engine {
         f: Failure,
         labels: (String, &'static str, &'static str),
     ) -> Result<RegistrationRecord> {
-        self.fail_with(inst, rec, f, labels, Vec::new()).await
+        Box::pin(self.fail_with(inst, rec, f, labels, Vec::new())).await
     }
 
     /// [`fail`](Self::fail), committing `extra` writes with the record.
@@ -689,8 +697,7 @@ impl Engine {
         e: HubError,
         labels: (String, &'static str, &'static str),
     ) -> Result<RegistrationRecord> {
-        self.hub_failed_after_write(inst, rec, before, hub, e, labels, None)
-            .await
+        Box::pin(self.hub_failed_after_write(inst, rec, before, hub, e, labels, None)).await
     }
 
     /// A failed hub call; `written` is the device id when the call was the identity write

@@ -113,15 +113,17 @@ impl Engine {
     ) -> Result<Admitted> {
         match cred {
             DeviceCredential::Sas(token) => self.attest_sas(inst, rid, token, tpm).await,
+            // The other paths are boxed: their futures are large, and inline they would make
+            // every attestation's future (moved on each call) as large as the largest path.
             DeviceCredential::Certificates(chain) if !chain.is_empty() => {
-                if let Some(a) = self.attest_issued(inst, rid, chain).await? {
+                if let Some(a) = Box::pin(self.attest_issued(inst, rid, chain)).await? {
                     return Ok(a);
                 }
-                self.attest_x509(inst, rid, chain).await
+                Box::pin(self.attest_x509(inst, rid, chain)).await
             }
             _ => match tpm {
                 Some(t) => {
-                    let blob = self.issue_tpm_activation(inst, rid, t).await?;
+                    let blob = Box::pin(self.issue_tpm_activation(inst, rid, t)).await?;
                     Err(Error::TpmChallenge {
                         authentication_key: base64::engine::general_purpose::STANDARD.encode(blob),
                     })
@@ -142,12 +144,17 @@ impl Engine {
         let now = self.clock.now().unix_timestamp();
         tok.check_lifetime(now, self.settings.max_token_lifetime_secs)
             .map_err(AuthFailure::from)?;
-        let individual = self.individual_enrollment(&inst.name, rid.as_str()).await?;
+        // Boxed: an enrollment is large, and this future holds it across the groups' lookup.
+        let individual = self
+            .individual_enrollment(&inst.name, rid.as_str())
+            .await?
+            .map(Box::new);
         let mut individual_failure = None;
         if let Some(e) = &individual {
             if e.settings.attestation.kind == AttestationType::Tpm {
                 // A TPM enrollment is individual only and authoritative.
-                return self.attest_tpm_sas(inst, rid, &tok, e, tpm, now).await;
+                // Boxed: the TPM path's future is large (see `attest_device`).
+                return Box::pin(self.attest_tpm_sas(inst, rid, &tok, e, tpm, now)).await;
             }
             if e.settings.attestation.kind == AttestationType::SymmetricKey {
                 let sk = e
@@ -177,7 +184,7 @@ impl Engine {
                             },
                             x509: None,
                             tpm: None,
-                            source: Source::Individual(Box::new(e.clone())),
+                            source: Source::Individual(e.clone()),
                         })
                     }
                     Err(err) => individual_failure = Some(AuthFailure::Sas(err)),
@@ -236,7 +243,7 @@ impl Engine {
                 let primary = derived.first().cloned().unwrap_or_default();
                 let secondary = derived.get(1).cloned().unwrap_or_else(|| primary.clone());
                 let (source, disabled_override) = match &individual {
-                    Some(e) => (Source::Individual(Box::new(e.clone())), true),
+                    Some(e) => (Source::Individual(e.clone()), true),
                     None => (Source::Group(Box::new(g.clone())), false),
                 };
                 return Ok(Admitted {

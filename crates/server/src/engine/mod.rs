@@ -633,14 +633,18 @@ impl Engine {
                     } else {
                         cred_kind(&req.credential)
                     };
-                    self.refused(&inst, &rid, f, req.transport, kind, req.peer)
-                        .await;
+                    // Boxed, as the other rare paths here: this future stays small.
+                    Box::pin(self.refused(&inst, &rid, f, req.transport, kind, req.peer)).await;
                 }
                 return Err(e);
             }
         };
         metrics::counter!("AttestationAttempts", "instance" => inst.name.clone(), "protocol" => req.transport.as_str(), "attestation" => adm.attestation.as_str(), "result" => "success").increment(1);
-        let fault = self.injected_fault(&adm, req.transport, req.peer).await;
+        let fault = if self.faults.any() {
+            Box::pin(self.injected_fault(&adm, req.transport, req.peer)).await
+        } else {
+            None
+        };
         let mut delay = Duration::ZERO;
         if let Some(f) = &fault {
             use dps_core::fault::FaultAction;
@@ -680,7 +684,7 @@ impl Engine {
             .map(|f| f.id.clone());
         let out: Result<(DeviceResponse, &'static str)> = async {
             let csr = match req.body.csr.as_deref() {
-                Some(field) => Some(self.certificate_request(&adm, field).await?),
+                Some(field) => Some(Box::pin(self.certificate_request(&adm, field)).await?),
                 None => None,
             };
             let op = dps_core::random::operation_id(self.random.as_ref()).to_string();
@@ -913,7 +917,10 @@ impl DeviceService for Engine {
         let started = Instant::now();
         let rid = req.registration_id.clone();
         let transport = req.transport.as_str();
-        let r = tracing::Instrument::instrument(self.register_inner(req), span.clone()).await;
+        // Boxed: the registration's future is moved once, into the box, not into the span's
+        // wrapper and then into this future.
+        let r =
+            tracing::Instrument::instrument(Box::pin(self.register_inner(req)), span.clone()).await;
         let result = match &r {
             Ok((_, outcome)) => *outcome,
             Err(_) => "error",
