@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Instructions the server executes per registration (kept alive, SQLite), counted by valgrind's
+# callgrind: the same count for the same binary whatever else the machine is doing, so an A/B of
+# two binaries needs one run each, not rounds (wall-clock throughput on this host moves ±20 %).
+# User space only: the kernel's share (network, WAL writes, fsync) is not counted.
+#
+#   bash bench/instructions.sh [BINARY] [DEVICES]
+#   bash bench/instructions.sh /tmp/dps-old 2000; bash bench/instructions.sh target/release/dps 2000
+#
+# The server runs under callgrind (about 50 times slower); 300 registrations warm it up, the
+# counters are zeroed, DEVICES registrations (default 2000) run over 16 kept-alive connections,
+# and the counters are dumped. Needs valgrind. Under valgrind, SHA-256 runs in software (no
+# SHA-NI): about 60,000 of the count per registration, a few hundred natively.
+# OUT=dir keeps the callgrind dump there (callgrind_annotate reads it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DPS_BENCH_BIN=${1:-target/release/dps}
+n=${2:-2000}
+out=${OUT:-$(mktemp -d)}
+command -v valgrind >/dev/null || { echo "valgrind is needed"; exit 1; }
+source bench/server.sh
+real=$bin
+wrap=$(mktemp)
+cat >"$wrap" <<EOF
+#!/bin/sh
+if [ "\$1" = serve ]; then exec valgrind --tool=callgrind --callgrind-out-file=$out/callgrind.%p "$real" "\$@"; fi
+exec "$real" "\$@"
+EOF
+chmod +x "$wrap"
+bin=$wrap
+start_server sqlite
+bin=$real
+# start_server waits 20 s for the server; under valgrind it may need longer.
+for _ in $(seq 300); do [[ -s $dir/data/run.json ]] && break; sleep 0.2; done
+"$bin" bench "${common[@]}" --global-endpoint "$H" --devices 300 --concurrency 16 --keep-alive >/dev/null
+callgrind_control -z "$pid" >/dev/null 2>&1
+"$bin" bench "${common[@]}" --global-endpoint "$H" --devices "$n" --concurrency 16 --keep-alive >"$dir/last.json"
+callgrind_control -d "$pid" >/dev/null 2>&1
+python3 - "$dir/last.json" "$n" "$out" "$DPS_BENCH_BIN" <<'PY'
+import glob, json, sys
+r = json.load(open(sys.argv[1]))
+n = int(sys.argv[2])
+if r["successes"] != n:
+    sys.exit(f"only {r['successes']} of {n} registrations succeeded: {r['failuresByReason']}")
+total = 0
+for f in glob.glob(sys.argv[3] + "/callgrind.*.1"):
+    for line in open(f):
+        if line.startswith("summary:"):
+            total += int(line.split()[1])
+            break
+if total == 0:
+    sys.exit("no callgrind dump found")
+print(f"{sys.argv[4]}: {total / n:,.0f} instructions per registration (server, user space, {n} registrations)")
+PY
+rm -f "$wrap"
