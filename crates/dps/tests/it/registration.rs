@@ -1131,11 +1131,15 @@ async fn twenty_concurrent_register_requests_of_one_id_produce_one_identity_and_
 }
 
 #[tokio::test]
-async fn twenty_concurrent_registrations_of_one_id_produce_one_identity_and_consistent_answers() {
+async fn sixteen_concurrent_registrations_of_one_id_produce_one_identity_and_consistent_answers() {
     let s = TestServer::spawn().await;
     let key = s.enroll("conc-1", json!({})).await;
+    // A record remembers its latest operation and the 16 before it: a device polls the
+    // operation it was given after all of these have run (each waited for the one before), so
+    // with more than 17 of them the first ones' operations could be forgotten by then (404203),
+    // as documented in docs/device-api.md.
     let results =
-        futures::future::join_all((0..20).map(|_| s.register("conc-1", &key, None))).await;
+        futures::future::join_all((0..16).map(|_| s.register("conc-1", &key, None))).await;
     let answers: Vec<(String, String)> = results.iter().map(assigned).collect();
     assert!(answers.iter().all(|a| *a == answers[0]), "{answers:?}");
     let ids = identities(&s, &[HUB_A, HUB_B], "conc-1").await;

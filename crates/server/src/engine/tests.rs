@@ -535,7 +535,7 @@ async fn hub_errors_become_domain_failures_with_the_right_retryability() {
 /// Regression: several registrations of one device queue on its lock; a poll of one that has
 /// not started yet was answered 404 (`OperationNotFound`) because only the newest operation of
 /// a device counted as running (seen as a rare failure of
-/// `registration::twenty_concurrent_registrations_of_one_id_…` under load).
+/// `registration::sixteen_concurrent_registrations_of_one_id_…` under load).
 #[tokio::test]
 async fn every_queued_registration_of_a_device_answers_its_polls_until_it_ends() {
     let settings = EngineSettings {
