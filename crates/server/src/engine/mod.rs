@@ -269,20 +269,15 @@ impl Engine {
         Ok(())
     }
 
-    /// The fault injection rule that fires for this admitted attempt, if any: counted in
-    /// `dps_faults_injected_total{action}`, logged, and audited as `fault.injected` (sampled
-    /// like refusals).
+    /// The fault injection rule that fires for this admitted attempt, if any (called only when
+    /// the node has rules): counted in `dps_faults_injected_total{action}`, logged, and audited
+    /// as `fault.injected` (sampled like refusals).
     async fn injected_fault(
         &self,
         adm: &attest::Admitted,
         transport: Transport,
         peer: Option<std::net::IpAddr>,
     ) -> Option<dps_core::fault::FaultRule> {
-        if !self.faults.any() {
-            // No rules: nothing is drawn from the random source (its sequence stays the one
-            // the other ids come from).
-            return None;
-        }
         let group = adm.group_id();
         let attempt = dps_core::fault::FaultAttempt {
             point: dps_core::fault::FaultPoint::Register,
@@ -640,6 +635,8 @@ impl Engine {
             }
         };
         metrics::counter!("AttestationAttempts", "instance" => inst.name.clone(), "protocol" => req.transport.as_str(), "attestation" => adm.attestation.as_str(), "result" => "success").increment(1);
+        // No rules (the hot path): not looked up, nothing is drawn from the random source (its
+        // sequence stays the one the other ids come from). Boxed, as the other rare paths here.
         let fault = if self.faults.any() {
             Box::pin(self.injected_fault(&adm, req.transport, req.peer)).await
         } else {
