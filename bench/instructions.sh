@@ -12,6 +12,10 @@
 # and the counters are dumped. Needs valgrind. Under valgrind, SHA-256 runs in software (no
 # SHA-NI): about 60,000 of the count per registration, a few hundred natively.
 # OUT=dir keeps the callgrind dump there (callgrind_annotate reads it).
+# EXTRA_GROUPS=N adds N symmetric-key enrollment groups that sort before the devices' group (so every
+# fresh device's registration tries them all first). REREGISTER=1 measures re-registrations:
+# the warm-up registers the DEVICES devices of a group with a known key, the measured run
+# registers them again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DPS_BENCH_BIN=${1:-target/release/dps}
@@ -30,7 +34,16 @@ chmod +x "$wrap"
 bin=$wrap
 start_server sqlite
 bin=$real
-"$bin" bench "${common[@]}" --global-endpoint "$H" --devices 300 --concurrency 16 --keep-alive >/dev/null
+for i in $(seq -f %03g 1 "${EXTRA_GROUPS:-0}"); do
+  "$bin" enrollment-group create "aaa-extra-$i" --attestation symmetricKey >/dev/null
+done
+if [[ ${REREGISTER:-0} == 1 ]]; then
+  key=$(python3 -c 'import base64,os; print(base64.b64encode(os.urandom(32)).decode())')
+  "$bin" enrollment-group create zzz-bench --attestation symmetricKey --primary-key "$key" --secondary-key "$key" >/dev/null
+  common=(--json --group-key "$key" --prefix re- --poll-interval-ms 10)
+  warm=$n
+fi
+"$bin" bench "${common[@]}" --global-endpoint "$H" --devices "${warm:-300}" --concurrency 16 --keep-alive >/dev/null
 callgrind_control -z "$pid" >/dev/null 2>&1
 "$bin" bench "${common[@]}" --global-endpoint "$H" --devices "$n" --concurrency 16 --keep-alive >"$dir/last.json"
 callgrind_control -d "$pid" >/dev/null 2>&1

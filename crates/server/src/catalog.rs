@@ -11,9 +11,11 @@
 
 use crate::repo::Repo;
 use dps_core::model::EnrollmentGroup;
+use dps_core::sas::GroupKey;
 use dps_core::x509::verify::{CaCertificate, DenyList};
 use dps_core::Result;
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +30,46 @@ pub struct X509Material {
     /// The instance's deny list.
     pub deny: DenyList,
 }
+
+/// An instance's enrollment groups of one attestation kind, in the store's order, with the
+/// symmetric-key groups' keys prepared for attestation (see [`GroupKey`]).
+pub struct GroupSet {
+    groups: Vec<EnrollmentGroup>,
+    /// Per group, its primary and secondary keys prepared (`None`: absent or not base64; always
+    /// `None` for other kinds).
+    keys: Vec<[Option<GroupKey>; 2]>,
+}
+
+impl GroupSet {
+    fn new(groups: Vec<EnrollmentGroup>) -> Self {
+        let keys = groups
+            .iter()
+            .map(|g| match &g.settings.attestation.symmetric_key {
+                Some(sk) => [
+                    sk.primary_key.as_deref().and_then(GroupKey::new),
+                    sk.secondary_key.as_deref().and_then(GroupKey::new),
+                ],
+                None => [None, None],
+            })
+            .collect();
+        GroupSet { groups, keys }
+    }
+
+    /// The prepared primary and secondary keys of the group at `index`.
+    pub fn keys(&self, index: usize) -> &[Option<GroupKey>; 2] {
+        &self.keys[index]
+    }
+}
+
+impl std::ops::Deref for GroupSet {
+    type Target = [EnrollmentGroup];
+    fn deref(&self) -> &[EnrollmentGroup] {
+        &self.groups
+    }
+}
+
+/// Slots of [`Catalog::group_hint`]: 2^18 (2 MiB).
+const HINT_SLOTS: usize = 1 << 18;
 
 /// Values read from the store per (instance, kind), kept for [`TTL`].
 struct InstanceCache<V>(Mutex<HashMap<(String, String), (Instant, Arc<V>)>>);
@@ -68,7 +110,15 @@ impl<V> InstanceCache<V> {
 /// The cached enrollment groups and X.509 material of every instance.
 pub struct Catalog {
     repo: Repo,
-    groups: InstanceCache<Vec<EnrollmentGroup>>,
+    groups: InstanceCache<GroupSet>,
+    /// Which symmetric-key group last admitted a registration id, so that its next
+    /// registration tries that group first (an instance with many groups otherwise spends two
+    /// key derivations and up to two signature checks per group on every registration). A
+    /// direct-mapped table: slot = hash of (instance, registration id); the value is the hash's
+    /// upper half (to tell ids sharing a slot apart) and the group's position + 1. A lost or
+    /// stale hint costs only the ordinary search; nothing is admitted on a hint alone.
+    hints: Box<[AtomicU64]>,
+    hint_hasher: std::collections::hash_map::RandomState,
     x509: InstanceCache<X509Material>,
     /// Whether the instance has any individual enrollment.
     individuals: InstanceCache<bool>,
@@ -83,6 +133,8 @@ impl Catalog {
         Arc::new(Catalog {
             repo,
             groups: InstanceCache::default(),
+            hints: (0..HINT_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            hint_hasher: std::collections::hash_map::RandomState::new(),
             x509: InstanceCache::default(),
             individuals: InstanceCache::default(),
             individuals_generation: AtomicU64::new(0),
@@ -114,14 +166,52 @@ impl Catalog {
     }
 
     /// The instance's enrollment groups of one attestation kind (`symmetricKey`, `x509`).
-    pub async fn groups(&self, instance: &str, kind: &str) -> Result<Arc<Vec<EnrollmentGroup>>> {
+    pub async fn groups(&self, instance: &str, kind: &str) -> Result<Arc<GroupSet>> {
         let key = (instance.to_ascii_lowercase(), kind.to_string());
         if let Some(g) = self.groups.get(&key) {
             return Ok(g);
         }
-        let g = Arc::new(Box::pin(self.repo.groups_of_kind(instance, kind)).await?);
+        let g = Arc::new(GroupSet::new(
+            Box::pin(self.repo.groups_of_kind(instance, kind)).await?,
+        ));
         self.groups.put(key, g.clone());
         Ok(g)
+    }
+
+    /// The slot and tag of a registration id in [`Catalog::hints`].
+    /// Both compared ASCII-case-insensitively, as instances and registration ids are.
+    fn hint_slot(&self, instance: &str, registration_id: &str) -> (usize, u64) {
+        use std::hash::Hasher;
+        let mut h = self.hint_hasher.build_hasher();
+        for b in instance.bytes() {
+            h.write_u8(b.to_ascii_lowercase());
+        }
+        // A separator no id contains: ("ab", "c") and ("a", "bc") hash apart.
+        h.write_u8(0xFF);
+        for b in registration_id.bytes() {
+            h.write_u8(b.to_ascii_lowercase());
+        }
+        let h = h.finish();
+        ((h as usize) & (HINT_SLOTS - 1), h & 0xFFFF_FFFF_0000_0000)
+    }
+
+    /// The position of the symmetric-key group that last admitted this registration id on
+    /// this node, if remembered (the groups may have changed since: a hint, to try first).
+    pub fn group_hint(&self, instance: &str, registration_id: &str) -> Option<usize> {
+        let (slot, tag) = self.hint_slot(instance, registration_id);
+        let v = self.hints[slot].load(Ordering::Relaxed);
+        (v != 0 && v & 0xFFFF_FFFF_0000_0000 == tag)
+            .then_some((v & 0xFFFF_FFFF) as usize)
+            .and_then(|i| i.checked_sub(1))
+    }
+
+    /// Remember that the group at `index` admitted this registration id.
+    pub fn remember_group(&self, instance: &str, registration_id: &str, index: usize) {
+        let Ok(i) = u32::try_from(index + 1) else {
+            return;
+        };
+        let (slot, tag) = self.hint_slot(instance, registration_id);
+        self.hints[slot].store(tag | u64::from(i), Ordering::Relaxed);
     }
 
     /// The instance's CA certificates and deny list.

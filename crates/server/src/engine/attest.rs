@@ -17,7 +17,7 @@ use dps_core::model::{
     AttestationType, EnrollmentGroup, EnrollmentSettings, IndividualEnrollment, TpmAttestation,
     X509RegistrationResult,
 };
-use dps_core::sas::{derive_device_key, SasToken};
+use dps_core::sas::SasToken;
 use dps_core::store::Collection;
 use dps_core::x509::verify::{attest as decide, X509Candidates, X509Match};
 use dps_core::{Error, Result};
@@ -214,37 +214,42 @@ impl Engine {
             .into());
         }
         tok.check_expiry(now).map_err(AuthFailure::from)?;
-        for g in self
-            .catalog
-            .groups(&inst.name, "symmetricKey")
-            .await?
-            .iter()
-        {
-            let sk = g
-                .settings
-                .attestation
-                .symmetric_key
-                .clone()
-                .unwrap_or_default();
-            let derived: Vec<String> = [sk.primary_key.as_deref(), sk.secondary_key.as_deref()]
+        let groups = self.catalog.groups(&inst.name, "symmetricKey").await?;
+        // An unreadable signature matches no group: the device is unknown, as when none signs.
+        let check = match tok.device_signature_check(&inst.id_scope, rid.as_str(), now) {
+            Ok(c) => Some(c),
+            Err(dps_core::sas::SasError::BadSignature) => None,
+            Err(e) => return Err(individual_failure.unwrap_or(AuthFailure::Sas(e)).into()),
+        };
+        if let Some(check) = check.filter(|_| !groups.is_empty()) {
+            // The group that admitted this device last time first, then every group in order.
+            let hint = self
+                .catalog
+                .group_hint(&inst.name, rid.as_str())
+                .filter(|&i| i < groups.len());
+            let order = hint
                 .into_iter()
-                .flatten()
-                .filter_map(|k| derive_device_key(k, rid.as_str()))
-                .collect();
-            if tok
-                .verify_device(
-                    &inst.id_scope,
-                    rid.as_str(),
-                    derived.iter().map(String::as_str),
-                    now,
-                )
-                .is_ok()
-            {
-                let primary = derived.first().cloned().unwrap_or_default();
-                let secondary = derived.get(1).cloned().unwrap_or_else(|| primary.clone());
+                .chain((0..groups.len()).filter(|&i| Some(i) != hint));
+            for i in order {
+                // A group's device keys: HMAC-SHA256(group key, registration id); the token must
+                // be signed by one of them. A group with only a secondary key uses it for both.
+                let (first, second) = match groups.keys(i) {
+                    [Some(p), s] => (p, s.as_ref()),
+                    [None, Some(s)] => (s, None),
+                    [None, None] => continue,
+                };
+                let first = first.derive(rid.as_str());
+                let second = second.map(|k| k.derive(rid.as_str()));
+                if !(check.signed_by(&first) || second.is_some_and(|k| check.signed_by(&k))) {
+                    continue;
+                }
+                self.catalog.remember_group(&inst.name, rid.as_str(), i);
+                let b64 = |k: &[u8; 32]| base64::engine::general_purpose::STANDARD.encode(k);
+                let primary = b64(&first);
+                let secondary = second.map_or_else(|| primary.clone(), |k| b64(&k));
                 let (source, disabled_override) = match &individual {
                     Some(e) => (Source::Individual(e.clone()), true),
-                    None => (Source::Group(Box::new(g.clone())), false),
+                    None => (Source::Group(Box::new(groups[i].clone())), false),
                 };
                 return Ok(Admitted {
                     instance: inst.clone(),

@@ -9,7 +9,7 @@ use super::*;
 use crate::hubs::fake::FakeHub;
 use crate::repo::settings_index;
 use dps_core::error::CustomAllocationFailure;
-use dps_core::hub::HubError;
+use dps_core::hub::{HubAuth, HubError};
 use dps_core::instance::{Instance, LinkedHub};
 use dps_core::random::SeededRandom;
 use dps_core::sas::{derive_device_key, sign_token};
@@ -246,6 +246,132 @@ async fn a_group_admits_derived_keys_only() {
                 .await
         ),
         AuthFailure::UnknownRegistration(_)
+    ));
+}
+
+/// A base64 key of 32 bytes, all `b`.
+fn key_of(b: u8) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode([b; 32])
+}
+
+#[tokio::test]
+async fn among_many_groups_the_one_whose_key_signed_admits_and_is_tried_first_next_time() {
+    let f = fixture(vec![hub("h1")]).await;
+    // Forty groups, each with keys of its own; g-07 has a secondary key only.
+    for i in 0..40u8 {
+        let sk = if i == 7 {
+            serde_json::json!({"secondaryKey": key_of(i)})
+        } else {
+            serde_json::json!({"primaryKey": key_of(i), "secondaryKey": key_of(100 + i)})
+        };
+        f.group(
+            &format!("g-{i:02}"),
+            serde_json::json!({"attestation": {"type": "symmetricKey", "symmetricKey": sk}}),
+        )
+        .await;
+    }
+    let groups = f.engine.catalog.groups("t", "symmetricKey").await.unwrap();
+    let pos = |gid: &str| {
+        groups
+            .iter()
+            .position(|g| g.enrollment_group_id == gid)
+            .unwrap()
+    };
+    let derived = |group_key: &str, rid: &str| derive_device_key(group_key, rid).unwrap();
+    assert_eq!(f.engine.catalog.group_hint("t", "meter-1"), None);
+
+    // Signed with g-31's secondary key: admitted by g-31, its keys handed to the hub.
+    let adm = f
+        .attest(
+            "meter-1",
+            token("meter-1", &derived(&key_of(131), "meter-1")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(adm.group_id().as_deref(), Some("g-31"));
+    assert_eq!(
+        adm.hub_auth,
+        HubAuth::SymmetricKey {
+            primary: derived(&key_of(31), "meter-1"),
+            secondary: derived(&key_of(131), "meter-1"),
+        }
+    );
+    // Remembered for this id (in any case), and for no other.
+    assert_eq!(
+        f.engine.catalog.group_hint("t", "meter-1"),
+        Some(pos("g-31"))
+    );
+    assert_eq!(
+        f.engine.catalog.group_hint("T", "METER-1"),
+        Some(pos("g-31"))
+    );
+    assert_eq!(f.engine.catalog.group_hint("t", "meter-2"), None);
+
+    // A group with a secondary key only: that key is both.
+    let adm = f
+        .attest("meter-2", token("meter-2", &derived(&key_of(7), "meter-2")))
+        .await
+        .unwrap();
+    assert_eq!(adm.group_id().as_deref(), Some("g-07"));
+    assert_eq!(
+        adm.hub_auth,
+        HubAuth::SymmetricKey {
+            primary: derived(&key_of(7), "meter-2"),
+            secondary: derived(&key_of(7), "meter-2"),
+        }
+    );
+
+    // The hint is an order, never an admission: meter-1 signing with g-02's key now is
+    // admitted by g-02 (and remembered), and a key of no group is refused as before.
+    let adm = f
+        .attest("meter-1", token("meter-1", &derived(&key_of(2), "meter-1")))
+        .await
+        .unwrap();
+    assert_eq!(adm.group_id().as_deref(), Some("g-02"));
+    assert_eq!(
+        f.engine.catalog.group_hint("t", "meter-1"),
+        Some(pos("g-02"))
+    );
+    assert!(matches!(
+        unauthorized(
+            f.attest(
+                "meter-1",
+                token("meter-1", &derived(&key_of(99), "meter-1"))
+            )
+            .await
+        ),
+        AuthFailure::UnknownRegistration(_)
+    ));
+    // A stale hint (the groups changed under it) still finds the right group.
+    f.engine.catalog.remember_group("t", "meter-3", 39);
+    f.engine.catalog.remember_group("t", "meter-4", 10_000);
+    for rid in ["meter-3", "meter-4"] {
+        let adm = f
+            .attest(rid, token(rid, &derived(&key_of(20), rid)))
+            .await
+            .unwrap();
+        assert_eq!(adm.group_id().as_deref(), Some("g-20"), "{rid}");
+    }
+    // A signature that is not base64 matches no group; a wrong key name is said precisely.
+    let bad = DeviceCredential::Sas(format!(
+        "SharedAccessSignature sr={SCOPE}%2Fregistrations%2Fmeter-1&sig=%25%25&se={}",
+        now() + 60
+    ));
+    assert!(matches!(
+        unauthorized(f.attest("meter-1", bad).await),
+        AuthFailure::UnknownRegistration(_)
+    ));
+    let other_skn = sign_token(
+        &format!("{SCOPE}/registrations/meter-1"),
+        &derived(&key_of(2), "meter-1"),
+        Some("iothubowner"),
+        now() + 60,
+    )
+    .unwrap();
+    assert!(matches!(
+        unauthorized(f.attest("meter-1", DeviceCredential::Sas(other_skn)).await),
+        AuthFailure::Sas(dps_core::sas::SasError::WrongKeyName(_))
     ));
 }
 
