@@ -71,6 +71,14 @@ impl std::ops::Deref for GroupSet {
 /// Slots of [`Catalog::group_hint`]: 2^18 (2 MiB).
 const HINT_SLOTS: usize = 1 << 18;
 
+/// A registration id's place in [`Catalog`]'s table of group hints.
+#[derive(Debug, Clone, Copy)]
+pub struct HintSlot {
+    slot: usize,
+    /// The hash's upper half, to tell ids sharing a slot apart.
+    tag: u64,
+}
+
 /// Values read from the store per (instance, kind), kept for [`TTL`].
 struct InstanceCache<V>(Mutex<HashMap<(String, String), (Instant, Arc<V>)>>);
 
@@ -178,40 +186,48 @@ impl Catalog {
         Ok(g)
     }
 
-    /// The slot and tag of a registration id in [`Catalog::hints`].
-    /// Both compared ASCII-case-insensitively, as instances and registration ids are.
-    fn hint_slot(&self, instance: &str, registration_id: &str) -> (usize, u64) {
+    /// Where a registration id's hint lives ([`Catalog::group_hint`]): compute it once per
+    /// attestation, for the lookup and for remembering the group that admitted.
+    pub fn hint_slot(&self, instance: &str, registration_id: &str) -> HintSlot {
         use std::hash::Hasher;
         let mut h = self.hint_hasher.build_hasher();
-        for b in instance.bytes() {
-            h.write_u8(b.to_ascii_lowercase());
-        }
+        // Both compared ASCII-case-insensitively, as instances and registration ids are; fed in
+        // lowercased chunks (one `write` per chunk, not per byte).
+        let mut feed = |s: &str| {
+            let mut buf = [0u8; 64];
+            for chunk in s.as_bytes().chunks(buf.len()) {
+                let b = &mut buf[..chunk.len()];
+                b.copy_from_slice(chunk);
+                b.make_ascii_lowercase();
+                h.write(b);
+            }
+        };
+        feed(instance);
         // A separator no id contains: ("ab", "c") and ("a", "bc") hash apart.
-        h.write_u8(0xFF);
-        for b in registration_id.bytes() {
-            h.write_u8(b.to_ascii_lowercase());
-        }
+        feed("\u{7f}");
+        feed(registration_id);
         let h = h.finish();
-        ((h as usize) & (HINT_SLOTS - 1), h & 0xFFFF_FFFF_0000_0000)
+        HintSlot {
+            slot: (h as usize) & (HINT_SLOTS - 1),
+            tag: h & 0xFFFF_FFFF_0000_0000,
+        }
     }
 
     /// The position of the symmetric-key group that last admitted this registration id on
     /// this node, if remembered (the groups may have changed since: a hint, to try first).
-    pub fn group_hint(&self, instance: &str, registration_id: &str) -> Option<usize> {
-        let (slot, tag) = self.hint_slot(instance, registration_id);
-        let v = self.hints[slot].load(Ordering::Relaxed);
-        (v != 0 && v & 0xFFFF_FFFF_0000_0000 == tag)
+    pub fn group_hint(&self, at: HintSlot) -> Option<usize> {
+        let v = self.hints[at.slot].load(Ordering::Relaxed);
+        (v != 0 && v & 0xFFFF_FFFF_0000_0000 == at.tag)
             .then_some((v & 0xFFFF_FFFF) as usize)
             .and_then(|i| i.checked_sub(1))
     }
 
     /// Remember that the group at `index` admitted this registration id.
-    pub fn remember_group(&self, instance: &str, registration_id: &str, index: usize) {
+    pub fn remember_group(&self, at: HintSlot, index: usize) {
         let Ok(i) = u32::try_from(index + 1) else {
             return;
         };
-        let (slot, tag) = self.hint_slot(instance, registration_id);
-        self.hints[slot].store(tag | u64::from(i), Ordering::Relaxed);
+        self.hints[at.slot].store(at.tag | u64::from(i), Ordering::Relaxed);
     }
 
     /// The instance's CA certificates and deny list.

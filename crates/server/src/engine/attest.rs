@@ -223,10 +223,8 @@ impl Engine {
         };
         if let Some(check) = check.filter(|_| !groups.is_empty()) {
             // The group that admitted this device last time first, then every group in order.
-            let hint = self
-                .catalog
-                .group_hint(&inst.name, rid.as_str())
-                .filter(|&i| i < groups.len());
+            let slot = self.catalog.hint_slot(&inst.name, rid.as_str());
+            let hint = self.catalog.group_hint(slot).filter(|&i| i < groups.len());
             let order = hint
                 .into_iter()
                 .chain((0..groups.len()).filter(|&i| Some(i) != hint));
@@ -243,7 +241,7 @@ impl Engine {
                 if !(check.signed_by(&first) || second.is_some_and(|k| check.signed_by(&k))) {
                     continue;
                 }
-                self.catalog.remember_group(&inst.name, rid.as_str(), i);
+                self.catalog.remember_group(slot, i);
                 let b64 = |k: &[u8; 32]| base64::engine::general_purpose::STANDARD.encode(k);
                 let primary = b64(&first);
                 let secondary = second.map_or_else(|| primary.clone(), |k| b64(&k));

@@ -279,7 +279,11 @@ async fn among_many_groups_the_one_whose_key_signed_admits_and_is_tried_first_ne
             .unwrap()
     };
     let derived = |group_key: &str, rid: &str| derive_device_key(group_key, rid).unwrap();
-    assert_eq!(f.engine.catalog.group_hint("t", "meter-1"), None);
+    let hint = |instance: &str, rid: &str| {
+        let c = &f.engine.catalog;
+        c.group_hint(c.hint_slot(instance, rid))
+    };
+    assert_eq!(hint("t", "meter-1"), None);
 
     // Signed with g-31's secondary key: admitted by g-31, its keys handed to the hub.
     let adm = f
@@ -298,15 +302,9 @@ async fn among_many_groups_the_one_whose_key_signed_admits_and_is_tried_first_ne
         }
     );
     // Remembered for this id (in any case), and for no other.
-    assert_eq!(
-        f.engine.catalog.group_hint("t", "meter-1"),
-        Some(pos("g-31"))
-    );
-    assert_eq!(
-        f.engine.catalog.group_hint("T", "METER-1"),
-        Some(pos("g-31"))
-    );
-    assert_eq!(f.engine.catalog.group_hint("t", "meter-2"), None);
+    assert_eq!(hint("t", "meter-1"), Some(pos("g-31")));
+    assert_eq!(hint("T", "METER-1"), Some(pos("g-31")));
+    assert_eq!(hint("t", "meter-2"), None);
 
     // A group with a secondary key only: that key is both.
     let adm = f
@@ -329,10 +327,7 @@ async fn among_many_groups_the_one_whose_key_signed_admits_and_is_tried_first_ne
         .await
         .unwrap();
     assert_eq!(adm.group_id().as_deref(), Some("g-02"));
-    assert_eq!(
-        f.engine.catalog.group_hint("t", "meter-1"),
-        Some(pos("g-02"))
-    );
+    assert_eq!(hint("t", "meter-1"), Some(pos("g-02")));
     assert!(matches!(
         unauthorized(
             f.attest(
@@ -344,8 +339,12 @@ async fn among_many_groups_the_one_whose_key_signed_admits_and_is_tried_first_ne
         AuthFailure::UnknownRegistration(_)
     ));
     // A stale hint (the groups changed under it) still finds the right group.
-    f.engine.catalog.remember_group("t", "meter-3", 39);
-    f.engine.catalog.remember_group("t", "meter-4", 10_000);
+    f.engine
+        .catalog
+        .remember_group(f.engine.catalog.hint_slot("t", "meter-3"), 39);
+    f.engine
+        .catalog
+        .remember_group(f.engine.catalog.hint_slot("t", "meter-4"), 10_000);
     for rid in ["meter-3", "meter-4"] {
         let adm = f
             .attest(rid, token(rid, &derived(&key_of(20), rid)))
