@@ -252,6 +252,27 @@ async fn postgres_over_tls_with_each_sslmode() {
         "the error should carry the server's reason: {msg}"
     );
 
+    // A PostgreSQL on the same machine over its Unix socket (the socket's directory as the
+    // URL's host, percent-encoded, as libpq takes it): no TLS (there is none on a Unix socket,
+    // as with libpq), and `pg_hba.conf`'s `local` line admits it.
+    let socket_dir: String = percent_encoding::utf8_percent_encode(
+        &dir.display().to_string(),
+        percent_encoding::NON_ALPHANUMERIC,
+    )
+    .to_string();
+    let s = PostgresStore::open(&url(&socket_dir, ""))
+        .await
+        .expect("the Unix socket, sslmode=prefer (the default)");
+    use dps_core::store::Store as _;
+    s.append_audit(dps_core::store::AuditEntry {
+        timestamp: "2026-12-04T00:00:00.0000000Z".into(),
+        action: "unix.socket".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("a write over the Unix socket");
+    drop(s);
+
     // A verifying mode without a CA is a configuration error, named.
     let e = PostgresStore::open(&url("127.0.0.1", "?sslmode=verify-full"))
         .await

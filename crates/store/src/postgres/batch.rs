@@ -26,6 +26,7 @@
 //! [`COMMITTERS`], each on a pooled connection ([`super::gate`]). The rest of the pool serves
 //! reads.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -55,40 +56,95 @@ struct Job {
     done: oneshot::Sender<Result<(), StoreError>>,
 }
 
-/// The keys a call writes: documents `(collection, scope, key)` and clean-up tasks
-/// `(instance, hub key, device id)`. `None` when the call writes one key twice: it goes alone.
-type Keys = Option<HashSet<(u8, String, String, String)>>;
+/// The keys a call writes, as fingerprints: documents `(collection, scope, key)` and clean-up
+/// tasks `(instance, hub key, device id)`, each hashed (keys compared as the store compares
+/// them: lowercased). `None` when the call writes one key twice: it goes alone. Two different
+/// keys with one fingerprint (a 64-bit hash with a random key per process) only make two calls
+/// that could have shared a batch go one after the other; calls that write the same key never
+/// share one. Fingerprints rather than the keys themselves: no strings copied or rehashed for
+/// every call on the hot path.
+type Keys = Option<Vec<u64>>;
 
-fn keys_of(writes: &[Write]) -> Keys {
-    let mut keys = HashSet::with_capacity(writes.len());
+fn keys_of(fp: &RandomState, writes: &[Write]) -> Keys {
+    let mut keys = Vec::with_capacity(writes.len());
     for w in writes {
         let k = match w {
-            Write::Put { c, scope, doc, .. } => (
-                0,
-                c.as_str().to_owned(),
-                scope.clone(),
-                sql::key_of(&doc.id),
-            ),
-            Write::EnqueueCleanup(t) => (
+            Write::Put { c, scope, doc, .. } => fingerprint(fp, 0, [c.as_str(), scope], &doc.id),
+            Write::EnqueueCleanup(t) => fingerprint(
+                fp,
                 1,
-                t.key.instance.clone(),
-                t.key.hub.to_lowercase(),
-                t.key.device_id.clone(),
+                [t.key.instance.as_str(), &t.key.hub.to_lowercase()],
+                &t.key.device_id,
             ),
-            Write::CancelCleanup(k) => (
+            Write::CancelCleanup(k) => fingerprint(
+                fp,
                 1,
-                k.instance.clone(),
-                k.hub.to_lowercase(),
-                k.device_id.clone(),
+                [k.instance.as_str(), &k.hub.to_lowercase()],
+                &k.device_id,
             ),
             _ => continue,
         };
-        if !keys.insert(k) {
+        if keys.contains(&k) {
             return None;
         }
+        keys.push(k);
     }
     Some(keys)
 }
+
+/// The fingerprint of a key: its kind, two parts as they are, and a last part that is compared
+/// lowercased for documents (`sql::key_of`) and as it is for clean-up tasks' device ids.
+fn fingerprint(fp: &RandomState, kind: u8, parts: [&str; 2], last: &str) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = fp.build_hasher();
+    kind.hash(&mut h);
+    parts[0].hash(&mut h);
+    parts[1].hash(&mut h);
+    if kind == 0 {
+        // Lowercased as `sql::key_of` does; an ASCII id (the common case) without allocating.
+        // Both forms are fed the same way, so ids with one key (`KEY`, and `\u{212A}EY` with
+        // the Kelvin sign) have one fingerprint.
+        let owned;
+        let key = if last.is_ascii() {
+            last
+        } else {
+            owned = sql::key_of(last);
+            &owned
+        };
+        let mut buf = [0u8; 64];
+        for chunk in key.as_bytes().chunks(buf.len()) {
+            let b = &mut buf[..chunk.len()];
+            b.copy_from_slice(chunk);
+            b.make_ascii_lowercase();
+            h.write(b);
+        }
+        h.write_u8(0xFF);
+    } else {
+        last.hash(&mut h);
+    }
+    h.finish()
+}
+
+/// A hasher for fingerprints, which are hashes already.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64`s are hashed with it; anything else is folded in, never lost.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type FingerprintSet = HashSet<u64, std::hash::BuildHasherDefault<Prehashed>>;
 
 /// Can these writes be batched? Exactly what [`write_pipelined_on`] applies: a condition on the
 /// first write only, the others unconditional puts, audit entries, clean-up changes and events.
@@ -110,6 +166,8 @@ pub(super) fn batchable(writes: &[Write]) -> bool {
 /// The queue in front of the committers.
 pub(super) struct Batcher {
     tx: mpsc::Sender<Job>,
+    /// The key of the calls' key fingerprints ([`keys_of`]).
+    fp: RandomState,
     /// Calls committed in a batch of more than one.
     batched: Arc<AtomicU64>,
     /// Batches of more than one call committed.
@@ -130,6 +188,7 @@ impl Batcher {
         }
         Batcher {
             tx,
+            fp: RandomState::new(),
             batched,
             batches,
         }
@@ -148,7 +207,7 @@ impl Batcher {
     /// Apply `writes` (which must be [`batchable`]) atomically, in a batch with other calls.
     pub(super) async fn write(&self, writes: Vec<Write>) -> Result<(), StoreError> {
         let (done, answer) = oneshot::channel();
-        let keys = keys_of(&writes);
+        let keys = keys_of(&self.fp, &writes);
         self.tx
             .send(Job { writes, keys, done })
             .await
@@ -169,7 +228,7 @@ async fn committer(
     let mut carry: Option<Job> = None;
     loop {
         let mut batch = Vec::new();
-        let mut keys: HashSet<(u8, String, String, String)> = HashSet::new();
+        let mut keys = FingerprintSet::default();
         // The receiver is held while waiting for a first call and while draining. A carried call
         // never waits for it: another committer may be holding it, idle, until a call comes.
         let (first, mut guard) = match carry.take() {
@@ -186,7 +245,7 @@ async fn committer(
         let in_flight = gate.enter(guard.as_deref()).await;
         let alone = first.keys.is_none();
         if let Some(k) = &first.keys {
-            keys.extend(k.iter().cloned());
+            keys.extend(k.iter().copied());
         }
         batch.push(first);
         if let Some(rx) = guard.as_mut() {
@@ -200,7 +259,7 @@ async fn committer(
                     carry = Some(job);
                     break;
                 }
-                keys.extend(job.keys.iter().flatten().cloned());
+                keys.extend(job.keys.iter().flatten().copied());
                 batch.push(job);
             }
         }
@@ -614,3 +673,66 @@ const CURRENT_MANY: &str = "SELECT d.collection, d.scope, d.key, d.etag FROM doc
      JOIN unnest($1::text[], $2::text[], $3::text[]) AS v(collection, scope, key) \
      ON d.collection = v.collection COLLATE \"C\" AND d.scope = v.scope COLLATE \"C\" \
      AND d.key = v.key COLLATE \"C\"";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dps_core::store::{CleanupKey, Collection, Doc};
+
+    fn put(c: Collection, scope: &str, id: &str) -> Write {
+        Write::Put {
+            c,
+            scope: scope.into(),
+            doc: Doc {
+                id: id.into(),
+                etag: "e".into(),
+                body: "{}".into(),
+                index: Default::default(),
+            },
+            expect: Expect::Any,
+        }
+    }
+
+    fn cancel(instance: &str, hub: &str, device: &str) -> Write {
+        Write::CancelCleanup(CleanupKey {
+            instance: instance.into(),
+            hub: hub.into(),
+            device_id: device.into(),
+        })
+    }
+
+    #[test]
+    fn fingerprints_compare_keys_as_the_store_does() {
+        let fp = RandomState::new();
+        let one = |w: Write| keys_of(&fp, &[w]).unwrap()[0];
+        let r = Collection::Registration;
+        // Document ids are compared lowercased, Unicode included (the Kelvin sign is a `k`);
+        // long ids go through more than one chunk.
+        assert_eq!(one(put(r, "i", "Meter-1")), one(put(r, "i", "meter-1")));
+        assert_eq!(one(put(r, "i", "KEY")), one(put(r, "i", "\u{212A}ey")));
+        let long = "A".repeat(150);
+        assert_eq!(
+            one(put(r, "i", &long)),
+            one(put(r, "i", &long.to_lowercase()))
+        );
+        // Anything else tells keys apart: collection, scope, the parts' boundaries, the kind.
+        assert_ne!(one(put(r, "i", "m")), one(put(Collection::Group, "i", "m")));
+        assert_ne!(one(put(r, "i", "m")), one(put(r, "I", "m")));
+        assert_ne!(one(put(r, "ab", "c")), one(put(r, "a", "bc")));
+        assert_ne!(one(put(r, "i", "m")), one(put(r, "i", "m2")));
+        // Clean-up tasks: hub lowercased, device id as it is.
+        assert_eq!(
+            one(cancel("i", "Hub.A", "d")),
+            one(cancel("i", "hub.a", "d"))
+        );
+        assert_ne!(one(cancel("i", "h", "d")), one(cancel("i", "h", "D")));
+        // One call writing one key twice goes alone.
+        assert!(keys_of(&fp, &[put(r, "i", "m"), put(r, "i", "M")]).is_none());
+        assert_eq!(
+            keys_of(&fp, &[put(r, "i", "m"), cancel("i", "h", "m")])
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+}
