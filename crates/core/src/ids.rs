@@ -179,6 +179,19 @@ impl IdScope {
     }
 }
 
+/// Feed `s` to a hasher ASCII-lowercased, without allocating: in chunks, one `write` each.
+/// Equal after ASCII lowercasing means equal input to the hasher (the chunks fall alike), so
+/// keys compared ASCII-case-insensitively hash alike.
+pub fn hash_ascii_lowercase(h: &mut impl std::hash::Hasher, s: &str) {
+    let mut buf = [0u8; 64];
+    for chunk in s.as_bytes().chunks(buf.len()) {
+        let b = &mut buf[..chunk.len()];
+        b.copy_from_slice(chunk);
+        b.make_ascii_lowercase();
+        h.write(b);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -191,17 +191,8 @@ impl Catalog {
     pub fn hint_slot(&self, instance: &str, registration_id: &str) -> HintSlot {
         use std::hash::Hasher;
         let mut h = self.hint_hasher.build_hasher();
-        // Both compared ASCII-case-insensitively, as instances and registration ids are; fed in
-        // lowercased chunks (one `write` per chunk, not per byte).
-        let mut feed = |s: &str| {
-            let mut buf = [0u8; 64];
-            for chunk in s.as_bytes().chunks(buf.len()) {
-                let b = &mut buf[..chunk.len()];
-                b.copy_from_slice(chunk);
-                b.make_ascii_lowercase();
-                h.write(b);
-            }
-        };
+        // Both compared ASCII-case-insensitively, as instances and registration ids are.
+        let mut feed = |s: &str| dps_core::ids::hash_ascii_lowercase(&mut h, s);
         feed(instance);
         // A separator no id contains: ("ab", "c") and ("a", "bc") hash apart.
         feed("\u{7f}");

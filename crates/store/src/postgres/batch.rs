@@ -111,13 +111,7 @@ fn fingerprint(fp: &RandomState, kind: u8, parts: [&str; 2], last: &str) -> u64 
             owned = sql::key_of(last);
             &owned
         };
-        let mut buf = [0u8; 64];
-        for chunk in key.as_bytes().chunks(buf.len()) {
-            let b = &mut buf[..chunk.len()];
-            b.copy_from_slice(chunk);
-            b.make_ascii_lowercase();
-            h.write(b);
-        }
+        dps_core::ids::hash_ascii_lowercase(&mut h, key);
         h.write_u8(0xFF);
     } else {
         last.hash(&mut h);
