@@ -204,23 +204,19 @@ impl Engine {
                 }
             }
         }
-        // Check audience and expiry once, for precise reasons.
-        let expected = format!("{}/registrations/{}", inst.id_scope, rid.as_str());
-        if !tok.sr.eq_ignore_ascii_case(&expected) {
-            return Err(AuthFailure::Sas(dps_core::sas::SasError::WrongAudience {
-                audience: tok.sr.clone(),
-                expected,
-            })
-            .into());
-        }
-        tok.check_expiry(now).map_err(AuthFailure::from)?;
-        let groups = self.catalog.groups(&inst.name, "symmetricKey").await?;
-        // An unreadable signature matches no group: the device is unknown, as when none signs.
+        // Audience, key name and expiry checked once (in the order `verify_device` checks them
+        // for individual enrollments), for precise reasons; then the keys.
         let check = match tok.device_signature_check(&inst.id_scope, rid.as_str(), now) {
             Ok(c) => Some(c),
+            // An unreadable signature matches no group: unknown, as when no group signed.
             Err(dps_core::sas::SasError::BadSignature) => None,
-            Err(e) => return Err(individual_failure.unwrap_or(AuthFailure::Sas(e)).into()),
+            // A wrong key name stays the individual enrollment's refusal when it has one.
+            Err(e @ dps_core::sas::SasError::WrongKeyName(_)) => {
+                return Err(individual_failure.unwrap_or(AuthFailure::Sas(e)).into())
+            }
+            Err(e) => return Err(AuthFailure::Sas(e).into()),
         };
+        let groups = self.catalog.groups(&inst.name, "symmetricKey").await?;
         if let Some(check) = check.filter(|_| !groups.is_empty()) {
             // The group that admitted this device last time first, then every group in order.
             let slot = self.catalog.hint_slot(&inst.name, rid.as_str());
