@@ -117,7 +117,12 @@ pub fn decode(buf: &mut BytesMut, max_frame: usize) -> Result<Decoded, FrameErro
 /// (a transfer's message bytes; empty otherwise).
 pub fn performative(body: &Bytes) -> Result<(Performative, Bytes), serde_amqp::Error> {
     // The performative's own encoding must hold together before the decoder sees it (its
-    // payload, a message that may go on in the next frame, is checked once it is whole).
+    // payload, a message that may go on in the next frame, is checked once it is whole). A
+    // performative is a described value (§2.7); anything else would be checked only up to its
+    // first value while the decoder, looking for the descriptor, read on into unchecked bytes.
+    if body.first() != Some(&0x00) {
+        return Err(invalid("a performative is a described value"));
+    }
     value_len(body, 0).map_err(invalid)?;
     let mut cursor = std::io::Cursor::new(body.as_ref());
     let p: Performative = {
@@ -200,6 +205,11 @@ fn value_len(b: &[u8], depth: usize) -> Result<usize, &'static str> {
             if size < width || count > size {
                 return Err("count beyond the size");
             }
+            // A map's count is of keys and values together (§1.6.23): odd is malformed, and the
+            // decoder, taking two at a time, would run past zero.
+            if matches!(code, 0xc1 | 0xd1) && count % 2 == 1 {
+                return Err("a map with a key and no value");
+            }
             if matches!(code, 0xc0 | 0xc1 | 0xd0 | 0xd1) {
                 let mut elems = &body[width..];
                 for _ in 0..count {
@@ -267,6 +277,13 @@ mod tests {
             "count > size"
         );
         assert!(check_encoding(&[0xc0, 0x03, 0x02, 0x40, 0x40]).is_ok());
+        // Found by the fuzz target too: a map with an odd count (a key without its value) made
+        // the decoder's count of what is left run below zero.
+        assert!(
+            check_encoding(&[0xc1, 0x02, 0x01, 0x40]).is_err(),
+            "odd map count"
+        );
+        assert!(check_encoding(&[0xc1, 0x03, 0x02, 0x40, 0x40]).is_ok());
         assert!(
             check_encoding(&[0xa1, 0x03, b'a', b'b']).is_err(),
             "short string"
@@ -281,6 +298,23 @@ mod tests {
             performative(&body),
             Ok((Performative::Close(_), _))
         ));
+    }
+
+    /// Found by the `amqp_conn` fuzz target: an OPEN frame whose body began with a bare
+    /// `smallulong` (no descriptor constructor) passed the check of its first value, and the
+    /// decoder read on into a `list32` claiming 2³² − 1 fields (an overflow panic in debug
+    /// builds). A body that is not a described value is refused before decoding.
+    #[test]
+    fn a_performative_that_is_not_a_described_value_is_refused_not_decoded() {
+        let open: &[u8] = &[
+            0x53, 0x10, 0x00, 0xd0, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0x75, 0x7a, 0x7a,
+        ];
+        let e = performative(&Bytes::copy_from_slice(open)).unwrap_err();
+        assert!(e.to_string().contains("described value"), "{e}");
+        for n in 0..open.len() {
+            let _ = performative(&Bytes::copy_from_slice(&open[..n]));
+        }
     }
 
     #[test]
