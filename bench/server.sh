@@ -11,6 +11,8 @@ start_server() {
   if [[ $engine == postgres ]]; then
     psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists dps_bench" >/dev/null
     psql -h 127.0.0.1 -U postgres -d postgres -qc "create database dps_bench" >/dev/null
+    # The dropped database's pages written out now, not by a checkpoint during the run.
+    psql -h 127.0.0.1 -U postgres -d postgres -qc "checkpoint" >/dev/null
     store="postgres://postgres@127.0.0.1:5432/dps_bench"
   fi
   cat >"$dir/dps.toml" <<EOF
