@@ -127,6 +127,9 @@ pub struct Catalog {
     /// stale hint costs only the ordinary search; nothing is admitted on a hint alone.
     hints: Box<[AtomicU64]>,
     hint_hasher: std::collections::hash_map::RandomState,
+    /// Symmetric-key group keys tried by device attestation so far (each a key derivation and
+    /// up to two signature checks): `dps_sas_group_keys_tried_total`.
+    group_keys_tried: AtomicU64,
     x509: InstanceCache<X509Material>,
     /// Whether the instance has any individual enrollment.
     individuals: InstanceCache<bool>,
@@ -143,6 +146,7 @@ impl Catalog {
             groups: InstanceCache::default(),
             hints: (0..HINT_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             hint_hasher: std::collections::hash_map::RandomState::new(),
+            group_keys_tried: AtomicU64::new(0),
             x509: InstanceCache::default(),
             individuals: InstanceCache::default(),
             individuals_generation: AtomicU64::new(0),
@@ -219,6 +223,18 @@ impl Catalog {
             return;
         };
         self.hints[at.slot].store(at.tag | u64::from(i), Ordering::Relaxed);
+    }
+
+    /// Count `n` group keys tried by one attestation.
+    pub fn count_group_keys_tried(&self, n: u64) {
+        if n > 0 {
+            self.group_keys_tried.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Group keys tried by device attestation since the node started.
+    pub fn group_keys_tried(&self) -> u64 {
+        self.group_keys_tried.load(Ordering::Relaxed)
     }
 
     /// The instance's CA certificates and deny list.

@@ -49,6 +49,10 @@ pub fn describe() {
         "Registrations whose hub write was skipped because it would write what the hub already holds (same fingerprint), by hub kind"
     );
     describe_counter!(
+        "dps_sas_group_keys_tried_total",
+        "Symmetric-key enrollment group keys tried by device attestation (a key derivation and up to two signature checks each); divided by AttestationAttempts of symmetric-key devices, the groups tried per attestation"
+    );
+    describe_counter!(
         "dps_store_group_commits_total",
         "PostgreSQL: transactions that committed the writes of more than one registration (group commit)"
     );

@@ -595,8 +595,17 @@ fn write_run_json(cfg: &Config, s: &Server) -> anyhow::Result<()> {
 
 fn admin_router(app: Arc<App>, metrics: PrometheusHandle) -> axum::Router {
     let ready_app = app.clone();
+    let metrics_app = app.clone();
     axum::Router::new()
-        .route("/metrics", get(move || async move { metrics.render() }))
+        .route(
+            "/metrics",
+            get(move || async move {
+                // Counters the hot path keeps as plain atomics, published when scraped.
+                metrics::counter!("dps_sas_group_keys_tried_total")
+                    .absolute(metrics_app.engine.group_keys_tried());
+                metrics.render()
+            }),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",

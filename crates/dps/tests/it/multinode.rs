@@ -284,6 +284,53 @@ async fn concurrent_registrations_are_group_committed_and_counted() {
     pg.drop_schema().await;
 }
 
+/// A device that registered through node A comes back through node B, among many
+/// symmetric-key groups: B remembers no group for it, reads it from the device's registration
+/// record, and tries that group's key alone instead of every group's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_coming_back_through_another_node_tries_only_its_own_group() {
+    let Some(pg) = PgSchema::create().await else {
+        return;
+    };
+    let url = pg.url();
+    let node = || {
+        TestServer::spawn_with(|c| {
+            c.store = url.clone();
+            // Final at once: no polls, whose checks would count too.
+            c.instances[0].register_response = dps_core::instance::RegisterResponse::Immediate;
+        })
+    };
+    let (a, b) = (node().await, node().await);
+    let mut keys = Vec::new();
+    for i in 0..20 {
+        keys.push(
+            a.enroll_group(&format!("many-{i:02}"), serde_json::json!({}))
+                .await,
+        );
+    }
+    let tried = |s: &TestServer| s.server.app.engine.group_keys_tried();
+    let assigned = |r: &Resp| {
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.body["status"], "assigned", "{}", r.body);
+    };
+    // The last group's devices: a device new to the store is searched for through every group.
+    let key1 = derive_key(&keys[19], "many-dev-1");
+    let before = tried(&a);
+    assigned(&a.register("many-dev-1", &key1, None).await);
+    assert_eq!(tried(&a) - before, 20);
+
+    let before = tried(&b);
+    assigned(&b.register("many-dev-1", &key1, None).await);
+    assert_eq!(tried(&b) - before, 1, "node B searched the groups again");
+
+    let before = tried(&b);
+    let key2 = derive_key(&keys[19], "many-dev-2");
+    assigned(&b.register("many-dev-2", &key2, None).await);
+    assert_eq!(tried(&b) - before, 20);
+    drop((a, b));
+    pg.drop_schema().await;
+}
+
 /// How long until `s` refuses the device's registration (401); panics after 5 s.
 async fn refused_within(s: &TestServer, rid: &str, key: &str) -> Duration {
     let start = Instant::now();

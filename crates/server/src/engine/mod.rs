@@ -411,6 +411,11 @@ impl Engine {
         metrics::counter!("AttestationAttempts", "instance" => inst.name.clone(), "protocol" => transport.as_str(), "attestation" => attestation, "result" => "failure").increment(1);
     }
 
+    /// Symmetric-key group keys tried by device attestation on this node so far.
+    pub fn group_keys_tried(&self) -> u64 {
+        self.catalog.group_keys_tried()
+    }
+
     /// The credential policies' issuing CAs (for the issuance use case: CA export, CRLs).
     pub fn issuer(&self) -> Arc<crate::issuer::Issuer> {
         self.issuer.clone()

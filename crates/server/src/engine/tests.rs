@@ -255,6 +255,17 @@ fn key_of(b: u8) -> String {
     base64::engine::general_purpose::STANDARD.encode([b; 32])
 }
 
+/// A group's position in the order attestation tries the instance's symmetric-key groups.
+async fn group_positions(f: &Fixture) -> impl Fn(&str) -> usize {
+    let groups = f.engine.catalog.groups("t", "symmetricKey").await.unwrap();
+    move |gid: &str| {
+        groups
+            .iter()
+            .position(|g| g.enrollment_group_id == gid)
+            .unwrap()
+    }
+}
+
 #[tokio::test]
 async fn among_many_groups_the_one_whose_key_signed_admits_and_is_tried_first_next_time() {
     let f = fixture(vec![hub("h1")]).await;
@@ -271,13 +282,7 @@ async fn among_many_groups_the_one_whose_key_signed_admits_and_is_tried_first_ne
         )
         .await;
     }
-    let groups = f.engine.catalog.groups("t", "symmetricKey").await.unwrap();
-    let pos = |gid: &str| {
-        groups
-            .iter()
-            .position(|g| g.enrollment_group_id == gid)
-            .unwrap()
-    };
+    let pos = group_positions(&f).await;
     let derived = |group_key: &str, rid: &str| derive_device_key(group_key, rid).unwrap();
     let hint = |instance: &str, rid: &str| {
         let c = &f.engine.catalog;
@@ -372,6 +377,69 @@ async fn among_many_groups_the_one_whose_key_signed_admits_and_is_tried_first_ne
         unauthorized(f.attest("meter-1", DeviceCredential::Sas(other_skn)).await),
         AuthFailure::Sas(dps_core::sas::SasError::WrongKeyName(_))
     ));
+}
+
+#[tokio::test]
+async fn a_device_whose_group_this_node_forgot_is_found_through_its_registration_record() {
+    let f = fixture(vec![hub("h1")]).await;
+    // At least RECORD_HINT_AT groups, each with keys of its own.
+    for i in 0..20u8 {
+        f.group(
+            &format!("g-{i:02}"),
+            serde_json::json!({"attestation": {"type": "symmetricKey",
+                "symmetricKey": {"primaryKey": key_of(i), "secondaryKey": key_of(100 + i)}}}),
+        )
+        .await;
+    }
+    let pos = group_positions(&f).await;
+    let derived = |i: u8, rid: &str| derive_device_key(&key_of(i), rid).unwrap();
+    let forget = |rid: &str| {
+        // As on another node, or after a restart: no hint (a stale position is none).
+        let c = &f.engine.catalog;
+        c.remember_group(c.hint_slot("t", rid), 10_000);
+    };
+    let tried = || f.engine.group_keys_tried();
+
+    // A device the store has never seen: the groups one by one, up to its own.
+    let before = tried();
+    let mut req = register_request("meter-1");
+    req.credential = token("meter-1", &derived(17, "meter-1"));
+    let r = f.engine.register(req).await.unwrap();
+    assert_eq!(r.body.status, RegistrationStatus::Assigned, "{r:?}");
+    assert_eq!(tried() - before, pos("g-17") as u64 + 1);
+
+    // Forgotten by the node: its record names g-17, which is tried first and admits.
+    forget("meter-1");
+    let before = tried();
+    let adm = f
+        .attest("meter-1", token("meter-1", &derived(17, "meter-1")))
+        .await
+        .unwrap();
+    assert_eq!(adm.group_id().as_deref(), Some("g-17"));
+    assert_eq!(tried() - before, 1);
+
+    // The record's group is an order, not an admission: signed by g-03 now, g-17 is tried
+    // first, then the search finds g-03.
+    forget("meter-1");
+    let before = tried();
+    let adm = f
+        .attest("meter-1", token("meter-1", &derived(3, "meter-1")))
+        .await
+        .unwrap();
+    assert_eq!(adm.group_id().as_deref(), Some("g-03"));
+    assert_eq!(tried() - before, 1 + pos("g-03") as u64 + 1);
+
+    // A key of no group: every group tried once, and refused as before.
+    forget("meter-1");
+    let before = tried();
+    assert!(matches!(
+        unauthorized(
+            f.attest("meter-1", token("meter-1", &derived(99, "meter-1")))
+                .await
+        ),
+        AuthFailure::UnknownRegistration(_)
+    ));
+    assert_eq!(tried() - before, 20);
 }
 
 #[tokio::test]
