@@ -17,7 +17,8 @@
 # EXTRA_GROUPS=N adds N symmetric-key enrollment groups that sort before the devices' group (so
 # every fresh device's registration tries them all first). REREGISTER=1 measures re-registrations:
 # the warm-up registers the DEVICES devices of a group with a known key, the measured run
-# registers them again.
+# registers them again. RESTART=1 (with REREGISTER=1) restarts the server between the two, so
+# that it remembers no device's group (as a node the devices come back through after another).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DPS_BENCH_BIN=${1:-target/release/dps}
@@ -46,6 +47,13 @@ if [[ ${REREGISTER:-0} == 1 ]]; then
   warm=$n
 fi
 "$bin" bench "${common[@]}" --global-endpoint "$H" --devices "${warm:-300}" --concurrency 16 --keep-alive >/dev/null
+if [[ ${RESTART:-0} == 1 ]]; then
+  keep=("${common[@]}")
+  bin=$wrap
+  restart_server
+  bin=$real
+  common=("${keep[@]}")
+fi
 callgrind_control -z "$pid" >/dev/null 2>&1
 "$bin" bench "${common[@]}" --global-endpoint "$H" --devices "$n" --concurrency 16 --keep-alive >"$dir/last.json"
 callgrind_control -d "$pid" >/dev/null 2>&1
