@@ -6,7 +6,8 @@
 # processes (HTTPS only, two built-in registry hubs, `register_response = "immediate"`, the same
 # TLS certificate and CA on every node), each time on a freshly created database `dps_scaling`.
 # Two runs per node count: a fresh TLS connection per device, then `--keep-alive`.
-# Builds nothing: needs target/release/dps (`cargo build --release -p dps`), `haproxy` and the
+# Builds nothing: needs target/release/dps (`cargo build --release -p dps`; DPS_BENCH_BIN=path
+# for another binary), `haproxy` and the
 # local PostgreSQL (127.0.0.1:5432, user postgres, trust).
 #
 #   nice -n 10 bash bench/scaling.sh
@@ -26,7 +27,7 @@
 # as the mean over the rounds (on the 2-core test host one round's loss spreads over ±10 points).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=target/release/dps
+bin=${DPS_BENCH_BIN:-target/release/dps}
 DEVICES=${DEVICES:-20000}
 RATE=${RATE:-600}
 CONCURRENCY=${CONCURRENCY:-64}
