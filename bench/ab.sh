@@ -9,8 +9,8 @@
 # Fresh-TLS runs use a quarter of the devices. Uses bench/server.sh (one server per run). Each
 # engine and mode starts with a run that is not reported (WARMUP=0 skips it): on the test host
 # the first run after a pause was up to a third slower on PostgreSQL (its CPU per registration
-# up to 60 % higher, page faults and reads of evicted WAL pages), which biased every A/B
-# against its first binary.
+# up to 60 % higher; its profile showed page faults and ext4 block reads, the cause not
+# established), which biased every A/B against its first binary.
 #
 # SPLIT=1 gives the database a core of its own, as in a deployment where PostgreSQL runs on
 # another machine: dps and the load generator run on CPU 0 (both engines), every PostgreSQL
